@@ -1,0 +1,42 @@
+"""The `clara` command: `clara <command> [--flags]`.
+
+Each command lives in `clara_jax/commands/<name>.py`, defines its absl flags at import and a
+`main(argv)`; only the chosen command's module is imported, so commands never see each other's
+flags. `clara <command> --help` lists a command's flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app
+
+COMMANDS = {
+    "demo": "Compress documents and run the generator end to end on a config.",
+    "info": "Parameter counts, shapes and memory of a config, without allocating it.",
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: clara <command> [--flags]   (clara <command> --help for its flags)", ""]
+    lines += [f"  {name:<{width}}  {doc}" for name, doc in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    name = argv[1]
+    if name not in COMMANDS:
+        print(f"clara: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(f"clara_jax.commands.{name}")
+    app.run(module.main, argv=[f"clara {name}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""One module per `clara` sub-command; see clara_jax/cli.py."""

@@ -1,0 +1,152 @@
+"""Default experiment config, derived fields and validation.
+
+Every file in `configs/` starts from `base_config()` and changes what it needs. `finalize()`
+validates once and fills the derived fields (the number of memory tokens M); errors name the
+field, e.g. `config.data.doc_max_len`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ADAPTERS = ("compressor", "query", "generator")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    m = c.model
+    m.vocab_size = 32000
+    m.dim = 4096  # D
+    m.n_layers = 32
+    m.n_heads = 32  # N
+    m.n_kv_heads = 8  # G
+    m.head_dim = 128  # H
+    m.mlp_dim = 14336  # F
+    m.rope_theta = 10000.0
+    m.norm_eps = 1e-5
+    m.qkv_bias = False  # True for Qwen2
+    m.tie_embeddings = False
+    m.max_len = 4096
+    m.latent_dim = 0  # L; 0 means L = D (no projection)
+    m.scan_layers = False
+    m.remat = "none"
+    m.dtype = "float32"  # compute dtype; params stay float32 (master weights)
+    m.init_std = 0.02
+    # Derived by finalize() from data.doc_max_len // data.compression_rate.
+    m.num_memory_tokens = -1  # M
+
+    m.lora = ml_collections.ConfigDict()
+    m.lora.rank = 16
+    m.lora.alpha = 32.0
+    m.lora.dropout = 0.1
+    m.lora.targets = LORA_TARGETS
+    m.lora.adapters = ADAPTERS
+
+    c.data = ml_collections.ConfigDict()
+    c.data.doc_max_len = 256
+    c.data.compression_rate = 16
+    c.data.chunk_overlap = 32
+    c.data.question_max_len = 64
+    c.data.answer_max_len = 32
+    c.data.num_docs = 5  # K
+    c.data.num_candidates = 20  # C
+
+    c.train = ml_collections.ConfigDict()
+    c.train.stage = 1
+    c.train.steps = 1000
+    c.train.batch_size = 8
+    c.train.learning_rate = 1e-4
+    c.train.schedule = "cosine"
+    c.train.warmup_frac = 0.03
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 takes the devices left over by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
+
+
+def _fail(field: str, value, why: str):
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first bad field."""
+    m = c.model
+    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                  "mlp_dim", "max_len"):
+        if int(m[field]) <= 0:
+            _fail(f"model.{field}", m[field], "must be positive")
+    if m.n_heads % m.n_kv_heads:
+        _fail("model.n_kv_heads", m.n_kv_heads,
+              f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
+    if m.head_dim % 2:
+        _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
+    if m.rope_theta <= 0:
+        _fail("model.rope_theta", m.rope_theta, "must be positive")
+    if not 0 <= m.latent_dim <= m.dim:
+        _fail("model.latent_dim", m.latent_dim, f"must be in [0, model.dim={m.dim}]")
+    if m.remat not in REMAT_POLICIES:
+        _fail("model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
+    if m.dtype not in DTYPES:
+        _fail("model.dtype", m.dtype, f"must be one of {DTYPES}")
+    lo = m.lora
+    if lo.rank < 0:
+        _fail("model.lora.rank", lo.rank, "must be >= 0")
+    if lo.rank and lo.alpha <= 0:
+        _fail("model.lora.alpha", lo.alpha, "must be positive")
+    if not 0.0 <= lo.dropout < 1.0:
+        _fail("model.lora.dropout", lo.dropout, "must be in [0, 1)")
+    bad = [t for t in lo.targets if t not in LORA_TARGETS]
+    if bad:
+        _fail("model.lora.targets", tuple(lo.targets),
+              f"unknown layers {bad}; known: {LORA_TARGETS}")
+    if set(lo.adapters) != set(ADAPTERS) or len(lo.adapters) != len(ADAPTERS):
+        _fail("model.lora.adapters", tuple(lo.adapters), f"must name exactly {ADAPTERS}")
+
+    d = c.data
+    if d.compression_rate <= 0:
+        _fail("data.compression_rate", d.compression_rate, "must be positive")
+    if d.doc_max_len <= 0 or d.doc_max_len % d.compression_rate:
+        _fail("data.doc_max_len", d.doc_max_len,
+              f"must be a positive multiple of data.compression_rate={d.compression_rate}")
+    if not 0 <= d.chunk_overlap < d.doc_max_len:
+        _fail("data.chunk_overlap", d.chunk_overlap, "must be in [0, data.doc_max_len)")
+    if not 1 <= d.num_docs <= d.num_candidates:
+        _fail("data.num_docs", d.num_docs,
+              f"must be in [1, data.num_candidates={d.num_candidates}]")
+
+    t = c.train
+    if t.stage not in (1, 2, 3):
+        _fail("train.stage", t.stage, "must be 1, 2 or 3")
+    for field in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        if t[field] <= 0:
+            _fail(f"train.{field}", t[field], "must be positive")
+    if t.schedule not in ("cosine", "constant"):
+        _fail("train.schedule", t.schedule, "must be 'cosine' or 'constant'")
+
+    fills = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
+    for a in ("data", "fsdp", "tensor"):
+        if c.mesh[a] == 0 or c.mesh[a] < -1:
+            _fail(f"mesh.{a}", c.mesh[a], "must be positive, or -1 to fill")
+    if len(fills) > 1:
+        _fail(f"mesh.{fills[1]}", -1, f"only one mesh axis may be -1 (mesh.{fills[0]} is too)")
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates `c` and fills derived fields in place; returns it."""
+    validate(c)
+    c.model.num_memory_tokens = c.data.doc_max_len // c.data.compression_rate
+    return c

@@ -1,0 +1,23 @@
+"""Decoder, LoRA adapters and the CLaRa module, with a functional API over them."""
+
+from clara_jax.model.api import (
+    abstract_params,
+    compress,
+    count_params,
+    decode,
+    encode_query,
+    forward_logits,
+    generate_logits,
+    init_params,
+    logical_specs,
+    param_group,
+)
+from clara_jax.model.clara import CLaRa
+from clara_jax.model.config import ModelConfig
+from clara_jax.model.decoder import Decoder, init_cache
+
+__all__ = [
+    "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress", "count_params", "decode",
+    "encode_query", "forward_logits", "generate_logits", "init_cache", "init_params",
+    "logical_specs", "param_group",
+]

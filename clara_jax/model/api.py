@@ -1,0 +1,111 @@
+"""Functional entry points over the CLaRa module: init, forward passes, parameter counts.
+
+`params` is always the plain tree of arrays (no `{'params': ...}` wrapper, no logical-axis
+boxes); `logical_specs` gives the matching tree of logical PartitionSpecs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from clara_jax.model.clara import CLaRa
+from clara_jax.model.config import ModelConfig
+
+
+def _init_inputs(cfg: ModelConfig):
+    m = cfg.num_memory_tokens
+    doc = jnp.zeros((1, 4), jnp.int32)
+    gen = jnp.zeros((1, m + 2), jnp.int32)
+    slots = jnp.arange(m + 2)[None] < m
+    return doc, jnp.ones((1, 4), bool), gen, jnp.ones((1, m + 2), bool), slots
+
+
+@functools.lru_cache(maxsize=32)
+def _boxed_abstract(cfg: ModelConfig):
+    def init(rng):
+        return CLaRa(cfg).init(rng, *_init_inputs(cfg))["params"]
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def abstract_params(cfg: ModelConfig):
+    """The params tree as ShapeDtypeStructs; allocates nothing."""
+    return nn.meta.unbox(_boxed_abstract(cfg))
+
+
+def logical_specs(cfg: ModelConfig):
+    """The tree of logical PartitionSpecs matching `abstract_params(cfg)`."""
+    return nn.get_partition_spec(_boxed_abstract(cfg))
+
+
+def init_params(cfg: ModelConfig, rng):
+    """Fresh params (every adapter's B is zero)."""
+    return nn.meta.unbox(CLaRa(cfg).init(rng, *_init_inputs(cfg))["params"])
+
+
+def _apply(cfg, params, method, *args, rng=None, **kwargs):
+    rngs = None if rng is None else {"dropout": rng}
+    return CLaRa(cfg).apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)
+
+
+def forward_logits(model_config: ModelConfig, params, tokens):
+    """The plain decoder (no adapter). tokens: int32[B, T] -> logits float32[B, T, V]."""
+    logits, _ = _apply(model_config, params, CLaRa.decode, tokens)
+    return logits
+
+
+def decode(cfg: ModelConfig, params, tokens, mask=None, cache=None, adapter=None, rng=None):
+    """tokens: int32[B, T]; mask: bool[B, T] -> (logits float32[B, T, V], new cache)."""
+    return _apply(cfg, params, CLaRa.decode, tokens, mask, cache, adapter,
+                  deterministic=rng is None, rng=rng)
+
+
+def compress(cfg: ModelConfig, params, tokens, mask, rng=None, with_means=False):
+    """tokens: int32[B, T]; mask: bool[B, T] -> latents float[B, M, L]
+    (plus doc and memory mean hidden states float32[B, D] with `with_means`)."""
+    return _apply(cfg, params, CLaRa.compress, tokens, mask, deterministic=rng is None,
+                  with_means=with_means, rng=rng)
+
+
+def encode_query(cfg: ModelConfig, params, tokens, mask, rng=None):
+    """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""
+    return _apply(cfg, params, CLaRa.encode_query, tokens, mask, deterministic=rng is None,
+                  rng=rng)
+
+
+def generate_logits(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, cache=None,
+                    rng=None):
+    """tokens, mask, slot_mask: [B, T]; latents: float[B, K, M, L]
+    -> (logits float32[B, T, V], new cache or None)."""
+    return _apply(cfg, params, CLaRa.generate, tokens, mask, slot_mask, latents, cache,
+                  deterministic=rng is None, rng=rng)
+
+
+def param_group(path) -> str:
+    """Which part of the model a parameter belongs to, from its tree path:
+    'base' (the pretrained decoder), 'adapter:<name>', 'memory' (memory embeddings and the
+    down-projection to latents: the compressor side) or 'latent_up' (the generator side)."""
+    keys = [getattr(k, "key", str(k)) for k in path]
+    leaf = keys[-1]
+    if leaf.startswith("lora_"):
+        return "adapter:" + leaf[len("lora_"):].rsplit("_", 1)[0]
+    if keys[0] in ("memory_embeddings", "latent_down"):
+        return "memory"
+    if keys[0] == "latent_up":
+        return "latent_up"
+    return "base"
+
+
+def count_params(params) -> dict[str, int]:
+    """Number of parameters per group (see `param_group`) and in total."""
+    counts: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        g = param_group(path)
+        counts[g] = counts.get(g, 0) + math.prod(leaf.shape)
+    counts["total"] = sum(counts.values())
+    return dict(sorted(counts.items()))

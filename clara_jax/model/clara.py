@@ -1,0 +1,109 @@
+"""The CLaRa module: one decoder, three LoRA adapters, memory tokens and the latent projection.
+
+- `compress(doc_tokens)`: the document (already framed as `<ENC> BOS doc EOS`, right-padded)
+  followed by M learned memory embeddings; the latents are the final hidden states at those M
+  positions, projected to width L when L < D.
+- `encode_query(tokens)`: the same under the `query` adapter.
+- `generate(tokens, slot_mask, latents)`: the generator's prompt with K·M latent slots; the
+  input embeddings at the slots (in order) are replaced by the K documents' latents, projected
+  back to width D when L < D.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from clara_jax.model import sharding as sh
+from clara_jax.model.config import ModelConfig
+from clara_jax.model.decoder import Decoder
+
+
+class CLaRa(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.decoder = Decoder(cfg)
+        self.memory_embeddings = self.param(
+            "memory_embeddings",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                         (sh.MEMORY, sh.EMBED)),
+            (cfg.num_memory_tokens, cfg.dim), jnp.float32)
+        if cfg.projects_latents:
+            def dense(name, din, dout, names):
+                return nn.Dense(dout, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                                kernel_init=nn.with_logical_partitioning(
+                                    nn.initializers.lecun_normal(), names),
+                                bias_init=nn.with_logical_partitioning(
+                                    nn.initializers.zeros, names[1:]),
+                                name=name)
+
+            self.latent_down = dense("latent_down", cfg.dim, cfg.latent_width,
+                                     (sh.EMBED, sh.LATENT))
+            self.latent_up = dense("latent_up", cfg.latent_width, cfg.dim, (sh.LATENT, sh.EMBED))
+
+    def compress(self, tokens, mask, adapter: str = "compressor", deterministic: bool = True,
+                 with_means: bool = False):
+        """tokens: int32[B, T]; mask: bool[B, T] -> latents float[B, M, L].
+
+        With `with_means`, also returns the mean of the document tokens' final hidden states
+        and the mean of the memory tokens' final hidden states, both float32[B, D] (for the
+        stage-1 MSE alignment).
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        m = cfg.num_memory_tokens
+        full_tokens = jnp.concatenate([tokens, jnp.zeros((b, m), tokens.dtype)], axis=1)
+        full_mask = jnp.concatenate([mask, jnp.ones((b, m), bool)], axis=1)
+        slots = jnp.concatenate([jnp.zeros((b, t), bool), jnp.ones((b, m), bool)], axis=1)
+        inject = jnp.concatenate(
+            [jnp.zeros((b, t, cfg.dim), cfg.compute_dtype),
+             jnp.broadcast_to(self.memory_embeddings.astype(cfg.compute_dtype),
+                              (b, m, cfg.dim))], axis=1)
+        _, hidden, _ = self.decoder(full_tokens, full_mask, inject, slots, adapter=adapter,
+                                    deterministic=deterministic, return_logits=False)
+        memory_hidden = hidden[:, t:]
+        latents = self.latent_down(memory_hidden) if cfg.projects_latents else memory_hidden
+        if not with_means:
+            return latents
+        h32 = hidden[:, :t].astype(jnp.float32)
+        w = mask.astype(jnp.float32)[..., None]
+        doc_mean = jnp.sum(h32 * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+        mem_mean = jnp.mean(memory_hidden.astype(jnp.float32), axis=1)
+        return latents, doc_mean, mem_mean
+
+    def encode_query(self, tokens, mask, deterministic: bool = True):
+        """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""
+        return self.compress(tokens, mask, adapter="query", deterministic=deterministic)
+
+    def generate(self, tokens, mask, slot_mask, latents, cache=None, deterministic: bool = True):
+        """The generator forward with documents given as latents.
+
+        tokens: int32[B, T]; mask: bool[B, T]; slot_mask: bool[B, T] with K·M True positions
+        per row (fewer when a cache holds earlier slots); latents: float[B, K, M, L].
+        Returns (logits float32[B, T, V], new cache or None).
+        """
+        cfg = self.cfg
+        b = latents.shape[0]
+        lat = latents.astype(cfg.compute_dtype)
+        if cfg.projects_latents:
+            lat = self.latent_up(lat)
+        flat = lat.reshape(b, -1, cfg.dim)  # [B, K*M, D]
+        index = jnp.clip(jnp.cumsum(slot_mask, axis=1) - 1, 0, flat.shape[1] - 1)
+        inject = jnp.take_along_axis(flat, index[..., None], axis=1)
+        logits, _, new_cache = self.decoder(tokens, mask, inject, slot_mask, cache=cache,
+                                            adapter="generator", deterministic=deterministic)
+        return logits, new_cache
+
+    def decode(self, tokens, mask=None, cache=None, adapter: str | None = None,
+               deterministic: bool = True):
+        """The plain decoder. tokens: int32[B, T] -> (logits float32[B, T, V], cache)."""
+        logits, _, new_cache = self.decoder(tokens, mask, cache=cache, adapter=adapter,
+                                            deterministic=deterministic)
+        return logits, new_cache
+
+    def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):
+        """Touches every parameter (used by init)."""
+        latents = self.compress(doc_tokens, doc_mask)
+        return self.generate(tokens, mask, slot_mask, latents[:, None])

@@ -1,0 +1,66 @@
+"""The model's static, hashable configuration (what Flax modules carry as an attribute)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int  # V
+    dim: int  # D
+    n_layers: int
+    n_heads: int  # N
+    n_kv_heads: int  # G
+    head_dim: int  # H
+    mlp_dim: int  # F
+    num_memory_tokens: int  # M
+    latent_dim: int = 0  # L; 0 means L = D (no projection)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    max_len: int = 4096
+    scan_layers: bool = False
+    remat: str = "none"
+    dtype: str = "float32"
+    init_std: float = 0.02
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    adapters: tuple[str, ...] = ("compressor", "query", "generator")
+
+    @property
+    def latent_width(self) -> int:
+        """L: the width of a latent vector."""
+        return self.latent_dim or self.dim
+
+    @property
+    def projects_latents(self) -> bool:
+        return self.latent_width != self.dim
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
+        """From a finalized experiment config (`clara_jax.config.finalize`)."""
+        m = config.model
+        if m.num_memory_tokens <= 0:
+            raise ValueError("config is not finalized: call clara_jax.config.finalize(config)")
+        return cls(
+            vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim,
+            num_memory_tokens=m.num_memory_tokens, latent_dim=m.latent_dim,
+            rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
+            tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
+            remat=m.remat, dtype=m.dtype, init_std=float(m.init_std),
+            lora_rank=m.lora.rank, lora_alpha=float(m.lora.alpha),
+            lora_dropout=float(m.lora.dropout), lora_targets=tuple(m.lora.targets),
+            adapters=tuple(m.lora.adapters),
+        )

@@ -1,0 +1,144 @@
+"""Llama / Mistral / Qwen2 family decoder, used functionally through `Decoder.apply`.
+
+One code path serves training (no cache), prefill and one-token decode (with a cache): new
+keys and values are written at `cache['index']`, and queries attend over the whole cache under
+a causal + padding mask. RoPE positions count only valid tokens, so left- or right-padded rows
+get the same positions as unpadded ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+from clara_jax.model import sharding as sh
+from clara_jax.model.config import ModelConfig
+from clara_jax.model.layers import MLP, Attention, RMSNorm, attention_mask
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. The adapter and dropout mode are attributes so the block can
+    be scanned and rematerialised without static arguments.
+
+    x: float[B, T, D]; layer_cache: {'k','v': float[B, S, G, H]} or None.
+    Returns (float[B, T, D], new layer cache or None).
+    """
+
+    cfg: ModelConfig
+    adapter: str | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, mask, write_index):
+        cfg = self.cfg
+        x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+        h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x)
+        h, new_cache = Attention(cfg, name="attn")(h, positions, mask, layer_cache, write_index,
+                                                   self.adapter, self.deterministic)
+        x = x + h
+        h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x)
+        x = x + MLP(cfg, name="mlp")(h, self.adapter, self.deterministic)
+        return x, new_cache
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens.
+
+    {'k','v': float[layers, B, S, G, H], 'valid': bool[B, S], 'index': int32[]}
+    """
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+class Decoder(nn.Module):
+    """tokens: int32[B, T]; mask: bool[B, T] (False = padding);
+    inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
+    cache: from `init_cache` or None. Returns (logits float32[B, T, V] or None,
+    hidden float[B, T, D] after the final norm, new cache or None).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, mask=None, inject=None, inject_mask=None, cache=None,
+                 adapter: str | None = None, deterministic: bool = True,
+                 return_logits: bool = True):
+        cfg = self.cfg
+        b, t = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, t), bool)
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                         (sh.VOCAB, sh.EMBED)),
+            (cfg.vocab_size, cfg.dim), jnp.float32)
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        if inject is not None:
+            x = jnp.where(inject_mask[..., None], inject.astype(x.dtype), x)
+
+        if cache is None:
+            seen = jnp.zeros((b,), jnp.int32)
+            write_index = jnp.zeros((), jnp.int32)
+            key_valid = mask
+        else:
+            seen = jnp.sum(cache["valid"], axis=1, dtype=jnp.int32)
+            write_index = cache["index"]
+            key_valid = lax.dynamic_update_slice(cache["valid"], mask, (0, write_index))
+        positions = seen[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+        positions = jnp.maximum(positions, 0)
+        attn_mask = attention_mask(key_valid, write_index, t)
+
+        block = _block_class(cfg)
+        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+            x, new_kv = scanned(cfg, adapter, deterministic, name="layers")(
+                x, layer_caches, positions, attn_mask, write_index)
+        else:
+            outs = []
+            for i in range(cfg.n_layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i],
+                                                                      layer_caches)
+                x, c = block(cfg, adapter, deterministic, name=f"layers_{i}")(
+                    x, layer_cache, positions, attn_mask, write_index)
+                outs.append(c)
+            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_kv["k"], "v": new_kv["v"], "valid": key_valid,
+                         "index": write_index + t}
+        if not return_logits:
+            return None, hidden, new_cache
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(hidden.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            unembed = self.param(
+                "unembed",
+                nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                             (sh.EMBED, sh.VOCAB)),
+                (cfg.dim, cfg.vocab_size), jnp.float32)
+            logits = jnp.einsum("btd,dv->btv", hidden, unembed.astype(hidden.dtype),
+                                preferred_element_type=jnp.float32)
+        return logits, hidden, new_cache

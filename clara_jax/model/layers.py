@@ -1,0 +1,201 @@
+"""Decoder building blocks: RMSNorm, RoPE, LoRA linear layers, grouped-query attention over a
+KV cache, and the SwiGLU MLP. Shape letters as in DESIGN.md."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+from clara_jax.model import sharding as sh
+from clara_jax.model.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+class RMSNorm(nn.Module):
+    """x: float[..., D] -> float[..., D], normalised in float32."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (sh.EMBED,)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotary embedding, half-split layout (as Llama/Mistral/Qwen2 checkpoints use).
+
+    x: float[B, T, n, H]; positions: int32[B, T] -> float[B, T, n, H].
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _contract_last(x, w, n: int):
+    """Contracts the last n axes of x with the first n axes of w."""
+    dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+    return lax.dot_general(x, w, dims)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with one low-rank adapter per name, the adapter chosen per call.
+
+    y = x·W (+ b) + (alpha / r) · dropout(x)·A·B. B starts at zero, so a fresh adapter leaves
+    the base output unchanged. Every adapter's A and B are declared on every call, so all of
+    them exist in the params whichever one the init pass used.
+
+    x: float[..., *in_shape] -> float[..., *out_shape]
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_names: tuple[str, ...]
+    out_names: tuple[str, ...]
+    cfg: ModelConfig
+    use_bias: bool = False
+    lora: bool = True
+
+    @nn.compact
+    def __call__(self, x, adapter: str | None = None, deterministic: bool = True):
+        cfg = self.cfg
+        n_in = len(self.in_shape)
+        fan_in_axes = tuple(range(n_in))
+        fan_out_axes = tuple(range(n_in, n_in + len(self.out_shape)))
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                 in_axis=fan_in_axes, out_axis=fan_out_axes),
+                self.in_names + self.out_names),
+            self.in_shape + self.out_shape, jnp.float32)
+        dtype = cfg.compute_dtype
+        x = x.astype(dtype)
+        y = _contract_last(x, kernel.astype(dtype), n_in)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   self.out_names),
+                              self.out_shape, jnp.float32)
+            y = y + bias.astype(dtype)
+        if not (self.lora and cfg.lora_rank):
+            if adapter is not None and adapter not in cfg.adapters:
+                raise ValueError(f"unknown adapter {adapter!r}; known: {cfg.adapters}")
+            return y
+        r = cfg.lora_rank
+        factors = {}
+        for name in cfg.adapters:
+            a = self.param(
+                f"lora_{name}_a",
+                nn.with_logical_partitioning(
+                    nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                     in_axis=fan_in_axes, out_axis=n_in),
+                    self.in_names + (sh.LORA_RANK,)),
+                self.in_shape + (r,), jnp.float32)
+            b = self.param(
+                f"lora_{name}_b",
+                nn.with_logical_partitioning(nn.initializers.zeros,
+                                             (sh.LORA_RANK,) + self.out_names),
+                (r,) + self.out_shape, jnp.float32)
+            factors[name] = (a, b)
+        if adapter is None:
+            return y
+        if adapter not in factors:
+            raise ValueError(f"unknown adapter {adapter!r}; known: {cfg.adapters}")
+        a, b = factors[adapter]
+        h = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic or not cfg.lora_dropout)
+        z = _contract_last(h, a.astype(dtype), n_in)
+        return y + _contract_last(z, b.astype(dtype), 1) * (cfg.lora_alpha / r)
+
+
+def attention_mask(key_valid, q_start, num_queries: int):
+    """Causal + padding mask over keys held at absolute positions 0..S-1.
+
+    key_valid: bool[B, S]; q_start: int32[] absolute index of the first query.
+    Returns bool[B, T, S] (True = may attend).
+    """
+    q_idx = q_start + jnp.arange(num_queries)
+    k_idx = jnp.arange(key_valid.shape[1])
+    causal = k_idx[None, :] <= q_idx[:, None]  # [T, S]
+    return key_valid[:, None, :] & causal[None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE over a preallocated KV cache.
+
+    x: float[B, T, D]; positions: int32[B, T]; mask: bool[B, T, S];
+    cache: {'k','v': float[B, S, G, H]} or None (then S = T); write_index: int32[].
+    Returns (float[B, T, D], new cache or None).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache, write_index, adapter, deterministic):
+        cfg = self.cfg
+        d, n, g, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+        def proj(name, heads, head_name):
+            return LoRALinear((d,), (heads, h), (sh.EMBED,), (head_name, sh.HEAD_DIM), cfg,
+                              use_bias=cfg.qkv_bias, lora=name in cfg.lora_targets, name=name)
+
+        q = proj("q", n, sh.HEADS)(x, adapter, deterministic)
+        k = proj("k", g, sh.KV_HEADS)(x, adapter, deterministic)
+        v = proj("v", g, sh.KV_HEADS)(x, adapter, deterministic)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+
+        new_cache = None
+        if cache is not None:
+            start = (0, write_index, 0, 0)
+            k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
+            k = k.astype(q.dtype)
+            v = v.astype(q.dtype)
+
+        b, t = x.shape[:2]
+        qg = q.reshape(b, t, g, n // g, h)
+        scores = jnp.einsum("btgnh,bsgh->bgnts", qg, k,
+                            preferred_element_type=jnp.float32) / math.sqrt(h)
+        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bgnts,bsgh->btgnh", probs, v).reshape(b, t, n, h)
+        out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
+        o = LoRALinear((n, h), (d,), (sh.HEADS, sh.HEAD_DIM), (sh.EMBED,), cfg,
+                       lora="o" in cfg.lora_targets, name="o")
+        return o(out, adapter, deterministic), new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). x: float[B, T, D] -> float[B, T, D]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, adapter, deterministic):
+        cfg = self.cfg
+
+        def lin(name, din, dout, in_name, out_name):
+            return LoRALinear((din,), (dout,), (in_name,), (out_name,), cfg,
+                              lora=name in cfg.lora_targets, name=name)
+
+        gate = lin("gate", cfg.dim, cfg.mlp_dim, sh.EMBED, sh.MLP)(x, adapter, deterministic)
+        up = lin("up", cfg.dim, cfg.mlp_dim, sh.EMBED, sh.MLP)(x, adapter, deterministic)
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up,
+                                            (sh.BATCH, sh.LENGTH, sh.ACT_MLP))
+        return lin("down", cfg.mlp_dim, cfg.dim, sh.MLP, sh.EMBED)(hidden, adapter, deterministic)
