@@ -1,0 +1,91 @@
+"""Config files, derived fields, command-line overrides and validation errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clara_jax.config import ConfigError, base_config, finalize
+from configs import demo, mistral_7b, tiny
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("module", [tiny, demo, mistral_7b])
+def test_configs_finalize_with_memory_tokens(module):
+    c = module.get_config()
+    assert c.model.num_memory_tokens == c.data.doc_max_len // c.data.compression_rate
+
+
+@pytest.mark.parametrize("rate,m", [(4, 64), (16, 16), (32, 8), (64, 4), (128, 2), (256, 1)])
+def test_mistral_compression_argument_sets_memory_tokens(rate, m):
+    assert mistral_7b.get_config(f"compression={rate}").model.num_memory_tokens == m
+
+
+def test_mistral_rejects_unknown_argument():
+    with pytest.raises(ValueError, match="compression=N"):
+        mistral_7b.get_config("ratio=4")
+
+
+def _bad(mutate) -> str:
+    c = base_config()
+    mutate(c)
+    with pytest.raises(ConfigError) as err:
+        finalize(c)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda c: setattr(c.data, "doc_max_len", 250), "config.data.doc_max_len=250"),
+    (lambda c: setattr(c.data, "compression_rate", 0), "config.data.compression_rate=0"),
+    (lambda c: setattr(c.model, "n_kv_heads", 5), "config.model.n_kv_heads=5"),
+    (lambda c: setattr(c.model, "head_dim", 127), "config.model.head_dim=127"),
+    (lambda c: setattr(c.model, "latent_dim", 5000), "config.model.latent_dim=5000"),
+    (lambda c: setattr(c.model, "remat", "some"), "config.model.remat='some'"),
+    (lambda c: setattr(c.model, "dtype", "float16"), "config.model.dtype='float16'"),
+    (lambda c: setattr(c.model.lora, "targets", ("q", "qkv")), "config.model.lora.targets"),
+    (lambda c: setattr(c.model.lora, "adapters", ("compressor",)), "config.model.lora.adapters"),
+    (lambda c: setattr(c.model.lora, "dropout", 1.5), "config.model.lora.dropout=1.5"),
+    (lambda c: setattr(c.data, "num_docs", 30), "config.data.num_docs=30"),
+    (lambda c: setattr(c.train, "stage", 4), "config.train.stage=4"),
+    (lambda c: setattr(c.train, "schedule", "linear"), "config.train.schedule='linear'"),
+    (lambda c: (setattr(c.mesh, "fsdp", -1)), "config.mesh.fsdp=-1"),
+    (lambda c: setattr(c.mesh, "tensor", 0), "config.mesh.tensor=0"),
+])
+def test_validation_names_the_bad_field(mutate, field):
+    assert field in _bad(mutate)
+
+
+def test_divisibility_message_names_both_fields():
+    msg = _bad(lambda c: setattr(c.data, "doc_max_len", 250))
+    assert "data.compression_rate=16" in msg
+
+
+def _clara(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "clara_jax.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, check=check, timeout=300)
+
+
+def test_cli_override_recomputes_memory_tokens_and_counts_mistral_params():
+    out = _clara("info", "--config=configs/mistral_7b.py:compression=128",
+                 "--config.model.lora.rank=8")
+    info = json.loads(out.stdout)
+    assert info["num_memory_tokens"] == 2
+    assert info["params"]["adapter:compressor"] == 41_943_040 // 2
+    out = _clara("info", "--config=configs/tiny.py", "--config.data.compression_rate=4")
+    assert json.loads(out.stdout)["num_memory_tokens"] == 32 // 4
+
+
+def test_cli_override_is_validated():
+    out = _clara("info", "--config=configs/tiny.py", "--config.data.compression_rate=5",
+                 check=False)
+    assert out.returncode != 0
+    assert "config.data.doc_max_len=32" in out.stderr
+
+
+def test_cli_unknown_command_and_usage():
+    out = _clara("nope", check=False)
+    assert out.returncode == 2 and "unknown command 'nope'" in out.stderr
+    assert "info" in _clara("--help").stdout

@@ -1,0 +1,314 @@
+"""The decoder, LoRA adapters and CLaRa module: shapes, causality, adapters, gradients,
+KV cache, layer scan/remat and parameter counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from clara_jax.model import (
+    ModelConfig,
+    abstract_params,
+    compress,
+    count_params,
+    decode,
+    encode_query,
+    forward_logits,
+    generate_logits,
+    init_cache,
+    init_params,
+    logical_specs,
+)
+from clara_jax.model.partition import STAGE_TRAINABLE, param_labels, partition
+from configs import mistral_7b
+
+ADAPTERS = ("compressor", "query", "generator")
+
+
+def _tokens(cfg, b, t, seed=1):
+    return jax.random.randint(jax.random.key(seed), (b, t), 1, cfg.vocab_size, jnp.int32)
+
+
+def _with_adapter_b(params, adapter, scale=0.05, seed=3):
+    """A copy of params whose `adapter` B matrices are random (as after training)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = []
+    for (path, leaf), key in zip(leaves, keys):
+        name = getattr(path[-1], "key", "")
+        if name == f"lora_{adapter}_b":
+            leaf = scale * jax.random.normal(key, leaf.shape)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def test_public_functions_shapes_and_dtypes(tiny_cfg, tiny_params):
+    cfg, p = tiny_cfg, tiny_params
+    b, t, m, lw = 3, 11, cfg.num_memory_tokens, cfg.latent_width
+    toks = _tokens(cfg, b, t)
+    mask = jnp.ones((b, t), bool)
+    logits = forward_logits(cfg, p, toks)
+    assert logits.shape == (b, t, cfg.vocab_size) and logits.dtype == jnp.float32
+    lat = compress(cfg, p, toks, mask)
+    assert lat.shape == (b, m, lw) and lat.dtype == jnp.float32
+    assert lw == 32 < cfg.dim  # the tiny config projects latents
+    lat, doc_mean, mem_mean = compress(cfg, p, toks, mask, with_means=True)
+    assert doc_mean.shape == mem_mean.shape == (b, cfg.dim)
+    assert encode_query(cfg, p, toks, mask).shape == (b, m, lw)
+    k = 2
+    gen_t = k * (m + 1) + 5
+    slot = (jnp.arange(gen_t) % (m + 1) < m) & (jnp.arange(gen_t) < k * (m + 1))
+    slot_mask = jnp.broadcast_to(slot, (b, gen_t))
+    latents = jnp.stack([lat, lat], axis=1)
+    glogits, cache = generate_logits(cfg, p, _tokens(cfg, b, gen_t), jnp.ones((b, gen_t), bool),
+                                     slot_mask, latents)
+    assert glogits.shape == (b, gen_t, cfg.vocab_size) and glogits.dtype == jnp.float32
+    assert cache is None
+    cache = init_cache(cfg, b, 16)
+    assert cache["k"].shape == (cfg.n_layers, b, 16, cfg.n_kv_heads, cfg.head_dim)
+    step_logits, cache = decode(cfg, p, toks[:, :4], cache=cache)
+    assert step_logits.shape == (b, 4, cfg.vocab_size) and int(cache["index"]) == 4
+
+
+def test_full_width_latents_without_projection(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, latent_dim=0)
+    p = init_params(cfg, jax.random.key(0))
+    assert "latent_down" not in p and "latent_up" not in p
+    lat = compress(cfg, p, _tokens(cfg, 2, 7), jnp.ones((2, 7), bool))
+    assert lat.shape == (2, cfg.num_memory_tokens, cfg.dim)
+
+
+@pytest.mark.parametrize("adapter", [None, *ADAPTERS])
+def test_future_token_never_changes_earlier_logits(tiny_cfg, tiny_params, adapter):
+    params = tiny_params if adapter is None else _with_adapter_b(tiny_params, adapter)
+    toks = _tokens(tiny_cfg, 2, 12)
+    changed = toks.at[:, 7:].set((toks[:, 7:] + 17) % tiny_cfg.vocab_size)
+    a, _ = decode(tiny_cfg, params, toks, adapter=adapter)
+    b, _ = decode(tiny_cfg, params, changed, adapter=adapter)
+    np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_right_padding_leaves_valid_positions_unchanged(tiny_cfg, tiny_params):
+    toks = _tokens(tiny_cfg, 1, 6)
+    padded = jnp.concatenate([toks, jnp.zeros((1, 4), jnp.int32)], axis=1)
+    mask = jnp.arange(10)[None] < 6
+    a, _ = decode(tiny_cfg, tiny_params, toks)
+    b, _ = decode(tiny_cfg, tiny_params, padded, mask)
+    np.testing.assert_allclose(a, b[:, :6], atol=1e-5)
+
+
+def test_left_padding_gives_the_same_logits(tiny_cfg, tiny_params):
+    toks = _tokens(tiny_cfg, 1, 6)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), toks], axis=1)
+    mask = jnp.arange(9)[None] >= 3
+    a, _ = decode(tiny_cfg, tiny_params, toks)
+    b, _ = decode(tiny_cfg, tiny_params, padded, mask)
+    np.testing.assert_allclose(a, b[:, 3:], atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_fresh_adapter_equals_base_model(tiny_cfg, tiny_params, adapter):
+    toks = _tokens(tiny_cfg, 2, 9)
+    base, _ = decode(tiny_cfg, tiny_params, toks)
+    with_adapter, _ = decode(tiny_cfg, tiny_params, toks, adapter=adapter)
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(with_adapter))
+
+
+@pytest.mark.parametrize("trained", ADAPTERS)
+def test_switching_adapters_changes_only_its_own_path(tiny_cfg, tiny_params, trained):
+    params = _with_adapter_b(tiny_params, trained)
+    toks = _tokens(tiny_cfg, 2, 9)
+    base, _ = decode(tiny_cfg, tiny_params, toks)
+    for adapter in (None, *ADAPTERS):
+        out, _ = decode(tiny_cfg, params, toks, adapter=adapter)
+        if adapter == trained:
+            assert float(jnp.max(jnp.abs(out - base))) > 1e-3
+        else:
+            np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+def test_unknown_adapter_is_refused(tiny_cfg, tiny_params):
+    with pytest.raises(ValueError, match="unknown adapter 'retriever'"):
+        decode(tiny_cfg, tiny_params, _tokens(tiny_cfg, 1, 3), adapter="retriever")
+
+
+def test_lora_dropout_is_active_only_with_an_rng(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, lora_dropout=0.5)
+    params = _with_adapter_b(init_params(cfg, jax.random.key(0)), "generator")
+    toks = _tokens(cfg, 2, 6)
+    a, _ = decode(cfg, params, toks, adapter="generator")
+    b, _ = decode(cfg, params, toks, adapter="generator")
+    c, _ = decode(cfg, params, toks, adapter="generator", rng=jax.random.key(1))
+    d, _ = decode(cfg, params, toks, adapter="generator", rng=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
+    assert not np.allclose(a, c)
+
+
+def _rag_loss(cfg, params, docs, tokens):
+    """Compress K=1 documents, generate over their latents: a stage-1-shaped loss."""
+    b, t = tokens.shape
+    m = cfg.num_memory_tokens
+    lat = compress(cfg, params, docs, jnp.ones(docs.shape, bool))
+    slot_mask = jnp.broadcast_to(jnp.arange(t) < m, (b, t))
+    logits, _ = generate_logits(cfg, params, tokens, jnp.ones((b, t), bool), slot_mask,
+                                lat[:, None])
+    logp = jax.nn.log_softmax(logits[:, m:-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, m + 1:, None], -1))
+
+
+def _group_norms(params, grads):
+    from clara_jax.model import param_group
+
+    norms = {}
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        norms[param_group(path)] = norms.get(param_group(path), 0.0) + float(jnp.sum(g * g))
+    return norms
+
+
+def test_gradients_reach_adapters_and_memory_and_optimizer_never_moves_base(tiny_cfg):
+    cfg = tiny_cfg
+    # Non-zero B everywhere so that gradients reach every A as well.
+    params = init_params(cfg, jax.random.key(0))
+    for a in ADAPTERS:
+        params = _with_adapter_b(params, a, seed=len(a))
+    docs, toks = _tokens(cfg, 2, 10), _tokens(cfg, 2, cfg.num_memory_tokens + 8, seed=2)
+    grads = jax.grad(lambda p: _rag_loss(cfg, p, docs, toks))(params)
+    norms = _group_norms(params, grads)
+    for group in ("adapter:compressor", "adapter:generator", "memory", "latent_up"):
+        assert norms[group] > 0, group
+    assert norms["adapter:query"] == 0.0  # not on the path
+
+    trainable = STAGE_TRAINABLE[1]
+    tx = partition(optax.adam(1e-2), params, trainable)
+    state = tx.init(params)
+    labels = param_labels(params, trainable)
+    # Frozen leaves carry no optimizer state: the state holds only trainable-sized moments.
+    n_state = sum(x.size for x in jax.tree.leaves(state) if hasattr(x, "size") and x.ndim)
+    n_trainable = sum(x.size for x, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+                      if lab == "trainable")
+    assert n_state == 2 * n_trainable
+    updates, _ = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    for (path, old), nw, lab in zip(jax.tree_util.tree_leaves_with_path(params),
+                                    jax.tree.leaves(new), jax.tree.leaves(labels)):
+        if lab == "frozen":
+            np.testing.assert_array_equal(np.asarray(old), np.asarray(nw), err_msg=str(path))
+    assert not np.array_equal(params["memory_embeddings"], new["memory_embeddings"])
+
+
+def test_kv_cache_decoding_equals_full_forward(tiny_cfg, tiny_params):
+    cfg, p = tiny_cfg, _with_adapter_b(tiny_params, "generator")
+    toks = _tokens(cfg, 2, 12)
+    full, _ = decode(cfg, p, toks, adapter="generator")
+    cache = init_cache(cfg, 2, 16)
+    pre, cache = decode(cfg, p, toks[:, :5], cache=cache, adapter="generator")
+    steps = [pre]
+    for i in range(5, 12):
+        out, cache = decode(cfg, p, toks[:, i:i + 1], cache=cache, adapter="generator")
+        steps.append(out)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_kv_cache_with_left_padded_prompts_and_latent_prefill(tiny_cfg, tiny_params):
+    cfg, p = tiny_cfg, _with_adapter_b(tiny_params, "generator")
+    m = cfg.num_memory_tokens
+    lat = compress(cfg, p, _tokens(cfg, 2, 8), jnp.ones((2, 8), bool))[:, None]
+    toks = _tokens(cfg, 2, m + 7, seed=5)
+    slot = jnp.broadcast_to(jnp.arange(m + 7) < m, (2, m + 7))
+    full, _ = generate_logits(cfg, p, toks, jnp.ones((2, m + 7), bool), slot, lat)
+    # Row 1 gets 2 pads on the left; every row's prompt ends at the same cache index.
+    pad = 2
+    ptoks = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), toks], axis=1)
+    pmask = jnp.concatenate([jnp.zeros((2, pad), bool), jnp.ones((2, m + 7), bool)], axis=1)
+    pslot = jnp.concatenate([jnp.zeros((2, pad), bool), slot], axis=1)
+    cache = init_cache(cfg, 2, pad + m + 7)
+    split = pad + m + 3
+    pre, cache = generate_logits(cfg, p, ptoks[:, :split], pmask[:, :split], pslot[:, :split],
+                                 lat, cache=cache)
+    outs = [pre[:, pad:]]
+    for i in range(split, pad + m + 7):
+        out, cache = generate_logits(cfg, p, ptoks[:, i:i + 1], pmask[:, i:i + 1],
+                                     pslot[:, i:i + 1], lat, cache=cache)
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def _stack_layers(params, n):
+    dec = dict(params["decoder"])
+    layers = [dec.pop(f"layers_{i}") for i in range(n)]
+    dec["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return {**params, "decoder": dec}
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch"])
+def test_scan_over_layers_and_remat_match_the_loop(tiny_cfg, tiny_params, remat):
+    scfg = dataclasses.replace(tiny_cfg, scan_layers=True, remat=remat)
+    sparams = _stack_layers(_with_adapter_b(tiny_params, "compressor"), tiny_cfg.n_layers)
+    assert jax.tree.structure(sparams) == jax.tree.structure(abstract_params(scfg))
+    docs = _tokens(tiny_cfg, 2, 10)
+    mask = jnp.ones((2, 10), bool)
+    loop = compress(tiny_cfg, _with_adapter_b(tiny_params, "compressor"), docs, mask)
+    scan = compress(scfg, sparams, docs, mask)
+    np.testing.assert_allclose(loop, scan, atol=1e-5)
+    g = jax.grad(lambda p: jnp.sum(compress(scfg, p, docs, mask) ** 2))(sparams)
+    assert float(jnp.sum(g["memory_embeddings"] ** 2)) > 0
+    cache = init_cache(scfg, 2, 12)
+    _, cache = decode(scfg, sparams, docs[:, :4], cache=cache)
+    assert int(cache["index"]) == 4
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16")
+    toks = _tokens(cfg, 2, 8)
+    logits = forward_logits(cfg, tiny_params, toks)
+    assert logits.dtype == jnp.float32
+    ref = forward_logits(tiny_cfg, tiny_params, toks)
+    assert float(jnp.max(jnp.abs(logits - ref))) < 0.05
+    assert init_cache(cfg, 1, 4)["k"].dtype == jnp.bfloat16
+
+
+def test_tied_embeddings_have_no_unembedding(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, tie_embeddings=True, qkv_bias=True)
+    p = init_params(cfg, jax.random.key(0))
+    assert "unembed" not in p["decoder"]
+    assert "bias" in p["decoder"]["layers_0"]["attn"]["q"]
+    assert "bias" not in p["decoder"]["layers_0"]["attn"]["o"]
+    assert forward_logits(cfg, p, _tokens(cfg, 1, 4)).shape == (1, 4, cfg.vocab_size)
+
+
+def test_every_parameter_has_logical_axis_names(tiny_cfg):
+    for scan in (False, True):
+        cfg = dataclasses.replace(tiny_cfg, scan_layers=scan)
+        specs = jax.tree.leaves(logical_specs(cfg),
+                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        shapes = jax.tree.leaves(abstract_params(cfg))
+        assert len(specs) == len(shapes)
+        for spec, shape in zip(specs, shapes):
+            assert len(spec) == len(shape.shape) and all(isinstance(n, str) for n in spec)
+
+
+def test_lora_targets_from_config(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, lora_targets=("q", "v"))
+    p = init_params(cfg, jax.random.key(0))
+    layer = p["decoder"]["layers_0"]
+    assert "lora_query_a" in layer["attn"]["q"] and "lora_query_a" in layer["attn"]["v"]
+    assert set(layer["attn"]["k"]) == {"kernel"} and set(layer["mlp"]["up"]) == {"kernel"}
+    no_lora = init_params(dataclasses.replace(tiny_cfg, lora_rank=0), jax.random.key(0))
+    assert count_params(no_lora).keys() == {"base", "memory", "latent_up", "total"}
+
+
+def test_mistral_7b_parameter_count_without_allocation():
+    cfg = ModelConfig.from_config(mistral_7b.get_config("compression=16"))
+    counts = count_params(abstract_params(cfg))
+    assert abs(counts["base"] - 7_241_732_096) / 7_241_732_096 < 1e-3
+    # r=16 on q, k, v, o, gate, up, down of 32 layers: 41,943,040 per adapter.
+    for adapter in ADAPTERS:
+        assert counts[f"adapter:{adapter}"] == 41_943_040
+    print("mistral_7b parameter counts:", counts)
