@@ -70,6 +70,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 0
     c.train.log_every = 10
     c.train.checkpoint_every = 500
+    c.train.min_lr_ratio = 0.1  # cosine decays to this fraction of learning_rate
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.95
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.train.grad_accum = 1  # microbatches per step; must divide batch_size
+    c.train.mse_weight = 0.1  # stages 1-2: CE + mse_weight * MSE(doc mean, memory mean)
+    c.train.tau = 0.02  # stage 3: differentiable top-k temperature on cosine scores
+    c.train.lambda_align = 0.0  # stage 3: weight of the retrieval-alignment loss
+    c.train.align_tau = 1.0  # stage 3: temperature of the generator-utility target
+    c.train.lambda_infonce = 0.0  # stage 3: weight of InfoNCE on pos_index (supervised)
+    c.train.keep_checkpoints = 3
+    c.train.eval_every = 0  # 0 disables periodic evaluation
+    c.train.eval_batches = 4
+    c.train.nan_policy = "stop"  # 'stop' or 'skip' (skip the update of a non-finite step)
+    c.train.data_dir = ""  # where the data pipeline's prepared files live
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices left over by the other axes
@@ -136,6 +152,31 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(f"train.{field}", t[field], "must be positive")
     if t.schedule not in ("cosine", "constant"):
         _fail("train.schedule", t.schedule, "must be 'cosine' or 'constant'")
+    if not 0.0 <= t.warmup_frac < 1.0:
+        _fail("train.warmup_frac", t.warmup_frac, "must be in [0, 1)")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    if t.learning_rate <= 0:
+        _fail("train.learning_rate", t.learning_rate, "must be positive")
+    for field in ("adam_b1", "adam_b2"):
+        if not 0.0 <= t[field] < 1.0:
+            _fail(f"train.{field}", t[field], "must be in [0, 1)")
+    for field in ("weight_decay", "grad_clip", "mse_weight", "lambda_align", "lambda_infonce"):
+        if t[field] < 0:
+            _fail(f"train.{field}", t[field], "must be >= 0")
+    for field in ("tau", "align_tau"):
+        if t[field] <= 0:
+            _fail(f"train.{field}", t[field], "must be positive")
+    for field in ("grad_accum", "keep_checkpoints", "eval_batches"):
+        if t[field] < 1:
+            _fail(f"train.{field}", t[field], "must be >= 1")
+    if t.batch_size % t.grad_accum:
+        _fail("train.grad_accum", t.grad_accum,
+              f"must divide train.batch_size={t.batch_size}")
+    if t.eval_every < 0:
+        _fail("train.eval_every", t.eval_every, "must be >= 0 (0 disables evaluation)")
+    if t.nan_policy not in ("stop", "skip"):
+        _fail("train.nan_policy", t.nan_policy, "must be 'stop' or 'skip'")
 
     fills = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
     for a in ("data", "fsdp", "tensor"):
