@@ -8,6 +8,7 @@ flags. `clara <command> --help` lists a command's flags.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 from absl import app
@@ -34,6 +35,8 @@ def run(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"clara: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
+    # JAX logs each accelerator backend it fails to find; on a CPU host that is only noise.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     module = importlib.import_module(f"clara_jax.commands.{name}")
     app.run(module.main, argv=[f"clara {name}"] + argv[2:])
 
