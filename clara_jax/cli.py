@@ -13,6 +13,8 @@ import sys
 
 from absl import app
 
+from clara_jax import distributed
+
 COMMANDS = {
     "demo": "Compress documents and run the generator end to end on a config.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
@@ -38,7 +40,13 @@ def run(argv: list[str] | None = None) -> None:
     # JAX logs each accelerator backend it fails to find; on a CPU host that is only noise.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     module = importlib.import_module(f"clara_jax.commands.{name}")
-    app.run(module.main, argv=[f"clara {name}"] + argv[2:])
+    distributed.define_flags()
+
+    def main(command_argv):
+        distributed.initialize()
+        return module.main(command_argv)
+
+    app.run(main, argv=[f"clara {name}"] + argv[2:])
 
 
 if __name__ == "__main__":
