@@ -1,0 +1,358 @@
+"""TFDS builders (array_record files, no TensorFlow) for the four formats, and the build job.
+
+`build_dataset` reads and validates the input JSONL files completely before it writes anything,
+tokenises with the project tokenizer to count truncations (and to chunk corpus documents longer
+than data.doc_max_len, with data.chunk_overlap tokens of overlap), builds the dataset in a
+temporary directory and only then moves it into OUT. Layout of OUT:
+  OUT/clara_<format>/1.0.0/...         the TFDS dataset (splits as given)
+  OUT/clara_<format>.summary.json     counts, truncations, token statistics, build time
+  OUT/tokenizer/                      the tokenizer (given, found in OUT, or trained here)
+
+Datasets store text; tokenisation happens in the grain pipeline (`clara_jax.data.pipeline`).
+Stage-1 rows are flattened at build time into one example per (document, QA pair) and one per
+paraphrase, so that a batch has a fixed number of generator sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from clara_jax.data import formats
+from clara_jax.data.formats import DataError, QARow, ReadStats, Stage1Row
+from clara_jax.data.prompts import DOC_FRAME, PARAPHRASE_QUESTION, template_texts
+from clara_jax.data.tokenizer import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    check_tokenizer_fits,
+    load_tokenizer,
+)
+
+VERSION = "1.0.0"
+TOKENIZER_DIR = "tokenizer"
+
+
+def dataset_name(fmt: str) -> str:
+    return f"clara_{fmt}"
+
+
+def _text():
+    return tfds.features.Text()
+
+
+class _ClaraBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Writes pre-validated examples given as {split: [example dict]}; read-only when built
+    without examples (as `tfds.data_source` does)."""
+
+    VERSION = tfds.core.Version(VERSION)
+    # Keep the input order: evaluation reads rows back in file order.
+    disable_shuffling = True
+    FEATURES: dict = {}
+    DESCRIPTION = ""
+
+    def __init__(self, *, examples: dict[str, list[dict]] | None = None, **kwargs):
+        self._examples = examples
+        super().__init__(**kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                     features=tfds.features.FeaturesDict(self.FEATURES))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        if self._examples is None:
+            raise RuntimeError(f"{self.name}: build it with clara_jax.data.tfds_build."
+                               "build_dataset")
+        return {split: self._generate_examples(rows) for split, rows in self._examples.items()}
+
+    def _generate_examples(self, rows):
+        yield from enumerate(rows)
+
+
+class ClaraStage1(_ClaraBuilder):
+    DESCRIPTION = ("Stage-1 (compressor pretraining) examples: one per (document, QA pair) and "
+                   "one per paraphrase; `line` is the source JSONL line.")
+    FEATURES = {"data_type": _text(), "question": _text(), "answer": _text(), "doc": _text(),
+                "line": np.int64, "pair": np.int32}
+
+
+class ClaraStage2(_ClaraBuilder):
+    DESCRIPTION = "Stage-2 (instruction tuning) rows: question, documents, answer."
+    FEATURES = {"question": _text(), "docs": tfds.features.Sequence(_text()),
+                "answer": _text(), "answers": tfds.features.Sequence(_text()),
+                "pos_index": tfds.features.Sequence(np.int32), "line": np.int64}
+
+
+class ClaraStage3(_ClaraBuilder):
+    DESCRIPTION = "Stage-3 (end-to-end) rows: question, candidates, pos_index, answer."
+    FEATURES = dict(ClaraStage2.FEATURES)
+
+
+class ClaraCorpus(_ClaraBuilder):
+    DESCRIPTION = ("Corpus chunks: documents longer than data.doc_max_len are split into "
+                   "overlapping chunks; `chunk` of `num_chunks`.")
+    FEATURES = {"id": _text(), "title": _text(), "text": _text(), "chunk": np.int32,
+                "num_chunks": np.int32, "line": np.int64}
+
+
+BUILDERS = {"stage1": ClaraStage1, "stage2": ClaraStage2, "stage3": ClaraStage3,
+            "corpus": ClaraCorpus}
+
+
+def builder_for(fmt: str, data_dir, examples=None) -> _ClaraBuilder:
+    cls = BUILDERS[fmt]
+    return cls(examples=examples, data_dir=str(data_dir), file_format="array_record")
+
+
+# ----------------------------------------------------------------------------- rows -> examples
+
+
+def _stage1_examples(rows: Iterable[tuple[int, Stage1Row]]) -> list[dict]:
+    out = []
+    for line, row in rows:
+        doc = row.docs[0]
+        if row.data_type == "paraphrase":
+            out.append({"data_type": "paraphrase", "question": PARAPHRASE_QUESTION,
+                        "answer": row.answers[0], "doc": doc, "line": line, "pair": 0})
+            continue
+        for i, (q, a) in enumerate(zip(row.questions, row.answers)):
+            out.append({"data_type": "qa", "question": q, "answer": a, "doc": doc,
+                        "line": line, "pair": i})
+    return out
+
+
+def _qa_examples(rows: Iterable[tuple[int, QARow]]) -> list[dict]:
+    return [{"question": r.question, "docs": list(r.docs), "answer": r.answer,
+             "answers": list(r.answers), "pos_index": list(r.pos_index), "line": line}
+            for line, r in rows]
+
+
+def chunk_windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) windows of at most `size` covering range(n), consecutive windows sharing
+    `overlap` items. One window when n <= size."""
+    if size <= overlap:
+        raise ValueError(f"chunk size {size} must exceed the overlap {overlap}")
+    if n <= size:
+        return [(0, n)]
+    stride = size - overlap
+    starts = list(range(0, n - overlap, stride))
+    return [(s, min(s + size, n)) for s in starts if s < n and (s == 0 or s + overlap < n)]
+
+
+def _corpus_examples(rows, tok: Tokenizer, room: int, overlap: int, counts: dict) -> list[dict]:
+    out = []
+    for line, r in rows:
+        text = f"{r.title}\n{r.text}" if r.title else r.text
+        ids = tok.encode(text)
+        windows = chunk_windows(len(ids), room, overlap)
+        if len(windows) > 1:
+            counts["docs_split"] += 1
+            counts["chunks_from_splits"] += len(windows)
+        for k, (a, b) in enumerate(windows):
+            chunk = text if len(windows) == 1 else tok.decode(ids[a:b])
+            out.append({"id": r.id, "title": r.title, "text": chunk, "chunk": k,
+                        "num_chunks": len(windows), "line": line})
+    return out
+
+
+def _to_examples(fmt, rows, tok, config, counts) -> list[dict]:
+    if fmt == "stage1":
+        return _stage1_examples(rows)
+    if fmt in ("stage2", "stage3"):
+        return _qa_examples(rows)
+    room = int(config.data.doc_max_len) - DOC_FRAME
+    return _corpus_examples(rows, tok, room, int(config.data.chunk_overlap), counts)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _percentiles(values) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    a = np.asarray(values, np.float64)
+    return {"min": float(a.min()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max()), "mean": round(float(a.mean()), 2)}
+
+
+def token_stats(fmt: str, rows, tok: Tokenizer | None, config=None) -> dict:
+    """Token statistics of parsed rows: tokens per document (unique documents), question and
+    answer lengths and, given a config, how many of each exceed the configured lengths.
+    Without a tokenizer, whitespace-separated words are counted instead."""
+    count = (lambda texts: [len(x) for x in tok.encode_batch(texts)]) if tok else \
+        (lambda texts: [len(t.split()) for t in texts])
+    docs, questions, answers = {}, [], []
+    for _, r in rows:
+        for d in formats.doc_texts(r):
+            docs.setdefault(d, None)
+        if isinstance(r, Stage1Row):
+            questions += list(r.questions)
+            answers += list(r.answers)
+        elif isinstance(r, QARow):
+            questions.append(r.question)
+            answers.append(r.answer)
+    doc_lens = count(list(docs))
+    out = {"unit": "tokens" if tok else "words", "unique_docs": len(doc_lens),
+           "tokens_per_doc": _percentiles(doc_lens)}
+    if questions:
+        out["tokens_per_question"] = _percentiles(count(questions))
+    if answers:
+        out["tokens_per_answer"] = _percentiles(count(answers))
+    if tok is not None and config is not None:
+        room = int(config.data.doc_max_len) - DOC_FRAME
+        out["docs_over_doc_max_len"] = int(sum(n > room for n in doc_lens))
+        if questions:
+            qmax = int(config.data.question_max_len)
+            out["questions_truncated"] = int(sum(n > qmax for n in count(questions)))
+        if answers:
+            # The answer keeps answer_max_len - 1 tokens (plus EOS); +1 for its leading space.
+            amax = int(config.data.answer_max_len) - 1
+            out["answers_truncated"] = int(sum(n > amax for n in count([" " + a for a in
+                                                                         answers])))
+    return out
+
+
+def _doc_count_issues(fmt: str, rows, config) -> dict:
+    """Rows whose document count differs from what a batch takes (counted, handled in the
+    pipeline: stage 1 uses the first document; stages 2/3 keep the gold documents first)."""
+    out = {}
+    if fmt == "stage1":
+        out["stage1_extra_docs_ignored"] = int(sum(len(r.docs) > 1 for _, r in rows))
+    elif fmt in ("stage2", "stage3"):
+        want = int(config.data.num_docs if fmt == "stage2" else config.data.num_candidates)
+        out[f"rows_with_more_than_{want}_docs"] = int(sum(len(r.docs) > want for _, r in rows))
+    return out
+
+
+def _check_doc_counts(fmt: str, rows, config, path) -> None:
+    if fmt not in ("stage2", "stage3"):
+        return
+    field = "data.num_docs" if fmt == "stage2" else "data.num_candidates"
+    want = int(config.data.num_docs if fmt == "stage2" else config.data.num_candidates)
+    for line, r in rows:
+        if len(r.docs) < want:
+            raise DataError(path, line, "docs", f"{len(r.docs)} documents, but config.{field}="
+                            f"{want} are needed per row")
+
+
+# ----------------------------------------------------------------------------- the build job
+
+
+def train_tokenizer_for(texts: list[str], config) -> SentencePieceTokenizer:
+    """The project SentencePiece model for `config` (vocab_size, M, seed from the config)."""
+    return SentencePieceTokenizer.train(texts, int(config.model.vocab_size),
+                                        int(config.model.num_memory_tokens),
+                                        seed=int(config.train.seed),
+                                        extra_texts=template_texts())
+
+
+def corpus_texts(rows) -> list[str]:
+    """Every text of parsed rows (documents, questions, answers), for tokenizer training."""
+    texts = []
+    for _, r in rows:
+        texts += formats.doc_texts(r)
+        if isinstance(r, Stage1Row):
+            texts += list(r.questions) + list(r.answers)
+        elif isinstance(r, QARow):
+            texts += [r.question, *r.answers]
+    return list(dict.fromkeys(texts))
+
+
+def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.PathLike,
+                  config, tokenizer: Tokenizer | None = None, skip_bad_rows: bool = False,
+                  progress: bool = True) -> dict:
+    """Builds OUT/clara_<fmt> from {split: jsonl path}; returns the build summary.
+
+    Nothing is written to OUT unless every input reads cleanly (or `skip_bad_rows`).
+    """
+    if fmt not in BUILDERS:
+        raise ValueError(f"unknown format {fmt!r}; known: {tuple(BUILDERS)}")
+    if not inputs:
+        raise ValueError("no input files")
+    start = time.perf_counter()
+    out = Path(out)
+    split_rows, read_stats = {}, {}
+    for split, path in inputs.items():
+        stats = ReadStats()
+        split_rows[split] = list(formats.iter_jsonl(path, fmt, skip_bad_rows, stats))
+        _check_doc_counts(fmt, split_rows[split], config, path)
+        read_stats[split] = stats
+    if all(not rows for rows in split_rows.values()):
+        raise DataError(next(iter(inputs.values())), 0, None, "no valid rows")
+
+    tok_dir = out / TOKENIZER_DIR
+    trained = False
+    if tokenizer is None and (tok_dir / "clara_tokenizer.json").exists():
+        tokenizer = load_tokenizer(tok_dir)
+    if tokenizer is None:
+        train_split = "train" if "train" in split_rows else next(iter(split_rows))
+        tokenizer = train_tokenizer_for(corpus_texts(split_rows[train_split]), config)
+        trained = True
+    check_tokenizer_fits(tokenizer, config)
+
+    counts = {"docs_split": 0, "chunks_from_splits": 0}
+    examples = {s: _to_examples(fmt, rows, tokenizer, config, counts)
+                for s, rows in split_rows.items()}
+
+    name = dataset_name(fmt)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        builder = builder_for(fmt, tmp, examples)
+        builder.download_and_prepare(
+            download_dir=str(tmp / "downloads"),
+            download_config=tfds.download.DownloadConfig(verify_ssl=False),
+        )
+        del progress  # tfds shows its own tqdm bars while writing
+        final = out / name
+        old = out / f".{name}.old-{os.getpid()}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp / name, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if trained or not (tok_dir / "clara_tokenizer.json").exists():
+        tokenizer.save(tok_dir)
+    summary = {
+        "format": fmt, "dataset": name, "out": str(out),
+        "splits": {s: {"file": str(inputs[s]), "rows": read_stats[s].rows,
+                       "bad_rows": read_stats[s].bad_rows, "examples": len(examples[s]),
+                       "errors": read_stats[s].errors[:5],
+                       **token_stats(fmt, split_rows[s], tokenizer, config),
+                       **_doc_count_issues(fmt, split_rows[s], config)}
+                   for s in split_rows},
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                      "trained_here": trained},
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+    if fmt == "corpus":
+        summary["docs_split_into_chunks"] = counts["docs_split"]
+        summary["chunks_from_split_docs"] = counts["chunks_from_splits"]
+    text = json.dumps(summary, indent=2) + "\n"
+    summary_path = out / f"{name}.summary.json"
+    tmp_summary = out / f".{name}.summary.json.tmp"
+    tmp_summary.write_text(text)
+    os.replace(tmp_summary, summary_path)
+    return summary
+
+
+def data_source(fmt: str, data_dir, split: str = "train"):
+    """The built split as a random-access source (`tfds.data_source`, array_record)."""
+    path = Path(data_dir) / dataset_name(fmt)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such dataset; build it with `clara data build "
+                                f"--format {fmt} ... --out {data_dir}`")
+    # The class must be importable by name for tfds' registry; it is (defined above).
+    return tfds.data_source(dataset_name(fmt), data_dir=str(data_dir), split=split,
+                            builder_kwargs={"file_format": "array_record"})

@@ -1,0 +1,545 @@
+"""The bundled knowledge world: a deterministic, fictional world rendered into documents and
+training files in the reference formats.
+
+Entities of five kinds (person, organisation, city, country, work) get random attributes and
+random relations to each other. Every entity has one document: its facts, each written with one
+of several phrasings, in random order, plus distractor sentences that state facts about other
+entities of the same kind. From the documents:
+  corpus.jsonl  {"id", "title", "text"}, one per document
+  stage1.jsonl  one "qa" row (every fact of the document as a question) and one "paraphrase"
+                row (the same facts, other phrasings and order) per document
+  stage2.jsonl  question, K0=5 documents (gold among hard distractors), answer = gold_answer,
+                pos_index (the gold documents)
+  stage3.jsonl  question, 20 candidates, pos_index, answer; single-hop and two-hop questions
+                (two-hop: the answer needs the subject's document and the bridge entity's)
+
+Two worlds, `train` and `heldout`, share relation types and value vocabularies but no entity
+names. Values are drawn uniformly at random, so a closed-book model can only guess:
+`frequency_baseline` measures the best answer-prior guess per question type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SIZES = {
+    # entities per world: countries, cities, people, organisations, works
+    "small": dict(country=8, city=30, person=80, organisation=30, work=40),
+    "medium": dict(country=40, city=250, person=900, organisation=300, work=500),
+}
+SPLITS = ("train", "heldout")
+STAGE2_DOCS = 5
+STAGE3_CANDIDATES = 20
+FILES = ("corpus.jsonl", "stage1.jsonl", "stage2.jsonl", "stage3.jsonl")
+
+OCCUPATIONS = ("baker", "carpenter", "cartographer", "chemist", "composer", "diplomat",
+               "engineer", "farmer", "glassblower", "historian", "jeweller", "librarian",
+               "mathematician", "navigator", "painter", "physician", "potter", "sculptor",
+               "tailor", "weaver")
+HOBBIES = ("beekeeping", "chess", "fencing", "gardening", "kite flying", "knitting",
+           "mountaineering", "origami", "rowing", "sailing", "stargazing", "whittling",
+           "archery", "birdwatching", "calligraphy", "juggling")
+INDUSTRIES = ("shipbuilding", "textiles", "publishing", "mining", "brewing", "banking",
+              "clockmaking", "printing", "glassmaking", "railways", "pottery", "insurance")
+ANIMALS = ("otter", "heron", "lynx", "badger", "falcon", "stag", "wolf", "crane", "boar",
+           "swan", "fox", "owl")
+WORK_KINDS = ("novel", "opera", "film", "painting", "symphony", "poem")
+GENRES = ("comedy", "tragedy", "romance", "mystery", "satire", "fable", "epic", "elegy")
+ADJECTIVES = ("Silent", "Golden", "Broken", "Hidden", "Last", "Crimson", "Distant", "Quiet",
+              "Burning", "Frozen", "Wandering", "Forgotten", "Hollow", "Iron", "Paper",
+              "Velvet", "Seventh", "Northern", "Bitter", "Patient", "Little", "Endless",
+              "Painted", "Sleeping", "Salt")
+NOUNS = ("Harbour", "Lantern", "Orchard", "Mirror", "Garden", "Bridge", "Tower", "River",
+         "Winter", "Letter", "Clock", "Crown", "Island", "Feather", "Meadow", "Voyage", "Door",
+         "Bell", "Compass", "Shadow", "Anchor", "Candle", "Market", "Well", "Staircase")
+ORG_SUFFIXES = ("Industries", "Guild", "Institute", "Works", "Company", "Society", "Foundry",
+                "Trust", "Brothers", "Cooperative")
+COUNTRY_SUFFIXES = ("ia", "land", "mark", "ora", "esh")
+CITY_SUFFIXES = ("", "", "", "ford", "holm", "grad", "port", "wick", "by")
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr",
+          "st", "th", "gr", "tr", "sh", "ch", "h", "j", "w")
+VOWELS = ("a", "e", "i", "o", "u", "ae", "ai", "ei", "ou", "ia")
+CODAS = ("", "", "", "n", "r", "l", "s", "th", "m", "k", "nd", "rt")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
+# Per kind: attribute -> (question templates, sentence templates, kind of a related entity or
+# None for a plain value). {s} is the subject's name, {v} the value, {a} its article.
+ATTRS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]]] = {
+    "person": {
+        "birth_year": (("In which year was {s} born?", "When was {s} born?"),
+                       ("{s} was born in {v}.", "The year {v} saw the birth of {s}.",
+                        "{s}'s year of birth is {v}."), None),
+        "birthplace": (("In which city was {s} born?", "Where was {s} born?"),
+                       ("{s} was born in the city of {v}.", "{s} is a native of {v}.",
+                        "The birthplace of {s} is {v}."), "city"),
+        "occupation": (("What is the occupation of {s}?", "What does {s} do for a living?"),
+                       ("{s} works as {a} {v}.", "By profession, {s} is {a} {v}.",
+                        "{s} earns a living as {a} {v}."), None),
+        "employer": (("Which organisation employs {s}?", "Who does {s} work for?"),
+                     ("{s} is employed by {v}.", "{v} counts {s} among its staff.",
+                      "{s} has a position at {v}."), "organisation"),
+        "hobby": (("What is the hobby of {s}?",),
+                  ("In spare time, {s} enjoys {v}.", "The favourite pastime of {s} is {v}.",
+                   "{s} spends weekends on {v}."), None),
+    },
+    "organisation": {
+        "founded": (("In which year was {s} founded?", "When was {s} established?"),
+                    ("{s} was founded in {v}.", "{s} was established in the year {v}.",
+                     "The founding year of {s} is {v}."), None),
+        "headquarters": (("In which city is {s} headquartered?",
+                          "Where are the headquarters of {s}?"),
+                         ("{s} is headquartered in {v}.", "The headquarters of {s} are in {v}.",
+                          "{s} has its main office in {v}."), "city"),
+        "founder": (("Who founded {s}?", "Who is the founder of {s}?"),
+                    ("{s} was founded by {v}.", "{v} is the founder of {s}.",
+                     "{v} started {s}."), "person"),
+        "industry": (("In which industry does {s} operate?",),
+                     ("{s} operates in the {v} industry.", "The business of {s} is {v}.",
+                      "{s} earns its money from {v}."), None),
+        "employees": (("How many people work at {s}?",),
+                      ("{s} has {v} employees.", "About {v} people work at {s}.",
+                       "The staff of {s} numbers {v}."), None),
+    },
+    "city": {
+        "country": (("In which country is {s}?", "Which country does {s} belong to?"),
+                    ("{s} is a city in {v}.", "{s} lies in {v}.", "{s} belongs to {v}."),
+                    "country"),
+        "population": (("What is the population of {s}?", "How many people live in {s}?"),
+                       ("{s} has a population of {v}.", "About {v} people live in {s}.",
+                        "The number of inhabitants of {s} is {v}."), None),
+        "founded": (("In which year was {s} founded?",),
+                    ("{s} was founded in {v}.", "The city of {s} dates back to {v}.",
+                     "{s} was first settled in {v}."), None),
+        "mayor": (("Who is the mayor of {s}?",),
+                  ("The mayor of {s} is {v}.", "{v} serves as mayor of {s}.",
+                   "{s} is governed by its mayor, {v}."), "person"),
+        "landmark": (("What is the best-known landmark of {s}?",),
+                     ("The best-known landmark of {s} is the {v}.",
+                      "Visitors to {s} come to see the {v}.",
+                      "{s} is famous for the {v}."), None),
+    },
+    "country": {
+        "capital": (("What is the capital of {s}?",),
+                    ("The capital of {s} is {v}.", "{v} is the capital city of {s}.",
+                     "{s} is governed from its capital, {v}."), "city"),
+        "language": (("What language is spoken in {s}?", "What is the official language of {s}?"),
+                     ("The official language of {s} is {v}.", "People in {s} speak {v}.",
+                      "{v} is spoken throughout {s}."), None),
+        "currency": (("What is the currency of {s}?",),
+                     ("The currency of {s} is the {v}.", "In {s}, people pay with the {v}.",
+                      "{s} uses the {v} as its currency."), None),
+        "independence": (("In which year did {s} become independent?",),
+                         ("{s} became independent in {v}.",
+                          "The independence of {s} dates from {v}.",
+                          "{s} has been independent since {v}."), None),
+        "animal": (("What is the national animal of {s}?",),
+                   ("The national animal of {s} is the {v}.", "{s} chose the {v} as its "
+                    "national animal.", "The {v} is the emblem animal of {s}."), None),
+    },
+    "work": {
+        "creator": (("Who created {s}?", "Who is the author of {s}?"),
+                    ("{s} is a {k} by {v}.", "{v} created the {k} {s}.",
+                     "{s} was made by {v}."), "person"),
+        "year": (("In which year was {s} released?", "When did {s} first appear?"),
+                 ("{s} was released in {v}.", "{s} first appeared in {v}.",
+                  "The {k} {s} dates from {v}."), None),
+        "genre": (("What is the genre of {s}?",),
+                  ("The genre of {s} is {v}.", "{s} is best described as {a} {v}.",
+                   "Critics call {s} {a} {v}."), None),
+        "kind": (("What kind of work is {s}?",),
+                 ("{s} is {a} {v}.", "{s} was conceived as {a} {v}.",
+                  "Formally, {s} is {a} {v}."), None),
+    },
+}
+
+# Two-hop questions: (subject kind, first attribute (a relation), second attribute of the
+# related entity, question template).
+CHAINS = (
+    ("person", "birthplace", "country", "In which country was {s} born?"),
+    ("person", "employer", "headquarters",
+     "In which city is the organisation that employs {s} headquartered?"),
+    ("person", "employer", "founder", "Who founded the organisation that employs {s}?"),
+    ("organisation", "founder", "birth_year", "In which year was the founder of {s} born?"),
+    ("organisation", "headquarters", "country", "In which country is {s} headquartered?"),
+    ("work", "creator", "occupation", "What is the occupation of the creator of {s}?"),
+    ("work", "creator", "birthplace", "In which city was the creator of {s} born?"),
+    ("city", "country", "language", "What language is spoken in the country where {s} lies?"),
+    ("city", "mayor", "birth_year", "In which year was the mayor of {s} born?"),
+    ("country", "capital", "mayor", "Who is the mayor of the capital of {s}?"),
+)
+INTRO = {
+    "person": ("{s} is a person of some renown.", "This document is about {s}.",
+               "Here is what is known about {s}."),
+    "organisation": ("{s} is an organisation.", "This document is about {s}.",
+                     "The following describes {s}."),
+    "city": ("{s} is a city.", "This document is about the city of {s}.",
+             "Here is a short account of {s}."),
+    "country": ("{s} is a country.", "This document is about {s}.",
+                "The following describes the country of {s}."),
+    "work": ("{s} is a well-known work.", "This document is about {s}.",
+             "Here is an account of {s}."),
+}
+DISTRACTOR = ("{s} should not be confused with {o}.", "Readers often mix up {s} and {o}.",
+              "A different {kind}, {o}, is sometimes mentioned alongside {s}.")
+
+
+@dataclass
+class Entity:
+    kind: str
+    name: str
+    facts: dict[str, str] = field(default_factory=dict)  # attribute -> value (names for relations)
+    doc_id: str = ""
+
+
+@dataclass
+class Question:
+    question: str
+    answer: str
+    qtype: str  # "kind.attr" or "kind.attr>attr" for two-hop
+    gold: tuple[str, ...]  # doc ids
+    hops: int
+
+
+@dataclass
+class World:
+    split: str
+    seed: int
+    entities: list[Entity]
+    docs: dict[str, str]  # doc id -> text
+    paraphrases: dict[str, str]  # doc id -> paraphrase text
+    mentions: dict[str, set[str]]  # entity name -> doc ids whose text mentions it
+    questions: list[Question]
+
+    @property
+    def by_name(self) -> dict[str, Entity]:
+        return {e.name: e for e in self.entities}
+
+
+class _Names:
+    """Unique fictional names; shared by both worlds so that they never share an entity."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.used: set[str] = set()
+
+    def _word(self, syllables: int) -> str:
+        r = self.rng
+        w = "".join(r.choice(ONSETS) + r.choice(VOWELS) for _ in range(syllables - 1))
+        w += r.choice(ONSETS) + r.choice(VOWELS) + r.choice(CODAS)
+        return w.capitalize()
+
+    def _unique(self, make) -> str:
+        for _ in range(10000):
+            name = make()
+            if name not in self.used:
+                self.used.add(name)
+                return name
+        raise RuntimeError("ran out of unique names")
+
+    def make(self, kind: str) -> str:
+        r = self.rng
+        if kind == "person":
+            return self._unique(lambda: f"{self._word(2)} {self._word(2)}")
+        if kind == "city":
+            return self._unique(lambda: self._word(2) + r.choice(CITY_SUFFIXES))
+        if kind == "country":
+            return self._unique(lambda: self._word(2) + r.choice(COUNTRY_SUFFIXES))
+        if kind == "organisation":
+            return self._unique(lambda: f"{self._word(2)} {r.choice(ORG_SUFFIXES)}")
+        if kind == "work":
+            def work():
+                title = f"The {r.choice(ADJECTIVES)} {r.choice(NOUNS)}"
+                return title if r.random() < 0.7 else f"{title} of {self._word(2)}"
+            return self._unique(work)
+        raise ValueError(kind)
+
+
+# Value vocabularies shared by both worlds (fixed, independent of the seed).
+_VOCAB_RNG = random.Random(20251125)
+LANGUAGES = tuple(sorted({_Names(_VOCAB_RNG)._word(2) + "ic" for _ in range(16)}))
+CURRENCIES = tuple(sorted({_Names(_VOCAB_RNG)._word(2).lower() for _ in range(16)}))
+LANDMARKS = tuple(f"{a} {n}" for a in ("Old", "Great", "Royal", "High", "Twin")
+                  for n in ("Bridge", "Gate", "Tower", "Cathedral", "Market", "Fountain"))
+
+
+def _populate(rng: random.Random, names: _Names, counts: dict[str, int], split: str
+              ) -> list[Entity]:
+    ents = {k: [Entity(k, names.make(k)) for _ in range(n)] for k, n in counts.items()}
+    for k, lst in ents.items():
+        for i, e in enumerate(lst):
+            e.doc_id = f"{split}-{k}-{i:04d}"
+    countries, cities = ents["country"], ents["city"]
+    people, orgs, works = ents["person"], ents["organisation"], ents["work"]
+    for i, c in enumerate(cities):
+        # The first cities go round-robin so that every country has one (its capital).
+        c.facts["country"] = (countries[i].name if i < len(countries)
+                              else rng.choice(countries).name)
+        c.facts["population"] = f"{rng.randint(2, 990) * 1000:,}"
+        c.facts["founded"] = str(rng.randint(900, 1800))
+        c.facts["mayor"] = rng.choice(people).name
+        c.facts["landmark"] = rng.choice(LANDMARKS)
+    for k in countries:
+        own = [c.name for c in cities if c.facts["country"] == k.name]
+        k.facts["capital"] = rng.choice(own)
+        k.facts["language"] = rng.choice(LANGUAGES)
+        k.facts["currency"] = rng.choice(CURRENCIES)
+        k.facts["independence"] = str(rng.randint(1600, 1990))
+        k.facts["animal"] = rng.choice(ANIMALS)
+    for p in people:
+        p.facts["birth_year"] = str(rng.randint(1700, 1990))
+        p.facts["birthplace"] = rng.choice(cities).name
+        p.facts["occupation"] = rng.choice(OCCUPATIONS)
+        p.facts["employer"] = rng.choice(orgs).name
+        p.facts["hobby"] = rng.choice(HOBBIES)
+    for o in orgs:
+        o.facts["founded"] = str(rng.randint(1650, 2000))
+        o.facts["headquarters"] = rng.choice(cities).name
+        o.facts["founder"] = rng.choice(people).name
+        o.facts["industry"] = rng.choice(INDUSTRIES)
+        o.facts["employees"] = f"{rng.randint(5, 5000):,}"
+    for w in works:
+        w.facts["creator"] = rng.choice(people).name
+        w.facts["year"] = str(rng.randint(1700, 2020))
+        w.facts["genre"] = rng.choice(GENRES)
+        w.facts["kind"] = rng.choice(WORK_KINDS)
+    return [e for k in ("country", "city", "person", "organisation", "work") for e in ents[k]]
+
+
+def short_name(e: Entity) -> str:
+    """How a document refers to its subject after the first mention (keeps documents short):
+    a person's family name, an organisation's first word, a work's title without "of ..."."""
+    if e.kind == "person":
+        return e.name.split()[-1]
+    if e.kind == "organisation":
+        return e.name.split()[0]
+    if e.kind == "work":
+        return e.name.split(" of ")[0]
+    return e.name
+
+
+def _sentence(rng: random.Random, e: Entity, attr: str, name: str, avoid: int | None = None
+              ) -> tuple[str, int]:
+    templates = ATTRS[e.kind][attr][1]
+    choices = [i for i in range(len(templates)) if i != avoid]
+    i = rng.choice(choices)
+    v = e.facts[attr]
+    text = templates[i].format(s=name, v=v, a=_article(v), k=e.facts.get("kind", "work"))
+    return text[0].upper() + text[1:], i
+
+
+def _render(rng: random.Random, e: Entity, others: list[Entity], avoid: dict[str, int] | None
+            ) -> tuple[str, dict[str, int], list[str]]:
+    """One document: maybe an intro, the entity's facts in random order and 1-2 distractor facts
+    about other entities of the same kind. The subject is named in full first, then by
+    `short_name`. Returns (text, phrasing chosen per attribute, names mentioned)."""
+    attrs = list(ATTRS[e.kind])
+    rng.shuffle(attrs)
+    # The intro is filler; half of the documents start straight with a fact.
+    sentences = [rng.choice(INTRO[e.kind]).format(s=e.name)] if rng.random() < 0.5 else []
+    chosen, mentioned = {}, []
+    for attr in attrs:
+        name = e.name if not sentences else short_name(e)
+        text, chosen[attr] = _sentence(rng, e, attr, name, (avoid or {}).get(attr))
+        sentences.append(text)
+        if ATTRS[e.kind][attr][2]:
+            mentioned.append(e.facts[attr])
+    distractors = rng.sample(others, k=min(len(others), rng.randint(1, 2)))
+    for o in distractors:
+        # After the first sentence, so that the document still opens with its subject.
+        at = rng.randrange(1, len(sentences) + 1)
+        fact, _ = _sentence(rng, o, rng.choice(list(ATTRS[o.kind])), o.name)
+        if rng.random() < 0.3:
+            fact = rng.choice(DISTRACTOR).format(s=short_name(e), o=o.name, kind=o.kind) + \
+                " " + fact
+        sentences.insert(at, fact)
+        mentioned.append(o.name)
+    # Paragraph breaks make the documents look less like a list of sentences.
+    cut = rng.randrange(2, max(3, len(sentences)))
+    return (" ".join(sentences[:cut]) + "\n" + " ".join(sentences[cut:])).strip(), chosen, \
+        mentioned
+
+
+def make_world(seed: int = 0, size: str = "small", split: str = "train",
+               names: _Names | None = None) -> World:
+    """One world. Use `make_worlds` for the disjoint train/heldout pair."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    rng = random.Random(f"clara-world/{seed}/{split}")
+    names = names or _Names(random.Random(f"clara-names/{seed}"))
+    entities = _populate(rng, names, SIZES[size], split)
+    by_kind = defaultdict(list)
+    for e in entities:
+        by_kind[e.kind].append(e)
+    docs, paraphrases, mentions = {}, {}, defaultdict(set)
+    for e in entities:
+        others = [o for o in by_kind[e.kind] if o is not e]
+        text, chosen, mentioned = _render(rng, e, others, None)
+        docs[e.doc_id] = text
+        paraphrases[e.doc_id], _, _ = _render(rng, e, others, chosen)
+        for name in mentioned:
+            mentions[name].add(e.doc_id)
+    by_name = {e.name: e for e in entities}
+    questions = []
+    for e in entities:
+        for attr, (qs, _, _) in ATTRS[e.kind].items():
+            questions.append(Question(rng.choice(qs).format(s=e.name), e.facts[attr],
+                                      f"{e.kind}.{attr}", (e.doc_id,), 1))
+        for kind, first, second, template in CHAINS:
+            if kind != e.kind:
+                continue
+            bridge = by_name[e.facts[first]]
+            questions.append(Question(template.format(s=e.name), bridge.facts[second],
+                                      f"{kind}.{first}>{second}", (e.doc_id, bridge.doc_id), 2))
+    return World(split, seed, entities, docs, paraphrases, dict(mentions), questions)
+
+
+def make_worlds(seed: int = 0, size: str = "small") -> dict[str, World]:
+    """The `train` and `heldout` worlds: same relation types, no shared entity names."""
+    names = _Names(random.Random(f"clara-names/{seed}"))
+    return {split: make_world(seed, size, split, names) for split in SPLITS}
+
+
+class _Sampler:
+    """Negative documents for a question: hard ones first (documents that mention the subject,
+    documents about entities of the same kind), then random documents."""
+
+    def __init__(self, rng: random.Random, world: World):
+        self.rng, self.world = rng, world
+        self.by_id = {e.doc_id: e for e in world.entities}
+        self.same_kind = defaultdict(list)
+        for e in world.entities:
+            self.same_kind[e.kind].append(e.doc_id)
+        self.all_ids = list(world.docs)
+
+    def negatives(self, q: Question, n: int) -> list[str]:
+        rng, gold = self.rng, set(q.gold)
+        subject = self.by_id[q.gold[0]]
+        hard = sorted(self.world.mentions.get(subject.name, set()) - gold)
+        rng.shuffle(hard)
+        same = [d for d in rng.sample(self.same_kind[subject.kind],
+                                      k=min(len(self.same_kind[subject.kind]), n + len(gold)))
+                if d not in gold]
+        picked = list(dict.fromkeys(hard[: n // 3] + same[: n // 3]))
+        if len(self.all_ids) < n + len(gold):
+            raise ValueError(f"the world has {len(self.all_ids)} documents, fewer than "
+                             f"{n + len(gold)} needed per question")
+        taken = gold | set(picked)
+        while len(picked) < n:  # rejection sampling: the world is much larger than n
+            d = rng.choice(self.all_ids)
+            if d not in taken:
+                taken.add(d)
+                picked.append(d)
+        return picked
+
+    def mixed(self, q: Question, total: int) -> tuple[list[str], list[int]]:
+        ids = list(q.gold) + self.negatives(q, total - len(q.gold))
+        self.rng.shuffle(ids)
+        pos = sorted(ids.index(g) for g in q.gold)
+        return [self.world.docs[i] for i in ids], pos
+
+
+def world_rows(world: World) -> dict[str, list[dict]]:
+    """The reference-format rows of one world, by file name."""
+    rng = random.Random(f"clara-rows/{world.seed}/{world.split}")
+    corpus = [{"id": e.doc_id, "title": e.name, "text": world.docs[e.doc_id]}
+              for e in world.entities]
+    single = defaultdict(list)
+    for q in world.questions:
+        if q.hops == 1:
+            single[q.gold[0]].append(q)
+    stage1 = []
+    for e in world.entities:
+        qa = single[e.doc_id]
+        doc = world.docs[e.doc_id]
+        stage1.append({"data_type": "qa", "question": [q.question for q in qa],
+                       "answers": [q.answer for q in qa], "docs": [doc]})
+        stage1.append({"data_type": "paraphrase", "question": "",
+                       "answers": [world.paraphrases[e.doc_id]], "docs": [doc]})
+    sampler = _Sampler(rng, world)
+    stage2, stage3 = [], []
+    for q in world.questions:
+        docs, pos = sampler.mixed(q, STAGE2_DOCS)
+        stage2.append({"question": q.question, "docs": docs, "gold_answer": q.answer,
+                       "answer": q.answer, "pos_index": pos})
+        docs, pos = sampler.mixed(q, STAGE3_CANDIDATES)
+        stage3.append({"question": q.question, "docs": docs, "pos_index": pos,
+                       "answer": q.answer})
+    return {"corpus.jsonl": corpus, "stage1.jsonl": stage1, "stage2.jsonl": stage2,
+            "stage3.jsonl": stage3}
+
+
+def write_world(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
+    """Writes OUT/{train,heldout}/{corpus,stage1,stage2,stage3}.jsonl and OUT/world.json.
+
+    Everything is written into a temporary directory beside OUT first and moved into place
+    file by file, so a failure never leaves a half-written file. Returns the summary.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = {"seed": seed, "size": size, "splits": {}}
+    try:
+        worlds = make_worlds(seed, size)
+        for split, world in worlds.items():
+            (tmp / split).mkdir(parents=True)
+            rows = world_rows(world)
+            for name, lst in rows.items():
+                with open(tmp / split / name, "w", encoding="utf-8") as f:
+                    for row in lst:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            kinds = Counter(e.kind for e in world.entities)
+            hops = Counter(q.hops for q in world.questions)
+            summary["splits"][split] = {
+                "entities": dict(kinds), "documents": len(world.docs),
+                "rows": {name: len(lst) for name, lst in rows.items()},
+                "questions": {"single_hop": hops[1], "two_hop": hops[2]},
+                "words_per_doc": _percentiles([len(t.split()) for t in world.docs.values()])}
+        (tmp / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for split in SPLITS:
+            (out / split).mkdir(parents=True, exist_ok=True)
+            for name in FILES:
+                os.replace(tmp / split / name, out / split / name)
+        os.replace(tmp / "world.json", out / "world.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _percentiles(values: list[int] | list[float]) -> dict[str, float]:
+    import numpy as np
+
+    if not values:
+        return {}
+    a = np.asarray(values, np.float64)
+    return {"min": float(a.min()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max()), "mean": round(float(a.mean()), 2)}
+
+
+def frequency_baseline(train: World, evaluate: World) -> dict[str, float]:
+    """Closed-book guessing: for each question type, answer with the most frequent training
+    answer of that type. Returns the exact-match accuracy on `evaluate` (on its own questions
+    and on the training world's) and the chance level (mean of 1/#distinct answers per type)."""
+    by_type = defaultdict(Counter)
+    for q in train.questions:
+        by_type[q.qtype][q.answer] += 1
+    guess = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
+
+    def accuracy(world: World) -> float:
+        hits = [guess.get(q.qtype) == q.answer for q in world.questions]
+        return sum(hits) / max(len(hits), 1)
+
+    chance = [1.0 / len(by_type[q.qtype]) for q in evaluate.questions if q.qtype in by_type]
+    return {"heldout_accuracy": accuracy(evaluate), "train_accuracy": accuracy(train),
+            "chance": sum(chance) / max(len(chance), 1)}
