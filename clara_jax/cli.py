@@ -16,6 +16,7 @@ from absl import app
 from clara_jax import distributed
 
 COMMANDS = {
+    "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
     "demo": "Compress documents and run the generator end to end on a config.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
 }
