@@ -17,6 +17,7 @@ from clara_jax import distributed
 
 COMMANDS = {
     "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
+    "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST).",
     "demo": "Compress documents and run the generator end to end on a config.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
 }
