@@ -18,7 +18,7 @@ import numpy as np
 from clara_jax.index.identity import model_identity
 from clara_jax.index.index import IndexBuilder, LatentIndex, progress
 from clara_jax.index.scann_index import ScannParams
-from clara_jax.model import ModelConfig, compress, logical_specs
+from clara_jax.model import ModelConfig, compress, encode_query, logical_specs
 from clara_jax.model.sharding import batch_sharding, logical_to_shardings, make_mesh
 
 
@@ -27,9 +27,11 @@ class LatentEncoder:
     axis of tokens/mask/latents sharded over (data, fsdp).
 
     batch_size is rounded up to a multiple of the mesh's batch devices; every call is padded
-    to it, so one shape is compiled."""
+    to it, so one shape is compiled. `query=True` runs the query reasoner (`encode_query`)
+    instead of the compressor, for searching an index."""
 
-    def __init__(self, cfg: ModelConfig, params, batch_size: int = 64, mesh=None):
+    def __init__(self, cfg: ModelConfig, params, batch_size: int = 64, mesh=None,
+                 query: bool = False):
         self.cfg = cfg
         self.mesh = mesh if mesh is not None else make_mesh()
         n_batch = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -37,7 +39,8 @@ class LatentEncoder:
         param_sh = logical_to_shardings(logical_specs(cfg), self.mesh)
         self.params = jax.device_put(params, param_sh)
         tok_sh = batch_sharding(self.mesh, 2)
-        self._fn = jax.jit(lambda p, t, m: compress(cfg, p, t, m),
+        fn = encode_query if query else compress
+        self._fn = jax.jit(lambda p, t, m: fn(cfg, p, t, m),
                            in_shardings=(param_sh, tok_sh, tok_sh),
                            out_shardings=batch_sharding(self.mesh, 3))
 

@@ -43,7 +43,10 @@ class ScannParams:
     num_leaves: k-means partitions (0: no partitioning, every point is scored);
     leaves_to_search: partitions scored per query; dims_per_block: asymmetric-hashing block
     width (2 = 16 centres per 2 dims); reorder: candidates re-scored with exact float dot
-    products; training_sample: points used to train the partitioner."""
+    products; training_sample: points used to train the partitioner; spherical: spherical
+    k-means for the partitions (the keys are unit vectors: cosine); min_partition_size: ScaNN
+    merges smaller partitions (its default 50 is capped at half the mean partition size so
+    small corpora keep their leaves)."""
     num_leaves: int
     leaves_to_search: int
     dims_per_block: int = 2
@@ -51,6 +54,8 @@ class ScannParams:
     reorder: int = 100
     training_sample: int = 250_000
     num_neighbors: int = 10
+    spherical: bool = True
+    min_partition_size: int = 50
 
     @classmethod
     def auto(cls, n: int, **overrides) -> ScannParams:
@@ -77,7 +82,9 @@ def scann_config(keys: np.ndarray, p: ScannParams) -> str:
     b = ops.builder(keys, p.num_neighbors, "dot_product")
     if p.num_leaves:
         b = b.tree(num_leaves=p.num_leaves, num_leaves_to_search=p.leaves_to_search,
-                   training_sample_size=min(n, max(p.training_sample, p.num_leaves)))
+                   training_sample_size=min(n, max(p.training_sample, p.num_leaves)),
+                   spherical=p.spherical,
+                   min_partition_size=max(1, min(p.min_partition_size, n // (2 * p.num_leaves))))
     b = b.score_ah(p.dims_per_block, anisotropic_quantization_threshold=p.anisotropic_threshold)
     b = b.reorder(p.reorder)
     return b.create_config()
