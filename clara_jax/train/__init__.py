@@ -1,0 +1,1 @@
+"""Training: optimizer, train state, per-stage step functions, checkpoints and the loop."""

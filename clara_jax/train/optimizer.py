@@ -1,0 +1,46 @@
+"""The optimizer: global-norm clip, AdamW and a warmup-cosine (or constant) schedule, applied
+only to the stage's trainable parameters through `clara_jax.model.partition` (frozen leaves
+keep no optimizer state)."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+from clara_jax.model.partition import STAGE_TRAINABLE, partition
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Learning rate per update step: linear warmup over `train.warmup_frac` of the steps, then
+    cosine decay to `train.min_lr_ratio` x peak ('cosine'), or flat after warmup ('constant')."""
+    t = config.train
+    peak = float(t.learning_rate)
+    warmup = int(round(t.warmup_frac * t.steps))
+    if t.schedule == "constant":
+        if warmup == 0:
+            return optax.constant_schedule(peak)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else peak, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(t.steps, warmup + 1), end_value=peak * float(t.min_lr_ratio))
+
+
+def make_base_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """clip -> AdamW(b1, b2, weight decay) with the schedule; acts on trainable leaves."""
+    t = config.train
+    parts = []
+    if t.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(t.grad_clip)))
+    parts.append(optax.adamw(make_schedule(config), b1=float(t.adam_b1), b2=float(t.adam_b2),
+                             weight_decay=float(t.weight_decay)))
+    return optax.chain(*parts)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params,
+                   stage: int | None = None) -> optax.GradientTransformation:
+    """The partitioned optimizer for `stage` (default `train.stage`) over `params` (arrays or
+    ShapeDtypeStructs): the base transformation on the stage's trainable leaves, zero updates
+    and no state on the frozen ones."""
+    stage = config.train.stage if stage is None else stage
+    return partition(make_base_tx(config), params, STAGE_TRAINABLE[stage])

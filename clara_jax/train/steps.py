@@ -1,0 +1,248 @@
+"""Step functions of the three CLaRa stages: pure `(state, batch, rng) -> (state, metrics)`.
+
+Batches follow the shared contract (shape letters as in DESIGN.md; Td = data.doc_max_len):
+  stage 1/2: doc_tokens int32[B, K, Td], doc_mask bool[B, K, Td], tokens/mask/slot_mask/
+             targets/loss_mask [B, T] (K = 1 in stage 1)
+  stage 3:   query_tokens int32[B, Tq], query_mask bool[B, Tq], cand_tokens int32[B, C, Td],
+             cand_mask bool[B, C, Td], pos_index int32[B], and the generator fields [B, T]
+Only the stage's trainable leaves (clara_jax.model.partition.STAGE_TRAINABLE) are
+differentiated; the optimizer gives the frozen ones zero updates and keeps no state for them.
+`train.grad_accum` splits the batch into that many microbatches inside the step (a scan), so
+a step's memory is that of one microbatch and the loop and checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from clara_jax import losses
+from clara_jax.model import ModelConfig, compress, encode_query, generate_logits
+from clara_jax.model.sharding import DEFAULT_RULES, batch_sharding
+from clara_jax.train.optimizer import make_optimizer, make_schedule
+from clara_jax.train.state import (
+    TrainState,
+    merge_trainable,
+    split_trainable,
+    trainable_labels,
+)
+
+GEN_FIELDS = {"tokens": jnp.int32, "mask": bool, "slot_mask": bool, "targets": jnp.int32,
+              "loss_mask": bool}
+
+
+def batch_fields(config: ml_collections.ConfigDict, stage: int, batch_size: int | None = None,
+                 gen_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The contract's fields for `stage` with their shapes and dtypes. `gen_len` (T) defaults
+    to the longest generator sequence the config allows: K x (M + 1) latent slots and
+    separators, the framing, question and answer."""
+    d = config.data
+    b = config.train.batch_size if batch_size is None else batch_size
+    m = config.model.num_memory_tokens
+    k = 1 if stage == 1 else d.num_docs
+    t = gen_len if gen_len is not None else default_gen_len(config, stage)
+    out = {name: jax.ShapeDtypeStruct((b, t), dt) for name, dt in GEN_FIELDS.items()}
+    td = d.doc_max_len
+    if stage in (1, 2):
+        out["doc_tokens"] = jax.ShapeDtypeStruct((b, k, td), jnp.int32)
+        out["doc_mask"] = jax.ShapeDtypeStruct((b, k, td), bool)
+    else:
+        c = d.num_candidates
+        out["query_tokens"] = jax.ShapeDtypeStruct((b, d.question_max_len), jnp.int32)
+        out["query_mask"] = jax.ShapeDtypeStruct((b, d.question_max_len), bool)
+        out["cand_tokens"] = jax.ShapeDtypeStruct((b, c, td), jnp.int32)
+        out["cand_mask"] = jax.ShapeDtypeStruct((b, c, td), bool)
+        out["pos_index"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+    del m
+    return out
+
+
+def default_gen_len(config: ml_collections.ConfigDict, stage: int) -> int:
+    """T for a stage: K·(M+1) slots and separators + question + answer + 8 framing tokens
+    (stage 1 reproduces a paraphrase, so its answer may be a whole document)."""
+    d = config.data
+    m = config.model.num_memory_tokens
+    k = 1 if stage == 1 else d.num_docs
+    answer = max(d.answer_max_len, d.doc_max_len) if stage == 1 else d.answer_max_len
+    return k * (m + 1) + d.question_max_len + answer + 8
+
+
+def _gen_ce(cfg, params, batch, latents, rng):
+    logits, _ = generate_logits(cfg, params, batch["tokens"], batch["mask"], batch["slot_mask"],
+                                latents, rng=rng)
+    return losses.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int):
+    """loss(params, batch, rng) -> (loss float32[], metrics dict of float32[]).
+
+    `rng` is None for evaluation (no dropout), a key for training.
+    """
+    t = config.train
+    mse_weight = float(t.mse_weight)
+    k = config.data.num_docs
+
+    def rngs(rng, n):
+        return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+    def stage12(params, batch, rng):
+        r_doc, r_gen = rngs(rng, 2)
+        b, kd, td = batch["doc_tokens"].shape
+        doc_tokens = batch["doc_tokens"].reshape(b * kd, td)
+        doc_mask = batch["doc_mask"].reshape(b * kd, td)
+        latents, doc_mean, mem_mean = compress(cfg, params, doc_tokens, doc_mask, rng=r_doc,
+                                               with_means=True)
+        latents = latents.reshape(b, kd, *latents.shape[1:])
+        ce, n = _gen_ce(cfg, params, batch, latents, r_gen)
+        mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
+        loss = ce + mse_weight * mse
+        return loss, {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
+
+    def stage3(params, batch, rng):
+        r_q, r_gen = rngs(rng, 2)
+        b, c, td = batch["cand_tokens"].shape
+        # The compressor is frozen in stage 3: candidate latents are inputs, not parameters'
+        # functions to differentiate (and no dropout: the frozen encoder runs as at inference).
+        cand = compress(cfg, params, batch["cand_tokens"].reshape(b * c, td),
+                        batch["cand_mask"].reshape(b * c, td))
+        cand = jax.lax.stop_gradient(cand.reshape(b, c, *cand.shape[1:]))
+        valid = jnp.any(batch["cand_mask"], axis=-1)  # [B, C]
+        query = encode_query(cfg, params, batch["query_tokens"], batch["query_mask"], rng=r_q)
+        scores = losses.cosine_scores(query, cand)  # [B, C]
+        w = losses.differentiable_topk(scores, k, float(t.tau), valid)  # [B, K, C]
+        selected = jnp.einsum("bkc,bcml->bkml", w, cand.astype(jnp.float32))
+        if t.lambda_align > 0:
+            # The generator's use of each candidate: first-order change of its answer loss if
+            # candidate c were read in each slot (see losses.retrieval_alignment_loss).
+            (ce, n), g_sel = jax.value_and_grad(
+                lambda s: _gen_ce(cfg, params, batch, s, r_gen), has_aux=True)(selected)
+            g_sel = jax.lax.stop_gradient(g_sel)
+            utility = -jnp.einsum("bkml,bcml->bc", g_sel, cand.astype(jnp.float32)) / k
+            align = losses.retrieval_alignment_loss(scores, utility, float(t.tau),
+                                                    float(t.align_tau), valid)
+        else:
+            ce, n = _gen_ce(cfg, params, batch, selected, r_gen)
+            align = jnp.zeros((), jnp.float32)
+        nce, _ = losses.info_nce(query, cand, batch["pos_index"], float(t.tau), valid)
+        loss = ce + float(t.lambda_align) * align + float(t.lambda_infonce) * nce
+        picked = jnp.argmax(w, axis=-1)  # [B, K]
+        pos = batch["pos_index"]
+        has_pos = pos >= 0
+        hit = jnp.any(picked == pos[:, None], axis=-1) & has_pos
+        recall = jnp.sum(hit) / jnp.maximum(jnp.sum(has_pos), 1)
+        return loss, {"loss": loss, "ce": ce, "align": align, "infonce": nce,
+                      f"recall_at_{k}": recall.astype(jnp.float32), "target_tokens": n}
+
+    return stage12 if stage in (1, 2) else stage3
+
+
+def _tokens_in(batch) -> jax.Array:
+    """Valid input tokens the step processes (documents, candidates, query, generator)."""
+    n = jnp.sum(batch["mask"])
+    for key in ("doc_mask", "cand_mask", "query_mask"):
+        if key in batch:
+            n = n + jnp.sum(batch[key])
+    return n.astype(jnp.float32)
+
+
+def make_train_step(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int,
+                    params_like):
+    """The stage's step: (state, batch, rng) -> (state, metrics).
+
+    Metrics (float32[] each): loss and its terms, grad_norm (of the trainable leaves, before
+    clipping), lr, tokens, target_tokens, nonfinite (1 when the loss or gradient was not
+    finite: then the update is skipped and params/opt_state are returned unchanged, whatever
+    train.nan_policy says; the loop decides whether to stop).
+    """
+    loss_fn = make_loss_fn(config, cfg, stage)
+    labels = trainable_labels(params_like, stage)
+    tx = make_optimizer(config, params_like, stage)
+    schedule = make_schedule(config)
+    accum = int(config.train.grad_accum)
+
+    def grads_of(train, frozen, batch, rng):
+        def f(tp):
+            return loss_fn(merge_trainable(labels, tp, frozen), batch, rng)
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(train)
+        return grads, metrics
+
+    def step(state: TrainState, batch, rng):
+        train, frozen = split_trainable(state.params, labels)
+        if accum == 1:
+            grads, metrics = grads_of(train, frozen, batch, rng)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def body(carry, inputs):
+                i, mb = inputs
+                g, m = grads_of(train, frozen, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zero = jax.eval_shape(lambda: grads_of(train, frozen, jax.tree.map(
+                lambda x: x[0], micro), rng))
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+            (grads, metrics), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            sums = {"target_tokens"}
+            metrics = {k: v if k in sums else v / accum for k, v in metrics.items()}
+        grad_norm = optax.tree.norm(grads)
+        full = merge_trainable(labels, grads, jax.tree.map(
+            lambda lab, p: None if lab == "trainable" else jnp.zeros_like(p), labels,
+            state.params))
+        updates, opt_state = tx.update(full, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                                  opt_state=keep(opt_state, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                       tokens=_tokens_in(batch),
+                       nonfinite=(~finite).astype(jnp.float32))
+        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    return step
+
+
+def make_eval_step(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int):
+    """(params, batch) -> metrics, no dropout, no update."""
+    loss_fn = make_loss_fn(config, cfg, stage)
+
+    def step(params, batch):
+        _, metrics = loss_fn(params, batch, None)
+        return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    return step
+
+
+def batch_shardings(mesh, fields: dict) -> dict:
+    """Each batch field sharded on its leading (batch) axis by the logical rules."""
+    return {k: batch_sharding(mesh, len(v.shape)) for k, v in fields.items()}
+
+
+def rng_for_step(state_rng, step: int):
+    """The dropout key of step `step`: a pure function of the run's base key and the step, so
+    a resumed run draws the same keys as an uninterrupted one."""
+    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state_rng), step))
+
+
+def compile_train_step(step_fn, mesh, state_sh, abstract_state, fields: dict):
+    """`jax.jit` with shardings and the state donated, compiled ahead of time for the given
+    abstract state and batch fields. Returns (compiled, lowered-batch shardings)."""
+    b_sh = batch_shardings(mesh, fields)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def wrapped(state, batch, rng):
+        return step_fn(state, batch, jax.random.wrap_key_data(rng))
+
+    jitted = jax.jit(wrapped, in_shardings=(state_sh, b_sh, replicated),
+                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        lowered = jitted.lower(abstract_state, fields,
+                               jax.ShapeDtypeStruct((2,), jnp.uint32))
+        compiled = lowered.compile()
+    return compiled, b_sh
