@@ -271,7 +271,9 @@ def row_to_json(row) -> dict:
 
 
 def doc_texts(row) -> list[str]:
-    """The document texts of any row (a corpus row's title is prefixed to its text)."""
+    """The document texts of any row. A corpus row's title stays a separate field (not part of
+    the text), so that a corpus document and the same document inside a stage-3 row compress
+    to the same latents."""
     if isinstance(row, CorpusRow):
-        return [f"{row.title}\n{row.text}" if row.title else row.text]
+        return [row.text]
     return list(row.docs)

@@ -10,7 +10,8 @@ C = data.num_candidates; M = model.num_memory_tokens):
            slot_mask bool[B,T] (M slots), targets int32[B,T], loss_mask bool[B,T]
   stage 2: doc_tokens int32[B,K,Td], doc_mask bool[B,K,Td] and the generator fields (K*M slots)
   stage 3: query_tokens int32[B,Tq], query_mask bool[B,Tq], cand_tokens int32[B,C,Td],
-           cand_mask bool[B,C,Td], pos_index int32[B] (first gold candidate, -1 if unknown)
+           cand_mask bool[B,C,Td], pos_index int32[B] (the row's first listed gold candidate,
+           -1 if unknown; the bundled world lists the subject's document first)
            and the generator fields (K*M slots)
 
 Order of operations: per-process shard (strided by process index) -> seeded shuffle, reshuffled
@@ -45,8 +46,8 @@ def _texts(xs) -> list[str]:
 
 def select_docs(n_docs: int, pos_index: list[int], want: int) -> tuple[list[int], int]:
     """Indices of `want` documents out of n_docs: gold ones first in priority, then the first
-    others; returned in their original order. Also returns the first gold's new position
-    (-1 when there is none)."""
+    others; returned in their original order. Also returns the new position of the row's
+    first listed gold document, pos_index[0] (-1 when there is none)."""
     if n_docs < want:
         raise ValueError(f"{n_docs} documents, {want} needed")
     gold = [p for p in pos_index if 0 <= p < n_docs][:want]

@@ -38,10 +38,11 @@ FRAME_BUDGET = 24
 DOC_FRAME = 3
 
 
-def template_texts() -> list[str]:
-    """Strings a project-trained tokenizer should see so the framing stays a few tokens."""
+def template_texts(repeat: int = 100) -> list[str]:
+    """Strings a project-trained tokenizer should see so the framing stays a few tokens;
+    repeated, so that even a small corpus makes them whole pieces."""
     return [BACKGROUND + "Question: Answer:", PARAPHRASE_QUESTION,
-            "Question: " + PARAPHRASE_QUESTION + ANSWER_PREFIX]
+            "Question: " + PARAPHRASE_QUESTION + ANSWER_PREFIX] * repeat
 
 
 def docs_per_example(config, stage: int) -> int:

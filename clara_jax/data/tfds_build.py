@@ -15,9 +15,11 @@ paraphrase, so that a batch has a fixed number of generator sequences.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,8 +54,6 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     without examples (as `tfds.data_source` does)."""
 
     VERSION = tfds.core.Version(VERSION)
-    # Keep the input order: evaluation reads rows back in file order.
-    disable_shuffling = True
     FEATURES: dict = {}
     DESCRIPTION = ""
 
@@ -62,8 +62,10 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(**kwargs)
 
     def _info(self):
+        # disable_shuffling keeps the input order: evaluation reads rows back in file order.
         return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
-                                     features=tfds.features.FeaturesDict(self.FEATURES))
+                                     features=tfds.features.FeaturesDict(self.FEATURES),
+                                     disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -149,7 +151,7 @@ def chunk_windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
 def _corpus_examples(rows, tok: Tokenizer, room: int, overlap: int, counts: dict) -> list[dict]:
     out = []
     for line, r in rows:
-        text = f"{r.title}\n{r.text}" if r.title else r.text
+        text = r.text
         ids = tok.encode(text)
         windows = chunk_windows(len(ids), room, overlap)
         if len(windows) > 1:
@@ -267,8 +269,8 @@ def corpus_texts(rows) -> list[str]:
 
 
 def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.PathLike,
-                  config, tokenizer: Tokenizer | None = None, skip_bad_rows: bool = False,
-                  progress: bool = True) -> dict:
+                  config, tokenizer: Tokenizer | None = None, skip_bad_rows: bool = False
+                  ) -> dict:
     """Builds OUT/clara_<fmt> from {split: jsonl path}; returns the build summary.
 
     Nothing is written to OUT unless every input reads cleanly (or `skip_bad_rows`).
@@ -308,11 +310,12 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         builder = builder_for(fmt, tmp, examples)
-        builder.download_and_prepare(
-            download_dir=str(tmp / "downloads"),
-            download_config=tfds.download.DownloadConfig(verify_ssl=False),
-        )
-        del progress  # tfds shows its own tqdm bars while writing
+        # tfds prints its own messages to stdout; keep stdout for the one-line JSON summary.
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(
+                download_dir=str(tmp / "downloads"),
+                download_config=tfds.download.DownloadConfig(verify_ssl=False),
+            )
         final = out / name
         old = out / f".{name}.old-{os.getpid()}"
         if final.exists():

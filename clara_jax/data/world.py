@@ -339,7 +339,7 @@ def _sentence(rng: random.Random, e: Entity, attr: str, name: str, avoid: int | 
 
 def _render(rng: random.Random, e: Entity, others: list[Entity], avoid: dict[str, int] | None
             ) -> tuple[str, dict[str, int], list[str]]:
-    """One document: maybe an intro, the entity's facts in random order and 1-2 distractor facts
+    """One document: maybe an intro, the entity's facts in random order and 1-3 distractor facts
     about other entities of the same kind. The subject is named in full first, then by
     `short_name`. Returns (text, phrasing chosen per attribute, names mentioned)."""
     attrs = list(ATTRS[e.kind])
@@ -353,7 +353,7 @@ def _render(rng: random.Random, e: Entity, others: list[Entity], avoid: dict[str
         sentences.append(text)
         if ATTRS[e.kind][attr][2]:
             mentioned.append(e.facts[attr])
-    distractors = rng.sample(others, k=min(len(others), rng.randint(1, 2)))
+    distractors = rng.sample(others, k=min(len(others), rng.randint(1, 3)))
     for o in distractors:
         # After the first sentence, so that the document still opens with its subject.
         at = rng.randrange(1, len(sentences) + 1)
@@ -444,7 +444,7 @@ class _Sampler:
     def mixed(self, q: Question, total: int) -> tuple[list[str], list[int]]:
         ids = list(q.gold) + self.negatives(q, total - len(q.gold))
         self.rng.shuffle(ids)
-        pos = sorted(ids.index(g) for g in q.gold)
+        pos = [ids.index(g) for g in q.gold]  # hop order: the subject's document first
         return [self.world.docs[i] for i in ids], pos
 
 

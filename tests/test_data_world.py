@@ -1,0 +1,95 @@
+"""The bundled knowledge world: determinism, disjoint worlds, answerable questions, document
+lengths, reference-format files and a closed-book frequency baseline near chance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clara_jax.data import formats, prompts, world
+from clara_jax.data.tokenizer import SentencePieceTokenizer
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    return world.make_worlds(0, "small")
+
+
+def test_deterministic_for_a_seed(worlds):
+    again = world.make_worlds(0, "small")
+    for split in world.SPLITS:
+        assert again[split].docs == worlds[split].docs
+        assert again[split].questions == worlds[split].questions
+    other = world.make_worlds(1, "small")["train"]
+    assert other.docs != worlds["train"].docs
+
+
+def test_train_and_heldout_are_disjoint_with_same_relation_types(worlds):
+    train, heldout = worlds["train"], worlds["heldout"]
+    assert not {e.name for e in train.entities} & {e.name for e in heldout.entities}
+    assert {q.qtype for q in train.questions} == {q.qtype for q in heldout.questions}
+    assert {e.kind for e in train.entities} == {"person", "organisation", "city", "country",
+                                                "work"}
+    assert {q.hops for q in train.questions} == {1, 2}
+
+
+def test_every_answer_is_in_its_gold_documents(worlds):
+    for w in worlds.values():
+        by_id = {e.doc_id: e for e in w.entities}
+        for q in w.questions:
+            assert q.answer in w.docs[q.gold[-1]], q
+            if q.hops == 2:
+                bridge = by_id[q.gold[1]]
+                assert bridge.name in w.docs[q.gold[0]], q  # the first hop names the bridge
+                assert q.answer in w.paraphrases[q.gold[1]]
+            else:
+                assert q.answer in w.paraphrases[q.gold[0]]
+
+
+def test_document_lengths_in_tokens(worlds):
+    """Documents are 60-250 tokens with the tiny test vocabulary and all fit the demo config's
+    document length with its own (2048-piece) tokenizer."""
+    from configs import demo
+
+    config = demo.get_config()
+    texts = [t for w in worlds.values() for t in w.docs.values()]
+    for vocab in (512, config.model.vocab_size):
+        tok = SentencePieceTokenizer.train(texts, vocab, config.model.num_memory_tokens,
+                                           extra_texts=prompts.template_texts())
+        lens = np.array([len(ids) for ids in tok.encode_batch(texts)])
+        assert 45 <= lens.min() and lens.max() <= 250, (vocab, lens.min(), lens.max())
+        assert np.percentile(lens, 10) >= 55, vocab
+    assert lens.max() <= config.data.doc_max_len - prompts.DOC_FRAME
+
+
+def test_closed_book_frequency_baseline_is_near_chance(worlds):
+    result = world.frequency_baseline(worlds["train"], worlds["heldout"])
+    assert result["heldout_accuracy"] <= max(0.08, 2 * result["chance"]), result
+    assert result["chance"] < 0.1
+
+
+def test_written_files_are_reference_format(tmp_path):
+    summary = world.write_world(tmp_path / "w", seed=3, size="small")
+    assert sorted(p.name for p in (tmp_path).iterdir()) == ["w"]  # no temporary left behind
+    for split in world.SPLITS:
+        counts = summary["splits"][split]["rows"]
+        for name in world.FILES:
+            fmt = name.removesuffix(".jsonl")
+            rows, stats = formats.read_jsonl(tmp_path / "w" / split / name, fmt)
+            assert stats.bad_rows == 0 and stats.rows == counts[name] > 0
+        stage3 = [json.loads(x) for x in open(tmp_path / "w" / split / "stage3.jsonl")]
+        assert set(stage3[0]) == {"question", "docs", "pos_index", "answer"}
+        assert all(len(r["docs"]) == world.STAGE3_CANDIDATES for r in stage3)
+        assert all(r["answer"] in " ".join(r["docs"][i] for i in r["pos_index"])
+                   for r in stage3)
+        assert {len(r["pos_index"]) for r in stage3} == {1, 2}
+        stage2 = [json.loads(x) for x in open(tmp_path / "w" / split / "stage2.jsonl")]
+        assert all(len(r["docs"]) == world.STAGE2_DOCS for r in stage2)
+        assert set(stage2[0]) == {"question", "docs", "gold_answer", "answer", "pos_index"}
+        stage1 = [json.loads(x) for x in open(tmp_path / "w" / split / "stage1.jsonl")]
+        assert {r["data_type"] for r in stage1} == {"qa", "paraphrase"}
+    # Writing again over the same directory replaces the files in place.
+    again = world.write_world(tmp_path / "w", seed=3, size="small")
+    assert again == summary
