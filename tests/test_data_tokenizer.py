@@ -88,6 +88,23 @@ def test_hf_adds_missing_specials_after_the_vocab(corpus, tmp_path):
     assert tok.bos_id == base["model"]["vocab"]["<s>"]
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_imported_checkpoint_tokenizer(name, tmp_path):
+    """The convert fixtures' tokenizer.json files (toy vocabularies) take the CLaRa specials."""
+    from clara_jax.data.tokenizer import load_or_import_tokenizer
+
+    from .conftest import REPO
+
+    path = REPO / "tests" / "fixtures" / "hf" / name
+    if not (path / "tokenizer.json").exists():
+        pytest.skip("convert fixtures not present")
+    tok = load_or_import_tokenizer(path, M)
+    ids = tok.encode("<SEP>hello<MEM1>world<ENC>")
+    assert [i for i in ids if i in tok.special_ids] == [tok.sep_id, tok.mem_ids[1], tok.enc_id]
+    back = load_or_import_tokenizer(tok.save(tmp_path / "t"), M)
+    assert back.encode("<SEP>hello<MEM1>world<ENC>") == ids
+
+
 def test_load_errors_name_the_file(tmp_path, sp):
     with pytest.raises(TokenizerError, match="clara_tokenizer.json: no such file"):
         load_tokenizer(tmp_path)

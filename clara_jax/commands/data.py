@@ -30,7 +30,8 @@ flags.DEFINE_enum("format", None, ["stage1", "stage2", "stage3", "corpus"],
                   "Input format (build, check).")
 flags.DEFINE_string("input", None, "build: a JSONL file (the 'train' split) or "
                     "'split=FILE,split=FILE'.")
-flags.DEFINE_string("tokenizer", None, "A saved tokenizer directory (build, check).")
+flags.DEFINE_string("tokenizer", None, "A saved clara tokenizer directory, or a Hugging Face "
+                    "tokenizer.json (or its directory) for build (build, check).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip and count bad rows instead of failing.")
 
 FLAGS = flags.FLAGS
@@ -85,10 +86,11 @@ def _world() -> int:
 def _build() -> int:
     from clara_jax.data import tfds_build
     from clara_jax.data.formats import DataError
-    from clara_jax.data.tokenizer import load_tokenizer
+    from clara_jax.data.tokenizer import load_or_import_tokenizer
 
     config = _config(required=True)
-    tok = load_tokenizer(FLAGS.tokenizer) if FLAGS.tokenizer else None
+    tok = (load_or_import_tokenizer(FLAGS.tokenizer, config.model.num_memory_tokens)
+           if FLAGS.tokenizer else None)
     try:
         summary = tfds_build.build_dataset(_require("format"), parse_inputs(_require("input")),
                                            _require("out"), config, tok, FLAGS.skip_bad_rows)

@@ -319,6 +319,18 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     return tok
 
 
+def load_or_import_tokenizer(path: str | os.PathLike, num_memory_tokens: int) -> Tokenizer:
+    """A saved clara tokenizer directory, or else a Hugging Face `tokenizer.json` (file or its
+    directory, e.g. an imported checkpoint's) given the CLaRa specials for M memory tokens."""
+    p = Path(path)
+    if (p / META_FILE).exists():
+        return load_tokenizer(p)
+    if p.name == HF_FILE or (p / HF_FILE).exists():
+        return HFTokenizer.from_file(p, num_memory_tokens)
+    raise TokenizerError(f"{p}: neither a saved clara tokenizer ({META_FILE}) nor a Hugging "
+                         f"Face {HF_FILE}")
+
+
 def check_tokenizer_fits(tok: Tokenizer, config) -> None:
     """Raises TokenizerError if `tok` cannot serve the finalized `config` (ids beyond the model's
     vocabulary, or a different number of memory tokens)."""
