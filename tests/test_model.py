@@ -29,6 +29,11 @@ from configs import mistral_7b
 
 ADAPTERS = ("compressor", "query", "generator")
 
+# Compiled once per shape: eager op-by-op dispatch is what makes model tests slow on a CPU.
+decode = jax.jit(decode, static_argnums=0, static_argnames="adapter")
+compress = jax.jit(compress, static_argnums=0, static_argnames="with_means")
+generate_logits = jax.jit(generate_logits, static_argnums=0)
+
 
 def _tokens(cfg, b, t, seed=1):
     return jax.random.randint(jax.random.key(seed), (b, t), 1, cfg.vocab_size, jnp.int32)
@@ -179,7 +184,7 @@ def test_gradients_reach_adapters_and_memory_and_optimizer_never_moves_base(tiny
     for a in ADAPTERS:
         params = _with_adapter_b(params, a, seed=len(a))
     docs, toks = _tokens(cfg, 2, 10), _tokens(cfg, 2, cfg.num_memory_tokens + 8, seed=2)
-    grads = jax.grad(lambda p: _rag_loss(cfg, p, docs, toks))(params)
+    grads = jax.jit(jax.grad(lambda p: _rag_loss(cfg, p, docs, toks)))(params)
     norms = _group_norms(params, grads)
     for group in ("adapter:compressor", "adapter:generator", "memory", "latent_up"):
         assert norms[group] > 0, group
@@ -257,7 +262,7 @@ def test_scan_over_layers_and_remat_match_the_loop(tiny_cfg, tiny_params, remat)
     loop = compress(tiny_cfg, _with_adapter_b(tiny_params, "compressor"), docs, mask)
     scan = compress(scfg, sparams, docs, mask)
     np.testing.assert_allclose(loop, scan, atol=1e-5)
-    g = jax.grad(lambda p: jnp.sum(compress(scfg, p, docs, mask) ** 2))(sparams)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(compress(scfg, p, docs, mask) ** 2)))(sparams)
     assert float(jnp.sum(g["memory_embeddings"] ** 2)) > 0
     cache = init_cache(scfg, 2, 12)
     _, cache = decode(scfg, sparams, docs[:, :4], cache=cache)

@@ -43,8 +43,9 @@ def logical_specs(cfg: ModelConfig):
     return nn.get_partition_spec(_boxed_abstract(cfg))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, rng):
-    """Fresh params (every adapter's B is zero)."""
+    """Fresh params (every adapter's B is zero), created in one compiled call."""
     return nn.meta.unbox(CLaRa(cfg).init(rng, *_init_inputs(cfg))["params"])
 
 
