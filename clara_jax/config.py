@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every = 0  # 0 disables periodic evaluation
     c.train.eval_batches = 4
+    c.train.eval_split = "heldout"  # the data split periodic evaluation reads
     c.train.nan_policy = "stop"  # 'stop' or 'skip' (skip the update of a non-finite step)
     c.train.data_dir = ""  # where the data pipeline's prepared files live
 
