@@ -4,6 +4,7 @@ prompt formats built on them."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -68,6 +69,8 @@ def test_specials_never_split_and_save_load(kind, sp, corpus, tmp_path):
         "<ENC>", "")
     plain = "Zuno was born in 1934.\nThe capital of Wefomora is Shiathadiathby."
     assert tok.decode(tok.encode(plain)) == plain
+    clone = pickle.loads(pickle.dumps(tok))  # grain worker processes pickle the featurizer
+    assert clone.encode(text) == ids and clone.mem_ids == tok.mem_ids
     saved = tok.save(tmp_path / "saved")
     back = load_tokenizer(saved)
     assert type(back) is type(tok)

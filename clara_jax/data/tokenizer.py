@@ -179,6 +179,12 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"trained {tok.vocab_size} pieces > vocab_size={vocab_size}")
         return tok
 
+    def __getstate__(self):  # for grain worker processes: rebuild from the model bytes
+        return {"proto": self._proto}
+
+    def __setstate__(self, state):
+        self.__init__(state["proto"])
+
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
 
