@@ -157,7 +157,14 @@ def test_failed_build_leaves_nothing_behind(built, tiny_config, tmp_path):
         tfds_build.build_dataset("stage2", {"train": path}, out, tiny_config)
     assert sorted(os.listdir(out)) == before
     assert len(pipeline.read_rows("stage2", out, "train", limit=2)) == 2
+    # Too few documents is skippable too.
+    path.write_text("\n".join(lines[:3] + [json.dumps(bad)] + lines[4:]) + "\n")
+    summary = tfds_build.build_dataset("stage2", {"train": path}, tmp_path / "few",
+                                       tiny_config, pipeline.load_data_tokenizer(out),
+                                       skip_bad_rows=True)
+    assert (summary["splits"]["train"]["rows"], summary["splits"]["train"]["bad_rows"]) == (4, 1)
     # With skip_bad_rows the bad line is counted and the rest is built (into a new dir).
+    path.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
     new = tmp_path / "skipped"
     tok = pipeline.load_data_tokenizer(out)
     summary = tfds_build.build_dataset("stage2", {"train": path}, new, tiny_config, tok,

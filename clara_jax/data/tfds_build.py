@@ -234,15 +234,24 @@ def _doc_count_issues(fmt: str, rows, config) -> dict:
     return out
 
 
-def _check_doc_counts(fmt: str, rows, config, path) -> None:
+def _check_doc_counts(fmt: str, rows, config, path, skip_bad_rows: bool, stats: ReadStats):
+    """Rows of stages 2/3 need at least K (C) documents; returns the rows that have them."""
     if fmt not in ("stage2", "stage3"):
-        return
+        return rows
     field = "data.num_docs" if fmt == "stage2" else "data.num_candidates"
     want = int(config.data.num_docs if fmt == "stage2" else config.data.num_candidates)
+    kept = []
     for line, r in rows:
-        if len(r.docs) < want:
-            raise DataError(path, line, "docs", f"{len(r.docs)} documents, but config.{field}="
-                            f"{want} are needed per row")
+        if len(r.docs) >= want:
+            kept.append((line, r))
+            continue
+        err = DataError(path, line, "docs", f"{len(r.docs)} documents, but config.{field}="
+                        f"{want} are needed per row")
+        if not skip_bad_rows:
+            raise err
+        stats.rows -= 1
+        stats.add_error(err)
+    return kept
 
 
 # ----------------------------------------------------------------------------- the build job
@@ -284,14 +293,14 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
     split_rows, read_stats = {}, {}
     for split, path in inputs.items():
         stats = ReadStats()
-        split_rows[split] = list(formats.iter_jsonl(path, fmt, skip_bad_rows, stats))
-        _check_doc_counts(fmt, split_rows[split], config, path)
+        rows = list(formats.iter_jsonl(path, fmt, skip_bad_rows, stats))
+        split_rows[split] = _check_doc_counts(fmt, rows, config, path, skip_bad_rows, stats)
         read_stats[split] = stats
     if all(not rows for rows in split_rows.values()):
         raise DataError(next(iter(inputs.values())), 0, None, "no valid rows")
 
     tok_dir = out / TOKENIZER_DIR
-    trained = False
+    trained, given = False, tokenizer is not None
     if tokenizer is None and (tok_dir / "clara_tokenizer.json").exists():
         tokenizer = load_tokenizer(tok_dir)
     if tokenizer is None:
@@ -325,7 +334,8 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    if trained or not (tok_dir / "clara_tokenizer.json").exists():
+    if trained or given:
+        # The loader tokenises with OUT/tokenizer: keep it the one this build was made with.
         tokenizer.save(tok_dir)
     summary = {
         "format": fmt, "dataset": name, "out": str(out),
