@@ -1,0 +1,101 @@
+"""Orbax checkpoints of a training run: the train state (restored straight onto the target
+mesh's shardings, whatever mesh wrote it), the data iterator's state and run metadata.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Saves are asynchronous (the arrays are
+copied to host before `save` returns, so the next step may donate them); orbax writes each
+step to a temporary directory and renames it when complete, so an interrupted save never
+looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from clara_jax.train.state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, empty or does not match the run."""
+
+
+def checkpoint_dir(workdir) -> Path:
+    """Where a run in WORKDIR keeps its checkpoints: WORKDIR/checkpoints."""
+    return (Path(workdir) / CHECKPOINT_DIR).absolute()
+
+
+def source_dir(source) -> Path:
+    """The checkpoints directory of `source`: a run's workdir or its checkpoints dir."""
+    source = Path(source)
+    return checkpoint_dir(source) if (source / CHECKPOINT_DIR).is_dir() else source.absolute()
+
+
+def make_manager(workdir, keep: int = 3, async_save: bool = True, read_only: bool = False,
+                 directory=None) -> ocp.CheckpointManager:
+    """A CheckpointManager over WORKDIR/checkpoints (or `directory`) keeping the last `keep`
+    steps."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+        read_only=read_only)
+    return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options,
+                                 item_names=("state", "data", "meta"))
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict | None,
+         meta: dict) -> int:
+    """Saves `state` at its step with the data iterator's state and `meta` (JSON-able)."""
+    step = int(jax.device_get(state.step))
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {}),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    return step
+
+
+def _target(abstract: TrainState, shardings) -> TrainState:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict:
+    step = manager.latest_step() if step is None else step
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore(manager: ocp.CheckpointManager, abstract: TrainState, shardings,
+            step: int | None = None) -> tuple[TrainState, dict, dict]:
+    """(state on `shardings`, data iterator state, meta) of `step` (default: the latest)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {manager.directory}")
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_target(abstract, shardings)),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+
+
+def restore_params(source, target_for_stage) -> tuple[dict, dict]:
+    """Params of the latest checkpoint under `source` (a workdir or its checkpoints dir), for
+    starting the next stage (`--init_from`). `target_for_stage(stage)` gives (abstract train
+    state, shardings) for the stage that wrote the checkpoint (its optimizer state's structure
+    depends on the stage). Returns (params on the target shardings, the source's meta)."""
+    if not os.path.isdir(source):
+        raise CheckpointError(f"--init_from={source}: no such directory")
+    manager = make_manager(None, read_only=True, async_save=False,
+                           directory=source_dir(source))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"--init_from={source}: no checkpoint in "
+                                  f"{source_dir(source)}")
+        meta = read_meta(manager, step)
+        abstract, shardings = target_for_stage(int(meta["stage"]))
+        state, _, meta = restore(manager, abstract, shardings, step)
+    finally:
+        manager.close()
+    return state.params, meta
