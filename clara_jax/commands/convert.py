@@ -1,0 +1,128 @@
+"""`clara convert from-hf SRC DST` and `clara convert to-hf SRC DST`.
+
+from-hf: a Hugging Face Llama / Mistral / Qwen2 directory (config.json + safetensors, single or
+sharded) -> DST with orbax params, model_config.json and the tokenizer with the CLaRa special
+tokens (layout: clara_jax/convert/bundle.py). The fields a checkpoint does not have (M, latent
+width, LoRA, layer scan) come from `--config=configs/...py` (whose model shapes must then equal
+the checkpoint's) and/or `--set field=value`.
+
+to-hf: such a DST back to a Hugging Face directory (the base decoder; adapters are not part of
+it). Prints one JSON summary line.
+
+    clara convert from-hf ~/Mistral-7B-Instruct-v0.2 runs/mistral \\
+        --config=configs/mistral_7b.py:compression=16 --param_dtype=bfloat16
+    clara convert to-hf runs/mistral runs/mistral_hf --dtype=bfloat16
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from absl import flags
+
+from clara_jax.commands.common import define_config_flag
+from clara_jax.config import finalize
+from clara_jax.convert import bundle, hf
+from clara_jax.model import ModelConfig
+
+define_config_flag()
+flags.DEFINE_multi_string("set", [], "ModelConfig override field=value for from-hf, e.g. "
+                          "--set num_memory_tokens=8 --set scan_layers=True (repeatable).")
+flags.DEFINE_integer("seed", 0, "from-hf: RNG seed of the adapters, memory embeddings and "
+                     "latent projections.")
+flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
+                  "from-hf: dtype of the stored base decoder weights.")
+flags.DEFINE_bool("tokenizer", True, "from-hf: convert SRC/tokenizer.json too (required "
+                  "unless --notokenizer).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "to-hf: dtype of the written safetensors.")
+flags.DEFINE_string("max_shard_size", "5GB", "to-hf: largest shard, e.g. 5GB, 500MB, 40KB or "
+                    "a byte count.")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty DST.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+FLAGS = flags.FLAGS
+USAGE = "usage: clara convert from-hf SRC DST [--flags] | clara convert to-hf SRC DST [--flags]"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as transformers; KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise flags.IllegalFlagValueError(f"--max_shard_size={text!r}: expected a size like "
+                                          "5GB, 500MB or 40000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['num_memory_tokens=8', 'scan_layers=True'] -> {'num_memory_tokens': 8, ...}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hf.OVERRIDABLE:
+            raise flags.IllegalFlagValueError(
+                f"--set {item!r}: expected field=value with field one of {list(hf.OVERRIDABLE)}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare string such as remat=dots
+    return out
+
+
+def overrides_from_config(config) -> tuple[dict, ModelConfig]:
+    """The fields the checkpoint lacks, from a finalized experiment config."""
+    exp = ModelConfig.from_config(finalize(config))
+    return {k: getattr(exp, k) for k in hf.OVERRIDABLE}, exp
+
+
+def check_shapes_match(cfg: ModelConfig, exp: ModelConfig) -> None:
+    """Refuses a checkpoint whose shapes differ from the experiment config's. The vocabulary
+    is exempt: the converted one grows by the special tokens (reported in the summary)."""
+    bad = [f"config.model.{k}={getattr(exp, k)!r} but the checkpoint has {getattr(cfg, k)!r}"
+           for k in hf.HF_FIELDS if k != "vocab_size" and getattr(cfg, k) != getattr(exp, k)]
+    if bad:
+        raise hf.ConversionError("the checkpoint does not match --config: " + "; ".join(bad))
+
+
+def main(argv) -> None:
+    args = argv[1:]
+    if len(args) != 3 or args[0] not in ("from-hf", "to-hf"):
+        raise SystemExit(f"{USAGE}\n(got {args})")
+    direction, src, dst = args
+    from absl import logging
+
+    from clara_jax.data.tokenizer import TokenizerError
+
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it closes at INFO
+
+    try:
+        summary = _run(direction, src, dst)
+    except (hf.ConversionError, TokenizerError) as e:
+        raise SystemExit(f"clara convert {direction}: {e}") from None
+    print(json.dumps(summary))
+
+
+def _run(direction: str, src: str, dst: str) -> dict:
+    if direction == "from-hf":
+        overrides, exp = {}, None
+        if FLAGS.config is not None:
+            overrides, exp = overrides_from_config(FLAGS.config)
+        overrides.update(parse_overrides(FLAGS.set))
+        if exp is not None:
+            check_shapes_match(hf.model_config_from_hf(hf.read_hf_config(src), **overrides), exp)
+        summary = bundle.from_hf(src, dst, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed,
+                                 param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
+                                 progress=FLAGS.progress, **overrides)
+        if exp is not None and exp.vocab_size != summary["vocab_size"]:
+            summary["note"] = (f"the converted vocabulary has {summary['vocab_size']} ids; train "
+                               f"with --config.model.vocab_size={summary['vocab_size']}")
+    else:
+        summary = bundle.to_hf(src, dst, dtype=FLAGS.dtype,
+                               max_shard_bytes=parse_size(FLAGS.max_shard_size),
+                               overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+    return summary

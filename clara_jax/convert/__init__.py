@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Hugging Face Llama / Mistral / Qwen2 directories <-> params."""

@@ -1,0 +1,652 @@
+"""Hugging Face Llama / Mistral / Qwen2 checkpoints in and out of the project's params.
+
+    cfg, params = load("path/to/hf_dir", num_memory_tokens=16)      # config.json + safetensors
+    save(cfg, params, "path/to/out_dir", hf_config=original_config)  # the base decoder only
+
+`load` returns the full CLaRa params tree: the base decoder from the checkpoint; LoRA adapters,
+memory embeddings and latent projections freshly initialised from `seed` with the model's own
+initialisers (every adapter's B is zero, so the model's outputs equal the checkpoint's). Both
+layer layouts are filled: `layers_{i}` and, with `scan_layers=True`, one stacked `layers`
+subtree with a leading [n_layers] axis.
+
+Weights move tensor by tensor: `safe_open` reads one tensor, it is reshaped and cast, and placed
+into the output; the checkpoint is never held in memory as a whole next to the params. `save`
+streams each tensor into its shard file the same way.
+
+Layout mapping (HF `nn.Linear` weights are [out, in]; ours are [in..., out...]):
+    q/k/v_proj.weight [n*H, D] -> attn/{q,k,v}/kernel [D, n, H]     (n = N or G)
+    q/k/v_proj.bias   [n*H]    -> attn/{q,k,v}/bias   [n, H]        (Qwen2)
+    o_proj.weight     [D, N*H] -> attn/o/kernel       [N, H, D]
+    gate/up_proj      [F, D]   -> mlp/{gate,up}/kernel [D, F];  down_proj [D, F] -> [F, D]
+    embed_tokens      [V, D]   -> embedding [V, D];  lm_head [V, D] -> unembed [D, V]
+RoPE here is the half-split layout HF uses for these families, so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from clara_jax.model import ModelConfig, abstract_params, init_params, param_group
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# model_type -> the architecture its checkpoints name.
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+             "qwen2": "Qwen2ForCausalLM"}
+
+# ModelConfig fields that config.json determines; overriding them would misread the weights.
+HF_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
+             "rope_theta", "norm_eps", "qkv_bias", "tie_embeddings")
+# Fields the checkpoint does not know; `load` takes them from keyword overrides.
+OVERRIDABLE = ("num_memory_tokens", "latent_dim", "max_len", "scan_layers", "remat", "dtype",
+               "init_std", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapters")
+DEFAULT_NUM_MEMORY_TOKENS = 16  # 256-token documents at 16x compression, as in the paper
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
+
+_ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class ConversionError(ValueError):
+    """An unsupported or malformed checkpoint; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """config.json of a checkpoint directory (or the file itself) as a dict."""
+    path = Path(path)
+    file = path / CONFIG_FILE if path.is_dir() else path
+    if not file.exists():
+        raise ConversionError(f"{file}: no such file (a Hugging Face checkpoint directory "
+                              f"holds {CONFIG_FILE} and safetensors files)")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from e
+    if not isinstance(config, dict):
+        raise ConversionError(f"{file}: expected a JSON object")
+    return config
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    """RoPE base from either config style: transformers 4 (`rope_theta`, `rope_scaling`) or 5
+    (`rope_parameters`). Any scaling (linear, dynamic, yarn, llama3, ...) is refused."""
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        raise ConversionError(f"{where}: field 'rope_scaling'={scaling!r}: RoPE scaling is not "
+                              "supported (only plain RoPE)")
+    theta = hf.get("rope_theta")
+    params = hf.get("rope_parameters")
+    if params:
+        if not isinstance(params, dict):
+            raise ConversionError(f"{where}: field 'rope_parameters'={params!r}: expected an "
+                                  "object")
+        kind = params.get("rope_type", "default")
+        extra = sorted(set(params) - {"rope_type", "rope_theta"})
+        if kind != "default" or extra:
+            raise ConversionError(
+                f"{where}: field 'rope_parameters'={params!r}: only rope_type 'default' with "
+                "rope_theta is supported (RoPE scaling and partial rotary are not)")
+        if "rope_theta" in params:
+            if theta is not None and float(theta) != float(params["rope_theta"]):
+                raise ConversionError(
+                    f"{where}: field 'rope_theta'={theta} disagrees with "
+                    f"'rope_parameters.rope_theta'={params['rope_theta']}")
+            theta = params["rope_theta"]
+    return float(10000.0 if theta is None else theta)
+
+
+def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json; fields the checkpoint does not have come
+    from `overrides` (see OVERRIDABLE), else the project defaults (`clara_jax.config`).
+
+    Refuses, naming the field: an unknown model_type or architecture, an activation other than
+    SiLU, RoPE scaling, sliding-window attention that would be in use within `max_len`,
+    attention or MLP biases Llama allows, attention dropout, quantized weights.
+    """
+    from clara_jax.config import base_config
+
+    def refuse(field, why):
+        raise ConversionError(f"{where}: field '{field}'={hf.get(field)!r}: {why}")
+
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        refuse("model_type", f"unsupported model type; supported: {', '.join(SUPPORTED)}")
+    archs = hf.get("architectures") or [SUPPORTED[model_type]]
+    if list(archs) != [SUPPORTED[model_type]]:
+        refuse("architectures", f"expected [{SUPPORTED[model_type]!r}] for model_type "
+                                f"{model_type!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "only 'silu' (SwiGLU) is supported")
+    if hf.get("quantization_config"):
+        refuse("quantization_config", "quantized checkpoints are not supported")
+    if float(hf.get("attention_dropout") or 0.0) != 0.0:
+        refuse("attention_dropout", "attention dropout is not implemented")
+    if model_type == "llama":
+        for field in ("attention_bias", "mlp_bias"):
+            if hf.get(field):
+                refuse(field, "biases in Llama attention/MLP projections are not supported")
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "vocab_size"):
+        if not isinstance(hf.get(field), int) or hf[field] <= 0:
+            refuse(field, "missing, or not a positive integer")
+
+    unknown = sorted(set(overrides) - set(OVERRIDABLE) - set(HF_FIELDS))
+    if unknown:
+        raise ConversionError(f"unknown ModelConfig override(s) {unknown}; the checkpoint sets "
+                              f"{list(HF_FIELDS)}, overrides may set {list(OVERRIDABLE)}")
+    fixed = sorted(set(overrides) & set(HF_FIELDS))
+    if fixed:
+        raise ConversionError(f"override(s) {fixed} come from {where} and cannot be changed")
+
+    n_heads = hf["num_attention_heads"]
+    max_len = int(overrides.get("max_len", hf.get("max_position_embeddings") or 4096))
+    if model_type == "qwen2":
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        window_field = "use_sliding_window"
+    else:
+        window = hf.get("sliding_window")
+        window_field = "sliding_window"
+    if window is not None and int(window) < max_len:
+        refuse(window_field, f"sliding-window attention (window {window}) is not implemented "
+                             f"and would be in use for sequences up to max_len={max_len}; pass "
+                             f"max_len<={window} to convert for shorter sequences")
+    layer_types = hf.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        if window is None or int(window) < max_len:
+            refuse("layer_types", "only 'full_attention' layers are supported")
+
+    c = base_config()
+    defaults = dict(
+        num_memory_tokens=DEFAULT_NUM_MEMORY_TOKENS, latent_dim=c.model.latent_dim,
+        scan_layers=c.model.scan_layers, remat=c.model.remat, dtype=c.model.dtype,
+        init_std=c.model.init_std, lora_rank=c.model.lora.rank,
+        lora_alpha=float(c.model.lora.alpha), lora_dropout=float(c.model.lora.dropout),
+        lora_targets=tuple(c.model.lora.targets), adapters=tuple(c.model.lora.adapters))
+    fields = {**defaults, **overrides, "max_len": max_len}
+    for key in ("lora_targets", "adapters"):
+        fields[key] = tuple(fields[key])
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        mlp_dim=hf["intermediate_size"], rope_theta=_rope_theta(hf, where),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **fields)
+
+
+def hf_config_from_model_config(cfg: ModelConfig, template: dict | None = None,
+                                model_type: str | None = None,
+                                dtype: str = "float32") -> dict:
+    """A config.json for the base decoder of `cfg`.
+
+    `template` (the checkpoint's original config.json) keeps its other fields (token ids,
+    generation settings); the shape fields are rewritten from `cfg`. Without a template the
+    model type is `model_type`, else qwen2 when cfg has q/k/v biases, else llama.
+    """
+    out = dict(template or {})
+    model_type = model_type or out.get("model_type") or ("qwen2" if cfg.qkv_bias else "llama")
+    if model_type not in SUPPORTED:
+        raise ConversionError(f"model_type {model_type!r} unsupported; supported: "
+                              f"{', '.join(SUPPORTED)}")
+    if cfg.qkv_bias != (model_type == "qwen2"):
+        raise ConversionError(f"model_type {model_type!r} cannot hold qkv_bias={cfg.qkv_bias} "
+                              "(q/k/v biases exist exactly in qwen2)")
+    for key in ("rope_scaling", "rope_parameters", "torch_dtype", "dtype"):
+        out.pop(key, None)
+    out.update({
+        "architectures": [SUPPORTED[model_type]], "model_type": model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_len, "tie_word_embeddings": cfg.tie_embeddings,
+        # Both spellings: transformers 4 reads rope_theta, 5 reads rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "torch_dtype": dtype,
+    })
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if model_type == "qwen2" and out.get("layer_types"):
+        out["layer_types"] = ["full_attention"] * cfg.n_layers
+    return out
+
+
+# ----------------------------------------------------------------------------- tensor map
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One checkpoint tensor and where it lives in our tree.
+
+    path: keys below params['decoder'] (for per-layer tensors, below the layer's subtree);
+    layer: the layer index or None; kind: how the layout differs (see `_to_ours`).
+    """
+
+    name: str
+    path: tuple[str, ...]
+    layer: int | None
+    kind: str
+    hf_shape: tuple[int, ...]
+
+
+def _tensor_map(cfg: ModelConfig) -> list[_Tensor]:
+    d, n, g, h, f, v = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                        cfg.vocab_size)
+    out = [_Tensor("model.embed_tokens.weight", ("embedding",), None, "same", (v, d))]
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        layer = [
+            ("input_layernorm.weight", ("attn_norm", "scale"), "same", (d,)),
+            ("self_attn.q_proj.weight", ("attn", "q", "kernel"), "qkv", (n * h, d)),
+            ("self_attn.k_proj.weight", ("attn", "k", "kernel"), "qkv", (g * h, d)),
+            ("self_attn.v_proj.weight", ("attn", "v", "kernel"), "qkv", (g * h, d)),
+            ("self_attn.o_proj.weight", ("attn", "o", "kernel"), "o", (d, n * h)),
+            ("post_attention_layernorm.weight", ("mlp_norm", "scale"), "same", (d,)),
+            ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), "t", (f, d)),
+            ("mlp.up_proj.weight", ("mlp", "up", "kernel"), "t", (f, d)),
+            ("mlp.down_proj.weight", ("mlp", "down", "kernel"), "t", (d, f)),
+        ]
+        if cfg.qkv_bias:
+            layer += [
+                ("self_attn.q_proj.bias", ("attn", "q", "bias"), "bias", (n * h,)),
+                ("self_attn.k_proj.bias", ("attn", "k", "bias"), "bias", (g * h,)),
+                ("self_attn.v_proj.bias", ("attn", "v", "bias"), "bias", (g * h,)),
+            ]
+        out += [_Tensor(p + name, path, i, kind, shape) for name, path, kind, shape in layer]
+    out.append(_Tensor("model.norm.weight", ("final_norm", "scale"), None, "same", (d,)))
+    if not cfg.tie_embeddings:
+        out.append(_Tensor("lm_head.weight", ("unembed",), None, "t", (v, d)))
+    return out
+
+
+def _to_ours(x: np.ndarray, kind: str, our_shape: tuple[int, ...]) -> np.ndarray:
+    """HF layout -> ours. x: the HF tensor; our_shape: the leaf's shape (per layer)."""
+    if kind in ("qkv", "o", "t"):
+        x = x.T  # [out, in] -> [in, out]
+    return x.reshape(our_shape)
+
+
+def _to_hf(x: np.ndarray, kind: str, hf_shape: tuple[int, ...]) -> np.ndarray:
+    """Our layout -> HF. x: our leaf (one layer's slice)."""
+    if kind == "qkv":
+        return x.reshape(x.shape[0], -1).T  # [D, n, H] -> [n*H, D]
+    if kind == "o":
+        return x.reshape(-1, x.shape[-1]).T  # [N, H, D] -> [D, N*H]
+    if kind == "t":
+        return x.T
+    return x.reshape(hf_shape)
+
+
+def _leaf_key(t: _Tensor, scan_layers: bool) -> tuple[str, ...]:
+    """The tensor's leaf path in params: ('decoder', ...)."""
+    if t.layer is None:
+        return ("decoder",) + t.path
+    return ("decoder", "layers" if scan_layers else f"layers_{t.layer}") + t.path
+
+
+def _path_keys(path) -> tuple[str, ...]:
+    return tuple(getattr(k, "key", str(k)) for k in path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from model.safetensors.index.json or the single file."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConversionError(f"{index}: not a safetensors index (needs a 'weight_map' "
+                                  f"object): {e}") from e
+        files = {}
+        for name, file in weight_map.items():
+            f = path / file
+            if not f.exists():
+                raise ConversionError(f"{index}: field 'weight_map.{name}': file {file!r} "
+                                      "does not exist")
+            files[name] = f
+        return files
+    single = path / SINGLE_FILE
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in
+                                                                  path.glob("*.pth"))
+    hint = f" (found {others}: PyTorch pickles are not read; save as safetensors)" if others \
+        else ""
+    raise ConversionError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _cpu_device():
+    return jax.local_devices(backend="cpu")[0]
+
+
+def _read_tensors(files: dict[str, Path], names: set[str], progress: bool
+                  ) -> Iterator[tuple[str, Path, np.ndarray]]:
+    """Yields (name, file, array) for `names`, one tensor at a time, file by file."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(names):
+        by_file.setdefault(files[name], []).append(name)
+    bar = tqdm(total=len(names), desc="reading tensors", unit="tensor", disable=not progress)
+    # The flax framework is the one that returns bfloat16 (numpy has no such dtype); keep the
+    # copy on the host whatever the default backend is.
+    with jax.default_device(_cpu_device()):
+        for file in sorted(by_file):
+            with safe_open(str(file), framework="flax") as f:
+                for name in by_file[file]:
+                    code = f.get_slice(name).get_dtype()
+                    if code not in _ST_DTYPES:
+                        raise ConversionError(f"{file}: tensor {name!r} has dtype {code}; only "
+                                              f"floating tensors {sorted(_ST_DTYPES)} are read")
+                    yield name, file, np.asarray(f.get_tensor(name))
+                    bar.update(1)
+    bar.close()
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+# ModelConfig fields that shape only the base decoder or the forward pass, not the parts
+# `load` initialises: fixing them lets every checkpoint of one width share a compiled init.
+_INIT_NEUTRAL = dict(vocab_size=8, rope_theta=10000.0, norm_eps=1e-5, qkv_bias=False,
+                     tie_embeddings=False, max_len=8, scan_layers=True, remat="none",
+                     dtype="float32", lora_dropout=0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _non_base_init(init_cfg: ModelConfig):
+    """A jitted key -> {'a/b/c': leaf} of the non-base leaves of `init_params(init_cfg, key)`.
+
+    Under jit the base initialisers feed no output and are compiled away, so the decoder's
+    weights are never allocated twice. `init_cfg` scans its layers: compiling the unrolled
+    per-layer init takes seconds per layer.
+    """
+    def init(key):
+        leaves = jax.tree_util.tree_leaves_with_path(init_params(init_cfg, key))
+        return {"/".join(_path_keys(p)): x for p, x in leaves if param_group(p) != "base"}
+
+    return jax.jit(init)
+
+
+def _fresh_non_base(cfg: ModelConfig, seed: int) -> dict[tuple[str, ...], jax.Array]:
+    """The adapters, memory embeddings and latent projections for `cfg`: as `init_params` draws
+    them for the scanned-layer form of `cfg` (with `_INIT_NEUTRAL`) from `seed`, then split
+    into `layers_{i}` when `cfg` does not scan. Same seed and shapes, same values."""
+    with jax.default_device(_cpu_device()):
+        out = _non_base_init(dataclasses.replace(cfg, **_INIT_NEUTRAL))(jax.random.key(seed))
+    result = {}
+    for name, leaf in out.items():
+        keys = tuple(name.split("/"))
+        if keys[:2] == ("decoder", "layers") and not cfg.scan_layers:
+            for i in range(cfg.n_layers):
+                result[("decoder", f"layers_{i}") + keys[2:]] = leaf[i]
+        else:
+            result[keys] = leaf
+    return result
+
+
+def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
+         vocab_multiple: int = 64, seed: int = 0, param_dtype: str = "float32",
+         shardings=None, progress: bool = True, **overrides) -> tuple[ModelConfig, dict]:
+    """Reads a Llama / Mistral / Qwen2 checkpoint directory into (ModelConfig, params).
+
+    path: a directory with config.json and model.safetensors or model.safetensors.index.json
+      plus its shards.
+    min_vocab_size: the number of token ids the model must embed (e.g. a tokenizer's size after
+      adding <ENC>, <SEP> and <MEM i>). When larger than the checkpoint's vocabulary, the
+      embedding (and unembedding) grow to that size rounded up to `vocab_multiple`; new rows
+      are the mean of the existing ones, so their logit is the mean logit and the base model
+      never prefers them.
+    seed: the RNG seed for the parts the checkpoint does not have.
+    param_dtype: 'float32' (master weights) or 'bfloat16' for the base decoder (it is frozen
+      during CLaRa training; halves host memory for 7B). Other params are float32.
+    shardings: optional tree matching `abstract_params(cfg)` of jax Shardings; each leaf is
+      placed as soon as it is complete (e.g. straight onto a mesh).
+    overrides: ModelConfig fields the checkpoint lacks (num_memory_tokens, latent_dim, max_len,
+      scan_layers, lora_*, ...).
+
+    Returns params as a plain tree of jax arrays, in `init_params` layout.
+    """
+    path = Path(path)
+    hf = read_hf_config(path)
+    cfg = model_config_from_hf(hf, where=str(path / CONFIG_FILE), **overrides)
+    if param_dtype not in ("float32", "bfloat16"):
+        raise ConversionError(f"param_dtype={param_dtype!r}: must be 'float32' or 'bfloat16'")
+    base_dtype = np.dtype(ml_dtypes.bfloat16 if param_dtype == "bfloat16" else np.float32)
+    hf_vocab = cfg.vocab_size
+    if min_vocab_size is not None and min_vocab_size > hf_vocab:
+        cfg = dataclasses.replace(cfg, vocab_size=_round_up(min_vocab_size, vocab_multiple))
+
+    files = checkpoint_files(path)
+    hf_cfg = dataclasses.replace(cfg, vocab_size=hf_vocab)
+    tensors = {t.name: t for t in _tensor_map(hf_cfg)}
+    missing = sorted(set(tensors) - set(files))
+    if missing:
+        raise ConversionError(f"{path}: tensors missing from the checkpoint: {missing[:8]}"
+                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unexpected = sorted(n for n in set(files) - set(tensors) - ignorable
+                        if not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ConversionError(
+            f"{path}: tensors this {hf.get('model_type')} converter does not know (an "
+            f"unsupported architecture variant?): {unexpected[:8]}"
+            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+
+    abstract = abstract_params(cfg)
+    flat_abstract = {_path_keys(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+    flat_shardings = None
+    if shardings is not None:
+        flat_shardings = {_path_keys(p): s
+                          for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    out: dict[tuple[str, ...], jax.Array] = {}
+
+    def place(key, array):
+        target = _cpu_device() if flat_shardings is None else flat_shardings[key]
+        out[key] = jax.device_put(array, target)
+
+    # Stacked leaves (scan_layers) are filled layer by layer in one preallocated buffer.
+    stacked: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], int] = {}
+    for name, file, x in _read_tensors(files, set(tensors), progress):
+        t = tensors[name]
+        if tuple(x.shape) != t.hf_shape:
+            raise ConversionError(f"{file}: tensor {name!r} has shape {list(x.shape)}, but "
+                                  f"{CONFIG_FILE} implies {list(t.hf_shape)}")
+        key = _leaf_key(t, cfg.scan_layers)
+        want = flat_abstract[key].shape
+        per_layer = want[1:] if (cfg.scan_layers and t.layer is not None) else want
+        if name == "model.embed_tokens.weight" and cfg.vocab_size > hf_vocab:
+            y = np.empty(per_layer, base_dtype)
+            y[:hf_vocab] = x
+            y[hf_vocab:] = x.astype(np.float32).mean(axis=0)
+        elif name == "lm_head.weight" and cfg.vocab_size > hf_vocab:
+            y = np.empty(per_layer, base_dtype)
+            y[:, :hf_vocab] = x.T
+            y[:, hf_vocab:] = x.astype(np.float32).mean(axis=0)[:, None]
+        else:
+            y = _to_ours(x, t.kind, per_layer).astype(base_dtype)
+        del x
+        if cfg.scan_layers and t.layer is not None:
+            if key not in stacked:
+                stacked[key] = np.empty(want, base_dtype)
+                filled[key] = 0
+            stacked[key][t.layer] = y
+            filled[key] += 1
+            if filled[key] == cfg.n_layers:
+                place(key, stacked.pop(key))
+        else:
+            place(key, y)
+        del y
+
+    for key, x in _fresh_non_base(cfg, seed).items():
+        place(key, x)
+    leaves = []
+    for p, a in jax.tree_util.tree_leaves_with_path(abstract):
+        key = _path_keys(p)
+        if out[key].shape != a.shape:  # a bug here, not bad input: shapes were checked above
+            raise AssertionError(f"{'/'.join(key)}: built {out[key].shape}, want {a.shape}")
+        leaves.append(out.pop(key))
+    return cfg, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_safetensors(file: Path, entries: list[tuple[str, tuple[int, ...], np.dtype,
+                                                        Callable[[], np.ndarray]]],
+                       metadata: dict[str, str]) -> None:
+    """Streams tensors into one safetensors file: the header is computed from shapes, then each
+    tensor is produced by its callable, written, and dropped."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format allows space padding; keeps data 8-aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, make in entries:
+            x = np.ascontiguousarray(make(), dtype=dtype)
+            if x.shape != tuple(shape):
+                raise AssertionError(f"{name}: produced {x.shape}, header says {shape}")
+            if x.dtype.byteorder == ">":
+                x = x.byteswap()
+            f.write(x.reshape(-1).view(np.uint8).data)  # bytes view: numpy has no bf16 buffer
+
+
+def _leaf_getter(params) -> Callable[[tuple[str, ...]], object]:
+    flat = {_path_keys(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    return flat.__getitem__
+
+
+def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict | None = None,
+         model_type: str | None = None, dtype: str = "float32",
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+         progress: bool = True, extra_files: dict[str, Path] | None = None) -> Path:
+    """Writes the base decoder of `params` as a Hugging Face checkpoint directory.
+
+    Files: config.json (see `hf_config_from_model_config`) and model.safetensors, or
+    model-0000k-of-0000n.safetensors shards of at most `max_shard_bytes` each (a larger single
+    tensor gets a shard of its own) with model.safetensors.index.json. Adapters, memory
+    embeddings and latent projections are not part of the decoder and are not written.
+    dtype: 'float32', 'bfloat16' or 'float16'. extra_files: name -> file copied alongside
+    (tokenizer files, generation_config.json). Everything is written into a temporary
+    directory beside `path` and renamed into place, so a failure leaves nothing half-written.
+    """
+    from tqdm import tqdm
+
+    path = Path(path)
+    np_dtype = np.dtype({"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
+                         "float16": np.float16}.get(dtype, np.void))
+    if np_dtype == np.dtype(np.void):
+        raise ConversionError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ConversionError(f"{path}: exists and is not empty (pass overwrite=True)")
+    config = hf_config_from_model_config(cfg, hf_config, model_type, dtype)
+    get = _leaf_getter(params)
+
+    entries = []
+    for t in _tensor_map(cfg):
+        key = _leaf_key(t, cfg.scan_layers)
+        leaf = get(key)
+        stacked = cfg.scan_layers and t.layer is not None
+        if stacked and (not leaf.shape or leaf.shape[0] != cfg.n_layers):
+            raise ConversionError(f"params/{'/'.join(key)} has shape {leaf.shape}; "
+                                  f"scan_layers=True expects a leading {cfg.n_layers}-layer "
+                                  "axis")
+
+        def make(leaf=leaf, t=t, stacked=stacked):
+            x = leaf[t.layer] if stacked else leaf
+            return _to_hf(np.asarray(jax.device_get(x), np.float32), t.kind, t.hf_shape)
+
+        entries.append((t.name, t.hf_shape, np_dtype, make))
+
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        nbytes = math.prod(e[1]) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        bar = tqdm(total=len(entries), desc="writing tensors", unit="tensor",
+                   disable=not progress)
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            name = SINGLE_FILE if len(shards) == 1 else \
+                f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            counted = []
+            for e in shard:
+                def make(make=e[3]):
+                    x = make()
+                    bar.update(1)
+                    return x
+                counted.append((e[0], e[1], e[2], make))
+                weight_map[e[0]] = name
+            _write_safetensors(tmp / name, counted, {"format": "pt"})
+        bar.close()
+        if len(shards) > 1:
+            total = sum(math.prod(e[1]) * np_dtype.itemsize for e in entries)
+            (tmp / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, file in (extra_files or {}).items():
+            shutil.copy2(file, tmp / name)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Moves directory `src` to `dst`, replacing what was there only once `src` is complete."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(src, 0o777 & ~umask)  # mkdtemp made it owner-only
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
