@@ -20,6 +20,7 @@ COMMANDS = {
     "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST).",
     "demo": "Compress documents and run the generator end to end on a config.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
+    "train": "Train a CLaRa stage (train.stage) with checkpoints that resume exactly.",
 }
 
 
