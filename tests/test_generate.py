@@ -1,0 +1,218 @@
+"""Generation: the KV-cached decode loop against full recomputation, batching, per-row EOS,
+sampling and bucketed compilation, on configs/tiny.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clara_jax.infer import generation as G
+from clara_jax.model import compress, decode, generate_logits
+
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def gen_params(tiny_params):
+    """Tiny params with non-zero generator adapter B factors, so a path that forgot the adapter
+    (prefill or decode step) would give different tokens."""
+    def bump(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name.startswith("lora_generator_b"):
+            seed = abs(hash(jax.tree_util.keystr(path))) % 2**31
+            return 0.05 * jax.random.normal(jax.random.key(seed), leaf.shape, leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(bump, tiny_params)
+
+
+def _prompts(cfg, lengths, seed=0):
+    rs = np.random.RandomState(seed)
+    return [list(rs.randint(3, cfg.vocab_size, size=n)) for n in lengths]
+
+
+def _latent_prompts(cfg, params, lengths, k=2, seed=0):
+    """Prompts with K*M latent slots after a 2-token prefix, and the K documents' latents."""
+    m = cfg.num_memory_tokens
+    rs = np.random.RandomState(seed)
+    prompts, slots = [], []
+    for n in lengths:
+        toks = list(rs.randint(3, cfg.vocab_size, size=n + k * m))
+        prompts.append(toks)
+        slots.append([2 <= i < 2 + k * m for i in range(len(toks))])
+    docs = jnp.asarray(rs.randint(3, cfg.vocab_size, size=(len(lengths) * k, 12)), jnp.int32)
+    lat = compress(cfg, params, docs, jnp.ones(docs.shape, bool))
+    return prompts, slots, np.asarray(lat).reshape(len(lengths), k, m, -1)
+
+
+def _assert_same(a: G.Generation, b: G.Generation):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-4)
+
+
+def test_cached_greedy_equals_full_recomputation_text(tiny_cfg, gen_params):
+    prompts = _prompts(tiny_cfg, [5, 11, 3, 16])
+    kw = dict(eos_id=-1, max_new_tokens=12)
+    cached = G.Generator(tiny_cfg, gen_params, **kw)(prompts)
+    full = G.Generator(tiny_cfg, gen_params, use_cache=False, **kw)(prompts)
+    _assert_same(cached, full)
+    assert (cached.lengths == 12).all()
+    # Independent reference: one row at a time, no left padding, the whole sequence re-run
+    # through the plain decoder each step (right-padded to one shape, which causal attention
+    # never sees, so it compiles once).
+    width = 32
+
+    @jax.jit
+    def next_token(seq, n):
+        logits, _ = decode(tiny_cfg, gen_params, seq[None], adapter="generator")
+        return jnp.argmax(logits[0, n - 1])
+
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for _ in range(12):
+            padded = np.zeros(width, np.int32)
+            padded[:len(seq)] = seq
+            seq.append(int(next_token(padded, len(seq))))
+        assert list(cached.tokens[row]) == seq[len(prompt):], row
+
+
+def test_cached_greedy_equals_full_recomputation_latent(tiny_cfg, gen_params):
+    prompts, slots, lat = _latent_prompts(tiny_cfg, gen_params, [4, 9, 1])
+    kw = dict(eos_id=-1, max_new_tokens=10)
+    cached = G.Generator(tiny_cfg, gen_params, **kw)(prompts, slots=slots, latents=lat)
+    full = G.Generator(tiny_cfg, gen_params, use_cache=False, **kw)(prompts, slots=slots,
+                                                                    latents=lat)
+    _assert_same(cached, full)
+    # The first token against an unpadded single-row generator forward.
+    for row in range(3):
+        logits, _ = generate_logits(tiny_cfg, gen_params, jnp.asarray([prompts[row]]),
+                                    jnp.ones((1, len(prompts[row])), bool),
+                                    jnp.asarray([slots[row]]), lat[row:row + 1])
+        assert int(jnp.argmax(logits[0, -1])) == cached.tokens[row, 0]
+    # The latents matter: other latents give other answers.
+    other = G.Generator(tiny_cfg, gen_params, **kw)(prompts, slots=slots, latents=lat[::-1])
+    assert not np.array_equal(other.tokens, cached.tokens)
+
+
+def test_batch_equals_one_by_one(tiny_cfg, gen_params):
+    gen = G.Generator(tiny_cfg, gen_params, eos_id=-1, max_new_tokens=8)
+    prompts = _prompts(tiny_cfg, [7, 2, 14, 5, 9], seed=3)
+    batch = gen(prompts)
+    for i, p in enumerate(prompts):
+        one = gen([p])
+        np.testing.assert_array_equal(one.tokens[0], batch.tokens[i])
+        np.testing.assert_allclose(one.entropy[0], batch.entropy[i], atol=1e-4)
+    lprompts, slots, lat = _latent_prompts(tiny_cfg, gen_params, [3, 6, 1], seed=4)
+    lbatch = gen(lprompts, slots=slots, latents=lat)
+    for i in range(3):
+        one = gen([lprompts[i]], slots=[slots[i]], latents=lat[i:i + 1])
+        np.testing.assert_array_equal(one.tokens[0], lbatch.tokens[i])
+
+
+def test_batches_beyond_the_largest_bucket_are_split(tiny_cfg, gen_params):
+    prompts = _prompts(tiny_cfg, [4, 8, 6, 3, 5], seed=5)
+    kw = dict(eos_id=-1, max_new_tokens=8)
+    small = G.Generator(tiny_cfg, gen_params, batch_buckets=(2,), **kw)(prompts)
+    whole = G.Generator(tiny_cfg, gen_params, **kw)(prompts)
+    np.testing.assert_array_equal(small.tokens, whole.tokens)
+
+
+def test_eos_stops_rows_independently(tiny_cfg, gen_params):
+    prompts = _prompts(tiny_cfg, [6, 10, 4, 8], seed=1)
+    n = 12
+    free = G.Generator(tiny_cfg, gen_params, eos_id=-1, max_new_tokens=n)(prompts)
+    # Pick as EOS a token that row 0 first produces at step 3 or later.
+    eos = next(int(t) for j, t in enumerate(free.tokens[0]) if j >= 3
+               and t not in free.tokens[0, :j])
+    out = G.Generator(tiny_cfg, gen_params, eos_id=eos, pad_id=0, max_new_tokens=n)(prompts)
+    stops = []
+    for row in range(len(prompts)):
+        seq = list(free.tokens[row])
+        stop = seq.index(eos) if eos in seq else n
+        stops.append(stop)
+        assert out.lengths[row] == stop, row
+        np.testing.assert_array_equal(out.tokens[row, :stop], free.tokens[row, :stop])
+        if stop < n:
+            assert out.tokens[row, stop] == eos
+            assert (out.tokens[row, stop + 1:] == 0).all()
+            assert (out.entropy[row, stop + 1:] == 0).all()
+    assert stops[0] < n and len(set(stops)) > 1, stops
+
+
+def test_sampling_is_reproducible_for_a_seed(tiny_cfg, gen_params):
+    gen = G.Generator(tiny_cfg, gen_params, eos_id=-1, max_new_tokens=10)
+    prompts = _prompts(tiny_cfg, [5, 9, 3], seed=2)
+    hot = G.Sampling(temperature=1.5, top_k=50, top_p=0.95)
+    a = gen(prompts, sampling=hot, rng=jax.random.key(7))
+    b = gen(prompts, sampling=hot, rng=jax.random.key(7))
+    c = gen(prompts, sampling=hot, rng=jax.random.key(8))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    greedy = gen(prompts)
+    assert not np.array_equal(a.tokens, greedy.tokens)
+    # Filters that leave a single token reduce sampling to greedy decoding.
+    for s in (G.Sampling(temperature=2.0, top_k=1), G.Sampling(temperature=2.0, top_p=1e-6)):
+        np.testing.assert_array_equal(gen(prompts, sampling=s, rng=jax.random.key(3)).tokens,
+                                      greedy.tokens)
+
+
+def test_sample_next_respects_top_k_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05, 0.0] + [0.0] * 3]) + 1e-9)
+    logits = jnp.tile(logits, (2000, 1))
+    rng = jax.random.key(0)
+    t, k, p = jnp.float32(1.0), jnp.int32(2), jnp.float32(1.0)
+    got = np.asarray(G.sample_next(logits, rng, t, k, p))
+    assert set(got) == {0, 1}
+    # top_p 0.7: 0.5 < 0.7 so rank 1 is kept, 0.8 >= 0.7 so rank 2 is not.
+    got = np.asarray(G.sample_next(logits, rng, t, jnp.int32(0), jnp.float32(0.7)))
+    assert set(got) == {0, 1}
+    frac = np.mean(got == 0)
+    assert abs(frac - 0.5 / 0.8) < 0.05, frac
+    got = np.asarray(G.sample_next(logits, rng, t, jnp.int32(0), jnp.float32(1.0)))
+    assert set(got) == {0, 1, 2, 3}
+    assert (np.asarray(G.sample_next(logits, rng, jnp.float32(0.0), k, p)) == 0).all()
+
+
+def test_compiled_once_per_bucket_never_per_call(tiny_cfg, gen_params):
+    # max_new_tokens=7 is used by no other test, so the first call must compile.
+    gen = G.Generator(tiny_cfg, gen_params, eos_id=EOS, max_new_tokens=7,
+                      batch_buckets=(4, 8), length_buckets=(16, 32))
+    before = G.trace_count()
+    gen(_prompts(tiny_cfg, [3, 5]))
+    assert G.trace_count() == before + 1
+    # Same (batch, length) bucket: other lengths, batch sizes, seeds, sampling, EOS.
+    gen(_prompts(tiny_cfg, [16, 1, 9, 2], seed=1), rng=jax.random.key(5))
+    gen(_prompts(tiny_cfg, [8], seed=2), sampling=G.Sampling(temperature=0.7, top_k=5))
+    G.Generator(tiny_cfg, gen_params, eos_id=7, max_new_tokens=7, batch_buckets=(4, 8),
+                length_buckets=(16, 32))(_prompts(tiny_cfg, [4, 4]),
+                                         sampling=G.Sampling(temperature=1.0, top_p=0.5))
+    assert G.trace_count() == before + 1
+    gen(_prompts(tiny_cfg, [20, 3], seed=3))  # the next length bucket
+    gen(_prompts(tiny_cfg, [5] * 6, seed=4))  # the next batch bucket
+    assert G.trace_count() == before + 3
+    gen(_prompts(tiny_cfg, [31, 3, 2, 30, 8], seed=6))
+    assert G.trace_count() == before + 4
+    with pytest.raises(ValueError, match="prompt length 40"):
+        gen(_prompts(tiny_cfg, [40]))
+
+
+def test_answer_entropy_averages_the_first_tokens():
+    gen = G.Generation(np.zeros((2, 4), np.int32), np.asarray([3, 0], np.int32),
+                       np.asarray([[1.0, 2.0, 3.0, 4.0], [5.0, 0.0, 0.0, 0.0]], np.float32))
+    np.testing.assert_allclose(G.answer_entropy(gen, 2), [1.5, 5.0])
+    np.testing.assert_allclose(G.answer_entropy(gen, 10), [2.5, 5.0])
+
+
+def test_bad_inputs_are_refused(tiny_cfg, gen_params):
+    gen = G.Generator(tiny_cfg, gen_params, eos_id=EOS, max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen([[5], []])
+    with pytest.raises(ValueError, match="both slots and latents"):
+        gen([[5]], slots=[[False]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        G.Generator(tiny_cfg, gen_params, eos_id=EOS, max_new_tokens=tiny_cfg.max_len)
+    with pytest.raises(ValueError, match="top_p"):
+        G.Sampling(top_p=0.0)
