@@ -19,7 +19,8 @@ import sys
 from absl import flags
 
 from clara_jax.commands.common import define_config_flag
-from clara_jax.config import finalize
+from clara_jax.config import ConfigError, finalize
+from clara_jax.data.tokenizer import TokenizerError
 
 define_config_flag()
 flags.DEFINE_string("out", None, "Output directory (world, build).")
@@ -35,7 +36,7 @@ flags.DEFINE_string("tokenizer", None, "A saved clara tokenizer directory, or a 
 flags.DEFINE_bool("skip_bad_rows", False, "Skip and count bad rows instead of failing.")
 
 FLAGS = flags.FLAGS
-USAGE = "usage: clara data world|build|check [--flags]   (clara data --help)"
+USAGE = "usage: clara data world|build|check [--flags]   (clara data --helpfull lists them)"
 
 
 def _config(required: bool):
@@ -131,7 +132,11 @@ def main(argv) -> None:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     sub, rest = args[0], args[1:]
-    if sub != "check" and rest:
-        raise flags.IllegalFlagValueError(f"unexpected arguments {rest}")
-    code = _world() if sub == "world" else _build() if sub == "build" else _check(rest)
+    try:
+        if sub != "check" and rest:
+            raise flags.IllegalFlagValueError(f"unexpected arguments {rest}")
+        code = _world() if sub == "world" else _build() if sub == "build" else _check(rest)
+    except (flags.IllegalFlagValueError, TokenizerError, ConfigError) as e:
+        print(f"clara data {sub}: {e}\n{USAGE}", file=sys.stderr)
+        code = 2
     sys.exit(code)
