@@ -115,6 +115,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where the index is written (temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the index directory")
+    ap.add_argument("--reuse", action="store_true",
+                    help="search an index kept in --workdir by an earlier run with the same "
+                         "--num_docs/--seed instead of building it (build_s is read from its "
+                         "metadata); for sweeping search parameters")
     args = ap.parse_args()
 
     config = demo.get_config()
@@ -131,25 +135,33 @@ def main() -> None:
     query_rng = np.random.default_rng(args.seed + 2)
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_index_"))
-    out = root / f"index_{n}"
-    if out.exists():
-        shutil.rmtree(out)
+    out = root / f"index_{n}_seed{args.seed}"
     identity = {"version": 1, "config_hash": "bench-synthetic", "params_checksum": "none",
                 "num_memory_tokens": m, "latent_width": lw}
-    t0 = time.perf_counter()
-    builder = IndexBuilder(out, identity, dtype="float32", chunk_size=args.chunk_size)
-    num_chunks = -(-n // args.chunk_size)
-    for k in range(num_chunks):
-        size = min(args.chunk_size, n - k * args.chunk_size)
-        lat = gen.sample(size, doc_rng)
-        builder.write_chunk(k, lat, [f"doc{k * args.chunk_size + i}" for i in range(size)])
-    t_store = time.perf_counter() - t0
-    index = builder.finalize(num_chunks, scann=params)
-    build_s = time.perf_counter() - t0
+    if args.reuse:
+        index = LatentIndex.open(out)
+        build_s = index.meta["build_seconds"]
+        t_store = index.meta["extra"]["store_write_s"]
+        params = ScannParams(**{**index.scann.params.to_json(), "leaves_to_search": to_search,
+                                "reorder": args.reorder})
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        builder = IndexBuilder(out, identity, dtype="float32", chunk_size=args.chunk_size)
+        num_chunks = -(-n // args.chunk_size)
+        for k in range(num_chunks):
+            size = min(args.chunk_size, n - k * args.chunk_size)
+            lat = gen.sample(size, doc_rng)
+            builder.write_chunk(k, lat, [f"doc{k * args.chunk_size + i}" for i in range(size)])
+        t_store = time.perf_counter() - t0
+        index = builder.finalize(num_chunks, scann=params,
+                                 extra={"store_write_s": round(t_store, 2)})
+        build_s = time.perf_counter() - t0
+        del index
+        index = LatentIndex.open(out)  # searched as a user would: opened from disk
     scann_build_s = index.meta["build_seconds"] - t_store
     f32_bytes = store_bytes(out) / n
-    del index
-    index = LatentIndex.open(out)  # searched as a user would: opened from disk
 
     int8_dir = root / f"int8_{n}"
     sample = gen.sample(min(n, 10_000), np.random.default_rng(args.seed + 3))
@@ -160,7 +172,7 @@ def main() -> None:
 
     queries = retrieval_keys(gen.sample(args.num_queries, query_rng), "flat")
     exact_fn = index.exact_searcher().search
-    scann_fn = lambda q, k: index.scann.search(q, k)
+    scann_fn = lambda q, k: index.scann.search(q, k, params.leaves_to_search, params.reorder)
     (ex_rows, _), exact_qps = timed_search(exact_fn, queries, args.k, args.repeats)
     (sc_rows, _), scann_qps = timed_search(scann_fn, queries, args.k, args.repeats)
     recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ex_rows, sc_rows)]))
@@ -178,8 +190,10 @@ def main() -> None:
             "embedding_768_float32": 768 * 4,
         },
     }
-    if not args.keep and args.workdir is None:
-        shutil.rmtree(root)
+    if not args.keep and not args.reuse:
+        shutil.rmtree(out)
+        if args.workdir is None:
+            shutil.rmtree(root)
     print(json.dumps(result))
 
 

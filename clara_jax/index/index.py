@@ -183,15 +183,21 @@ class IndexBuilder:
                        for c in chunks],
             "extra": extra or {},
         }
+        built = None
         if scann:
             params = scann if isinstance(scann, ScannParams) else None
             keys = _store_keys(store, self.key)
             built = ScannIndex.build(keys, np.arange(store.num_rows), params)
+            del keys
             meta["scann"] = _write_scann(self.path, 0, built)
         meta["build_seconds"] = round(time.time() - self.started, 3)
         atomic_write_json(self.path / META, meta)
         (self.path / BUILD).unlink(missing_ok=True)
-        return LatentIndex.open(self.path)
+        # Everything else is checked by a normal open; the searcher just serialised is kept
+        # rather than loaded a second time.
+        index = LatentIndex.open(self.path, load_scann=False)
+        index.scann = built
+        return index
 
 
 def _store_keys(store: LatentStore, key: str, rows=None) -> np.ndarray:

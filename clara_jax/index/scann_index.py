@@ -45,8 +45,8 @@ class ScannParams:
     width (2 = 16 centres per 2 dims); reorder: candidates re-scored with exact float dot
     products; training_sample: points used to train the partitioner; spherical: spherical
     k-means for the partitions (the keys are unit vectors: cosine); min_partition_size: ScaNN
-    merges smaller partitions (its default 50 is capped at half the mean partition size so
-    small corpora keep their leaves)."""
+    drops smaller partitions while training (capped at half the mean partition size of the
+    training sample, else most leaves of a small sample would be dropped)."""
     num_leaves: int
     leaves_to_search: int
     dims_per_block: int = 2
@@ -59,12 +59,13 @@ class ScannParams:
 
     @classmethod
     def auto(cls, n: int, **overrides) -> ScannParams:
-        """Defaults by corpus size: ~sqrt(n) leaves, searching ~5% of them (at least 8)."""
+        """Defaults by corpus size: ~sqrt(n) leaves, searching 5% of them but at least 16
+        (small corpora have few, coarse leaves); no partitioning below 2000 documents."""
         if n < 2000:
             p = cls(num_leaves=0, leaves_to_search=0)
         else:
             leaves = int(round(math.sqrt(n)))
-            p = cls(num_leaves=leaves, leaves_to_search=min(leaves, max(8, leaves // 20)))
+            p = cls(num_leaves=leaves, leaves_to_search=min(leaves, max(16, leaves // 20)))
         return ScannParams(**{**p.__dict__, **overrides})
 
     def to_json(self) -> dict:
@@ -84,7 +85,8 @@ def scann_config(keys: np.ndarray, p: ScannParams) -> str:
         b = b.tree(num_leaves=p.num_leaves, num_leaves_to_search=p.leaves_to_search,
                    training_sample_size=min(n, max(p.training_sample, p.num_leaves)),
                    spherical=p.spherical,
-                   min_partition_size=max(1, min(p.min_partition_size, n // (2 * p.num_leaves))))
+                   min_partition_size=max(1, min(p.min_partition_size,
+                                                 min(n, p.training_sample) // (2 * p.num_leaves))))
     b = b.score_ah(p.dims_per_block, anisotropic_quantization_threshold=p.anisotropic_threshold)
     b = b.reorder(p.reorder)
     return b.create_config()
