@@ -19,6 +19,7 @@ COMMANDS = {
     "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
     "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST).",
     "demo": "Compress documents and run the generator end to end on a config.",
+    "index": "Latent indexes: build from a checkpoint and a corpus, info, search, add, delete.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
     "train": "Train a CLaRa stage (train.stage) with checkpoints that resume exactly.",
 }
