@@ -578,16 +578,21 @@ def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict |
         raise ConversionError(f"{path}: exists and is not empty (pass overwrite=True)")
     config = hf_config_from_model_config(cfg, hf_config, model_type, dtype)
     get = _leaf_getter(params)
+    want = {_path_keys(p): a.shape
+            for p, a in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
 
     entries = []
     for t in _tensor_map(cfg):
         key = _leaf_key(t, cfg.scan_layers)
-        leaf = get(key)
+        try:
+            leaf = get(key)
+        except KeyError:
+            raise ConversionError(f"params has no leaf {'/'.join(key)} (does cfg.scan_layers="
+                                  f"{cfg.scan_layers} match the params?)") from None
+        if tuple(leaf.shape) != tuple(want[key]):
+            raise ConversionError(f"params/{'/'.join(key)} has shape {tuple(leaf.shape)}, but "
+                                  f"the model config implies {tuple(want[key])}")
         stacked = cfg.scan_layers and t.layer is not None
-        if stacked and (not leaf.shape or leaf.shape[0] != cfg.n_layers):
-            raise ConversionError(f"params/{'/'.join(key)} has shape {leaf.shape}; "
-                                  f"scan_layers=True expects a leading {cfg.n_layers}-layer "
-                                  "axis")
 
         def make(leaf=leaf, t=t, stacked=stacked):
             x = leaf[t.layer] if stacked else leaf
