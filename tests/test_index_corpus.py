@@ -80,7 +80,8 @@ def test_latents_match_direct_compress(world_data, tiny_config, tiny_cfg, tiny_p
     tok, _, records, _ = world_data
     pick = records[100:104]
     tokens, mask = make_tokenize(tok, tiny_config.data.doc_max_len)(pick)
-    direct = np.asarray(compress(tiny_cfg, tiny_params, tokens, mask))
+    direct = np.asarray(jax.jit(lambda p, t, m: compress(tiny_cfg, p, t, m))(
+        tiny_params, tokens, mask))
     stored = corpus_index.latents([r["id"] for r in pick])
     np.testing.assert_allclose(stored, direct, rtol=1e-5, atol=1e-5)
 

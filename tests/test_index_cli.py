@@ -1,0 +1,82 @@
+"""`clara index build/info/search/delete` end to end on a real (step-0) training checkpoint,
+the bundled world's corpus and its tokenizer; a checkpoint with other weights is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+
+def _checkpoint(config, params, workdir):
+    """A training checkpoint as the trainer writes it (orbax, stage 1, step 0)."""
+    from clara_jax.train import checkpoint as ckpt
+    from clara_jax.train.state import create_state
+
+    manager = ckpt.make_manager(workdir, async_save=False)
+    ckpt.save(manager, create_state(config, params, 1), None,
+              {"stage": 1, "config": config.to_json(), "step": 0})
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _clara(*args, ok=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "clara_jax.cli", "index", *args],
+                       capture_output=True, text=True, env=env, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config, tiny_params, tmp_path_factory):
+    from clara_jax.data import world
+    from clara_jax.data.prepare import world_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    world.write_world(root / "world", seed=0, size="small")
+    world_tokenizer(tiny_config).save(root / "tok")
+    lines = (root / "world" / "train" / "corpus.jsonl").read_text().splitlines()[:30]
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    _checkpoint(tiny_config, tiny_params, root / "run")
+    other = jax.tree.map(lambda x: x + 0.01, tiny_params)
+    _checkpoint(tiny_config, other, root / "other")
+    return root
+
+
+def test_build_info_search_delete(setup):
+    root = setup
+    common = [f"--tokenizer={root / 'tok'}"]
+    p = _clara("build", f"--checkpoint={root / 'run'}", f"--corpus={root / 'corpus.jsonl'}",
+               f"--out={root / 'idx'}", "--dtype=int8", "--chunk_size=64", *common)
+    built = json.loads(p.stdout)
+    assert built["dtype"] == "int8" and built["num_docs"] > 30  # long documents split
+    assert built["extra"]["step"] == 0 and built["identity"]["params_checksum"]
+
+    info = json.loads(_clara("info", f"--index={root / 'idx'}").stdout)
+    assert info["num_docs"] == built["num_docs"]
+
+    first = json.loads((root / "corpus.jsonl").read_text().splitlines()[0])
+    p = _clara("search", f"--index={root / 'idx'}", f"--checkpoint={root / 'run'}",
+               f"--query={first['text'][:60]}", "--query=who founded it?", "--k=3", *common)
+    res = json.loads(p.stdout)["results"]
+    assert len(res) == 2 and all(len(r["hits"]) == 3 for r in res)
+
+    # Another compressor's weights: refused with the reason, nothing printed as results.
+    p = _clara("search", f"--index={root / 'idx'}", f"--checkpoint={root / 'other'}",
+               "--query=x", *common, ok=False)
+    assert p.returncode == 2 and "different compressor" in p.stderr
+    assert "params_checksum" in p.stderr
+
+    victim = res[0]["hits"][0]["id"]
+    after = json.loads(_clara("delete", f"--index={root / 'idx'}", f"--ids={victim}").stdout)
+    assert after["num_docs"] == built["num_docs"] - 1
+
+    p = _clara("build", f"--checkpoint={root / 'run'}", f"--corpus={root / 'missing.jsonl'}",
+               f"--out={root / 'idx2'}", *common, ok=False)
+    assert p.returncode == 2 and "missing.jsonl" in p.stderr
