@@ -16,10 +16,12 @@ from absl import app
 from clara_jax import distributed
 
 COMMANDS = {
+    "ask": "Answer questions from a latent index (latent / text / closed-book RAG) as JSONL.",
     "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
     "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST).",
     "demo": "Compress documents and run the generator end to end on a config.",
     "index": "Latent indexes: build from a checkpoint and a corpus, info, search, add, delete.",
+    "inspect": "Decode a document's stored latents back to text; list its nearest documents.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
     "train": "Train a CLaRa stage (train.stage) with checkpoints that resume exactly.",
 }

@@ -1,0 +1,133 @@
+"""`clara ask --checkpoint=DIR --index=IDX "question" ...` or `... --file=Q.jsonl`: answers
+questions with the RAG pipeline (clara_jax.infer.rag) and prints one JSON object per answer
+(JSONL) to stdout or --out: question, answer, mode, doc_ids, scores, entropy, refined (and the
+documents' audit text with --show_docs). A summary (questions, refined rows, seconds) goes to
+stderr.
+
+Q.jsonl: one object per line with a string field "question" and optionally "id" (copied to the
+answer). Exit status 2 on bad input, with the file, line and field named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import flags
+
+from clara_jax.commands.rag_common import InputError, build_pipeline, define_pipeline_flags
+
+define_pipeline_flags()
+flags.DEFINE_string("file", None, "JSONL file of questions ({'question', 'id'?} per line).")
+flags.DEFINE_string("out", None, "Write the answers' JSONL here (default stdout).")
+flags.DEFINE_enum("mode", "latent", ["latent", "text", "closed_book"],
+                  "latent: documents as latents (CLaRa); text: their text in the prompt; "
+                  "closed_book: no documents.")
+flags.DEFINE_integer("num_docs", None, "K documents per question (default config.data.num_docs).")
+flags.DEFINE_integer("max_new_tokens", None,
+                     "Answer length cap (default config.data.answer_max_len).")
+flags.DEFINE_float("refine_threshold", None,
+                   "Adaptive refinement: answer again with --refine_docs more documents when the "
+                   "mean entropy (nats) of the first --refine_tokens answer tokens exceeds this.")
+flags.DEFINE_integer("refine_docs", 5, "Documents added on refinement.")
+flags.DEFINE_integer("refine_tokens", 4, "First answer tokens whose entropy is tested.")
+flags.DEFINE_bool("show_docs", False, "Include the supporting documents' audit text.")
+flags.DEFINE_bool("progress", True, "Show a progress bar for --file.")
+
+
+def read_questions(path: str) -> list[dict]:
+    """Q.jsonl -> [{'question': str, 'id'?: any}]; InputError names the file, line and field."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        q = row.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"{path}:{n}: field 'question': must be a non-empty string")
+        out.append({"question": q, **({"id": row["id"]} if "id" in row else {})})
+    if not out:
+        raise InputError(f"{path}: no questions")
+    return out
+
+
+def _write_atomic(path: str, lines: list[str]) -> None:
+    """All answers or nothing: write a temp file next to `path`, then rename it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv) -> None:
+    import jax
+    from tqdm.auto import tqdm
+
+    from clara_jax.index import IndexFileError, IndexMismatchError
+    from clara_jax.infer.loading import LoadError
+
+    fl = flags.FLAGS
+    try:
+        if fl.file and len(argv) > 1:
+            raise InputError("give questions as arguments or --file, not both")
+        rows = (read_questions(fl.file) if fl.file
+                else [{"question": q} for q in argv[1:]])
+        if not rows:
+            raise InputError('no question: clara ask --checkpoint=DIR --index=IDX "question" '
+                             "(or --file=Q.jsonl)")
+        start = time.perf_counter()
+
+        def settings_for(c):
+            return dict(mode=fl.mode, num_docs=fl.num_docs or int(c.data.num_docs),
+                        max_new_tokens=fl.max_new_tokens or int(c.data.answer_max_len),
+                        refine_threshold=fl.refine_threshold, refine_docs=fl.refine_docs,
+                        refine_tokens=fl.refine_tokens)
+
+        pipeline = build_pipeline(fl, fl.mode != "closed_book", settings_for)
+        lines, refined = [], 0
+        step = fl.batch_size
+        bar = tqdm(total=len(rows), unit="q", desc="ask", disable=not (fl.progress and fl.file),
+                   dynamic_ncols=True)
+        for b, lo in enumerate(range(0, len(rows), step)):
+            chunk = rows[lo:lo + step]
+            answers, stats = pipeline.answer([r["question"] for r in chunk],
+                                             rng=jax.random.fold_in(jax.random.key(fl.seed), b))
+            refined += stats["refined"]
+            for r, a in zip(chunk, answers):
+                out = ({"id": r["id"]} if "id" in r else {}) | a.to_json()
+                if fl.show_docs:
+                    out["docs"] = [pipeline.index.doc(d) for d in a.doc_ids]
+                lines.append(json.dumps(out, ensure_ascii=False))
+            bar.update(len(chunk))
+        bar.close()
+    except (InputError, LoadError, IndexFileError, IndexMismatchError, ValueError,
+            KeyError) as e:
+        print(f"clara ask: {e}", file=sys.stderr)
+        sys.exit(2)
+    if fl.out:
+        _write_atomic(fl.out, lines)
+    else:
+        for line in lines:
+            print(line)
+    print(json.dumps({"questions": len(rows), "refined": refined, "mode": fl.mode,
+                      "seconds": round(time.perf_counter() - start, 3)}), file=sys.stderr)
+

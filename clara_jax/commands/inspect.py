@@ -1,0 +1,40 @@
+"""`clara inspect --checkpoint=DIR --index=IDX --doc=ID`: decodes a document's stored latents
+back to text with the stage-1 paraphrase instruction and lists the nearest documents of those
+latents. Prints one JSON object: id, decoded, stored (the audit record), neighbors [{id, score}].
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+
+from clara_jax.commands.rag_common import InputError, build_pipeline, define_pipeline_flags
+
+define_pipeline_flags()
+flags.DEFINE_multi_string("doc", None, "Document id to inspect (repeatable).")
+flags.DEFINE_integer("max_new_tokens", None,
+                     "Length cap of the decoded text (default config.data.doc_max_len).")
+flags.DEFINE_integer("neighbors", 5, "How many nearest documents to list.")
+
+
+def main(argv) -> None:
+    del argv
+    from clara_jax.index import IndexFileError, IndexMismatchError
+    from clara_jax.infer.loading import LoadError
+
+    fl = flags.FLAGS
+    try:
+        if not fl.doc:
+            raise InputError("--doc=ID is required")
+        if not fl.index:
+            raise InputError("--index is required")
+        pipeline = build_pipeline(fl, True)
+        outs = [pipeline.inspect_document(d, fl.max_new_tokens, fl.neighbors) for d in fl.doc]
+    except (InputError, LoadError, IndexFileError, IndexMismatchError, ValueError,
+            KeyError) as e:
+        print(f"clara inspect: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        sys.exit(2)
+    for out in outs:
+        print(json.dumps(out, ensure_ascii=False))

@@ -1,0 +1,47 @@
+"""Flags and set-up shared by `clara ask` and `clara inspect`: the checkpoint, its tokenizer,
+the latent index (opened with the checkpoint's identity) and the sampling settings."""
+
+from __future__ import annotations
+
+from absl import flags
+
+
+class InputError(ValueError):
+    """Bad command-line input; the message names the flag, file, line or field."""
+
+
+def define_pipeline_flags() -> None:
+    """Defines the shared flags (call once, at the importing command's import)."""
+    flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints dir.")
+    flags.DEFINE_string("index", None, "Latent index directory (`clara index build`).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: DATA_DIR/tokenizer of "
+                        "the checkpoint's config.train.data_dir).")
+    flags.DEFINE_float("temperature", 0.0, "0: greedy decoding.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: off).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_enum("backend", "auto", ["auto", "scann", "exact"], "Index search backend.")
+    flags.DEFINE_integer("batch_size", 32, "Rows per generation batch.")
+
+
+def build_pipeline(fl, need_index: bool, settings_for=lambda config: {}):
+    """A RagPipeline from the common flags (checkpoint, tokenizer, index, sampling, backend,
+    batch size); settings_for(config) gives the rest of its RagSettings."""
+    from clara_jax.index import model_identity, open_index
+    from clara_jax.infer.generation import Sampling
+    from clara_jax.infer.loading import load_checkpoint, load_inference_tokenizer
+    from clara_jax.infer.rag import RagPipeline, RagSettings
+
+    if not fl.checkpoint:
+        raise InputError("--checkpoint is required")
+    if need_index and not fl.index:
+        raise InputError("--index is required (or use --mode=closed_book)")
+    config, cfg, params, _ = load_checkpoint(fl.checkpoint)
+    tok = load_inference_tokenizer(config, fl.tokenizer)
+    index = None
+    if fl.index:
+        index = open_index(fl.index, identity=model_identity(cfg, params))
+    sampling = Sampling(fl.temperature, fl.top_k, fl.top_p)
+    rag = RagSettings(sampling=sampling, backend=fl.backend, batch_size=fl.batch_size,
+                      **settings_for(config))
+    return RagPipeline(config, cfg, params, tok, index, rag)
