@@ -77,7 +77,7 @@ def make_checkpoint(out: Path, dim: int, layers: int, vocab: int, mlp: int, head
     return (out / hf.SINGLE_FILE).stat().st_size
 
 
-def child(mode: str, src: str, dst: str) -> None:
+def child(mode: str, src: str, dst: str, scan_layers: bool) -> None:
     """Runs one conversion in this (fresh) process and prints its JSON numbers."""
     import jax
 
@@ -86,7 +86,7 @@ def child(mode: str, src: str, dst: str) -> None:
     sampler = _RssSampler()
     rss0 = _peak_rss_bytes()  # exec keeps the parent's ru_maxrss on Linux: a floor, not a start
     start = time.perf_counter()
-    cfg, params = hf.load(src, progress=False)
+    cfg, params = hf.load(src, progress=False, scan_layers=scan_layers)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - start
     out = {"load_s": round(load_s, 2), "load_peak_rss": _peak_rss_bytes(), "rss_at_start": rss0}
@@ -127,10 +127,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv_heads", type=int, default=4)
     parser.add_argument("--fixtures", action="store_true")
+    parser.add_argument("--scan_layers", action="store_true",
+                        help="load into the stacked-layer layout")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child)
+        child(*args.child, scan_layers=args.scan_layers)
         return
     result = {}
     if args.fixtures:
@@ -141,10 +143,11 @@ def main() -> None:
                                args.kv_heads)
         result["checkpoint_bytes"] = size
         result["shape"] = {k: getattr(args, k) for k in
-                           ("dim", "layers", "vocab", "mlp", "heads", "kv_heads")}
+                           ("dim", "layers", "vocab", "mlp", "heads", "kv_heads", "scan_layers")}
         for mode in ("load", "save"):
             run = subprocess.run([sys.executable, __file__, "--child", mode, str(src),
-                                  str(Path(tmp) / f"out_{mode}")],
+                                  str(Path(tmp) / f"out_{mode}")]
+                                 + (["--scan_layers"] if args.scan_layers else []),
                                  capture_output=True, text=True, check=True)
             result[mode] = json.loads(run.stdout.strip().splitlines()[-1])
     result["load_peak_rss_over_checkpoint"] = round(result["load"]["load_peak_rss"] / size, 2)

@@ -371,6 +371,15 @@ def _read_tensors(files: dict[str, Path], names: set[str], progress: bool
     bar.close()
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """np.empty aligned to `align` bytes: jax.device_put onto the CPU then aliases the buffer
+    instead of copying it, so a converted leaf exists once in host memory."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
@@ -485,22 +494,24 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
         key = _leaf_key(t, cfg.scan_layers)
         want = flat_abstract[key].shape
         per_layer = want[1:] if (cfg.scan_layers and t.layer is not None) else want
-        if name == "model.embed_tokens.weight" and cfg.vocab_size > hf_vocab:
-            y = np.empty(per_layer, base_dtype)
-            y[:hf_vocab] = x
-            y[hf_vocab:] = x.astype(np.float32).mean(axis=0)
-        elif name == "lm_head.weight" and cfg.vocab_size > hf_vocab:
-            y = np.empty(per_layer, base_dtype)
-            y[:, :hf_vocab] = x.T
-            y[:, hf_vocab:] = x.astype(np.float32).mean(axis=0)[:, None]
-        else:
-            y = _to_ours(x, t.kind, per_layer).astype(base_dtype)
-        del x
         if cfg.scan_layers and t.layer is not None:
             if key not in stacked:
-                stacked[key] = np.empty(want, base_dtype)
+                stacked[key] = _aligned_empty(want, base_dtype)
                 filled[key] = 0
-            stacked[key][t.layer] = y
+            y = stacked[key][t.layer]
+        else:
+            y = _aligned_empty(per_layer, base_dtype)
+        # One copy, cast on the way: the transposes and reshapes below are views.
+        if name == "model.embed_tokens.weight" and cfg.vocab_size > hf_vocab:
+            y[:hf_vocab] = x
+            y[hf_vocab:] = x.mean(axis=0, dtype=np.float32)
+        elif name == "lm_head.weight" and cfg.vocab_size > hf_vocab:
+            y[:, :hf_vocab] = x.T
+            y[:, hf_vocab:] = x.mean(axis=0, dtype=np.float32)[:, None]
+        else:
+            y[...] = _to_ours(x, t.kind, per_layer)
+        del x
+        if cfg.scan_layers and t.layer is not None:
             filled[key] += 1
             if filled[key] == cfg.n_layers:
                 place(key, stacked.pop(key))
