@@ -286,10 +286,13 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
                     last = {k: float(v) for k, v in host[-1].items()}
                     if log_now and _is_main():
                         record = {"step": step, "stage": stage, **last, "tokens_per_s": rate}
+                        # Strict JSON: a non-finite value (a skipped step's loss) is null.
+                        record = {k: v if math.isfinite(v) else None
+                                  for k, v in record.items()}
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
                         for k, v in record.items():
-                            if k not in ("step", "stage"):
+                            if k not in ("step", "stage") and v is not None:
                                 writer.add_scalar(f"train/{k}", v, step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate:,.0f}")

@@ -1,0 +1,129 @@
+"""The training loop and `clara train`: a run killed after a checkpoint, or stopped by SIGTERM,
+resumes to exactly the uninterrupted run's losses; a non-finite loss stops naming the last
+good checkpoint (or is skipped); the CLI trains on the bundled world; a 2x2x2 mesh follows
+one device and checkpoints move between meshes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import REPO
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment sharing a persistent compilation cache, so each run after the
+    first skips most of XLA's compile time."""
+    e = dict(os.environ)
+    e.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=str(REPO))
+    return e
+
+
+def _run(env, *args, expect_rc=0):
+    res = subprocess.run([PY, str(REPO / "tests" / "train_run.py"), *map(str, args)], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == expect_rc, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+def _losses(workdir):
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["ce"], r["mse"], r["grad_norm"]) for r in rows]
+
+
+def test_kill_and_sigterm_resume_exactly(env, tmp_path):
+    steps = 12
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run(env, full, 1, steps)
+    reference = _losses(full)
+    assert [r[0] for r in reference] == list(range(1, steps + 1))
+
+    # SIGTERM while fetching batch 3: the step in flight finishes, is saved, exit status 0.
+    res = _run(env, cut, 1, steps, "--sigterm_at=3")
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"status": "preempted", "step": 4}
+    assert (cut / "checkpoints" / "4").is_dir()
+    # Killed outright while fetching batch 8 (after the step-5 checkpoint was requested).
+    _run(env, cut, 1, steps, "--kill_at=8", expect_rc=9)
+    assert len(_losses(cut)) == 8  # it had logged past its last checkpoint
+    res = _run(env, cut, 1, steps)
+    assert "resumed from" in res.stdout
+    assert _losses(cut) == reference  # exactly, dropout keys and data order included
+
+
+def test_nonfinite_loss_stops_or_skips(env, tmp_path):
+    res = _run(env, tmp_path / "stop", 1, 9, "--nan_at=6", expect_rc=1)
+    assert "non-finite loss or gradient at step 7" in res.stderr
+    assert f"last good checkpoint: {tmp_path / 'stop' / 'checkpoints' / '5'}" in res.stderr
+    _run(env, tmp_path / "skip", 1, 9, "--nan_at=6", "--nan_policy=skip")
+    rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().split("\n")
+            if x]
+    assert rows[6]["step"] == 7 and rows[6]["loss"] is None and rows[6]["nonfinite"] == 1.0
+    assert all(r["loss"] is not None for i, r in enumerate(rows) if i != 6)
+
+
+def test_mesh_2x2x2_follows_one_device_and_checkpoints_move(env):
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    res = subprocess.run([PY, str(REPO / "tests" / "multidevice_train.py")], env=e, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    assert out["q_kernel_spec"][:2] == ["fsdp", "tensor"]  # really sharded
+    assert out["max_loss_diff"] < 1e-4, out
+    assert abs(out["eval_loss_8"] - out["eval_loss_1"]) < 1e-5, out
+    assert out["restored_mesh_sizes"] == [1] and out["data_state"] == {"index": 4}
+    assert out["roundtrip_8_1_8_equal"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_config):
+    from clara_jax.data import prepare
+
+    out = tmp_path_factory.mktemp("world")
+    prepare.prepare_world(out, tiny_config, seed=0, size="small")
+    return out
+
+
+def test_clara_train_cli_on_world_sigterm_and_resume(env, world, tmp_path):
+    work = tmp_path / "run"
+    cmd = [PY, "-m", "clara_jax.cli", "train", "--config=configs/tiny.py", f"--workdir={work}",
+           f"--data_dir={world}", "--config.train.steps=100000", "--config.train.log_every=1",
+           "--config.train.checkpoint_every=1000", "--progress=false"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "compiled stage-1 step" in out and "per device: params" in out
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["status"] == "preempted"
+    saved = final["step"]
+    assert (work / "checkpoints" / str(saved)).is_dir()
+    assert (work / "tb").is_dir()
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert rows[0]["stage"] == 1 and rows[0]["tokens_per_s"] > 0
+    assert {"step", "loss", "ce", "mse", "tokens_per_s"} <= set(rows[0])
+    # The same command with a nearer end resumes from that checkpoint and finishes.
+    cmd[5] = f"--config.train.steps={saved + 2}"
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"resumed from {work / 'checkpoints' / str(saved)}" in res.stdout
+    assert json.loads(res.stdout.strip().splitlines()[-1])["step"] == saved + 2
