@@ -102,7 +102,7 @@ def main(argv) -> None:
 
     try:
         summary = _run(direction, src, dst)
-    except (hf.ConversionError, TokenizerError) as e:
+    except (hf.ConversionError, TokenizerError, flags.IllegalFlagValueError) as e:
         raise SystemExit(f"clara convert {direction}: {e}") from None
     print(json.dumps(summary))
 
