@@ -19,7 +19,13 @@ from pathlib import Path
 
 from absl import flags
 
-from clara_jax.commands.rag_common import InputError, build_pipeline, define_pipeline_flags
+from clara_jax.commands.rag_common import (
+    InputError,
+    build_pipeline,
+    define_pipeline_flags,
+    error_line,
+    load_errors,
+)
 
 define_pipeline_flags()
 flags.DEFINE_string("file", None, "JSONL file of questions ({'question', 'id'?} per line).")
@@ -82,8 +88,6 @@ def main(argv) -> None:
     import jax
     from tqdm.auto import tqdm
 
-    from clara_jax.index import IndexFileError, IndexMismatchError
-    from clara_jax.infer.loading import LoadError
 
     fl = flags.FLAGS
     try:
@@ -119,9 +123,8 @@ def main(argv) -> None:
                 lines.append(json.dumps(out, ensure_ascii=False))
             bar.update(len(chunk))
         bar.close()
-    except (InputError, LoadError, IndexFileError, IndexMismatchError, ValueError,
-            KeyError) as e:
-        print(f"clara ask: {e}", file=sys.stderr)
+    except load_errors() as e:
+        print(f"clara ask: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     if fl.out:
         _write_atomic(fl.out, lines)

@@ -10,7 +10,13 @@ import sys
 
 from absl import flags
 
-from clara_jax.commands.rag_common import InputError, build_pipeline, define_pipeline_flags
+from clara_jax.commands.rag_common import (
+    InputError,
+    build_pipeline,
+    define_pipeline_flags,
+    error_line,
+    load_errors,
+)
 
 define_pipeline_flags()
 flags.DEFINE_multi_string("doc", None, "Document id to inspect (repeatable).")
@@ -21,8 +27,6 @@ flags.DEFINE_integer("neighbors", 5, "How many nearest documents to list.")
 
 def main(argv) -> None:
     del argv
-    from clara_jax.index import IndexFileError, IndexMismatchError
-    from clara_jax.infer.loading import LoadError
 
     fl = flags.FLAGS
     try:
@@ -32,9 +36,8 @@ def main(argv) -> None:
             raise InputError("--index is required")
         pipeline = build_pipeline(fl, True)
         outs = [pipeline.inspect_document(d, fl.max_new_tokens, fl.neighbors) for d in fl.doc]
-    except (InputError, LoadError, IndexFileError, IndexMismatchError, ValueError,
-            KeyError) as e:
-        print(f"clara inspect: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+    except load_errors() as e:
+        print(f"clara inspect: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     for out in outs:
         print(json.dumps(out, ensure_ascii=False))

@@ -10,6 +10,20 @@ class InputError(ValueError):
     """Bad command-line input; the message names the flag, file, line or field."""
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (reported in one line, exit status 2)."""
+    from clara_jax.data.tokenizer import TokenizerError
+    from clara_jax.index import IndexFileError, IndexMismatchError
+    from clara_jax.train.checkpoint import CheckpointError
+
+    return (InputError, CheckpointError, TokenizerError, IndexFileError, IndexMismatchError,
+            ValueError, KeyError)
+
+
+def error_line(e: Exception) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def define_pipeline_flags() -> None:
     """Defines the shared flags (call once, at the importing command's import)."""
     flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints dir.")
@@ -28,16 +42,16 @@ def build_pipeline(fl, need_index: bool, settings_for=lambda config: {}):
     """A RagPipeline from the common flags (checkpoint, tokenizer, index, sampling, backend,
     batch size); settings_for(config) gives the rest of its RagSettings."""
     from clara_jax.index import model_identity, open_index
+    from clara_jax.index.model_source import load_checkpoint_model
     from clara_jax.infer.generation import Sampling
-    from clara_jax.infer.loading import load_checkpoint, load_inference_tokenizer
     from clara_jax.infer.rag import RagPipeline, RagSettings
 
     if not fl.checkpoint:
         raise InputError("--checkpoint is required")
     if need_index and not fl.index:
         raise InputError("--index is required (or use --mode=closed_book)")
-    config, cfg, params, _ = load_checkpoint(fl.checkpoint)
-    tok = load_inference_tokenizer(config, fl.tokenizer)
+    loaded = load_checkpoint_model(fl.checkpoint, fl.tokenizer)
+    config, cfg, params, tok = loaded.config, loaded.cfg, loaded.params, loaded.tokenizer
     index = None
     if fl.index:
         index = open_index(fl.index, identity=model_identity(cfg, params))

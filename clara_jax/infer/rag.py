@@ -102,6 +102,9 @@ class RagPipeline:
         if tok.num_memory_tokens != cfg.num_memory_tokens:
             raise ValueError(f"tokenizer has {tok.num_memory_tokens} memory tokens, the model "
                              f"M={cfg.num_memory_tokens}")
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model "
+                             f"vocab_size={cfg.vocab_size}")
         if index is not None and (index.m, index.latent_width) != (cfg.num_memory_tokens,
                                                                    cfg.latent_width):
             raise ValueError(f"index latents are [M={index.m}, L={index.latent_width}], the "
