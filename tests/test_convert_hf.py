@@ -233,6 +233,43 @@ def test_bfloat16_export_and_base(tmp_path):
     assert np.abs(got - refs[0]).max() < 0.1  # bfloat16 weights: close, not exact
 
 
+_MESH_SCRIPT = r"""
+import json, sys
+import numpy as np, jax
+from clara_jax.convert import hf
+from clara_jax.model import forward_logits, logical_specs
+from clara_jax.model.sharding import logical_to_shardings, make_mesh
+
+path = sys.argv[1]
+cfg = hf.model_config_from_hf(hf.read_hf_config(path), scan_layers=True)
+mesh = make_mesh(data=1, fsdp=4, tensor=2)
+shardings = logical_to_shardings(logical_specs(cfg), mesh)
+cfg, params = hf.load(path, shardings=shardings, scan_layers=True, progress=False)
+placed = jax.tree.map(lambda x, s: x.sharding == s, params, shardings)
+q = params["decoder"]["layers"]["attn"]["q"]["kernel"]
+ids = json.load(open(path + "/reference.json"))["prompts"][0]
+ref = np.load(path + "/reference.npz")["logits_0"]
+with mesh:
+    got = jax.jit(lambda p, t: forward_logits(cfg, p, t))(params, np.asarray([ids], np.int32))
+print(json.dumps({"all_placed": all(jax.tree.leaves(placed)),
+                  "q_shards": len(q.addressable_shards), "q_spec": str(q.sharding.spec),
+                  "diff": float(np.abs(np.asarray(got) - ref).max())}))
+"""
+
+
+def test_load_straight_onto_a_mesh():
+    """Each leaf goes to its NamedSharding as it is converted (8 host devices, fsdp x tensor)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(FIXTURES / "llama")],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["all_placed"] and out["q_shards"] == 8
+    assert "fsdp" in out["q_spec"] and "tensor" in out["q_spec"]
+    assert out["diff"] < 1e-4
+
+
 # ----------------------------------------------------------------------------- refusals
 
 

@@ -218,7 +218,9 @@ def hf_config_from_model_config(cfg: ModelConfig, template: dict | None = None,
         "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_len, "tie_word_embeddings": cfg.tie_embeddings,
+        # A max_len chosen below the checkpoint's (e.g. inside its sliding window) is ours.
+        "max_position_embeddings": max(cfg.max_len, out.get("max_position_embeddings") or 0),
+        "tie_word_embeddings": cfg.tie_embeddings,
         # Both spellings: transformers 4 reads rope_theta, 5 reads rope_parameters.
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
