@@ -122,7 +122,7 @@ def test_clara_train_cli_on_world_sigterm_and_resume(env, world, tmp_path):
     assert rows[0]["stage"] == 1 and rows[0]["tokens_per_s"] > 0
     assert {"step", "loss", "ce", "mse", "tokens_per_s"} <= set(rows[0])
     # The same command with a nearer end resumes from that checkpoint and finishes.
-    cmd[5] = f"--config.train.steps={saved + 2}"
+    cmd[7] = f"--config.train.steps={saved + 2}"
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert f"resumed from {work / 'checkpoints' / str(saved)}" in res.stdout
