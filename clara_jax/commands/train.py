@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from clara_jax.commands.common import define_config_flag, load_config
 
@@ -33,6 +33,8 @@ def main(argv) -> None:
     from clara_jax.train import checkpoint as ckpt
     from clara_jax.train.loop import NonFiniteLossError, train
 
+    # Orbax logs every save and restore step at INFO; the loop prints what matters.
+    logging.set_verbosity(logging.WARNING)
     fl = flags.FLAGS
     if not fl.workdir:
         raise flags.IllegalFlagValueError("--workdir is required")
