@@ -233,6 +233,28 @@ def test_bfloat16_export_and_base(tmp_path):
     assert np.abs(got - refs[0]).max() < 0.1  # bfloat16 weights: close, not exact
 
 
+def test_bundle_with_bfloat16_base(tmp_path):
+    """from-hf with --param_dtype=bfloat16 keeps the frozen base in bfloat16 on disk and back;
+    to-hf in bfloat16 writes those values exactly."""
+    summary = bundle.from_hf(FIXTURES / "llama_tied", tmp_path / "a", param_dtype="bfloat16",
+                             num_memory_tokens=4, progress=False)
+    assert summary["vocab_size"] == 128  # 120 + <pad>, <ENC>, <SEP>, 4 memory tokens fit
+    cfg, params = bundle.load_params(tmp_path / "a")
+    assert cfg.num_memory_tokens == 4 and cfg.tie_embeddings
+    assert params["decoder"]["layers_0"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+    assert params["decoder"]["layers_0"]["attn"]["q"]["lora_generator_a"].dtype == jnp.float32
+    assert params["memory_embeddings"].dtype == jnp.float32
+    bundle.to_hf(tmp_path / "a", tmp_path / "b", dtype="bfloat16", progress=False)
+    with safe_open(str(tmp_path / "b" / hf.SINGLE_FILE), framework="flax") as f:
+        q = np.asarray(f.get_tensor("model.layers.0.self_attn.q_proj.weight"))
+    original = _st_tensors(FIXTURES / "llama_tied")["model.layers.0.self_attn.q_proj.weight"]
+    np.testing.assert_array_equal(q, original.astype(jnp.bfloat16))
+    assert json.loads((tmp_path / "a" / bundle.MODEL_CONFIG_FILE).read_text())[
+        "lora_targets"] == list(cfg.lora_targets)
+    with pytest.raises(hf.ConversionError, match=r"model_config\.json: unknown field.*'colour'"):
+        bundle.model_config_from_dict({**bundle.model_config_to_dict(cfg), "colour": 1})
+
+
 _MESH_SCRIPT = r"""
 import json, sys
 import numpy as np, jax
@@ -307,6 +329,7 @@ def _edited_copy(tmp_path, family, edit_config=None, edit_tensors=None) -> Path:
     ("qwen2", lambda c: c.update(use_sliding_window=True, sliding_window=8, layer_types=[
         "sliding_attention"] * 2), ["use_sliding_window", "8"]),
     ("qwen2", lambda c: c.update(rope_theta=1.0), ["rope_theta", "disagrees"]),
+    ("qwen2", lambda c: c.update(num_key_value_heads=3), ["num_key_value_heads", "divide"]),
 ])
 def test_refuses_unsupported_configs(tmp_path, family, edit, words):
     path = _edited_copy(tmp_path, family, edit_config=edit)

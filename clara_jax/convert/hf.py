@@ -158,6 +158,12 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
         raise ConversionError(f"override(s) {fixed} come from {where} and cannot be changed")
 
     n_heads = hf["num_attention_heads"]
+    n_kv_heads = hf.get("num_key_value_heads") or n_heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if n_heads % n_kv_heads:
+        refuse("num_key_value_heads", f"must divide num_attention_heads={n_heads}")
+    if head_dim % 2:
+        refuse("head_dim", f"head dim {head_dim} is odd; RoPE rotates pairs")
     max_len = int(overrides.get("max_len", hf.get("max_position_embeddings") or 4096))
     if model_type == "qwen2":
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
@@ -186,8 +192,7 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
         fields[key] = tuple(fields[key])
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
         mlp_dim=hf["intermediate_size"], rope_theta=_rope_theta(hf, where),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **fields)
