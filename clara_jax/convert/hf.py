@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_group
@@ -59,7 +59,7 @@ DEFAULT_NUM_MEMORY_TOKENS = 16  # 256-token documents at 16x compression, as in 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 
 _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-              "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
+              "BF16": np.dtype(jnp.bfloat16), "F64": np.dtype(np.float64)}
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -457,7 +457,7 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
     cfg = model_config_from_hf(hf, where=str(path / CONFIG_FILE), **overrides)
     if param_dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"param_dtype={param_dtype!r}: must be 'float32' or 'bfloat16'")
-    base_dtype = np.dtype(ml_dtypes.bfloat16 if param_dtype == "bfloat16" else np.float32)
+    base_dtype = np.dtype(jnp.bfloat16 if param_dtype == "bfloat16" else np.float32)
     hf_vocab = cfg.vocab_size
     if min_vocab_size is not None and min_vocab_size > hf_vocab:
         cfg = dataclasses.replace(cfg, vocab_size=_round_up(min_vocab_size, vocab_multiple))
@@ -588,7 +588,7 @@ def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict |
     from tqdm import tqdm
 
     path = Path(path)
-    np_dtype = np.dtype({"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
+    np_dtype = np.dtype({"float32": np.float32, "bfloat16": jnp.bfloat16,
                          "float16": np.float16}.get(dtype, np.void))
     if np_dtype == np.dtype(np.void):
         raise ConversionError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
