@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from clara_jax.model import ModelConfig, decode, generate_logits, init_cache
+from clara_jax.model.sharding import batch_sharding
 
 # Number of times each device function has been traced (= compiled for a new signature).
 # Tests use it to check that calls within one bucket never recompile.
@@ -92,8 +93,9 @@ def sample_next(logits, rng, temperature, top_k, top_p):
         desc = jnp.where(rank[None] < k, desc, -jnp.inf)
         probs = jax.nn.softmax(desc, axis=-1)
         # Keep rank i while the mass of the ranks before it is still short of top_p; rank 0 is
-        # always kept, so the set is never empty.
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        # always kept, so the set is never empty. Ranks past k are dropped explicitly: their
+        # probability is 0, and a cumulative sum that rounds to just under 1 would keep them.
+        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p) & (rank[None] < k)
         keep = keep.at[:, 0].set(True)
         n_keep = jnp.sum(keep, axis=-1)  # [B]
         cutoff = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)  # [B, 1]
@@ -238,21 +240,27 @@ class Generator:
     bucket, so `generate_padded` compiles once per (mode, batch bucket, length bucket) and is
     reused by every later call in that bucket. Sampling settings, EOS and the RNG are traced.
 
-    cfg: the model config; params: its params (already on device, e.g. restored onto shardings);
-    max_new_tokens: N; the KV cache holds length bucket + N positions, at most cfg.max_len.
+    cfg: the model config; params: its params (already on device, e.g. restored onto their
+    logical shardings); max_new_tokens: N; the KV cache holds length bucket + N positions, at
+    most cfg.max_len. mesh: when given, each batch is placed with its batch axis split over the
+    mesh's (data, fsdp) axes (batch buckets become multiples of their size); the computation
+    then follows the params' and the batch's shardings.
     """
 
     def __init__(self, cfg: ModelConfig, params, *, eos_id: int, pad_id: int = 0,
                  max_new_tokens: int = 32, batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
                  length_buckets: Sequence[int] | None = None, adapter: str | None = "generator",
-                 use_cache: bool = True):
+                 use_cache: bool = True, mesh=None):
         if max_new_tokens <= 0 or max_new_tokens >= cfg.max_len:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be in [1, model.max_len="
                              f"{cfg.max_len})")
         self.cfg, self.params = cfg, params
         self.eos_id, self.pad_id = int(eos_id), int(pad_id)
         self.max_new_tokens = int(max_new_tokens)
-        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.mesh = mesh
+        per = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        # On a mesh the batch axis is split over (data, fsdp): buckets are multiples of that.
+        self.batch_buckets = tuple(sorted({-(-b // per) * per for b in batch_buckets}))
         limit = cfg.max_len - self.max_new_tokens
         buckets = length_buckets or _default_length_buckets(limit)
         self.length_buckets = tuple(sorted(b for b in buckets if b <= limit))
@@ -313,6 +321,10 @@ class Generator:
             tokens, mask, slot_mask, lat = self.pad(
                 prompts[chunk], None if slots is None else slots[chunk],
                 None if latents is None else latents[chunk])
+            if self.mesh is not None:
+                tokens, mask, slot_mask, lat = (
+                    None if a is None else jax.device_put(a, batch_sharding(self.mesh, a.ndim))
+                    for a in (tokens, mask, slot_mask, lat))
             res = self._fn(self.cfg, self.params, tokens, mask, slot_mask, lat,
                            jax.random.fold_in(rng, c) if c else rng, np.int32(self.eos_id),
                            np.int32(self.pad_id), sampling.as_arrays(),
