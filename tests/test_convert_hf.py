@@ -460,9 +460,9 @@ def test_cli_from_hf_to_hf_round_trip(tmp_path):
                                   original["model.embed_tokens.weight"])
 
     # Converting the export again: same tokenizer ids, no further growth, identical params.
-    run = _clara("from-hf", b, c, "--set", "num_memory_tokens=16", "--set", "scan_layers=True")
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.strip().splitlines()[-1])["vocab_size"] == 192
+    # (In-process: the Python API under the command, and a subprocess fewer.)
+    again = bundle.from_hf(b, c, num_memory_tokens=16, scan_layers=True, progress=False)
+    assert again["vocab_size"] == 192 and again["checkpoint_vocab_size"] == 192
     assert load_tokenizer(c).special_ids == tok.special_ids
     cfg_a, params_a = bundle.load_params(a)
     cfg_c, params_c = bundle.load_params(c)
@@ -476,5 +476,5 @@ def test_cli_from_hf_to_hf_round_trip(tmp_path):
     assert refused.returncode != 0
     assert "config.model.dim=64 but the checkpoint has 32" in refused.stderr
     assert not (tmp_path / "d").exists()
-    again = _clara("from-hf", FIXTURES / "qwen2", a)
-    assert again.returncode != 0 and "not empty" in again.stderr
+    with pytest.raises(hf.ConversionError, match="not empty"):
+        bundle.from_hf(FIXTURES / "qwen2", a, progress=False)

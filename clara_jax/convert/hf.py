@@ -453,8 +453,8 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
     Returns params as a plain tree of jax arrays, in `init_params` layout.
     """
     path = Path(path)
-    hf = read_hf_config(path)
-    cfg = model_config_from_hf(hf, where=str(path / CONFIG_FILE), **overrides)
+    hf_config = read_hf_config(path)
+    cfg = model_config_from_hf(hf_config, where=str(path / CONFIG_FILE), **overrides)
     if param_dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"param_dtype={param_dtype!r}: must be 'float32' or 'bfloat16'")
     base_dtype = np.dtype(jnp.bfloat16 if param_dtype == "bfloat16" else np.float32)
@@ -474,7 +474,7 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
                         if not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ConversionError(
-            f"{path}: tensors this {hf.get('model_type')} converter does not know (an "
+            f"{path}: tensors this {hf_config.get('model_type')} converter does not know (an "
             f"unsupported architecture variant?): {unexpected[:8]}"
             + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
 
