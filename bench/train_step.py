@@ -1,0 +1,209 @@
+"""Throughput and FLOP utilisation of one training step.
+
+    .venv/bin/python bench/train_step.py [--config configs/demo.py] [--stage 1] [--steps 10]
+        [--set train.batch_size=32 ...]
+
+Compiles the stage's step (the same `make_train_step` + `compile_train_step` as `clara
+train`) on all local devices, feeds full-length random-token batches of the contract's shapes
+(every position valid, so tokens/s counts real work), and times `--steps` steps after two
+warm-up steps. In the same process it times a dense float32 matmul (the machine's practical
+matmul peak) and reports the model's useful FLOPs per second as a fraction of it.
+
+model_flops_per_step counts the matmuls the method needs, analytically:
+  forward: 2 x tokens x (dense weights used, LoRA factors included) + 4 x B x S^2 x N x H per
+  layer of every decoder pass (attention scores and values over the full S x S square, as the
+  implementation computes them);
+  backward: the frozen base weights need only the input gradient (1x forward), attention
+  needs 2x forward, trainable LoRA factors need 2x forward; stage 3's candidate encoding runs
+  forward only (frozen compressor). Rematerialisation is not counted (it is not useful work).
+XLA's own count for the compiled step is reported as xla_flops_per_step.
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from clara_jax.config import finalize  # noqa: E402
+from clara_jax.model import ModelConfig, init_params  # noqa: E402
+from clara_jax.model.sharding import make_mesh  # noqa: E402
+from clara_jax.train.state import (  # noqa: E402
+    create_state,
+    init_query_adapter,
+    state_shardings,
+)
+from clara_jax.train.steps import (  # noqa: E402
+    batch_fields,
+    compile_train_step,
+    make_train_step,
+    rng_for_step,
+)
+
+
+def load_config(path: str, overrides: list[str]):
+    import importlib.util
+
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("bench_config", REPO / file
+                                                  if not Path(file).is_absolute() else file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
+            value.lower() in ("1", "true", "yes"))
+    return finalize(config)
+
+
+def random_batch(config, stage: int, seed: int = 0) -> dict:
+    """Full-length contract batch of random tokens: every position valid; the slots where the
+    contract puts them (after BOS, K x (M slots + separator)); the last quarter answer."""
+    rng = np.random.default_rng(seed)
+    fields = batch_fields(config, stage)
+    v = config.model.vocab_size
+    m = config.model.num_memory_tokens
+    k = 1 if stage == 1 else config.data.num_docs
+    out = {}
+    for name, f in fields.items():
+        if f.dtype == jnp.int32:
+            out[name] = rng.integers(4, v, size=f.shape, dtype=np.int32)
+        else:
+            out[name] = np.ones(f.shape, bool)
+    t = fields["tokens"].shape[1]
+    slot = np.zeros(t, bool)
+    for i in range(k):
+        slot[1 + i * (m + 1): 1 + i * (m + 1) + m] = True
+    out["slot_mask"] = np.broadcast_to(slot, fields["slot_mask"].shape).copy()
+    loss = np.zeros(t, bool)
+    loss[-(t // 4):] = True
+    out["loss_mask"] = np.broadcast_to(loss, fields["loss_mask"].shape).copy()
+    if "pos_index" in out:
+        out["pos_index"] = rng.integers(0, config.data.num_candidates,
+                                        size=fields["pos_index"].shape).astype(np.int32)
+    return out
+
+
+def _decoder_flops(cfg: ModelConfig, b: int, s: int, logits: bool) -> tuple[float, float]:
+    """(dense matmul FLOPs, attention FLOPs) of one forward decoder pass over b x s tokens
+    with one LoRA adapter active."""
+    d, n, g, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    shapes = {"q": (d, n * h), "k": (d, g * h), "v": (d, g * h), "o": (n * h, d),
+              "gate": (d, f), "up": (d, f), "down": (f, d)}
+    per_layer = sum(i * o for i, o in shapes.values())
+    per_layer += sum(cfg.lora_rank * (i + o) for name, (i, o) in shapes.items()
+                     if name in cfg.lora_targets)
+    dense = 2.0 * b * s * per_layer * cfg.n_layers
+    if logits:
+        dense += 2.0 * b * s * d * cfg.vocab_size
+    attn = 4.0 * b * s * s * n * h * cfg.n_layers
+    return dense, attn
+
+
+def model_flops_per_step(config, cfg: ModelConfig, stage: int, fields: dict) -> float:
+    b = fields["tokens"].shape[0]
+    t = fields["tokens"].shape[1]
+    m = cfg.num_memory_tokens
+    latent = 2.0 * cfg.dim * cfg.latent_width if cfg.projects_latents else 0.0
+    gen_dense, gen_attn = _decoder_flops(cfg, b, t, logits=True)
+    gen_dense += latent * b * t  # latent_up over the slots (upper bound: all positions)
+    total = 2 * gen_dense + 3 * gen_attn  # forward + backward (frozen base: input grads)
+    if stage in (1, 2):
+        kd, td = fields["doc_tokens"].shape[1:]
+        dense, attn = _decoder_flops(cfg, b * kd, td + m, logits=False)
+        total += 2 * (dense + latent * b * kd * m) + 3 * attn
+    else:
+        c, td = fields["cand_tokens"].shape[1:]
+        dense, attn = _decoder_flops(cfg, b * c, td + m, logits=False)
+        total += dense + latent * b * c * m + attn  # frozen compressor: forward only
+        tq = fields["query_tokens"].shape[1]
+        dense, attn = _decoder_flops(cfg, b, tq + m, logits=False)
+        total += 2 * (dense + latent * b * m) + 3 * attn
+    return float(total)
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a jitted dense float32 n x n matmul on the default device."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(x, y).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(x, y).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/demo.py")
+    ap.add_argument("--stage", type=int, default=None, help="default: the config's train.stage")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides: train.batch_size=32")
+    args = ap.parse_args()
+    config = load_config(args.config, args.set)
+    stage = config.train.stage if args.stage is None else args.stage
+    config.train.stage = stage
+    cfg = ModelConfig.from_config(config)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+    params = init_params(cfg, jax.random.key(0))
+    if stage == 3:
+        params = init_query_adapter(params)
+    state = create_state(config, params, stage)
+    shardings = state_shardings(cfg, mesh, state)
+    abstract = jax.eval_shape(lambda s: s, state)
+    state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+    fields = batch_fields(config, stage)
+    t0 = time.perf_counter()
+    step, batch_sh = compile_train_step(make_train_step(config, cfg, stage, params), mesh,
+                                        shardings, abstract, fields)
+    compile_s = time.perf_counter() - t0
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+    batch = jax.device_put(random_batch(config, stage), batch_sh)
+    tokens = float(sum(np.sum(np.asarray(batch[k])) for k in
+                       ("mask", "doc_mask", "cand_mask", "query_mask") if k in batch))
+    for i in range(2):
+        state, metrics = step(state, batch, rng_for_step(state.rng, i))
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        state, metrics = step(state, batch, rng_for_step(state.rng, 2 + i))
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - t0) / args.steps
+
+    peak = matmul_peak()
+    flops = model_flops_per_step(config, cfg, stage, fields)
+    print(json.dumps({
+        "config": args.config, "stage": stage, "overrides": args.set,
+        "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+        "batch_size": config.train.batch_size, "compile_s": compile_s, "step_s": step_s,
+        "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+        "model_flops_per_step": flops, "xla_flops_per_step": xla_flops,
+        "model_flops_per_s": flops / step_s, "matmul_peak_flops_per_s": peak,
+        "flops_utilization": flops / step_s / peak, "loss": float(metrics["loss"]),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Starting points of a run: Hugging Face weights (`--init_from_hf`) must match the config's
+architecture, and the stage-3 query adapter starts as a copy of the compressor adapter."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from clara_jax.config import finalize
+from clara_jax.model import ModelConfig, init_params, logical_specs
+from clara_jax.model.sharding import logical_to_shardings, make_mesh
+from clara_jax.train.loop import _hf_params
+from clara_jax.train.state import init_query_adapter
+
+from .conftest import REPO
+
+LLAMA = REPO / "tests" / "fixtures" / "hf" / "llama"
+
+
+def _llama_config(tiny_config):
+    c = tiny_config.copy_and_resolve_references()
+    m = c.model
+    m.vocab_size, m.dim, m.n_layers, m.n_heads, m.n_kv_heads = 128, 32, 2, 4, 2
+    m.head_dim, m.mlp_dim, m.rope_theta, m.latent_dim = 8, 64, 500000.0, 16
+    return finalize(c)
+
+
+def test_init_from_hf_loads_the_checkpoint(tiny_config):
+    from clara_jax.convert import hf
+
+    config = _llama_config(tiny_config)
+    cfg = ModelConfig.from_config(config)
+    sh = logical_to_shardings(logical_specs(cfg), make_mesh())
+    params = _hf_params(config, str(LLAMA), cfg, sh)
+    _, ref = hf.load(LLAMA, progress=False,
+                     **{f: getattr(cfg, f) for f in hf.OVERRIDABLE})
+    np.testing.assert_array_equal(np.asarray(params["decoder"]["embedding"]),
+                                  np.asarray(ref["decoder"]["embedding"]))
+    assert jax.tree.structure(params) == jax.tree.structure(init_params(cfg, jax.random.key(0)))
+
+
+def test_init_from_hf_names_mismatched_fields(tiny_config, tiny_cfg):
+    sh = logical_to_shardings(logical_specs(tiny_cfg), make_mesh())
+    with pytest.raises(ValueError, match=r"--config.model.dim=32.*--config.model.rope_theta"):
+        _hf_params(tiny_config, str(LLAMA), tiny_cfg, sh)
+
+
+def test_query_adapter_copied_from_compressor(tiny_params):
+    out = init_query_adapter(tiny_params)
+    q = out["decoder"]["layers_0"]["attn"]["q"]
+    np.testing.assert_array_equal(np.asarray(q["lora_query_a"]),
+                                  np.asarray(q["lora_compressor_a"]))
+    assert q["lora_query_a"] is not q["lora_compressor_a"]  # a copy: donation-safe
+    np.testing.assert_array_equal(np.asarray(out["decoder"]["layers_0"]["attn"]["q"]["kernel"]),
+                                  np.asarray(tiny_params["decoder"]["layers_0"]["attn"]["q"]
+                                             ["kernel"]))
