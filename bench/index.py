@@ -102,7 +102,10 @@ def main() -> None:
     ap.add_argument("--num_docs", type=int, default=100_000)
     ap.add_argument("--num_queries", type=int, default=1000)
     ap.add_argument("--num_clusters", type=int, default=0, help="0: num_docs // 500")
-    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=32, help="in-topic directions of variation")
+    ap.add_argument("--spread", type=float, default=0.6,
+                    help="in-topic spread relative to the topic centres' scale")
+    ap.add_argument("--noise", type=float, default=0.15, help="isotropic noise per dimension")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--num_leaves", type=int, default=0, help="0: ~sqrt(num_docs) * 2")
     ap.add_argument("--leaves_to_search", type=int, default=0,
@@ -130,7 +133,7 @@ def main() -> None:
     params = ScannParams(num_leaves=leaves, leaves_to_search=to_search,
                          dims_per_block=args.dims_per_block, reorder=args.reorder,
                          training_sample=args.training_sample, num_neighbors=args.k)
-    gen = ClusteredLatents(m, lw, clusters, args.rank, args.seed)
+    gen = ClusteredLatents(m, lw, clusters, args.rank, args.seed, args.spread, args.noise)
     doc_rng = np.random.default_rng(args.seed + 1)
     query_rng = np.random.default_rng(args.seed + 2)
 
@@ -179,7 +182,8 @@ def main() -> None:
     text_bytes = raw_text_bytes_per_doc()
     result = {
         "num_docs": n, "num_queries": args.num_queries, "latent_shape": [m, lw],
-        "num_clusters": clusters, "build_s": round(build_s, 2),
+        "num_clusters": clusters, "rank": args.rank, "spread": args.spread,
+        "noise": args.noise, "build_s": round(build_s, 2),
         "store_write_s": round(t_store, 2), "scann_build_s": round(scann_build_s, 2),
         "recall_at_10": round(recall, 4), "scann_qps": round(scann_qps, 1),
         "exact_qps": round(exact_qps, 1), "qps_ratio": round(scann_qps / exact_qps, 2),
