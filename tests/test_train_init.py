@@ -55,3 +55,19 @@ def test_query_adapter_copied_from_compressor(tiny_params):
     np.testing.assert_array_equal(np.asarray(out["decoder"]["layers_0"]["attn"]["q"]["kernel"]),
                                   np.asarray(tiny_params["decoder"]["layers_0"]["attn"]["q"]
                                              ["kernel"]))
+
+
+def test_init_from_hf_accepts_a_converted_bundle(tiny_config, tmp_path):
+    from clara_jax.convert import bundle, hf
+
+    config = _llama_config(tiny_config)
+    cfg = ModelConfig.from_config(config)
+    overrides = {f: getattr(cfg, f) for f in hf.OVERRIDABLE}
+    bundle.from_hf(LLAMA, tmp_path / "b", tokenizer=False, param_dtype="bfloat16",
+                   progress=False, **overrides)
+    sh = logical_to_shardings(logical_specs(cfg), make_mesh())
+    params = _hf_params(config, str(tmp_path / "b"), cfg, sh)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+    _, ref = hf.load(LLAMA, progress=False, **overrides)
+    np.testing.assert_allclose(np.asarray(params["decoder"]["embedding"]),
+                               np.asarray(ref["decoder"]["embedding"]), rtol=1e-2, atol=1e-3)

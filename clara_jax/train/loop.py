@@ -84,26 +84,38 @@ def per_device_bytes(tree, shardings) -> int:
 
 
 def _hf_params(config, path: str, cfg: ModelConfig, shardings):
-    """Params converted from a Hugging Face checkpoint; the checkpoint's architecture must be
-    the config's (the error names every field to set)."""
-    from clara_jax.convert import hf
+    """Params from Hugging Face weights: a checkpoint directory (config.json + safetensors,
+    converted on the fly) or a `clara convert from-hf` directory (model_config.json +
+    params/). The architecture must be the config's (the error names every field to set);
+    the params come back float32 (master weights) on `shardings`."""
+    from clara_jax.convert import bundle, hf
 
     overrides = {f: getattr(cfg, f) for f in hf.OVERRIDABLE}
-    theirs = hf.model_config_from_hf(hf.read_hf_config(path), **overrides)
-    if theirs.vocab_size < cfg.vocab_size:
-        theirs = dataclasses.replace(theirs, vocab_size=cfg.vocab_size)
+    is_bundle = (Path(path) / bundle.MODEL_CONFIG_FILE).exists()
+    if is_bundle:
+        theirs = bundle.read_model_config(path)
+    else:
+        theirs = hf.model_config_from_hf(hf.read_hf_config(path), **overrides)
+        if theirs.vocab_size < cfg.vocab_size:  # load() grows the embedding to the config's
+            theirs = dataclasses.replace(theirs, vocab_size=cfg.vocab_size)
+    keep = () if is_bundle else hf.OVERRIDABLE
     diff = [f.name for f in dataclasses.fields(ModelConfig)
-            if getattr(theirs, f.name) != getattr(cfg, f.name)]
+            if f.name not in keep and getattr(theirs, f.name) != getattr(cfg, f.name)]
     if diff:
         fixes = " ".join(f"--config.model.{f}={getattr(theirs, f)!r}" for f in diff)
         raise ValueError(f"--init_from_hf={path}: the checkpoint's architecture differs from "
                          f"the config in {diff}; set {fixes}")
-    loaded_cfg, params = hf.load(path, min_vocab_size=cfg.vocab_size, seed=config.train.seed,
-                                 shardings=shardings, **overrides)
-    if loaded_cfg != cfg:
-        raise ValueError(f"--init_from_hf={path}: converted config {loaded_cfg} differs from "
-                         f"the run's {cfg} (vocab_size must be a multiple of 64 when it grows)")
-    return params
+    if is_bundle:
+        _, params = bundle.load_params(path, cfg, shardings=shardings)
+    else:
+        loaded_cfg, params = hf.load(path, min_vocab_size=cfg.vocab_size,
+                                     seed=config.train.seed, shardings=shardings, **overrides)
+        if loaded_cfg != cfg:
+            raise ValueError(f"--init_from_hf={path}: converted config {loaded_cfg} differs "
+                             f"from the run's {cfg} (a grown vocabulary is rounded up to a "
+                             "multiple of 64: set --config.model.vocab_size to that)")
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype("float32"), p),
+                   out_shardings=shardings)(params)
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
