@@ -207,6 +207,17 @@ def test_sharded_equals_unsharded(tmp_path, data):
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
     # ScaNN with exact re-scoring of every point: the same top-k through the merge.
     assert sharded.search(queries, 10, backend="scann").ids == want.ids
+    # Deleting by id reaches the shards that hold the documents.
+    gone = [want.ids[0][0], want.ids[1][0], want.ids[2][1]]
+    sharded.delete(gone)
+    whole.delete(gone)
+    reopened = open_index(tmp_path / "sharded")
+    assert reopened.num_docs == len(docs) - 3
+    for backend in ("exact", "scann"):
+        assert reopened.search(queries, 10, backend=backend).ids == \
+            whole.search(queries, 10, backend="exact").ids
+    with pytest.raises(KeyError, match="in no shard"):
+        sharded.delete([gone[0]])
     shutil.rmtree(tmp_path / "sharded" / shard_dir_name(1, n))
     with pytest.raises(IndexFileError, match=shard_dir_name(1, n)):
         open_index(tmp_path / "sharded")

@@ -36,8 +36,10 @@ flags.DEFINE_enum("key", "flat", ["flat", "mean"], "Retrieval key: flattened M x
 flags.DEFINE_integer("chunk_size", 16384, "Documents per store chunk (the unit of resumption).")
 flags.DEFINE_integer("batch_size", 64, "Documents per compressor call.")
 flags.DEFINE_bool("scann", True, "Build a ScaNN searcher (else exact search only).")
-flags.DEFINE_integer("scann_leaves", 0, "ScaNN partitions (0: about sqrt(num_docs)).")
-flags.DEFINE_integer("scann_leaves_to_search", 0, "Partitions searched per query (0: auto).")
+flags.DEFINE_integer("scann_leaves", 0, "ScaNN partitions (0: about sqrt(num_docs), none "
+                     "below 2000 documents).")
+flags.DEFINE_integer("scann_leaves_to_search", 0, "Partitions searched per query (0: 5%, at "
+                     "least 16).")
 flags.DEFINE_integer("scann_reorder", 100, "Candidates re-scored exactly.")
 flags.DEFINE_integer("num_shards", 1, "build: number of shards (one per host).")
 flags.DEFINE_integer("shard_index", 0, "build: which shard this run builds (documents i with "
@@ -56,15 +58,17 @@ def _require(action: str, *names: str) -> None:
 
 
 def _scann_params():
-    from clara_jax.index import ScannParams
-
+    """False, or the ScaNN parameters: auto by corpus size, with the flags' overrides."""
     if not FLAGS.scann:
         return False
-    if not FLAGS.scann_leaves:
-        return True  # ScannParams.auto(num_docs) at build time
-    to_search = FLAGS.scann_leaves_to_search or max(1, FLAGS.scann_leaves // 20)
-    return ScannParams(num_leaves=FLAGS.scann_leaves, leaves_to_search=to_search,
-                       reorder=FLAGS.scann_reorder)
+    over = {"reorder": FLAGS.scann_reorder}
+    if FLAGS.scann_leaves:
+        over["num_leaves"] = FLAGS.scann_leaves
+        over["leaves_to_search"] = min(FLAGS.scann_leaves, FLAGS.scann_leaves_to_search
+                                       or max(16, FLAGS.scann_leaves // 20))
+    elif FLAGS.scann_leaves_to_search:
+        raise flags.IllegalFlagValueError("--scann_leaves_to_search needs --scann_leaves")
+    return over
 
 
 def _model():
@@ -158,12 +162,15 @@ def search() -> dict:
 
 
 def add() -> dict:
-    from clara_jax.index import LatentEncoder
+    from clara_jax.index import LatentEncoder, LatentIndex
     from clara_jax.index.corpus import make_tokenize
 
     _require("add", "index", "checkpoint", "corpus")
     model = _model()
     index = _open_checked(model)
+    if not isinstance(index, LatentIndex):
+        raise flags.IllegalFlagValueError(f"--index={FLAGS.index} is sharded: add to one "
+                                          "shard's directory (shard-I-of-N)")
     records = list(_records(model))
     tokens, mask = make_tokenize(model.tokenizer, int(model.config.data.doc_max_len))(records)
     latents = LatentEncoder(model.cfg, model.params, FLAGS.batch_size)(tokens, mask)
@@ -173,11 +180,13 @@ def add() -> dict:
 
 
 def delete() -> dict:
-    from clara_jax.index import LatentIndex
+    from clara_jax.index import ShardedIndex, open_index
 
     _require("delete", "index", "ids")
-    index = LatentIndex.open(FLAGS.index)
+    index = open_index(FLAGS.index)
     index.delete(FLAGS.ids)
+    if isinstance(index, ShardedIndex):
+        return {"shards": [_summary(s) for s in index.shards], "num_docs": index.num_docs}
     return _summary(index)
 
 

@@ -21,6 +21,7 @@ its own (one per host); `ShardedIndex` searches all and merges them into one top
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +153,12 @@ class IndexBuilder:
         write_chunk(self.store_dir, k, k * self.chunk_size, latents, list(ids), self.dtype,
                     titles, texts)
 
-    def finalize(self, num_chunks: int, scann: bool | ScannParams = True,
+    def finalize(self, num_chunks: int, scann: bool | ScannParams | dict = True,
                  extra: dict | None = None) -> LatentIndex:
-        """Checks chunks 0..num_chunks-1, builds the ScaNN searcher (unless scann=False) and
-        commits meta.json. Returns the opened index."""
+        """Checks chunks 0..num_chunks-1, builds the ScaNN searcher and commits meta.json.
+        Returns the opened index. scann: False (exact search only), True
+        (`ScannParams.auto(num_docs)`), a dict of overrides of the auto parameters, or
+        ScannParams."""
         chunks = []
         for k in range(num_chunks):
             record = self.store_dir / f"{chunk_name(k)}.json"
@@ -185,7 +188,11 @@ class IndexBuilder:
         }
         built = None
         if scann:
-            params = scann if isinstance(scann, ScannParams) else None
+            if isinstance(scann, ScannParams):
+                params = scann
+            else:
+                params = ScannParams.auto(store.num_rows,
+                                          **(scann if isinstance(scann, dict) else {}))
             keys = _store_keys(store, self.key)
             built = ScannIndex.build(keys, np.arange(store.num_rows), params)
             del keys
@@ -294,8 +301,12 @@ class LatentIndex:
         scann = None
         if meta.get("scann") and load_scann:
             s = meta["scann"]
-            scann = ScannIndex.load(path / s["dir"], s["files"],
-                                    ScannParams.from_json(s["params"]), key_width(key, m, lw))
+            try:
+                scann = ScannIndex.load(path / s["dir"], s["files"],
+                                        ScannParams.from_json(s["params"]),
+                                        key_width(key, m, lw))
+            except ImportError as e:  # no ScaNN wheel on this platform: exact search serves
+                logging.warning("%s: ScaNN is not importable (%s); searching exactly", path, e)
         return cls(path, meta, store, deleted, scann)
 
     def check_identity(self, identity: dict) -> None:
@@ -469,6 +480,19 @@ class ShardedIndex:
         ids = [[self.shards[sh].ids[r] if r >= 0 else None for sh, r in zip(srow, rrow)]
                for srow, rrow in zip(shard, rows)]
         return SearchResult(ids, rows, scores, shard)
+
+    def delete(self, ids) -> None:
+        """Deletes documents by id from whichever shards hold them (each shard commits its
+        own new generation)."""
+        ids = list(ids)
+        missing = [i for i in ids if not any(i in s.row_of and not s.deleted[s.row_of[i]]
+                                             for s in self.shards)]
+        if missing:
+            raise KeyError(f"document id {missing[0]!r} is in no shard")
+        for s in self.shards:
+            mine = [i for i in ids if i in s.row_of]
+            if mine:
+                s.delete(mine)
 
     def doc(self, doc_id: str) -> dict:
         for s in self.shards:
