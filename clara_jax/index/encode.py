@@ -23,8 +23,8 @@ from clara_jax.model.sharding import batch_sharding, logical_to_shardings, make_
 
 
 class LatentEncoder:
-    """`compress` under jit on a mesh: params placed by their logical shardings, the batch
-    axis of tokens/mask/latents sharded over (data, fsdp).
+    """`compress` under jit on a mesh (default: all local devices): params placed by their
+    logical shardings, the batch axis of tokens/mask/latents sharded over (data, fsdp).
 
     batch_size is rounded up to a multiple of the mesh's batch devices; every call is padded
     to it, so one shape is compiled. `query=True` runs the query reasoner (`encode_query`)
@@ -33,7 +33,9 @@ class LatentEncoder:
     def __init__(self, cfg: ModelConfig, params, batch_size: int = 64, mesh=None,
                  query: bool = False):
         self.cfg = cfg
-        self.mesh = mesh if mesh is not None else make_mesh()
+        # Default: this host's devices. Index shards are built one per host, so each host
+        # encodes its own documents without collectives across hosts.
+        self.mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
         n_batch = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // n_batch) * n_batch
         param_sh = logical_to_shardings(logical_specs(cfg), self.mesh)

@@ -59,6 +59,10 @@ def _canonical_leaves(params):
         if param_group(path) not in COMPRESSOR_GROUPS:
             continue
         keys = [str(getattr(k, "key", k)) for k in path]
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            # Params sharded across hosts: every host hashes the same gathered bytes.
+            from jax.experimental import multihost_utils
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         arr = np.asarray(jax.device_get(leaf))
         if len(keys) > 1 and keys[0] == "decoder" and keys[1] == "layers":
             # scan_layers stacks every layer's leaf on axis 0.

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from clara_jax.model import ModelConfig
@@ -28,7 +29,7 @@ class LoadedModel:
 
 
 def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
-    """(config, cfg, params on `mesh` or the default devices, tokenizer) of the latest step of
+    """(config, cfg, params on `mesh` or this host's devices, tokenizer) of the latest step of
     the checkpoints under `path`. Raises CheckpointError / TokenizerError naming the path."""
     from clara_jax.data.pipeline import load_data_tokenizer
     from clara_jax.data.tokenizer import load_tokenizer
@@ -55,7 +56,8 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
     raw = meta["config"]
     config = ml_collections.ConfigDict(json.loads(raw) if isinstance(raw, str) else raw)
     cfg = ModelConfig.from_config(config)
-    mesh = mesh if mesh is not None else make_mesh()
+    # This host's devices: an index shard is built per host (see LatentEncoder).
+    mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
 
     def target(stage):
         a = abstract_state(config, cfg, stage)
