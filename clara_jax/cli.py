@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from absl import app
+from absl import app, flags
 
 from clara_jax import distributed
 
@@ -34,6 +34,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _command_help(name: str, module) -> str:
+    parts = [f"usage: clara {name} [--flags]", "", (module.__doc__ or "").strip(), ""]
+    by_module = flags.FLAGS.flags_by_module_dict()
+    for owner, owned in by_module.items():
+        if owner.startswith("clara_jax") or owner.startswith("ml_collections"):
+            for flag in sorted(owned, key=lambda f: f.name):
+                default = "" if flag.default is None else f" (default: {flag.default!r})"
+                parts.append(f"  --{flag.name}: {flag.help}{default}")
+    return "\n".join(parts)
+
+
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -47,6 +58,11 @@ def run(argv: list[str] | None = None) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     module = importlib.import_module(f"clara_jax.commands.{name}")
     distributed.define_flags()
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
+        # absl's --help lists the flags of the script's main module only, and ours live in
+        # the command modules.
+        print(_command_help(name, module))
+        sys.exit(0)
 
     def main(command_argv):
         distributed.initialize()

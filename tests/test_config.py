@@ -89,3 +89,6 @@ def test_cli_unknown_command_and_usage():
     out = _clara("nope", check=False)
     assert out.returncode == 2 and "unknown command 'nope'" in out.stderr
     assert "info" in _clara("--help").stdout
+    help_text = _clara("info", "--help").stdout
+    assert "usage: clara info" in help_text and "--config:" in help_text
+    assert "--coordinator_address:" in help_text
