@@ -86,12 +86,21 @@ def test_cached_greedy_equals_full_recomputation_latent(tiny_cfg, gen_params):
     full = G.Generator(tiny_cfg, gen_params, use_cache=False, **kw)(prompts, slots=slots,
                                                                     latents=lat)
     _assert_same(cached, full)
-    # The first token against an unpadded single-row generator forward.
+    # The first token against a single-row generator forward without left padding (right-
+    # padded to one width, which causal attention never sees, so it compiles once).
+    width = 32
+
+    @jax.jit
+    def first_token(toks, slot, lat_row, n):
+        logits, _ = generate_logits(tiny_cfg, gen_params, toks[None], jnp.arange(width)[None] < n,
+                                    slot[None], lat_row[None])
+        return jnp.argmax(logits[0, n - 1])
+
     for row in range(3):
-        logits, _ = generate_logits(tiny_cfg, gen_params, jnp.asarray([prompts[row]]),
-                                    jnp.ones((1, len(prompts[row])), bool),
-                                    jnp.asarray([slots[row]]), lat[row:row + 1])
-        assert int(jnp.argmax(logits[0, -1])) == cached.tokens[row, 0]
+        n = len(prompts[row])
+        toks, slot = np.zeros(width, np.int32), np.zeros(width, bool)
+        toks[:n], slot[:n] = prompts[row], slots[row]
+        assert int(first_token(toks, slot, lat[row], n)) == cached.tokens[row, 0]
     # The latents matter: other latents give other answers.
     other = G.Generator(tiny_cfg, gen_params, **kw)(prompts, slots=slots, latents=lat[::-1])
     assert not np.array_equal(other.tokens, cached.tokens)

@@ -123,7 +123,8 @@ class RagPipeline:
         if n not in self._generators:
             self._generators[n] = Generator(
                 self.cfg, self.params, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
-                max_new_tokens=n, batch_buckets=_batch_buckets(self.settings.batch_size))
+                max_new_tokens=n, batch_buckets=_batch_buckets(self.settings.batch_size),
+                mesh=self.mesh)
         return self._generators[n]
 
     def query_latents(self, questions: Sequence[str]) -> np.ndarray:
