@@ -3,6 +3,8 @@ sampling and bucketed compilation, on configs/tiny.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,8 +195,10 @@ def test_sample_next_respects_top_k_and_top_p():
 
 
 def test_compiled_once_per_bucket_never_per_call(tiny_cfg, gen_params):
-    # max_new_tokens=7 is used by no other test, so the first call must compile.
-    gen = G.Generator(tiny_cfg, gen_params, eos_id=EOS, max_new_tokens=7,
+    # A config no other test uses (max_len does not change the computation), so the first
+    # call must compile whatever ran before in this process.
+    cfg = dataclasses.replace(tiny_cfg, max_len=tiny_cfg.max_len + 7)
+    gen = G.Generator(cfg, gen_params, eos_id=EOS, max_new_tokens=7,
                       batch_buckets=(4, 8), length_buckets=(16, 32))
     before = G.trace_count()
     gen(_prompts(tiny_cfg, [3, 5]))
@@ -202,7 +206,7 @@ def test_compiled_once_per_bucket_never_per_call(tiny_cfg, gen_params):
     # Same (batch, length) bucket: other lengths, batch sizes, seeds, sampling, EOS.
     gen(_prompts(tiny_cfg, [16, 1, 9, 2], seed=1), rng=jax.random.key(5))
     gen(_prompts(tiny_cfg, [8], seed=2), sampling=G.Sampling(temperature=0.7, top_k=5))
-    G.Generator(tiny_cfg, gen_params, eos_id=7, max_new_tokens=7, batch_buckets=(4, 8),
+    G.Generator(cfg, gen_params, eos_id=7, max_new_tokens=7, batch_buckets=(4, 8),
                 length_buckets=(16, 32))(_prompts(tiny_cfg, [4, 4]),
                                          sampling=G.Sampling(temperature=1.0, top_p=0.5))
     assert G.trace_count() == before + 1
