@@ -39,7 +39,7 @@ flags.DEFINE_bool("scann", True, "Build a ScaNN searcher (else exact search only
 flags.DEFINE_integer("scann_leaves", 0, "ScaNN partitions (0: about sqrt(num_docs), none "
                      "below 2000 documents).")
 flags.DEFINE_integer("scann_leaves_to_search", 0, "Partitions searched per query (0: 5%, at "
-                     "least 16).")
+                     "least 24).")
 flags.DEFINE_integer("scann_reorder", 100, "Candidates re-scored exactly.")
 flags.DEFINE_integer("num_shards", 1, "build: number of shards (one per host).")
 flags.DEFINE_integer("shard_index", 0, "build: which shard this run builds (documents i with "
@@ -65,7 +65,7 @@ def _scann_params():
     if FLAGS.scann_leaves:
         over["num_leaves"] = FLAGS.scann_leaves
         over["leaves_to_search"] = min(FLAGS.scann_leaves, FLAGS.scann_leaves_to_search
-                                       or max(16, FLAGS.scann_leaves // 20))
+                                       or max(24, FLAGS.scann_leaves // 20))
     elif FLAGS.scann_leaves_to_search:
         raise flags.IllegalFlagValueError("--scann_leaves_to_search needs --scann_leaves")
     return over

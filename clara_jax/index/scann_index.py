@@ -59,13 +59,15 @@ class ScannParams:
 
     @classmethod
     def auto(cls, n: int, **overrides) -> ScannParams:
-        """Defaults by corpus size: ~sqrt(n) leaves, searching 5% of them but at least 16
-        (small corpora have few, coarse leaves); no partitioning below 2000 documents."""
+        """Defaults by corpus size: ~sqrt(n) leaves, searching 5% of them but at least 24
+        (small corpora have few, coarse leaves, and searching half of them costs little; on
+        the bundled world's ~2200 chunks 16 of 46 leaves gave recall@10 0.95-0.96, 24 gave
+        0.985); no partitioning below 2000 documents."""
         if n < 2000:
             p = cls(num_leaves=0, leaves_to_search=0)
         else:
             leaves = int(round(math.sqrt(n)))
-            p = cls(num_leaves=leaves, leaves_to_search=min(leaves, max(16, leaves // 20)))
+            p = cls(num_leaves=leaves, leaves_to_search=min(leaves, max(24, leaves // 20)))
         return ScannParams(**{**p.__dict__, **overrides})
 
     def to_json(self) -> dict:
