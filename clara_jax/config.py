@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batches = 4
     c.train.eval_split = "heldout"  # the data split periodic evaluation reads
     c.train.nan_policy = "stop"  # 'stop' or 'skip' (skip the update of a non-finite step)
+    c.train.train_base = False  # stages 1-2: also train the base decoder (from-scratch models)
     c.train.data_dir = ""  # where the data pipeline's prepared files live
 
     c.mesh = ml_collections.ConfigDict()
@@ -176,6 +177,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
               f"must divide train.batch_size={t.batch_size}")
     if t.eval_every < 0:
         _fail("train.eval_every", t.eval_every, "must be >= 0 (0 disables evaluation)")
+    if t.train_base and t.stage == 3:
+        _fail("train.train_base", t.train_base,
+              "must be False in stage 3 (the compressor, which shares the base, is frozen)")
     if t.nan_policy not in ("stop", "skip"):
         _fail("train.nan_policy", t.nan_policy, "must be 'stop' or 'skip'")
 

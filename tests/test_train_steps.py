@@ -10,8 +10,8 @@ import pytest
 
 from clara_jax.model import init_params
 from clara_jax.model.api import param_group
-from clara_jax.model.partition import STAGE_TRAINABLE
 from clara_jax.model.sharding import make_mesh
+from clara_jax.train.optimizer import trainable_groups
 from clara_jax.train.state import create_state, init_query_adapter, state_shardings
 from clara_jax.train.steps import (
     batch_fields,
@@ -48,9 +48,9 @@ def _overfit_config(tiny_config, **train):
     return c
 
 
-def _check_frozen(before, state, stage):
+def _check_frozen(before, state, stage, config):
     """Frozen leaves unchanged, every trainable group changed, moments only for trainable."""
-    trainable = STAGE_TRAINABLE[stage]
+    trainable = trainable_groups(config, stage)
     changed = set()
     for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(before),
                                 jax.tree.leaves(state.params)):
@@ -67,7 +67,8 @@ def _check_frozen(before, state, stage):
     assert n_state == 2 * n_train
 
 
-@pytest.mark.parametrize("stage,extra", [(1, {}), (2, {}), (3, {"lambda_align": 0.5})])
+@pytest.mark.parametrize("stage,extra", [(1, {}), (2, {"train_base": True}),
+                                         (3, {"lambda_align": 0.5})])
 def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
     config, state, step = _setup(_overfit_config(tiny_config, **extra), tiny_cfg, stage)
     before = jax.tree.map(np.asarray, state.params)
@@ -80,7 +81,7 @@ def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
     assert float(m["ce"]) < float(first["ce"]) - 0.5, (first, m)
     if stage == 3:
         assert float(m["align"]) < float(first["align"])  # the retriever follows the generator
-    _check_frozen(before, state, stage)
+    _check_frozen(before, state, stage, config)
 
 
 def test_grad_accum_matches_full_batch(tiny_config, tiny_cfg):

@@ -81,9 +81,10 @@ def restore(manager: ocp.CheckpointManager, abstract: TrainState, shardings,
 
 def restore_params(source, target_for_stage) -> tuple[dict, dict]:
     """Params of the latest checkpoint under `source` (a workdir or its checkpoints dir), for
-    starting the next stage (`--init_from`). `target_for_stage(stage)` gives (abstract train
-    state, shardings) for the stage that wrote the checkpoint (its optimizer state's structure
-    depends on the stage). Returns (params on the target shardings, the source's meta)."""
+    starting the next stage (`--init_from`). `target_for_stage(meta)` gives (abstract train
+    state, shardings) for the run that wrote the checkpoint, from its metadata (its optimizer
+    state's structure depends on the stage). Returns (params on the target shardings, the
+    source's meta)."""
     if not os.path.isdir(source):
         raise CheckpointError(f"--init_from={source}: no such directory")
     manager = make_manager(None, read_only=True, async_save=False,
@@ -94,7 +95,7 @@ def restore_params(source, target_for_stage) -> tuple[dict, dict]:
             raise CheckpointError(f"--init_from={source}: no checkpoint in "
                                   f"{source_dir(source)}")
         meta = read_meta(manager, step)
-        abstract, shardings = target_for_stage(int(meta["stage"]))
+        abstract, shardings = target_for_stage(meta)
         state, _, meta = restore(manager, abstract, shardings, step)
     finally:
         manager.close()

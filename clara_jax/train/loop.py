@@ -167,8 +167,10 @@ def _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from, ini
     param_sh = logical_to_shardings(logical_specs(cfg), mesh)
     from_stage3 = False
     if init_from:
-        def target(src_stage):
-            a = abstract_state(config, cfg, src_stage)
+        def target(src_meta):
+            src_config = config.copy_and_resolve_references()
+            src_config.train.train_base = bool(src_meta.get("train_base", False))
+            a = abstract_state(src_config, cfg, int(src_meta["stage"]))
             return a, state_shardings(cfg, mesh, a)
         params, meta = ckpt.restore_params(init_from, target)
         from_stage3 = int(meta["stage"]) == 3
@@ -201,7 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
     manager = ckpt.make_manager(workdir, keep=int(t.keep_checkpoints))
     loader = loader_factory(config, stage, "train")
     metrics_path = workdir / "metrics.jsonl"
-    meta = {"stage": stage, "config": config.to_json()}
+    meta = {"stage": stage, "train_base": bool(t.train_base), "config": config.to_json()}
 
     latest = manager.latest_step()
     if latest is not None:

@@ -37,10 +37,20 @@ def make_base_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformat
     return optax.chain(*parts)
 
 
+def trainable_groups(config: ml_collections.ConfigDict, stage: int) -> frozenset[str]:
+    """The parameter groups (`clara_jax.model.param_group`) that `stage` updates:
+    STAGE_TRAINABLE[stage], plus the base decoder when `train.train_base` (stages 1-2 only,
+    for models trained from scratch such as the bundled demo)."""
+    groups = STAGE_TRAINABLE[stage]
+    if config.train.get("train_base", False) and stage in (1, 2):
+        groups = groups | {"base"}
+    return frozenset(groups)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params,
                    stage: int | None = None) -> optax.GradientTransformation:
     """The partitioned optimizer for `stage` (default `train.stage`) over `params` (arrays or
     ShapeDtypeStructs): the base transformation on the stage's trainable leaves, zero updates
     and no state on the frozen ones."""
     stage = config.train.stage if stage is None else stage
-    return partition(make_base_tx(config), params, STAGE_TRAINABLE[stage])
+    return partition(make_base_tx(config), params, trainable_groups(config, stage))

@@ -15,9 +15,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.model import ModelConfig, abstract_params, logical_specs
-from clara_jax.model.partition import STAGE_TRAINABLE, param_labels
+from clara_jax.model.partition import param_labels
 from clara_jax.model.sharding import logical_to_shardings
-from clara_jax.train.optimizer import make_optimizer
+from clara_jax.train.optimizer import make_optimizer, trainable_groups
 
 
 @flax.struct.dataclass
@@ -28,9 +28,9 @@ class TrainState:
     rng: jax.Array
 
 
-def trainable_labels(params, stage: int):
-    """'trainable' / 'frozen' per leaf for `stage` (see STAGE_TRAINABLE)."""
-    return param_labels(params, STAGE_TRAINABLE[stage])
+def trainable_labels(config: ml_collections.ConfigDict, params, stage: int):
+    """'trainable' / 'frozen' per leaf for `stage` (see optimizer.trainable_groups)."""
+    return param_labels(params, trainable_groups(config, stage))
 
 
 def split_trainable(params, labels):

@@ -5,7 +5,7 @@ Batches follow the shared contract (shape letters as in DESIGN.md; Td = data.doc
              targets/loss_mask [B, T] (K = 1 in stage 1)
   stage 3:   query_tokens int32[B, Tq], query_mask bool[B, Tq], cand_tokens int32[B, C, Td],
              cand_mask bool[B, C, Td], pos_index int32[B], and the generator fields [B, T]
-Only the stage's trainable leaves (clara_jax.model.partition.STAGE_TRAINABLE) are
+Only the stage's trainable leaves (clara_jax.train.optimizer.trainable_groups) are
 differentiated; the optimizer gives the frozen ones zero updates and keeps no state for them.
 `train.grad_accum` splits the batch into that many microbatches inside the step (a scan), so
 a step's memory is that of one microbatch and the loop and checkpoints are unchanged.
@@ -21,6 +21,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax import losses
+from clara_jax.data import prompts
 from clara_jax.model import ModelConfig, compress, encode_query, generate_logits
 from clara_jax.model.sharding import DEFAULT_RULES, batch_sharding
 from clara_jax.train.optimizer import make_optimizer, make_schedule
@@ -38,11 +39,9 @@ GEN_FIELDS = {"tokens": jnp.int32, "mask": bool, "slot_mask": bool, "targets": j
 def batch_fields(config: ml_collections.ConfigDict, stage: int, batch_size: int | None = None,
                  gen_len: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """The contract's fields for `stage` with their shapes and dtypes. `gen_len` (T) defaults
-    to the longest generator sequence the config allows: K x (M + 1) latent slots and
-    separators, the framing, question and answer."""
+    to the data pipeline's fixed length for the stage."""
     d = config.data
     b = config.train.batch_size if batch_size is None else batch_size
-    m = config.model.num_memory_tokens
     k = 1 if stage == 1 else d.num_docs
     t = gen_len if gen_len is not None else default_gen_len(config, stage)
     out = {name: jax.ShapeDtypeStruct((b, t), dt) for name, dt in GEN_FIELDS.items()}
@@ -57,18 +56,12 @@ def batch_fields(config: ml_collections.ConfigDict, stage: int, batch_size: int 
         out["cand_tokens"] = jax.ShapeDtypeStruct((b, c, td), jnp.int32)
         out["cand_mask"] = jax.ShapeDtypeStruct((b, c, td), bool)
         out["pos_index"] = jax.ShapeDtypeStruct((b,), jnp.int32)
-    del m
     return out
 
 
 def default_gen_len(config: ml_collections.ConfigDict, stage: int) -> int:
-    """T for a stage: K·(M+1) slots and separators + question + answer + 8 framing tokens
-    (stage 1 reproduces a paraphrase, so its answer may be a whole document)."""
-    d = config.data
-    m = config.model.num_memory_tokens
-    k = 1 if stage == 1 else d.num_docs
-    answer = max(d.answer_max_len, d.doc_max_len) if stage == 1 else d.answer_max_len
-    return k * (m + 1) + d.question_max_len + answer + 8
+    """T for a stage, as the data pipeline builds it (clara_jax.data.prompts)."""
+    return prompts.generator_length(config, stage)
 
 
 def _gen_ce(cfg, params, batch, latents, rng):
@@ -159,7 +152,7 @@ def make_train_step(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: 
     train.nan_policy says; the loop decides whether to stop).
     """
     loss_fn = make_loss_fn(config, cfg, stage)
-    labels = trainable_labels(params_like, stage)
+    labels = trainable_labels(config, params_like, stage)
     tx = make_optimizer(config, params_like, stage)
     schedule = make_schedule(config)
     accum = int(config.train.grad_accum)
