@@ -131,6 +131,9 @@ def test_build_resumes_after_interruption(world_data, tiny_config, tiny_cfg, tin
     other = jax.tree.map(lambda x: x * 1.5, tiny_params)
     with pytest.raises(IndexMismatchError, match="identity"):
         build_index(path, tiny_cfg, other, records, base, **kw)
+    # Nor may a changed corpus.
+    with pytest.raises(IndexMismatchError, match="corpus changed"):
+        build_index(path, tiny_cfg, tiny_params, records[1:], base, **kw)
     idx = build_index(path, tiny_cfg, tiny_params, records, base, **kw)
     assert idx.meta["extra"]["resumed_chunks"] == 2
     ids = [r["id"] for r in records]

@@ -89,7 +89,7 @@ def build_index(out, cfg: ModelConfig, params, records: Iterable[dict],
     try:
         for k, chunk in enumerate(_chunks(records, chunk_size)):
             num_chunks = k + 1
-            if builder.chunk_done(k):
+            if builder.chunk_done(k, [r["id"] for r in chunk]):
                 skipped += 1
                 bar.update(len(chunk))
                 continue

@@ -129,8 +129,10 @@ class IndexBuilder:
             atomic_write_json(build, self.settings)
         self.store_dir.mkdir(parents=True, exist_ok=True)
 
-    def chunk_done(self, k: int) -> bool:
-        """Whether chunk k was committed by an earlier (interrupted) run and is intact."""
+    def chunk_done(self, k: int, ids=None) -> bool:
+        """Whether chunk k was committed by an earlier (interrupted) run and is intact. With
+        `ids` (the documents chunk k must hold now), a chunk of other documents is refused:
+        the corpus changed since the interrupted run."""
         record = self.store_dir / f"{chunk_name(k)}.json"
         if not record.exists():
             return False
@@ -140,6 +142,10 @@ class IndexBuilder:
                 check_file(self.store_dir / frec["name"], frec)
         except IndexFileError:
             return False  # damaged by the interruption: it is written again
+        if ids is not None and list(ids) != chunk.ids:
+            raise IndexMismatchError(
+                f"{record}: the interrupted build encoded other documents in chunk {k} (the "
+                "corpus changed); use a new output directory")
         return chunk.start == k * self.chunk_size
 
     def write_chunk(self, k: int, latents: np.ndarray, ids, titles=None, texts=None) -> None:
