@@ -45,7 +45,7 @@ def index_dir(tmp_path_factory, world_data, tok, tiny_config, tiny_cfg, tiny_par
     out = tmp_path_factory.mktemp("rag") / "idx"
     records = [{"id": i, "title": f"doc {i}", "text": t} for i, t in docs]
     build_index(out, tiny_cfg, tiny_params, records,
-                make_tokenize(tok, tiny_config.data.doc_max_len), scann=False, batch_size=16)
+                make_tokenize(tok, tiny_config.data.doc_max_len), scann=True, batch_size=16)
     return out
 
 
@@ -99,6 +99,11 @@ def test_three_modes_end_to_end(pipeline, world_data, tok, tiny_config):
     direct = _direct(pipeline, [p.tolist() for p in text_prompts])
     for i, a in enumerate(results["text"]):
         assert a.tokens == direct.tokens[i, :direct.lengths[i]].tolist()
+    # ScaNN retrieval (exactly re-ranked on a corpus this small) finds the same documents.
+    scann = RagPipeline(pipeline.config, pipeline.cfg, pipeline.params, tok, index,
+                        dataclasses.replace(pipeline.settings, backend="scann"))
+    assert ([a.doc_ids for a in scann.answer(questions)[0]]
+            == [a.doc_ids for a in results["latent"]])
     # The modes are different computations on the same decoder.
     assert ([a.tokens for a in results["latent"]] != [a.tokens for a in results["closed_book"]])
 

@@ -59,8 +59,8 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
     # This host's devices: an index shard is built per host (see LatentEncoder).
     mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
 
-    def target(stage):
-        a = abstract_state(config, cfg, stage)
+    def target(src_meta):  # restore_params passes the checkpoint's metadata
+        a = abstract_state(config, cfg, int(src_meta["stage"]))
         return a, state_shardings(cfg, mesh, a)
 
     params, _ = ckpt.restore_params(str(path), target)
