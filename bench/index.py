@@ -13,7 +13,8 @@ disk, keys, ScaNN training + serialisation) and opened back before searching.
 
 Last output line: one JSON object with num_docs, build_s, recall_at_10 (ScaNN against exact),
 scann_qps, exact_qps, qps_ratio and bytes_per_doc (float32 and int8 stores as written, the
-bundled corpus' raw text, a 768-d float32 embedding).
+bundled world's raw text, and the reference's example documents when present, a 768-d
+float32 embedding).
 """
 
 from __future__ import annotations
@@ -70,16 +71,22 @@ class ClusteredLatents:
         return out.reshape(n, *self.shape)
 
 
-def raw_text_bytes_per_doc() -> float | None:
-    """Mean UTF-8 bytes of the bundled corpus' documents (None if it is not present)."""
-    if not BUNDLED.exists():
-        return None
-    sizes = []
-    with open(BUNDLED, encoding="utf-8") as f:
-        for line in f:
-            for doc in json.loads(line).get("docs", []):
-                sizes.append(len(doc.encode("utf-8")))
-    return float(np.mean(sizes)) if sizes else None
+def raw_text_bytes_per_doc() -> dict:
+    """Mean UTF-8 bytes per document of the bundled knowledge world's corpus (both splits) and,
+    when present, of the reference's example data (shared/data/ml-clara-example)."""
+    from clara_jax.data import world
+
+    out = {}
+    docs = [d for w in world.make_worlds(0, "small").values() for d in w.docs.values()]
+    out["world"] = float(np.mean([len(d.encode("utf-8")) for d in docs]))
+    if BUNDLED.exists():
+        sizes = []
+        with open(BUNDLED, encoding="utf-8") as f:
+            for line in f:
+                for doc in json.loads(line).get("docs", []):
+                    sizes.append(len(doc.encode("utf-8")))
+        out["ml_clara_example"] = float(np.mean(sizes))
+    return out
 
 
 def store_bytes(index_dir: Path) -> int:
@@ -190,7 +197,9 @@ def main() -> None:
         "scann": params.to_json(), "cpu_count": os.cpu_count(),
         "bytes_per_doc": {
             "float32": round(f32_bytes, 1), "int8": round(int8_bytes, 1),
-            "raw_text": None if text_bytes is None else round(text_bytes, 1),
+            "raw_text": round(text_bytes["world"], 1),
+            "raw_text_ml_clara_example": (round(text_bytes["ml_clara_example"], 1)
+                                          if "ml_clara_example" in text_bytes else None),
             "embedding_768_float32": 768 * 4,
         },
     }
