@@ -200,18 +200,32 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
     mesh = make_mesh_from_config(config)
     abstract = abstract_state(config, cfg, stage)
     shardings = state_shardings(cfg, mesh, abstract)
-    manager = ckpt.make_manager(workdir, keep=int(t.keep_checkpoints))
     loader = loader_factory(config, stage, "train")
-    metrics_path = workdir / "metrics.jsonl"
+    manager = ckpt.make_manager(workdir, keep=int(t.keep_checkpoints))
     meta = {"stage": stage, "train_base": bool(t.train_base), "config": config.to_json()}
 
+    try:
+        return _train(config, workdir, loader_factory, init_from, init_from_hf, progress,
+                      cfg, mesh, abstract, shardings, manager, loader, meta)
+    finally:
+        manager.close()
+
+
+def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, cfg, mesh,
+           abstract, shardings, manager, loader, meta) -> RunResult:
+    t = config.train
+    stage = int(t.stage)
+    metrics_path = workdir / "metrics.jsonl"
     latest = manager.latest_step()
     if latest is not None:
-        state, data_state, saved_meta = ckpt.restore(manager, abstract, shardings, latest)
-        if int(saved_meta.get("stage", stage)) != stage:
-            raise ckpt.CheckpointError(
-                f"{ckpt.checkpoint_dir(workdir)} holds a stage-{saved_meta['stage']} run; this "
-                f"config has train.stage={stage} (use a new --workdir and --init_from)")
+        saved_meta = ckpt.read_meta(manager, latest)
+        for key in ("stage", "train_base"):
+            if saved_meta.get(key, meta[key]) != meta[key]:
+                raise ckpt.CheckpointError(
+                    f"{ckpt.checkpoint_dir(workdir)} holds a run with {key}="
+                    f"{saved_meta[key]}; this config has train.{key}={meta[key]} (use a new "
+                    "--workdir, and --init_from to start from that run)")
+        state, data_state, _ = ckpt.restore(manager, abstract, shardings, latest)
         if data_state:
             loader.set_state(data_state)
         _truncate_jsonl(metrics_path, latest)
@@ -226,7 +240,6 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
 
     start = int(jax.device_get(state.step))
     if start >= t.steps:
-        manager.close()
         _say(f"nothing to do: step {start} >= train.steps={t.steps}")
         return RunResult("done", start, {}, str(ckpt.checkpoint_dir(workdir)))
 
@@ -328,7 +341,6 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
                     break
     finally:
         manager.wait_until_finished()
-        manager.close()
         if bar is not None:
             bar.close()
         if writer is not None:
