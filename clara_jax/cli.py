@@ -20,6 +20,8 @@ COMMANDS = {
     "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
     "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST).",
     "demo": "Compress documents and run the generator end to end on a config.",
+    "eval": "Batch evaluation (EM, F1, cover-EM, Recall@k, ms per stage) of a QA file or world.",
+    "export": "A self-contained serving bundle (params, tokenizer, config, index) for ask.",
     "index": "Latent indexes: build from a checkpoint and a corpus, info, search, add, delete.",
     "inspect": "Decode a document's stored latents back to text; list its nearest documents.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",

@@ -1,0 +1,434 @@
+"""Batch offline evaluation: questions with gold answers (a stage-2 / stage-3 JSONL file or the
+held-out world) through the RAG pipeline in one mode, scored with EM, F1, cover-EM and
+Recall@1/3/5, with milliseconds per stage.
+
+    items, info = load_items("data/world", index=pipeline.index)        # held-out stage 3
+    summary = evaluate(pipeline, items, "latent", out_dir="runs/eval/latent")
+
+`evaluate` reuses one loaded `RagPipeline` (model, tokenizer, index), so the three modes are
+compared on the same weights and the same index without reloading.
+
+Retrieval recall. A row's `pos_index` names its gold documents among its own `docs`; they are
+mapped to the index's document ids through the corpus the index was built from: a gold text
+equal to a corpus row's text gives that corpus id, and the relevant index ids are that id and
+its chunks `ID#k` (`clara_jax.index.corpus` names long documents' chunks that way). Without a
+corpus file the index's stored audit text is used instead (exact text -> id; chunked documents
+then cannot match). Recall@k = 1 when any relevant id is among the first k retrieved; rows
+whose gold documents map to no index id are left out of the recall means (their count is in
+the summary as `recall_unmapped`).
+
+Timing. Per batch: query encoding (the query reasoner, `RagPipeline.query_latents`), search
+(`index.search`), generation (prompts, stored latents or text, the jitted generator, decoding
+to text). The first batch is run once untimed (`warmup`) so that compilation is not counted;
+a later batch that needs a new (batch, length) bucket includes its compilation.
+`ms_per_answer` is the timed wall time over the questions answered.
+
+Processes. With several JAX processes (`clara_jax.distributed`), process p evaluates rows
+p, p + P, p + 2P, ...; the per-row records are gathered to process 0
+(`multihost_utils.process_allgather`, which is also the barrier) and only process 0 writes:
+OUT/predictions.jsonl (in input order), OUT/summary.json and OUT/summary.md, each to a temp
+file then renamed. No shared file system is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from clara_jax.data.formats import DataError, iter_jsonl
+from clara_jax.eval import metrics
+
+RECALL_KS = (1, 3, 5)
+MODES = ("latent", "text", "closed_book")
+SUMMARY_FORMAT = "clara_jax.eval_summary"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    """One question to evaluate. golds: every acceptable answer; relevant: the index ids of its
+    gold documents (empty: unknown, not counted in recall); hops: number of gold documents
+    (pos_index entries; 0 when unknown); line: its line in the input file."""
+
+    question: str
+    golds: tuple[str, ...]
+    relevant: tuple[str, ...] = ()
+    hops: int = 0
+    line: int = 0
+
+
+# ----------------------------------------------------------------------------- input
+
+def resolve_data(data, split: str = "heldout", fmt: str = "stage3") -> tuple[Path, Path | None]:
+    """`data` is a JSONL file or a world directory (`clara data world --out DIR`: reads
+    DIR/<split>/<fmt>.jsonl). Returns (the JSONL file, the corpus beside it or None)."""
+    path = Path(data)
+    if path.is_dir():
+        path = path / split / f"{fmt}.jsonl"
+    corpus = path.parent / "corpus.jsonl"
+    return path, (corpus if corpus.is_file() else None)
+
+
+def _text_to_ids_from_corpus(corpus: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for _, row in iter_jsonl(corpus, "corpus"):
+        out.setdefault(row.text, []).append(row.id)
+    return out
+
+
+def _index_shards(index) -> list:
+    return list(index.shards) if hasattr(index, "shards") else [index]
+
+
+def _live_ids(index) -> list[str]:
+    ids = []
+    for s in _index_shards(index):
+        ids += [i for r, i in enumerate(s.ids) if not s.deleted[r]]
+    return ids
+
+
+def _text_to_ids_from_index(index) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for doc_id in _live_ids(index):
+        text = index.doc(doc_id).get("text")
+        if text:
+            out.setdefault(text, []).append(doc_id)
+    return out
+
+
+def gold_id_mapper(index, corpus: str | os.PathLike | None = None):
+    """A function gold document text -> tuple of index ids (empty when not found); see the
+    module doc for the rule. `source` attribute: 'corpus:<path>' or 'index_text'."""
+    live = _live_ids(index)
+    if corpus is not None:
+        by_text = _text_to_ids_from_corpus(Path(corpus))
+        chunks: dict[str, list[str]] = {}
+        for doc_id in live:
+            if "#" in doc_id:
+                chunks.setdefault(doc_id.rsplit("#", 1)[0], []).append(doc_id)
+        live_set = set(live)
+
+        def to_ids(text: str) -> tuple[str, ...]:
+            out = []
+            for cid in by_text.get(text, ()):
+                out += ([cid] if cid in live_set else []) + chunks.get(cid, [])
+            return tuple(out)
+
+        to_ids.source = f"corpus:{corpus}"
+        return to_ids
+    by_text = _text_to_ids_from_index(index)
+
+    def to_ids(text: str) -> tuple[str, ...]:
+        return tuple(by_text.get(text, ()))
+
+    to_ids.source = "index_text"
+    return to_ids
+
+
+def load_items(data, index=None, corpus: str | os.PathLike | None = None, fmt: str = "stage3",
+               split: str = "heldout", limit: int | None = None, skip_bad_rows: bool = False
+               ) -> tuple[list[EvalItem], dict]:
+    """Reads a stage-2 / stage-3 file (or a world directory, see `resolve_data`) into
+    EvalItems, mapping the gold documents to `index` ids when an index is given. `corpus`
+    defaults to the corpus.jsonl beside the file. Returns (items, info) with info: 'data',
+    'gold_ids' (the mapping's source), 'rows', 'mapped' (rows with relevant ids), 'unmapped'.
+    Bad rows raise DataError naming the file, line and field."""
+    if fmt not in ("stage2", "stage3"):
+        raise ValueError(f"fmt={fmt!r}: must be 'stage2' or 'stage3'")
+    path, beside = resolve_data(data, split, fmt)
+    corpus = corpus if corpus is not None else beside
+    to_ids = gold_id_mapper(index, corpus) if index is not None else None
+    items, unmapped = [], 0
+    for line, row in iter_jsonl(path, fmt, skip_bad_rows=skip_bad_rows):
+        relevant: tuple[str, ...] = ()
+        if to_ids is not None and row.pos_index:
+            seen: dict[str, None] = {}
+            for p in row.pos_index:
+                seen.update(dict.fromkeys(to_ids(row.docs[p])))
+            relevant = tuple(seen)
+            unmapped += not relevant
+        items.append(EvalItem(row.question, tuple(row.answers), relevant, len(row.pos_index),
+                              line))
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise DataError(path, 0, None, "no rows to evaluate")
+    info = {"data": str(path), "gold_ids": None if to_ids is None else to_ids.source,
+            "rows": len(items), "mapped": sum(bool(i.relevant) for i in items),
+            "unmapped": unmapped}
+    return items, info
+
+
+def as_items(rows: Iterable) -> list[EvalItem]:
+    """EvalItems from EvalItems, QARows (no index mapping) or dicts {'question', 'answers' |
+    'answer', 'relevant'?, 'hops'?}."""
+    out = []
+    for n, r in enumerate(rows):
+        if isinstance(r, EvalItem):
+            out.append(r)
+        elif isinstance(r, dict):
+            golds = r.get("answers") or ([r["answer"]] if "answer" in r else None)
+            if not golds:
+                raise ValueError(f"row {n}: field 'answers': missing")
+            out.append(EvalItem(r["question"], tuple(golds), tuple(r.get("relevant", ())),
+                                int(r.get("hops", 0)), n + 1))
+        else:  # a formats.QARow
+            out.append(EvalItem(r.question, tuple(r.answers), (), len(r.pos_index), n + 1))
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _score_row(item: EvalItem, prediction: str, retrieved: list[str] | None) -> dict:
+    scores = metrics.answer_scores(prediction, item.golds)
+    if retrieved is not None and item.relevant:
+        for k in RECALL_KS:
+            scores[f"recall_at_{k}"] = metrics.recall_at_k(retrieved, item.relevant, k)
+    return scores
+
+
+def _run_batch(pipeline, items: Sequence[EvalItem], mode: str, k: int, depth: int, rng
+               ) -> tuple[list[dict], dict]:
+    """Answers one batch; returns (per-row records without scores, stage milliseconds)."""
+    questions = [it.question for it in items]
+    ms = {"query_encoding": 0.0, "search": 0.0, "generation": 0.0}
+    res, ids, scores = None, [[] for _ in items], None
+    if mode != "closed_book":
+        t = time.perf_counter()
+        qlat = pipeline.query_latents(questions)
+        ms["query_encoding"] = 1e3 * (time.perf_counter() - t)
+        t = time.perf_counter()
+        res = pipeline.index.search(qlat, depth, pipeline.settings.backend)
+        ms["search"] = 1e3 * (time.perf_counter() - t)
+        if any(d is None for row in res.ids for d in row[:k]):
+            raise ValueError(f"the index holds {pipeline.index.num_docs} documents, fewer than "
+                             f"num_docs={k}")
+        ids = [[d for d in row if d is not None] for row in res.ids]
+        scores = np.asarray(res.scores, np.float32)  # host copy: no device ops per row
+    t = time.perf_counter()
+    toks, slots = pipeline.prompts(questions, [row[:k] for row in ids], mode)
+    latents = pipeline.doc_latents(res, k) if mode == "latent" else None
+    gen = pipeline.generator()(toks, slots=slots, latents=latents,
+                               sampling=pipeline.settings.sampling, rng=rng)
+    texts = [pipeline.tok.decode(tk[:n].tolist()).strip()
+             for tk, n in zip(gen.tokens, gen.lengths)]
+    ms["generation"] = 1e3 * (time.perf_counter() - t)
+    records = []
+    for i, it in enumerate(items):
+        rec = {"line": it.line, "question": it.question, "golds": list(it.golds),
+               "prediction": texts[i], "mode": mode, "hops": it.hops,
+               "relevant": list(it.relevant)}
+        if mode != "closed_book":
+            rec["retrieved"] = ids[i]
+            rec["retrieved_scores"] = [round(float(s), 6) for s in scores[i, :len(ids[i])]]
+            rec["used_docs"] = k
+        records.append(rec)
+    return records, ms
+
+
+def _gather(obj) -> list:
+    """Every process's JSON-able `obj`, in process order (on every process); also a barrier."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:blob.size] = blob
+    allb = multihost_utils.process_allgather(padded)
+    return [json.loads(allb[p, :int(sizes[p][0])].tobytes().decode())
+            for p in range(jax.process_count())]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 6) if values else None
+
+
+def summarize(records: list[dict], mode: str, timing: dict) -> dict:
+    """The summary dict of scored per-row records (see `evaluate`)."""
+    n = len(records)
+    means = metrics.mean_scores(r["scores"] for r in records)
+    out = {"format": SUMMARY_FORMAT, "mode": mode, "questions": n}
+    for key in ("em", "f1", "cover_em"):
+        out[key] = round(means[key], 6) if key in means else None
+    with_gold = sum(1 for r in records if f"recall_at_{RECALL_KS[0]}" in r["scores"])
+    for k in RECALL_KS:
+        key = f"recall_at_{k}"
+        out[key] = round(means[key], 6) if key in means else None
+    out["recall_questions"] = with_gold
+    out["recall_unmapped"] = sum(1 for r in records if r["hops"] and not r["relevant"]) \
+        if mode != "closed_book" else 0
+    timed = max(timing["timed_questions"], 1)
+    out["ms_per_question"] = {stage: round(timing[stage] / timed, 3)
+                              for stage in ("query_encoding", "search", "generation")}
+    out["ms_per_answer"] = round(timing["wall"] / timed, 3)
+    out["timed_questions"] = timing["timed_questions"]
+    by_hops = {}
+    for h in sorted({r["hops"] for r in records}):
+        rows = [r for r in records if r["hops"] == h]
+        m = metrics.mean_scores(r["scores"] for r in rows)
+        by_hops[str(h)] = {"questions": len(rows), **{key: round(v, 6) for key, v in
+                                                      sorted(m.items())}}
+    out["by_hops"] = by_hops
+    return out
+
+
+def markdown_table(summaries: Sequence[dict]) -> str:
+    """A Markdown table of one or more summaries (one row per mode)."""
+    def cell(v, pct=True):
+        if v is None:
+            return "–"
+        return f"{100 * v:.1f}" if pct else f"{v:.1f}"
+
+    head = ("| mode | questions | EM | F1 | cover-EM | R@1 | R@3 | R@5 | ms query enc | "
+            "ms search | ms generation | ms / answer |")
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for s in summaries:
+        st = s["ms_per_question"]
+        lines.append(
+            f"| {s['mode']} | {s['questions']} | {cell(s['em'])} | {cell(s['f1'])} | "
+            f"{cell(s['cover_em'])} | {cell(s['recall_at_1'])} | {cell(s['recall_at_3'])} | "
+            f"{cell(s['recall_at_5'])} | {cell(st['query_encoding'], False)} | "
+            f"{cell(st['search'], False)} | {cell(st['generation'], False)} | "
+            f"{cell(s['ms_per_answer'], False)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _environment() -> dict:
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "devices_per_process": jax.local_device_count(), "python": platform.python_version()}
+
+
+def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | None = None,
+             batch_size: int | None = None, num_docs: int | None = None, warmup: bool = True,
+             progress: bool = True, seed: int = 0, extra: dict | None = None) -> dict:
+    """Evaluates `rows` (EvalItems from `load_items`, or see `as_items`) with `pipeline` (a
+    `clara_jax.infer.rag.RagPipeline`; `load_pipeline` builds one from paths) in `mode`.
+
+    Sharded over JAX processes (row i on process i % P); every process returns the same merged
+    summary. With `out_dir`, process 0 writes predictions.jsonl (one object per question, input
+    order: line, question, golds, prediction, mode, hops, relevant, retrieved (ids, best
+    first; the first `used_docs` were read), retrieved_scores (cosine), scores {em, f1,
+    cover_em, recall_at_k}), summary.json and summary.md.
+    batch_size: questions per batch (default the pipeline's); num_docs: K (default the
+    pipeline's). Returns the summary: mode, questions, em, f1, cover_em, recall_at_{1,3,5}
+    (None without retrieval or gold ids), recall_questions, ms_per_question {query_encoding,
+    search, generation}, ms_per_answer, by_hops {hops: means}, num_docs, processes, ...
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: must be one of {MODES}")
+    if pipeline.settings.refine_threshold is not None:
+        raise ValueError("evaluate runs without adaptive refinement; build the pipeline with "
+                         "refine_threshold=None")
+    if mode != "closed_book" and pipeline.index is None:
+        raise ValueError(f"mode={mode!r} needs an index (or use mode='closed_book')")
+    items = as_items(rows)
+    if not items:
+        raise ValueError("no rows to evaluate")
+    k = int(num_docs or pipeline.settings.num_docs)
+    depth = 0
+    if mode != "closed_book":
+        depth = min(max(k, max(RECALL_KS)), pipeline.index.num_docs)
+        if depth < k:
+            raise ValueError(f"num_docs={k}: the index holds only {pipeline.index.num_docs} "
+                             "documents")
+    bs = int(batch_size or pipeline.settings.batch_size)
+    proc, nproc = jax.process_index(), jax.process_count()
+    mine = list(range(proc, len(items), nproc))
+    batches = [mine[lo:lo + bs] for lo in range(0, len(mine), bs)]
+    base_key = jax.random.key(seed)
+    if warmup and batches:  # compile the common bucket outside the timed pass
+        _run_batch(pipeline, [items[i] for i in batches[0]], mode, k, depth,
+                   jax.random.fold_in(base_key, batches[0][0]))
+    timing = {"query_encoding": 0.0, "search": 0.0, "generation": 0.0, "wall": 0.0,
+              "timed_questions": 0}
+    records = []
+    bar = tqdm(total=len(mine), unit="q", desc=f"eval {mode}", dynamic_ncols=True,
+               disable=not progress or proc != 0, mininterval=1.0)
+    for rows_b in batches:
+        # Keyed by the batch's first global row (sampling only; greedy decoding ignores it).
+        rng = jax.random.fold_in(base_key, rows_b[0])
+        t = time.perf_counter()
+        recs, ms = _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth, rng)
+        timing["wall"] += 1e3 * (time.perf_counter() - t)
+        for stage, v in ms.items():
+            timing[stage] += v
+        timing["timed_questions"] += len(rows_b)
+        for i, rec in zip(rows_b, recs):
+            rec["scores"] = _score_row(items[i], rec["prediction"], rec.get("retrieved"))
+            records.append((i, rec))
+        bar.update(len(rows_b))
+    bar.close()
+    parts = _gather({"records": records, "timing": timing})
+    merged = sorted((tuple(r) for p in parts for r in p["records"]), key=lambda r: r[0])
+    all_records = [r for _, r in merged]
+    total = {key: sum(p["timing"][key] for p in parts) for key in timing}
+    summary = summarize(all_records, mode, total)
+    summary.update(num_docs=k if mode != "closed_book" else 0, search_depth=depth,
+                   batch_size=bs, backend=pipeline.settings.backend, processes=nproc,
+                   max_new_tokens=pipeline.settings.max_new_tokens, warmup=warmup,
+                   environment=_environment(), **(extra or {}))
+    if out_dir is not None and proc == 0:
+        write_outputs(out_dir, all_records, summary)
+    return summary
+
+
+def write_outputs(out_dir, records: list[dict], summary: dict) -> None:
+    """OUT/predictions.jsonl, OUT/summary.json, OUT/summary.md, each atomically."""
+    out = Path(out_dir)
+    _atomic_write_text(out / "predictions.jsonl",
+                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _atomic_write_text(out / "summary.md", markdown_table([summary]))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_pipeline(checkpoint=None, index=None, bundle=None, tokenizer=None, **settings):
+    """A RagPipeline from a training checkpoint (+ index) or a serving bundle (its own index
+    unless `index` is given). settings: RagSettings fields; num_docs and max_new_tokens
+    default to the config's data.num_docs and data.answer_max_len."""
+    from clara_jax.index import model_identity, open_index
+    from clara_jax.infer.rag import RagPipeline, RagSettings
+
+    if (checkpoint is None) == (bundle is None):
+        raise ValueError("give exactly one of checkpoint and bundle")
+    if bundle is not None:
+        from clara_jax.export.bundle import load_bundle
+
+        b = load_bundle(bundle, tokenizer_dir=tokenizer)
+        loaded, index = b.model, index if index is not None else b.index_path
+    else:
+        from clara_jax.index.model_source import load_checkpoint_model
+
+        loaded = load_checkpoint_model(checkpoint, tokenizer)
+    config = loaded.config
+    opened = None
+    if index is not None:
+        opened = open_index(index, identity=model_identity(loaded.cfg, loaded.params))
+    settings.setdefault("num_docs", int(config.data.num_docs))
+    settings.setdefault("max_new_tokens", int(config.data.answer_max_len))
+    return RagPipeline(config, loaded.cfg, loaded.params, loaded.tokenizer, opened,
+                       RagSettings(**settings))
