@@ -1,4 +1,5 @@
-"""`clara ask --checkpoint=DIR --index=IDX "question" ...` or `... --file=Q.jsonl`: answers
+"""`clara ask --checkpoint=DIR --index=IDX "question" ...` or `... --file=Q.jsonl`, or
+`clara ask --bundle=BUNDLE "question"` (a `clara export` bundle with its own index): answers
 questions with the RAG pipeline (clara_jax.infer.rag) and prints one JSON object per answer
 (JSONL) to stdout or --out: question, answer, mode, doc_ids, scores, entropy, refined (and the
 documents' audit text with --show_docs). A summary (questions, refined rows, seconds) goes to

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from clara_jax.commands.rag_common import (
     InputError,
@@ -49,6 +49,8 @@ def main(argv) -> None:
     from clara_jax.eval.job import evaluate, load_items, load_pipeline
     from clara_jax.infer.generation import Sampling
 
+    # Orbax logs every save and restore step at INFO; the summary is what matters.
+    logging.set_verbosity(logging.WARNING)
     fl = flags.FLAGS
     try:
         if len(argv) > 1:

@@ -27,6 +27,8 @@ def error_line(e: Exception) -> str:
 def define_pipeline_flags() -> None:
     """Defines the shared flags (call once, at the importing command's import)."""
     flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints dir.")
+    flags.DEFINE_string("bundle", None, "A serving bundle (`clara export`) instead of "
+                        "--checkpoint; its own index unless --index is given.")
     flags.DEFINE_string("index", None, "Latent index directory (`clara index build`).")
     flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: DATA_DIR/tokenizer of "
                         "the checkpoint's config.train.data_dir).")
@@ -46,15 +48,22 @@ def build_pipeline(fl, need_index: bool, settings_for=lambda config: {}):
     from clara_jax.infer.generation import Sampling
     from clara_jax.infer.rag import RagPipeline, RagSettings
 
-    if not fl.checkpoint:
-        raise InputError("--checkpoint is required")
-    if need_index and not fl.index:
+    if bool(fl.checkpoint) == bool(fl.bundle):
+        raise InputError("give --checkpoint (a training run) or --bundle (`clara export`)")
+    index_path = fl.index
+    if fl.bundle:
+        from clara_jax.export.bundle import load_bundle
+
+        bundle = load_bundle(fl.bundle, tokenizer_dir=fl.tokenizer)
+        loaded, index_path = bundle.model, fl.index or bundle.index_path
+    if need_index and not index_path:
         raise InputError("--index is required (or use --mode=closed_book)")
-    loaded = load_checkpoint_model(fl.checkpoint, fl.tokenizer)
+    if fl.checkpoint:
+        loaded = load_checkpoint_model(fl.checkpoint, fl.tokenizer)
     config, cfg, params, tok = loaded.config, loaded.cfg, loaded.params, loaded.tokenizer
     index = None
-    if fl.index:
-        index = open_index(fl.index, identity=model_identity(cfg, params))
+    if index_path:
+        index = open_index(index_path, identity=model_identity(cfg, params))
     sampling = Sampling(fl.temperature, fl.top_k, fl.top_p)
     rag = RagSettings(sampling=sampling, backend=fl.backend, batch_size=fl.batch_size,
                       **settings_for(config))

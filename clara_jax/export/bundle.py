@@ -159,6 +159,7 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
                 extra_files=extra)
         save_file(non_base_arrays(params), str(tmp / CLARA_PARAMS_FILE),
                   metadata={"format": "clara_jax.params", "scan_layers": str(cfg.scan_layers)})
+        os.chmod(tmp / CLARA_PARAMS_FILE, 0o644)  # written through a private temp file
         if index is not None:
             shutil.copytree(index, tmp / INDEX_DIR)
             open_index(tmp / INDEX_DIR, identity=identity)  # the copy opens and matches
