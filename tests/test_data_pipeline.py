@@ -125,6 +125,18 @@ def test_processes_read_disjoint_shards(built, tiny_config):
     assert len(seen[0]) + len(seen[1]) >= n - 2 * 2  # all but the dropped partial batches
 
 
+def test_global_batches_do_not_depend_on_the_process_count(built, tiny_config):
+    out, _ = built
+
+    def rows(batch):
+        return {d.tobytes() + t.tobytes() for d, t in zip(batch["doc_tokens"], batch["tokens"])}
+
+    single = _loader(tiny_config, 1, out, process_index=0, process_count=1)
+    halves = [_loader(tiny_config, 1, out, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(5):  # crosses an epoch boundary of the small held-out world too
+        assert rows(next(single)) == rows(next(halves[0])) | rows(next(halves[1]))
+
+
 def test_build_summary_counts(built):
     _, summary = built
     s1 = summary["builds"]["stage1"]["splits"]["train"]

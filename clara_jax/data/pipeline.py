@@ -149,12 +149,15 @@ def make_dataset(config, stage: int, data_dir, split: str = "train", seed: int |
     check_tokenizer_fits(tok, config)
     source = tfds_build.data_source(f"stage{stage}", data_dir, split)
     ds = grain.MapDataset.source(source)
-    ds = ds[process_index::process_count]
-    if len(ds) < batch // process_count:
-        raise ValueError(f"{data_dir} split {split!r}: {len(ds)} examples on process "
-                         f"{process_index}, fewer than one batch of {batch // process_count}")
+    if len(ds) < batch:
+        raise ValueError(f"{data_dir} split {split!r}: {len(ds)} examples, fewer than one "
+                         f"batch of {batch}")
+    # Every process shuffles the same way and then takes every process_count-th example, so
+    # global batch k is always examples [k*B, (k+1)*B) of one stream, whatever the number of
+    # processes: a 2-process run sees exactly the batches of a 1-process run.
     ds = ds.shuffle(seed=int(config.train.seed if seed is None else seed))
     ds = ds.repeat(num_epochs)
+    ds = ds[process_index::process_count]
     ds = ds.map(_Featurize(Featurizer.from_config(tok, config, stage)))
     return ds.batch(batch // process_count, drop_remainder=True)
 
