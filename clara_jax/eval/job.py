@@ -19,8 +19,9 @@ the summary as `recall_unmapped`).
 
 Timing. Per batch: query encoding (the query reasoner, `RagPipeline.query_latents`), search
 (`index.search`), generation (prompts, stored latents or text, the jitted generator, decoding
-to text). The first batch is run once untimed (`warmup`) so that compilation is not counted;
-a later batch that needs a new (batch, length) bucket includes its compilation.
+to text). The first batch, and the last one when it is shorter, are run once untimed
+(`warmup`) so that compilation is not counted; a batch whose prompts need a new length bucket
+still includes that compilation.
 `ms_per_answer` is the timed wall time over the questions answered.
 
 Processes. With several JAX processes (`clara_jax.distributed`), process p evaluates rows
@@ -359,9 +360,11 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
     mine = list(range(proc, len(items), nproc))
     batches = [mine[lo:lo + bs] for lo in range(0, len(mine), bs)]
     base_key = jax.random.key(seed)
-    if warmup and batches:  # compile the common bucket outside the timed pass
-        _run_batch(pipeline, [items[i] for i in batches[0]], mode, k, depth,
-                   jax.random.fold_in(base_key, batches[0][0]))
+    if warmup and batches:
+        # Compile outside the timed pass: the full batch's shapes and the shorter last one's.
+        for rows_b in {len(b): b for b in (batches[0], batches[-1])}.values():
+            _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth,
+                       jax.random.fold_in(base_key, rows_b[0]))
     timing = {"query_encoding": 0.0, "search": 0.0, "generation": 0.0, "wall": 0.0,
               "timed_questions": 0}
     records = []

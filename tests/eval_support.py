@@ -1,0 +1,75 @@
+"""Shared set-up of the evaluation and export tests: the bundled world with its tokenizer, a
+training checkpoint of the tiny model, and a latent index of the held-out corpus."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fresh_config(data_dir=None):
+    """A new tiny config (the session fixture is shared, so tests do not modify it)."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    if data_dir is not None:
+        config.train.data_dir = str(data_dir)
+    return config
+
+
+def write_world(root: Path, config) -> Path:
+    """root/world: the small world's JSONL files and its tokenizer (world/tokenizer)."""
+    from clara_jax.data import world
+    from clara_jax.data.prepare import world_tokenizer
+
+    out = root / "world"
+    world.write_world(out, seed=0, size="small")
+    world_tokenizer(config).save(out / "tokenizer")
+    return out
+
+
+def perturbed(params, scale: float = 0.02, seed: int = 1):
+    """Random weights with non-zero LoRA B factors, so every adapter changes the outputs."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+
+
+def save_checkpoint(config, params, workdir: Path) -> None:
+    """A training checkpoint as the trainer writes it (orbax, stage 1, step 0)."""
+    from clara_jax.train import checkpoint as ckpt
+    from clara_jax.train.state import create_state
+
+    manager = ckpt.make_manager(workdir, async_save=False)
+    ckpt.save(manager, create_state(config, params, 1), None,
+              {"stage": 1, "config": config.to_json(), "step": 0})
+    manager.wait_until_finished()
+    manager.close()
+
+
+def build_corpus_index(out: Path, corpus: Path, config, cfg, params, tok, limit=None):
+    """An index (exact search only) of a corpus file's chunks, as `clara index build` does."""
+    from clara_jax.index import build_index
+    from clara_jax.index.corpus import make_tokenize, read_corpus
+
+    records = list(read_corpus(corpus, tok, config.data.doc_max_len,
+                               config.data.chunk_overlap))
+    if limit is not None:
+        records = records[:limit]
+    return build_index(out, cfg, params, records, make_tokenize(tok, config.data.doc_max_len),
+                       scann=False, batch_size=64)
+
+
+def clara(*args, launcher=None, timeout=300):
+    """Runs `clara ARGS` (optionally under a launcher command list) on the CPU."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "clara_jax.cli", *args]
+    return subprocess.run((launcher or []) + cmd, capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)

@@ -1,0 +1,148 @@
+"""The batch evaluation job (clara_jax/eval/job.py, `clara eval`) on the tiny model, the
+bundled world's held-out split and a real latent index: gold documents mapped to index ids,
+metrics recomputed from the written predictions, predictions equal to the RAG pipeline's own
+answers, and the two-process run (launch/local_multiprocess.sh) merged into the single-process
+result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clara_jax.data.formats import DataError
+from clara_jax.eval import metrics
+from clara_jax.eval.job import RECALL_KS, evaluate, load_items, load_pipeline
+from tests import eval_support as es
+
+LIMIT = 10
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_params):
+    from clara_jax.data.tokenizer import load_tokenizer
+    from clara_jax.model import ModelConfig
+
+    root = tmp_path_factory.mktemp("evaljob")
+    config = es.fresh_config(root / "world")
+    world_dir = es.write_world(root, config)
+    params = es.perturbed(tiny_params)
+    es.save_checkpoint(config, params, root / "run")
+    tok = load_tokenizer(world_dir / "tokenizer")
+    es.build_corpus_index(root / "idx", world_dir / "heldout" / "corpus.jsonl", config,
+                          ModelConfig.from_config(config), params, tok)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(setup):
+    return load_pipeline(checkpoint=setup / "run", index=setup / "idx", batch_size=4,
+                         backend="exact")
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_gold_documents_map_to_index_ids(setup, pipeline):
+    root, index = setup, pipeline.index
+    items, info = load_items(root / "world", index)
+    rows = _jsonl(root / "world" / "heldout" / "stage3.jsonl")
+    corpus = {r["text"]: r["id"] for r in _jsonl(root / "world" / "heldout" / "corpus.jsonl")}
+    assert info["rows"] == len(rows) == len(items) and info["unmapped"] == 0
+    assert info["gold_ids"].startswith("corpus:")
+    live = set(index.ids)
+    for item, row in zip(items, rows):
+        assert item.question == row["question"] and item.golds == (row["answer"],)
+        assert item.hops == len(row["pos_index"]) and item.line == rows.index(row) + 1
+        gold = {corpus[row["docs"][p]] for p in row["pos_index"]}
+        # Every chunk of every gold document, and nothing else.
+        want = {i for i in live if i.split("#")[0] in gold}
+        assert set(item.relevant) == want and want
+    # Without a corpus file the index's stored text is matched exactly (one chunk each here).
+    ids = index.ids[:3]
+    texts = [index.doc(i)["text"] for i in ids]
+    f = root / "alone" / "stage3.jsonl"
+    f.parent.mkdir()
+    f.write_text("".join(json.dumps({"question": f"q{n}", "docs": [texts[n], "no such text"],
+                                     "pos_index": [0], "answer": "a"}) + "\n"
+                         for n in range(3)))
+    items, info = load_items(f, index)
+    assert info["gold_ids"] == "index_text"
+    assert [it.relevant for it in items] == [(i,) for i in ids]
+    # A bad row names the file, the line and the field.
+    f.write_text(f.read_text() + json.dumps({"question": "", "docs": ["x"], "answer": "a"}))
+    with pytest.raises(DataError, match=r"stage3.jsonl:4: field 'question'"):
+        load_items(f, index)
+
+
+def test_three_modes_score_the_pipelines_answers(setup, pipeline):
+    root = setup
+    items, _ = load_items(root / "world", pipeline.index, limit=LIMIT)
+    questions = [it.question for it in items]
+    k = pipeline.settings.num_docs
+    top = pipeline.index.search(pipeline.query_latents(questions), max(RECALL_KS), "exact")
+    summaries = {}
+    for mode in ("latent", "text", "closed_book"):
+        out = root / "eval" / mode
+        summary = evaluate(pipeline, items, mode, out_dir=out, progress=False)
+        summaries[mode] = summary
+        preds = _jsonl(out / "predictions.jsonl")
+        assert json.loads((out / "summary.json").read_text()) == summary
+        assert f"| {mode} | {LIMIT} |" in (out / "summary.md").read_text()
+        assert [p["line"] for p in preds] == [it.line for it in items]
+        # The predictions are the RAG pipeline's own answers (same retrieval, same decoding).
+        answers, _ = pipeline.answer(questions, mode=mode)
+        assert [p["prediction"] for p in preds] == [a.answer for a in answers]
+        # Metrics recomputed here from the written predictions.
+        for key, fn in (("em", metrics.exact_match), ("f1", metrics.f1_score),
+                        ("cover_em", metrics.cover_exact_match)):
+            want = np.mean([fn(p["prediction"], p["golds"]) for p in preds])
+            assert summary[key] == pytest.approx(want, abs=1e-6)
+        assert summary["questions"] == LIMIT and summary["processes"] == 1
+        assert summary["ms_per_answer"] > 0 and summary["ms_per_question"]["generation"] > 0
+        if mode == "closed_book":
+            assert all("retrieved" not in p for p in preds)
+            assert summary["recall_at_5"] is None
+            assert summary["ms_per_question"]["query_encoding"] == 0
+            continue
+        for i, p in enumerate(preds):
+            assert p["retrieved"] == top.ids[i] and p["used_docs"] == k
+            assert p["retrieved"][:k] == answers[i].doc_ids
+            np.testing.assert_allclose(p["retrieved_scores"], top.scores[i], atol=1e-5)
+        for r in RECALL_KS:
+            want = np.mean([any(d in p["relevant"] for d in p["retrieved"][:r]) for p in preds])
+            assert summary[f"recall_at_{r}"] == pytest.approx(want, abs=1e-6)
+        assert summary["recall_questions"] == LIMIT
+        hops = {str(h): sum(it.hops == h for it in items) for h in (1, 2)}
+        assert {h: v["questions"] for h, v in summary["by_hops"].items()} == \
+            {h: n for h, n in hops.items() if n}
+    # Retrieval does not depend on how the documents are then read.
+    assert summaries["latent"]["recall_at_5"] == summaries["text"]["recall_at_5"]
+
+
+def test_cli_two_processes_merge_to_the_single_process_result(setup, tmp_path):
+    root = setup
+    common = [f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}",
+              f"--data={root / 'world'}", "--limit=7", "--batch_size=3", "--backend=exact",
+              "--noprogress"]
+    one = es.clara("eval", *common, f"--out={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = es.clara("eval", *common, f"--out={tmp_path / 'two'}",
+                   launcher=[str(es.REPO / "launch" / "local_multiprocess.sh"), "2",
+                             "--logdir", str(tmp_path / "logs"), "--"])
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert json.loads(one.stdout.strip().splitlines()[-1]) == a
+    assert _jsonl(tmp_path / "one" / "predictions.jsonl") == \
+        _jsonl(tmp_path / "two" / "predictions.jsonl")
+    for key in ("questions", "em", "f1", "cover_em", "recall_at_1", "recall_at_3",
+                "recall_at_5", "by_hops"):
+        assert a[key] == b[key]
+    # Bad input: exit status 2 and the reason in one line.
+    bad = es.clara("eval", f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}",
+                   f"--data={tmp_path / 'missing.jsonl'}", f"--out={tmp_path / 'x'}")
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+    assert not (tmp_path / "x").exists()
