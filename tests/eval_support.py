@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,10 +38,9 @@ def write_world(root: Path, config) -> Path:
 
 def perturbed(params, scale: float = 0.02, seed: int = 1):
     """Random weights with non-zero LoRA B factors, so every adapter changes the outputs."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                     for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(seed)  # numpy: no compilation per leaf shape
+    return jax.tree.map(lambda x: jnp.asarray(
+        np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype), params)
 
 
 def save_checkpoint(config, params, workdir: Path) -> None:

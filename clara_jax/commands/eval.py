@@ -46,7 +46,7 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 def main(argv) -> None:
     from clara_jax.data.formats import DataError
-    from clara_jax.eval.job import evaluate, load_items, load_pipeline
+    from clara_jax.eval.job import evaluate, load_items, load_pipeline, resolve_data
     from clara_jax.infer.generation import Sampling
 
     # Orbax logs every save and restore step at INFO; the summary is what matters.
@@ -62,6 +62,9 @@ def main(argv) -> None:
             raise InputError("give --checkpoint (with --index) or --bundle")
         if fl.checkpoint and fl.mode != "closed_book" and not fl.index:
             raise InputError("--index is required (or use --mode=closed_book)")
+        data_file, _ = resolve_data(fl.data, fl.split, fl.format)
+        if not data_file.is_file():  # before loading the model
+            raise InputError(f"--data: {data_file}: no such file")
         settings = dict(sampling=Sampling(fl.temperature, fl.top_k, fl.top_p),
                         backend=fl.backend, batch_size=fl.batch_size)
         if fl.num_docs:
