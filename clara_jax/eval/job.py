@@ -324,7 +324,8 @@ def _environment() -> dict:
 
 def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | None = None,
              batch_size: int | None = None, num_docs: int | None = None, warmup: bool = True,
-             progress: bool = True, seed: int = 0, extra: dict | None = None) -> dict:
+             progress: bool = True, seed: int = 0, extra: dict | None = None,
+             return_predictions: bool = False):
     """Evaluates `rows` (EvalItems from `load_items`, or see `as_items`) with `pipeline` (a
     `clara_jax.infer.rag.RagPipeline`; `load_pipeline` builds one from paths) in `mode`.
 
@@ -337,6 +338,7 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
     pipeline's). Returns the summary: mode, questions, em, f1, cover_em, recall_at_{1,3,5}
     (None without retrieval or gold ids), recall_questions, ms_per_question {query_encoding,
     search, generation}, ms_per_answer, by_hops {hops: means}, num_docs, processes, ...
+    With `return_predictions`, returns (summary, the per-question records in input order).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: must be one of {MODES}")
@@ -395,7 +397,7 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
                    environment=_environment(), **(extra or {}))
     if out_dir is not None and proc == 0:
         write_outputs(out_dir, all_records, summary)
-    return summary
+    return (summary, all_records) if return_predictions else summary
 
 
 def write_outputs(out_dir, records: list[dict], summary: dict) -> None:
