@@ -1,6 +1,7 @@
-"""`clara inspect --checkpoint=DIR --index=IDX --doc=ID`: decodes a document's stored latents
-back to text with the stage-1 paraphrase instruction and lists the nearest documents of those
-latents. Prints one JSON object: id, decoded, stored (the audit record), neighbors [{id, score}].
+"""`clara inspect --checkpoint=DIR --index=IDX --doc=ID` (or `--bundle=BUNDLE --doc=ID`):
+decodes a document's stored latents back to text with the stage-1 paraphrase instruction and
+lists the nearest documents of those latents. Prints one JSON object per --doc: id, decoded,
+stored (the audit record), neighbors [{id, score}].
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ def main(argv) -> None:
     try:
         if not fl.doc:
             raise InputError("--doc=ID is required")
-        if not fl.index:
-            raise InputError("--index is required")
-        pipeline = build_pipeline(fl, True)
+        pipeline = build_pipeline(fl, True, no_index_hint="")
         outs = [pipeline.inspect_document(d, fl.max_new_tokens, fl.neighbors) for d in fl.doc]
     except load_errors() as e:
         print(f"clara inspect: {error_line(e)}", file=sys.stderr)

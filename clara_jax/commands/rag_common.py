@@ -40,7 +40,8 @@ def define_pipeline_flags() -> None:
     flags.DEFINE_integer("batch_size", 32, "Rows per generation batch.")
 
 
-def build_pipeline(fl, need_index: bool, settings_for=lambda config: {}):
+def build_pipeline(fl, need_index: bool, settings_for=lambda config: {},
+                   no_index_hint: str = " (or use --mode=closed_book)"):
     """A RagPipeline from the common flags (checkpoint, tokenizer, index, sampling, backend,
     batch size); settings_for(config) gives the rest of its RagSettings."""
     from clara_jax.index import model_identity, open_index
@@ -57,7 +58,7 @@ def build_pipeline(fl, need_index: bool, settings_for=lambda config: {}):
         bundle = load_bundle(fl.bundle, tokenizer_dir=fl.tokenizer)
         loaded, index_path = bundle.model, fl.index or bundle.index_path
     if need_index and not index_path:
-        raise InputError("--index is required (or use --mode=closed_book)")
+        raise InputError(f"--index is required{no_index_hint}")
     if fl.checkpoint:
         loaded = load_checkpoint_model(fl.checkpoint, fl.tokenizer)
     config, cfg, params, tok = loaded.config, loaded.cfg, loaded.params, loaded.tokenizer
