@@ -80,3 +80,35 @@ def test_build_info_search_delete(setup):
     p = _clara("build", f"--checkpoint={root / 'run'}", f"--corpus={root / 'missing.jsonl'}",
                f"--out={root / 'idx2'}", *common, ok=False)
     assert p.returncode == 2 and "missing.jsonl" in p.stderr
+
+
+
+def test_two_process_build_equals_one_process_build(setup):
+    """Each process of a 2-process launch encodes its slice into its own shard; searching the
+    sharded index gives the 1-process index's results."""
+    import numpy as np
+
+    from clara_jax.index import ShardedIndex, open_index
+    from tests.conftest import REPO
+
+    root = setup
+    args = [sys.executable, "-m", "clara_jax.cli", "index", "build",
+            f"--checkpoint={root / 'run'}", f"--corpus={root / 'corpus.jsonl'}",
+            f"--tokenizer={root / 'tok'}"]
+    one = subprocess.run(args + [f"--out={root / 'one'}"], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [str(REPO / "launch" / "local_multiprocess.sh"), "2", "--logdir", str(root / "logs"),
+         "--", *args, f"--out={root / 'two'}"], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    single, sharded = open_index(root / "one"), open_index(root / "two")
+    assert isinstance(sharded, ShardedIndex) and len(sharded.shards) == 2
+    assert sharded.num_docs == single.num_docs
+    m, lw = single.meta["latent_shape"][1:]
+    queries = np.random.default_rng(0).normal(size=(8, m, lw)).astype(np.float32)
+    a = single.search(queries, k=5, backend="exact")
+    b = sharded.search(queries, k=5, backend="exact")
+    assert [list(r) for r in a.ids] == [list(r) for r in b.ids]
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)

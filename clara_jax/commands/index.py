@@ -41,9 +41,10 @@ flags.DEFINE_integer("scann_leaves", 0, "ScaNN partitions (0: about sqrt(num_doc
 flags.DEFINE_integer("scann_leaves_to_search", 0, "Partitions searched per query (0: 5%, at "
                      "least 24).")
 flags.DEFINE_integer("scann_reorder", 100, "Candidates re-scored exactly.")
-flags.DEFINE_integer("num_shards", 1, "build: number of shards (one per host).")
-flags.DEFINE_integer("shard_index", 0, "build: which shard this run builds (documents i with "
-                     "i % num_shards == shard_index).")
+flags.DEFINE_integer("num_shards", None, "build: number of shards, one per host (default: the "
+                     "number of JAX processes, so a multi-process launch builds one each).")
+flags.DEFINE_integer("shard_index", None, "build: which shard this run builds (documents i with "
+                     "i % num_shards == shard_index; default: this process's index).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip corpus rows that fail validation.")
 flags.DEFINE_multi_string("query", [], "search: a question (repeatable).")
 flags.DEFINE_integer("k", 5, "search: results per query.")
@@ -97,7 +98,10 @@ def build() -> dict:
     from clara_jax.index.corpus import make_tokenize
 
     _require("build", "checkpoint", "corpus", "out")
-    n, i = FLAGS.num_shards, FLAGS.shard_index
+    import jax
+
+    n = jax.process_count() if FLAGS.num_shards is None else FLAGS.num_shards
+    i = jax.process_index() if FLAGS.shard_index is None else FLAGS.shard_index
     if not 0 <= i < n:
         raise flags.IllegalFlagValueError(f"--shard_index={i}: must be in [0, --num_shards={n})")
     out = Path(FLAGS.out) / shard_dir_name(i, n) if n > 1 else Path(FLAGS.out)
