@@ -30,7 +30,7 @@ from configs import mistral_7b
 ADAPTERS = ("compressor", "query", "generator")
 
 # Compiled once per shape: eager op-by-op dispatch is what makes model tests slow on a CPU.
-decode = jax.jit(decode, static_argnums=0, static_argnames="adapter")
+decode = jax.jit(decode, static_argnums=0, static_argnames=("adapter", "last_logits_only"))
 compress = jax.jit(compress, static_argnums=0, static_argnames="with_means")
 generate_logits = jax.jit(generate_logits, static_argnums=0)
 
@@ -219,6 +219,14 @@ def test_kv_cache_decoding_equals_full_forward(tiny_cfg, tiny_params):
         out, cache = decode(cfg, p, toks[:, i:i + 1], cache=cache, adapter="generator")
         steps.append(out)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_last_logits_only_is_the_last_position(tiny_cfg, tiny_params):
+    toks = _tokens(tiny_cfg, 2, 7)
+    full, _ = decode(tiny_cfg, tiny_params, toks)
+    last, _ = decode(tiny_cfg, tiny_params, toks, last_logits_only=True)
+    assert last.shape == (2, 1, tiny_cfg.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
 
 
 def test_kv_cache_with_left_padded_prompts_and_latent_prefill(tiny_cfg, tiny_params):

@@ -111,10 +111,12 @@ def _entropy(logits):
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def _prefill(cfg, params, tokens, mask, slot_mask, latents, cache, adapter):
+def _prefill(cfg, params, tokens, mask, slot_mask, latents, cache, adapter, last_only):
     if latents is None:
-        return decode(cfg, params, tokens, mask, cache=cache, adapter=adapter)
-    return generate_logits(cfg, params, tokens, mask, slot_mask, latents, cache=cache)
+        return decode(cfg, params, tokens, mask, cache=cache, adapter=adapter,
+                      last_logits_only=last_only)
+    return generate_logits(cfg, params, tokens, mask, slot_mask, latents, cache=cache,
+                           last_logits_only=last_only)
 
 
 def _check_adapter(latents, adapter):
@@ -139,7 +141,9 @@ def generate_padded(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, 
     b, t = tokens.shape
     n = max_new_tokens
     cache = init_cache(cfg, b, t + n)
-    logits, cache = _prefill(cfg, params, tokens, mask, slot_mask, latents, cache, adapter)
+    # Only the last position's logits: [B, T, V] would be gigabytes at 7B with long prompts.
+    logits, cache = _prefill(cfg, params, tokens, mask, slot_mask, latents, cache, adapter,
+                             last_only=True)
     last = logits[:, -1]
     first = sample_next(last, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
     out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
@@ -199,7 +203,8 @@ def generate_recompute(cfg: ModelConfig, params, tokens, mask, slot_mask, latent
     def body(state):
         i, buf, out, ent, done, lengths = state
         full_mask = jnp.concatenate([mask, jnp.broadcast_to(jnp.arange(n) < i, (b, n))], axis=1)
-        all_logits, _ = _prefill(cfg, params, buf, full_mask, slots, latents, None, adapter)
+        all_logits, _ = _prefill(cfg, params, buf, full_mask, slots, latents, None, adapter,
+                                 last_only=False)
         logits = lax.dynamic_index_in_dim(all_logits, t + i - 1, axis=1, keepdims=False)
         tok = sample_next(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
         tok = jnp.where(done, pad_id, tok)

@@ -60,10 +60,12 @@ def forward_logits(model_config: ModelConfig, params, tokens):
     return logits
 
 
-def decode(cfg: ModelConfig, params, tokens, mask=None, cache=None, adapter=None, rng=None):
-    """tokens: int32[B, T]; mask: bool[B, T] -> (logits float32[B, T, V], new cache)."""
+def decode(cfg: ModelConfig, params, tokens, mask=None, cache=None, adapter=None, rng=None,
+           last_logits_only=False):
+    """tokens: int32[B, T]; mask: bool[B, T] -> (logits float32[B, T, V], new cache);
+    logits float32[B, 1, V] of the last position with `last_logits_only`."""
     return _apply(cfg, params, CLaRa.decode, tokens, mask, cache, adapter,
-                  deterministic=rng is None, rng=rng)
+                  deterministic=rng is None, last_logits_only=last_logits_only, rng=rng)
 
 
 def compress(cfg: ModelConfig, params, tokens, mask, rng=None, with_means=False):
@@ -80,11 +82,11 @@ def encode_query(cfg: ModelConfig, params, tokens, mask, rng=None):
 
 
 def generate_logits(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, cache=None,
-                    rng=None):
+                    rng=None, last_logits_only=False):
     """tokens, mask, slot_mask: [B, T]; latents: float[B, K, M, L]
-    -> (logits float32[B, T, V], new cache or None)."""
+    -> (logits float32[B, T, V] (or [B, 1, V] with `last_logits_only`), new cache or None)."""
     return _apply(cfg, params, CLaRa.generate, tokens, mask, slot_mask, latents, cache,
-                  deterministic=rng is None, rng=rng)
+                  deterministic=rng is None, last_logits_only=last_logits_only, rng=rng)
 
 
 def param_group(path) -> str:

@@ -77,12 +77,14 @@ class CLaRa(nn.Module):
         """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""
         return self.compress(tokens, mask, adapter="query", deterministic=deterministic)
 
-    def generate(self, tokens, mask, slot_mask, latents, cache=None, deterministic: bool = True):
+    def generate(self, tokens, mask, slot_mask, latents, cache=None, deterministic: bool = True,
+                 last_logits_only: bool = False):
         """The generator forward with documents given as latents.
 
         tokens: int32[B, T]; mask: bool[B, T]; slot_mask: bool[B, T] with K·M True positions
         per row (fewer when a cache holds earlier slots); latents: float[B, K, M, L].
-        Returns (logits float32[B, T, V], new cache or None).
+        Returns (logits float32[B, T, V] (or [B, 1, V], the last position, with
+        `last_logits_only`), new cache or None).
         """
         cfg = self.cfg
         b = latents.shape[0]
@@ -93,14 +95,17 @@ class CLaRa(nn.Module):
         index = jnp.clip(jnp.cumsum(slot_mask, axis=1) - 1, 0, flat.shape[1] - 1)
         inject = jnp.take_along_axis(flat, index[..., None], axis=1)
         logits, _, new_cache = self.decoder(tokens, mask, inject, slot_mask, cache=cache,
-                                            adapter="generator", deterministic=deterministic)
+                                            adapter="generator", deterministic=deterministic,
+                                            last_logits_only=last_logits_only)
         return logits, new_cache
 
     def decode(self, tokens, mask=None, cache=None, adapter: str | None = None,
-               deterministic: bool = True):
-        """The plain decoder. tokens: int32[B, T] -> (logits float32[B, T, V], cache)."""
+               deterministic: bool = True, last_logits_only: bool = False):
+        """The plain decoder. tokens: int32[B, T] -> (logits float32[B, T, V], cache)
+        (logits of the last position only, [B, 1, V], with `last_logits_only`)."""
         logits, _, new_cache = self.decoder(tokens, mask, cache=cache, adapter=adapter,
-                                            deterministic=deterministic)
+                                            deterministic=deterministic,
+                                            last_logits_only=last_logits_only)
         return logits, new_cache
 
     def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):

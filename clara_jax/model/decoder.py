@@ -28,8 +28,8 @@ class Block(nn.Module):
     """Pre-norm transformer block. The adapter and dropout mode are attributes so the block can
     be scanned and rematerialised without static arguments.
 
-    x: float[B, T, D]; layer_cache: {'k','v': float[B, S, G, H]} or None.
-    Returns (float[B, T, D], new layer cache or None).
+    carry: (x float[B, T, D], the all-layer (k, v) cache or None); layer: this block's index.
+    Returns (carry, None), the shape `nn.scan` wants.
     """
 
     cfg: ModelConfig
@@ -37,16 +37,17 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, write_index):
+    def __call__(self, carry, layer, positions, mask, write_index):
         cfg = self.cfg
+        x, cache = carry
         x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
         h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x)
-        h, new_cache = Attention(cfg, name="attn")(h, positions, mask, layer_cache, write_index,
-                                                   self.adapter, self.deterministic)
+        h, cache = Attention(cfg, name="attn")(h, positions, mask, cache, layer, write_index,
+                                               self.adapter, self.deterministic)
         x = x + h
         h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x)
         x = x + MLP(cfg, name="mlp")(h, self.adapter, self.deterministic)
-        return x, new_cache
+        return (x, cache), None
 
 
 def _block_class(cfg: ModelConfig):
@@ -69,8 +70,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
 class Decoder(nn.Module):
     """tokens: int32[B, T]; mask: bool[B, T] (False = padding);
     inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
-    cache: from `init_cache` or None. Returns (logits float32[B, T, V] or None,
-    hidden float[B, T, D] after the final norm, new cache or None).
+    cache: from `init_cache` or None. Returns (logits float32[B, T, V] (float32[B, 1, V] with
+    `last_logits_only`) or None, hidden float[B, T, D] after the final norm, new cache or
+    None).
     """
 
     cfg: ModelConfig
@@ -78,7 +80,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, mask=None, inject=None, inject_mask=None, cache=None,
                  adapter: str | None = None, deterministic: bool = True,
-                 return_logits: bool = True):
+                 return_logits: bool = True, last_logits_only: bool = False):
         cfg = self.cfg
         b, t = tokens.shape
         if mask is None:
@@ -105,33 +107,30 @@ class Decoder(nn.Module):
         attn_mask = attention_mask(key_valid, write_index, t)
 
         block = _block_class(cfg)
-        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        carry = (x, None if cache is None else (cache["k"], cache["v"]))
         if cfg.scan_layers:
             scanned = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: sh.LAYERS})
-            x, new_kv = scanned(cfg, adapter, deterministic, name="layers")(
-                x, layer_caches, positions, attn_mask, write_index)
+            carry, _ = scanned(cfg, adapter, deterministic, name="layers")(
+                carry, jnp.arange(cfg.n_layers), positions, attn_mask, write_index)
         else:
-            outs = []
             for i in range(cfg.n_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i],
-                                                                      layer_caches)
-                x, c = block(cfg, adapter, deterministic, name=f"layers_{i}")(
-                    x, layer_cache, positions, attn_mask, write_index)
-                outs.append(c)
-            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                carry, _ = block(cfg, adapter, deterministic, name=f"layers_{i}")(
+                    carry, i, positions, attn_mask, write_index)
+        x, kv = carry
 
         hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_kv["k"], "v": new_kv["v"], "valid": key_valid,
-                         "index": write_index + t}
+            new_cache = {"k": kv[0], "v": kv[1], "valid": key_valid, "index": write_index + t}
         if not return_logits:
             return None, hidden, new_cache
+        # Generation's prefill needs only the next-token distribution, not [B, T, V].
+        h = hidden[:, -1:] if last_logits_only else hidden
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(hidden.dtype),
+            logits = jnp.einsum("btd,vd->btv", h, embedding.astype(h.dtype),
                                 preferred_element_type=jnp.float32)
         else:
             unembed = self.param(
@@ -139,6 +138,6 @@ class Decoder(nn.Module):
                 nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                              (sh.EMBED, sh.VOCAB)),
                 (cfg.dim, cfg.vocab_size), jnp.float32)
-            logits = jnp.einsum("btd,dv->btv", hidden, unembed.astype(hidden.dtype),
+            logits = jnp.einsum("btd,dv->btv", h, unembed.astype(h.dtype),
                                 preferred_element_type=jnp.float32)
         return logits, hidden, new_cache

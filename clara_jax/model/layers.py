@@ -138,14 +138,17 @@ class Attention(nn.Module):
     """Grouped-query self-attention with RoPE over a preallocated KV cache.
 
     x: float[B, T, D]; positions: int32[B, T]; mask: bool[B, T, S];
-    cache: {'k','v': float[B, S, G, H]} or None (then S = T); write_index: int32[].
-    Returns (float[B, T, D], new cache or None).
+    cache: (k, v) of every layer, float[layers, B, S, G, H], or None (then S = T);
+    layer: this layer's index into the cache (int or int32[]); write_index: int32[].
+    Returns (float[B, T, D], the cache with this layer's new keys and values written).
+    The new keys and values are written into the all-layer cache in place, so a decode step
+    moves only the T new rows per layer, never a copy of the cache.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache, write_index, adapter, deterministic):
+    def __call__(self, x, positions, mask, cache, layer, write_index, adapter, deterministic):
         cfg = self.cfg
         d, n, g, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
@@ -159,14 +162,14 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
 
-        new_cache = None
         if cache is not None:
-            start = (0, write_index, 0, 0)
-            k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}
-            k = k.astype(q.dtype)
-            v = v.astype(q.dtype)
+            k_all, v_all = cache
+            start = (layer, 0, write_index, 0, 0)
+            k_all = lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            cache = (k_all, v_all)
+            k = k_all[layer].astype(q.dtype)
+            v = v_all[layer].astype(q.dtype)
 
         b, t = x.shape[:2]
         qg = q.reshape(b, t, g, n // g, h)
@@ -178,7 +181,7 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         o = LoRALinear((n, h), (d,), (sh.HEADS, sh.HEAD_DIM), (sh.EMBED,), cfg,
                        lora="o" in cfg.lora_targets, name="o")
-        return o(out, adapter, deterministic), new_cache
+        return o(out, adapter, deterministic), cache
 
 
 class MLP(nn.Module):
