@@ -1,44 +1,149 @@
-"""`clara demo --config=... --workdir=...`: compress a batch of documents into latents and
-run the generator over them, printing shapes and parameter counts."""
+"""`clara demo --config=configs/demo.py --workdir=W`: the whole method on the bundled world.
+
+1. builds the knowledge world (train and held-out), its tokenizer and datasets (W/data);
+2. trains stage 1 -> 2 -> 3 (W/stage1..3, each starting from the previous stage);
+3. builds the ScaNN index of the held-out world's documents with the trained compressor;
+4. answers held-out questions closed-book, with the documents' text (text RAG) and with their
+   latents (CLaRa), and prints the table, three example questions and their documents;
+5. writes W/results.json, W/losses.png, W/scores.png and per-mode predictions in W/eval/.
+
+Steps already done (data built, stage finished, index present) are reused, so the command
+can be re-run after an interruption. Per-stage steps: config.demo.stage_steps.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-from absl import flags
+from absl import flags, logging
 
 from clara_jax.commands.common import define_config_flag, load_config
-from clara_jax.model import ModelConfig, compress, count_params, generate_logits, init_params
 
 define_config_flag()
-flags.DEFINE_string("workdir", None, "Directory for the demo's outputs.")
+flags.DEFINE_string("workdir", None, "Directory for everything the demo makes.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+MODES = ("closed_book", "text", "latent")
+
+
+def _stage_config(config, stage: int):
+    c = copy.deepcopy(config)
+    c.train.stage = stage
+    c.train.steps = int(config.demo.stage_steps[stage - 1])
+    c.train.learning_rate = float(config.demo.stage_lr[stage - 1])
+    # No pretrained decoder exists for the demo's small model: stages 1-2 train it too.
+    c.train.train_base = stage < 3 and bool(config.demo.train_base)
+    return c
+
+
+def _train_stages(config, workdir: Path, data_dir: Path) -> list[Path]:
+    from clara_jax.data.pipeline import make_loader
+    from clara_jax.train.loop import train
+
+    def loader_factory(cfg, stage, split):
+        return make_loader(cfg, stage, data_dir, split=split)
+
+    dirs = []
+    for stage in (1, 2, 3):
+        c = _stage_config(config, stage)
+        run = workdir / f"stage{stage}"
+        start = time.perf_counter()
+        result = train(c, run, loader_factory, init_from=str(dirs[-1]) if dirs else None,
+                       progress=flags.FLAGS.progress)
+        if result.status != "done":
+            raise SystemExit(f"stage {stage} stopped ({result.status}); re-run to resume")
+        print(f"stage {stage}: {c.train.steps} steps, loss {result.last_metrics.get('loss'):.3f}"
+              f" ({time.perf_counter() - start:.0f}s)")
+        dirs.append(run)
+    return dirs
+
+
+def _build_index(checkpoint: Path, data_dir: Path, out: Path):
+    from clara_jax.index import build_index, open_index
+    from clara_jax.index.corpus import make_tokenize, read_corpus
+    from clara_jax.index.model_source import load_checkpoint_model
+
+    if (out / "meta.json").exists():
+        return open_index(out)
+    model = load_checkpoint_model(checkpoint)
+    d = model.config.data
+    records = list(read_corpus(data_dir / "heldout" / "corpus.jsonl", model.tokenizer,
+                               int(d.doc_max_len), int(d.chunk_overlap)))
+    return build_index(out, model.cfg, model.params, records,
+                       make_tokenize(model.tokenizer, int(d.doc_max_len)), total=len(records))
+
+
+def _examples(preds: dict[str, list[dict]], index, n: int = 3) -> str:
+    lines = []
+    latent = preds["latent"]
+    # Prefer questions the latent mode got right, then the rest, for a readable sample.
+    order = sorted(range(len(latent)), key=lambda i: -latent[i]["scores"]["f1"])[:n]
+    for i in order:
+        row = latent[i]
+        lines.append(f"Q: {row['question']}")
+        lines.append(f"   gold: {' | '.join(row['golds'])}")
+        for mode in MODES:
+            lines.append(f"   {mode:>11}: {preds[mode][i]['prediction']}")
+        titles = [index.doc(d).get("title") or d for d in row["retrieved"][:row["used_docs"]]]
+        lines.append(f"   latent docs: {'; '.join(titles)}")
+    return "\n".join(lines)
 
 
 def main(argv) -> None:
     del argv
+    from clara_jax.data.prepare import prepare_world
+    from clara_jax.eval import report
+    from clara_jax.eval.job import evaluate, load_items, load_pipeline
+
+    logging.set_verbosity(logging.WARNING)
+    fl = flags.FLAGS
+    if not fl.workdir:
+        raise flags.IllegalFlagValueError("--workdir is required")
     config = load_config()
-    cfg = ModelConfig.from_config(config)
-    k, m = config.data.num_docs, cfg.num_memory_tokens
-    b, t = 2, config.data.doc_max_len
-    key_params, key_docs, key_prompt = jax.random.split(jax.random.key(config.train.seed), 3)
-    params = init_params(cfg, key_params)
-    print("parameters:", json.dumps(count_params(params)))
-
-    docs = jax.random.randint(key_docs, (b * k, t), 0, cfg.vocab_size)
+    if "demo" not in config:
+        raise flags.IllegalFlagValueError("the config has no 'demo' section; use "
+                                          "--config=configs/demo.py")
+    workdir = Path(fl.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    latents = jax.jit(lambda p, d: compress(cfg, p, d, jnp.ones(d.shape, bool)))(params, docs)
-    latents = latents.reshape(b, k, m, cfg.latent_width)
-    print(f"compress: docs int32{list(docs.shape)} -> latents {latents.dtype}"
-          f"{list(latents.shape)} ({time.perf_counter() - start:.2f}s)")
 
-    prompt_len = k * (m + 1) + 16
-    tokens = jax.random.randint(key_prompt, (b, prompt_len), 0, cfg.vocab_size)
-    slot = (jnp.arange(prompt_len) % (m + 1) < m) & (jnp.arange(prompt_len) < k * (m + 1))
-    slot_mask = jnp.broadcast_to(slot, (b, prompt_len))
-    logits, _ = jax.jit(lambda p, x, s, z: generate_logits(
-        cfg, p, x, jnp.ones(x.shape, bool), s, z))(params, tokens, slot_mask, latents)
-    print(f"generate: prompt int32{list(tokens.shape)} with {k}x{m} latent slots -> logits "
-          f"{logits.dtype}{list(logits.shape)}; next tokens {jnp.argmax(logits[:, -1], -1)}")
+    data_dir = workdir / "data"
+    if not (data_dir / "prepare.json").exists():
+        summary = prepare_world(data_dir, config, seed=int(config.demo.world_seed),
+                                size=str(config.demo.world_size))
+        print(f"data: world, tokenizer and datasets in {summary['total_seconds']:.1f}s "
+              f"-> {data_dir}")
+    config.train.data_dir = str(data_dir)
+
+    stage_dirs = _train_stages(config, workdir, data_dir)
+    t = time.perf_counter()
+    index = _build_index(stage_dirs[-1], data_dir, workdir / "index")
+    print(f"index: {index.num_docs} held-out documents ({time.perf_counter() - t:.1f}s)")
+
+    pipe = load_pipeline(checkpoint=stage_dirs[-1], index=workdir / "index",
+                         batch_size=int(config.demo.eval_batch_size))
+    items, info = load_items(data_dir, pipe.index, limit=int(config.demo.eval_questions))
+    summaries, preds = {}, {}
+    for mode in MODES:
+        summaries[mode], preds[mode] = evaluate(
+            pipe, items, mode, out_dir=workdir / "eval" / mode, progress=fl.progress,
+            return_predictions=True)
+    results = report.results_json(summaries)
+    results["questions"] = info["rows"]
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    report.write_json(workdir / "results.json", results)
+    report.plot_losses(stage_dirs, workdir / "losses.png")
+    report.plot_scores(results, workdir / "scores.png")
+
+    print()
+    print(f"Held-out world, {info['rows']} questions never seen in training:")
+    print(report.table(results))
+    print()
+    print(_examples(preds, pipe.index))
+    print()
+    print(f"results: {workdir / 'results.json'}; plots: {workdir / 'losses.png'}, "
+          f"{workdir / 'scores.png'}; total {results['seconds']:.0f}s")
+    print(json.dumps(results))

@@ -1,0 +1,93 @@
+"""The demo's report: results.json, PNG plots of the loss curves and the scores by mode, and
+the printed table. Plots use matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+MODE_KEYS = {"closed_book": "closed_book", "text": "text_rag", "latent": "latent_rag"}
+
+
+def results_json(summaries: dict[str, dict]) -> dict:
+    """{'heldout': {'closed_book': {em, f1}, 'text_rag': {...}, 'latent_rag': {em, f1,
+    recall_at_5, ms_per_answer}}} from the evaluation summaries by mode."""
+    out = {}
+    for mode, s in summaries.items():
+        row = {"em": s["em"], "f1": s["f1"], "cover_em": s["cover_em"],
+               "ms_per_answer": s["ms_per_answer"], "questions": s["questions"]}
+        if s.get("recall_at_5") is not None:
+            row["recall_at_5"] = s["recall_at_5"]
+        out[MODE_KEYS[mode]] = row
+    return {"heldout": out}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def plot_losses(stage_dirs: Sequence[Path], out: Path) -> None:
+    """One panel per stage: training loss by step (and held-out eval loss when logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stage_dirs), figsize=(4.2 * len(stage_dirs), 3.2))
+    for ax, d in zip(axes, stage_dirs):
+        rows = read_metrics(d / "metrics.jsonl")
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], ".-", label="train")
+        ev = read_metrics(d / "eval_metrics.jsonl")
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="held-out")
+        ax.set_title(d.name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_scores(results: dict, out: Path) -> None:
+    """Grouped bars of EM, F1 and cover-EM per mode on the held-out world."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(results["heldout"])
+    metrics = ["em", "f1", "cover_em"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        xs = [i + (j - 1) * width for i in range(len(modes))]
+        ax.bar(xs, [results["heldout"][mode][m] for mode in modes], width, label=m)
+    ax.set_xticks(range(len(modes)), modes)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (held-out world)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    """Markdown table: mode, EM, F1, cover-EM, Recall@5, ms per answer."""
+    lines = ["| mode | EM | F1 | cover-EM | Recall@5 | ms / answer |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for mode, r in results["heldout"].items():
+        rec = r.get("recall_at_5")
+        lines.append(f"| {mode} | {r['em']:.3f} | {r['f1']:.3f} | {r['cover_em']:.3f} | "
+                     f"{'-' if rec is None else f'{rec:.3f}'} | {r['ms_per_answer']:.1f} |")
+    return "\n".join(lines)
