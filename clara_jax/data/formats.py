@@ -277,3 +277,16 @@ def doc_texts(row) -> list[str]:
     if isinstance(row, CorpusRow):
         return [row.text]
     return list(row.docs)
+
+
+def chunk_windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) windows of at most `size` covering range(n), consecutive windows sharing
+    `overlap` items. One window when n <= size. (Here, free of TensorFlow Datasets, so that
+    the index can split documents exactly as the corpus datasets do.)"""
+    if size <= overlap:
+        raise ValueError(f"chunk size {size} must exceed the overlap {overlap}")
+    if n <= size:
+        return [(0, n)]
+    stride = size - overlap
+    starts = list(range(0, n - overlap, stride))
+    return [(s, min(s + size, n)) for s in starts if s < n and (s == 0 or s + overlap < n)]

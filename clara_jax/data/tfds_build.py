@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from clara_jax.data import formats
-from clara_jax.data.formats import DataError, QARow, ReadStats, Stage1Row
+from clara_jax.data.formats import DataError, QARow, ReadStats, Stage1Row, chunk_windows
 from clara_jax.data.prompts import DOC_FRAME, PARAPHRASE_QUESTION, template_texts
 from clara_jax.data.tokenizer import (
     SentencePieceTokenizer,
@@ -134,18 +134,6 @@ def _qa_examples(rows: Iterable[tuple[int, QARow]]) -> list[dict]:
     return [{"question": r.question, "docs": list(r.docs), "answer": r.answer,
              "answers": list(r.answers), "pos_index": list(r.pos_index), "line": line}
             for line, r in rows]
-
-
-def chunk_windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) windows of at most `size` covering range(n), consecutive windows sharing
-    `overlap` items. One window when n <= size."""
-    if size <= overlap:
-        raise ValueError(f"chunk size {size} must exceed the overlap {overlap}")
-    if n <= size:
-        return [(0, n)]
-    stride = size - overlap
-    starts = list(range(0, n - overlap, stride))
-    return [(s, min(s + size, n)) for s in starts if s < n and (s == 0 or s + overlap < n)]
 
 
 def _corpus_examples(rows, tok: Tokenizer, room: int, overlap: int, counts: dict) -> list[dict]:

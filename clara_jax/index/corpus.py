@@ -4,7 +4,7 @@ the compressor (`<ENC> BOS doc EOS`, `clara_jax.data.prompts`).
 
 Documents longer than `doc_max_len - DOC_FRAME` tokens are split into windows with
 `chunk_overlap` tokens of overlap; the chunks get ids `"ID#k"` and their text is the decoded
-window, exactly as the data pipeline's corpus datasets name them (`tfds_build.chunk_windows`,
+window, exactly as the data pipeline's corpus datasets name them (`formats.chunk_windows`,
 `pipeline.read_rows`), so ids from the index and from the data agree.
 """
 
@@ -14,22 +14,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from clara_jax.data.formats import iter_jsonl
+from clara_jax.data.formats import chunk_windows, iter_jsonl
 from clara_jax.data.prompts import DOC_FRAME, frame_document, pad_to
 from clara_jax.data.tokenizer import Tokenizer
-
-
-def chunk_windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) windows of at most `size` covering range(n), consecutive ones sharing
-    `overlap` items (the data pipeline's rule, kept here so that the index does not import
-    TensorFlow Datasets)."""
-    if size <= overlap:
-        raise ValueError(f"chunk size {size} must exceed the overlap {overlap}")
-    if n <= size:
-        return [(0, n)]
-    stride = size - overlap
-    starts = list(range(0, n - overlap, stride))
-    return [(s, min(s + size, n)) for s in starts if s < n and (s == 0 or s + overlap < n)]
 
 
 def corpus_records(rows, tok: Tokenizer, doc_max_len: int, chunk_overlap: int
