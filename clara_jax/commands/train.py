@@ -23,7 +23,8 @@ flags.DEFINE_string("data_dir", None,
 flags.DEFINE_string("init_from", None,
                     "Start from the latest checkpoint of a previous stage's workdir.")
 flags.DEFINE_string("init_from_hf", None,
-                    "Start from a Hugging Face checkpoint directory (config.json + safetensors).")
+                    "Start from Hugging Face weights: a checkpoint directory (config.json + "
+                    "safetensors) or a `clara convert from-hf` output directory.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
