@@ -89,6 +89,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.train_base = False  # stages 1-2: also train the base decoder (from-scratch models)
     c.train.data_dir = ""  # where the data pipeline's prepared files live
 
+    # What `clara demo` runs: steps and peak learning rate per stage, the world, the evaluation.
+    c.demo = ml_collections.ConfigDict()
+    c.demo.stage_steps = (100, 50, 25)
+    c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
+    c.demo.train_base = True  # no pretrained decoder for small configs: stages 1-2 train it
+    c.demo.world_seed = 0
+    c.demo.world_size = "small"
+    c.demo.eval_questions = 200
+    c.demo.eval_batch_size = 32
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices left over by the other axes
     c.mesh.fsdp = 1
@@ -182,6 +192,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
               "must be False in stage 3 (the compressor, which shares the base, is frozen)")
     if t.nan_policy not in ("stop", "skip"):
         _fail("train.nan_policy", t.nan_policy, "must be 'stop' or 'skip'")
+
+    dm = c.demo
+    for field in ("stage_steps", "stage_lr"):
+        if len(dm[field]) != 3 or min(dm[field]) <= 0:
+            _fail(f"demo.{field}", tuple(dm[field]), "must be 3 positive values, one per stage")
+    if dm.world_size not in ("small", "medium"):
+        _fail("demo.world_size", dm.world_size, "must be 'small' or 'medium'")
 
     fills = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
     for a in ("data", "fsdp", "tensor"):

@@ -1,8 +1,6 @@
 """Bundled-data demo: a small decoder trained from scratch on the generated knowledge world,
 sized so that `make demo` finishes in minutes on a 2-core CPU."""
 
-import ml_collections
-
 from clara_jax.config import base_config, finalize
 
 
@@ -31,15 +29,8 @@ def get_config(arg: str = ""):
     c.train.learning_rate = 1e-3
     c.train.log_every = 10
     c.train.checkpoint_every = 100
-    # What `clara demo` runs: steps and learning rate per stage, the world, the evaluation.
-    c.demo = ml_collections.ConfigDict()
-    c.demo.stage_steps = (300, 200, 100)
+    c.demo.stage_steps = (120, 60, 30)
     c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
-    c.demo.train_base = True
-    c.demo.world_seed = 0
-    c.demo.world_size = "small"
-    c.demo.eval_questions = 200
-    c.demo.eval_batch_size = 32
     if arg:
         raise ValueError(f"configs/demo.py takes no argument, got {arg!r}")
     return finalize(c)

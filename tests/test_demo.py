@@ -1,0 +1,61 @@
+"""`clara demo` end to end on the tiny config: data, three stages, index, three modes, report.
+Tiny step counts: this checks the job's plumbing and outputs, not answer quality."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from clara_jax.config import ConfigError, base_config, finalize
+from tests.conftest import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_runs_every_step_and_writes_the_report(tmp_path):
+    cmd = [sys.executable, "-m", "clara_jax.cli", "demo", "--config=configs/tiny.py",
+           f"--workdir={tmp_path}", "--progress=false", "--config.demo.stage_steps=(2,2,2)",
+           "--config.demo.eval_questions=12", "--config.demo.eval_batch_size=4",
+           "--config.train.log_every=1"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    held = results["heldout"]
+    assert set(held) == {"closed_book", "text_rag", "latent_rag"}
+    for mode, row in held.items():
+        for metric in ("em", "f1", "cover_em"):
+            assert 0.0 <= row[metric] <= 1.0, (mode, metric)
+        assert row["ms_per_answer"] > 0
+        assert row["questions"] == 12
+    assert 0.0 <= held["latent_rag"]["recall_at_5"] <= 1.0
+    assert "recall_at_5" not in held["closed_book"]
+    # The summary's scores are the means of the written per-question predictions.
+    preds = [json.loads(x) for x in
+             (tmp_path / "eval" / "latent" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 12
+    assert abs(sum(p["scores"]["f1"] for p in preds) / 12 - held["latent_rag"]["f1"]) < 1e-9
+    for stage in (1, 2, 3):
+        steps = [json.loads(x)["step"] for x in
+                 (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2]
+    for png in ("losses.png", "scores.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
+    assert "| latent_rag |" in out.stdout and "Q: " in out.stdout and "latent docs:" in out.stdout
+
+    # Re-running reuses every finished step (no stage trains again) and reports again.
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "compiled stage-" not in again.stdout + again.stderr
+
+
+def test_demo_section_is_validated():
+    c = base_config()
+    c.demo.stage_steps = (10, 0, 5)
+    try:
+        finalize(c)
+    except ConfigError as err:
+        assert "config.demo.stage_steps" in str(err)
+    else:
+        raise AssertionError("a zero stage step count was accepted")
