@@ -12,9 +12,7 @@ answer). Exit status 2 on bad input, with the file, line and field named.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from clara_jax.commands.rag_common import (
     error_line,
     load_errors,
 )
+from clara_jax.fileio import atomic_write_text
 
 define_pipeline_flags()
 flags.DEFINE_string("file", None, "JSONL file of questions ({'question', 'id'?} per line).")
@@ -69,20 +68,6 @@ def read_questions(path: str) -> list[dict]:
     if not out:
         raise InputError(f"{path}: no questions")
     return out
-
-
-def _write_atomic(path: str, lines: list[str]) -> None:
-    """All answers or nothing: write a temp file next to `path`, then rename it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv) -> None:
@@ -128,7 +113,7 @@ def main(argv) -> None:
         print(f"clara ask: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     if fl.out:
-        _write_atomic(fl.out, lines)
+        atomic_write_text(fl.out, "".join(line + "\n" for line in lines))
     else:
         for line in lines:
             print(line)

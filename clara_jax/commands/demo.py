@@ -21,6 +21,7 @@ from pathlib import Path
 from absl import flags, logging
 
 from clara_jax.commands.common import define_config_flag, load_config
+from clara_jax.fileio import atomic_write_json
 
 define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for everything the demo makes.")
@@ -134,7 +135,7 @@ def main(argv) -> None:
     results = report.results_json(summaries)
     results["questions"] = info["rows"]
     results["seconds"] = round(time.perf_counter() - start, 1)
-    report.write_json(workdir / "results.json", results)
+    atomic_write_json(workdir / "results.json", results)
     report.plot_losses(stage_dirs, workdir / "losses.png")
     report.plot_scores(results, workdir / "scores.png")
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from clara_jax.fileio import atomic_write_bytes
 
 META_FILE = "clara_tokenizer.json"
 SP_FILE = "tokenizer.model"
@@ -45,20 +46,6 @@ def mem_token(i: int) -> str:
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or inconsistent; the message names the file."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` via a temporary file and rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Tokenizer:
@@ -203,8 +190,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)
-        _atomic_write(d / SP_FILE, self._proto)
-        _atomic_write(d / META_FILE, json.dumps(self._meta(), indent=2).encode())
+        atomic_write_bytes(d / SP_FILE, self._proto)
+        atomic_write_bytes(d / META_FILE, json.dumps(self._meta(), indent=2).encode())
         return d
 
 
@@ -295,9 +282,9 @@ class HFTokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)
-        _atomic_write(d / HF_FILE, self._tok.to_str().encode())
+        atomic_write_bytes(d / HF_FILE, self._tok.to_str().encode())
         meta = self._meta() | {"names": self._names}
-        _atomic_write(d / META_FILE, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(d / META_FILE, json.dumps(meta, indent=2).encode())
         return d
 
 

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 
 from clara_jax.data.formats import DataError, iter_jsonl
 from clara_jax.eval import metrics
+from clara_jax.fileio import atomic_write_text
 
 RECALL_KS = (1, 3, 5)
 MODES = ("latent", "text", "closed_book")
@@ -188,18 +188,6 @@ def as_items(rows: Iterable) -> list[EvalItem]:
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _score_row(item: EvalItem, prediction: str, retrieved: list[str] | None) -> dict:
     scores = metrics.answer_scores(prediction, item.golds)
@@ -403,10 +391,10 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
 def write_outputs(out_dir, records: list[dict], summary: dict) -> None:
     """OUT/predictions.jsonl, OUT/summary.json, OUT/summary.md, each atomically."""
     out = Path(out_dir)
-    _atomic_write_text(out / "predictions.jsonl",
+    atomic_write_text(out / "predictions.jsonl",
                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _atomic_write_text(out / "summary.md", markdown_table([summary]))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", markdown_table([summary]))
 
 
 # ----------------------------------------------------------------------------- loading

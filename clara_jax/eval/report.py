@@ -4,7 +4,6 @@ the printed table. Plots use matplotlib's Agg backend (no display needed)."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +21,6 @@ def results_json(summaries: dict[str, dict]) -> dict:
             row["recall_at_5"] = s["recall_at_5"]
         out[MODE_KEYS[mode]] = row
     return {"heldout": out}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from clara_jax import fileio
+from clara_jax.fileio import atomic_write_bytes
 
 DTYPES = ("float32", "bfloat16", "int8")
 INT8_MAX = 127.0
@@ -59,32 +60,15 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _atomic(path: Path, write) -> None:
-    """Calls write(tmp_path) then renames onto `path`: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda t: t.write_bytes(data))
-
-
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    fileio.atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     def write(tmp: Path):
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
-    _atomic(path, write)
+    fileio.atomic_write(path, write)
 
 
 def read_json(path: Path, what: str = "file") -> dict:

@@ -1,0 +1,52 @@
+"""Atomic file writes shared by every room: readers never see a half-written file, and a
+failure leaves the previous file (or nothing) in place.
+
+Files get the permissions a plain `open()` would give (0666 less the umask), not the
+owner-only mode of `tempfile.mkstemp`, so indexes, bundles and reports stay readable by the
+other users of a shared cluster filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def atomic_write(path, write: Callable[[Path], None]) -> None:
+    """Calls `write(tmp_path)` for a temporary file beside `path`, then renames it onto
+    `path`. The temporary file is removed if `write` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path, obj, indent: int = 2, sort_keys: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
