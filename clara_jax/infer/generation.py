@@ -119,6 +119,21 @@ def _prefill(cfg, params, tokens, mask, slot_mask, latents, cache, adapter, last
                            last_logits_only=last_only)
 
 
+def _emit(i, logits, out, ent, done, lengths, rng, sampling, eos_id, pad_id):
+    """Samples answer token i of every row from logits float32[B, V] and records it: rows
+    already done get pad and no entropy; a row's length stops growing at its EOS.
+    Returns (tok int32[B], out, ent, done, lengths)."""
+    temperature, top_k, top_p = sampling
+    tok = sample_next(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+    tok = jnp.where(done, pad_id, tok)
+    out = lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+    ent = lax.dynamic_update_slice_in_dim(
+        ent, jnp.where(done, 0.0, _entropy(logits))[:, None], i, axis=1)
+    newly = ~done & (tok == eos_id)
+    lengths = lengths + (~done & ~newly).astype(jnp.int32)
+    return tok, out, ent, done | newly, lengths
+
+
 def _check_adapter(latents, adapter):
     if latents is not None and adapter != "generator":
         raise ValueError(f"latent prompts always use the generator adapter, got {adapter!r}")
@@ -160,15 +175,9 @@ def generate_padded(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, 
         prev = lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)  # [B, 1]
         step_logits, cache = decode(cfg, params, prev, jnp.ones((b, 1), bool), cache=cache,
                                     adapter=adapter)
-        logits = step_logits[:, 0]
-        tok = sample_next(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
-        tok = jnp.where(done, pad_id, tok)
-        out = lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-        ent = lax.dynamic_update_slice_in_dim(
-            ent, jnp.where(done, 0.0, _entropy(logits))[:, None], i, axis=1)
-        newly = ~done & (tok == eos_id)
-        lengths = lengths + (~done & ~newly).astype(jnp.int32)
-        return i + 1, cache, out, ent, done | newly, lengths
+        tok, out, ent, done, lengths = _emit(i, step_logits[:, 0], out, ent, done, lengths,
+                                             rng, sampling, eos_id, pad_id)
+        return i + 1, cache, out, ent, done, lengths
 
     state = (jnp.int32(1), cache, out, ent, done, lengths)
     _, _, out, ent, _, lengths = lax.while_loop(cond, body, state)
@@ -184,7 +193,6 @@ def generate_recompute(cfg: ModelConfig, params, tokens, mask, slot_mask, latent
     are masked out), as a cache-less implementation that compiles once must."""
     TRACE_COUNTS["generate_recompute"] += 1
     _check_adapter(latents, adapter)
-    temperature, top_k, top_p = sampling
     b, t = tokens.shape
     n = max_new_tokens
     buf = jnp.concatenate([tokens, jnp.full((b, n), pad_id, jnp.int32)], axis=1)
@@ -206,15 +214,10 @@ def generate_recompute(cfg: ModelConfig, params, tokens, mask, slot_mask, latent
         all_logits, _ = _prefill(cfg, params, buf, full_mask, slots, latents, None, adapter,
                                  last_only=False)
         logits = lax.dynamic_index_in_dim(all_logits, t + i - 1, axis=1, keepdims=False)
-        tok = sample_next(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
-        tok = jnp.where(done, pad_id, tok)
+        tok, out, ent, done, lengths = _emit(i, logits, out, ent, done, lengths, rng, sampling,
+                                             eos_id, pad_id)
         buf = lax.dynamic_update_slice_in_dim(buf, tok[:, None], t + i, axis=1)
-        out = lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-        ent = lax.dynamic_update_slice_in_dim(
-            ent, jnp.where(done, 0.0, _entropy(logits))[:, None], i, axis=1)
-        newly = ~done & (tok == eos_id)
-        lengths = lengths + (~done & ~newly).astype(jnp.int32)
-        return i + 1, buf, out, ent, done | newly, lengths
+        return i + 1, buf, out, ent, done, lengths
 
     state = (jnp.int32(0), buf, out, ent, done, lengths)
     _, _, out, ent, _, lengths = lax.while_loop(cond, body, state)
