@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -50,3 +51,17 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj, indent: int = 2, sort_keys: bool = False) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def replace_dir(src, dst) -> None:
+    """Moves the finished directory `src` (made with `tempfile.mkdtemp` beside `dst`) to `dst`,
+    replacing what was there only once `src` is complete, with umask permissions."""
+    src, dst = Path(src), Path(dst)
+    os.chmod(src, 0o777 & ~_umask())
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 
 from clara_jax.convert import hf
+from clara_jax.fileio import replace_dir
 from clara_jax.model import ModelConfig, abstract_params
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -157,7 +158,7 @@ def from_hf(src: str | os.PathLike, dst: str | os.PathLike, *, tokenizer: bool =
             (tmp / HF_FILES_DIR).mkdir()
             for name in extras:
                 shutil.copy2(src / name, tmp / HF_FILES_DIR / name)
-        hf._replace_dir(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clara_jax.fileio import replace_dir
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_group
 
 CONFIG_FILE = "config.json"
@@ -654,22 +655,10 @@ def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict |
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, file in (extra_files or {}).items():
             shutil.copy2(file, tmp / name)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Moves directory `src` to `dst`, replacing what was there only once `src` is complete."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(src, 0o777 & ~umask)  # mkdtemp made it owner-only
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

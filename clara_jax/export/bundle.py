@@ -38,6 +38,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from clara_jax.fileio import replace_dir
+
 FORMAT = "clara_jax.serving_bundle"
 FORMAT_VERSION = 1
 META_FILE = "bundle.json"
@@ -178,14 +180,7 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
                 "decoder_dtype": decoder_dtype, "versions": _versions(),
                 "host": platform.node(), "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp made it owner-only
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
