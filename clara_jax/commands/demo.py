@@ -40,7 +40,9 @@ def _stage_config(config, stage: int):
     return c
 
 
-def _train_stages(config, workdir: Path, data_dir: Path) -> list[Path]:
+def _train_stage(c, run: Path, data_dir: Path, init_from: Path | None = None,
+                 progress: bool = True) -> Path:
+    """Trains (or resumes, or skips when finished) stage `c.train.stage` into `run`."""
     from clara_jax.data.pipeline import make_loader
     from clara_jax.eval import report
     from clara_jax.train.loop import train
@@ -48,31 +50,38 @@ def _train_stages(config, workdir: Path, data_dir: Path) -> list[Path]:
     def loader_factory(cfg, stage, split):
         return make_loader(cfg, stage, data_dir, split=split)
 
-    dirs = []
+    stage = int(c.train.stage)
+    start = time.perf_counter()
+    result = train(c, run, loader_factory, init_from=str(init_from) if init_from else None,
+                   progress=progress)
+    if result.status != "done":
+        raise SystemExit(f"stage {stage} stopped ({result.status}); re-run to resume")
+    logged = report.read_metrics(run / "metrics.jsonl")
+    loss = f"{logged[-1]['loss']:.3f}" if logged else "n/a"
+    print(f"stage {stage}: {c.train.steps} steps, last logged loss {loss} "
+          f"({time.perf_counter() - start:.0f}s)")
+    return run
+
+
+def _train_stages(config, workdir: Path, data_dir: Path, progress: bool = True) -> list[Path]:
+    """Stages 1 -> 2 -> 3 into WORKDIR/stage{1,2,3}, each starting from the previous one."""
+    dirs: list[Path] = []
     for stage in (1, 2, 3):
-        c = _stage_config(config, stage)
-        run = workdir / f"stage{stage}"
-        start = time.perf_counter()
-        result = train(c, run, loader_factory, init_from=str(dirs[-1]) if dirs else None,
-                       progress=flags.FLAGS.progress)
-        if result.status != "done":
-            raise SystemExit(f"stage {stage} stopped ({result.status}); re-run to resume")
-        logged = report.read_metrics(run / "metrics.jsonl")
-        loss = f"{logged[-1]['loss']:.3f}" if logged else "n/a"
-        print(f"stage {stage}: {c.train.steps} steps, last logged loss {loss} "
-              f"({time.perf_counter() - start:.0f}s)")
-        dirs.append(run)
+        dirs.append(_train_stage(_stage_config(config, stage), workdir / f"stage{stage}",
+                                 data_dir, dirs[-1] if dirs else None, progress))
     return dirs
 
 
-def _build_index(checkpoint: Path, data_dir: Path, out: Path):
+def _build_index(checkpoint: Path, data_dir: Path, out: Path, model=None):
+    """The held-out world's index at `out` (reused when finished), built with the compressor of
+    `checkpoint` (or of an already loaded `model`, a LoadedModel)."""
     from clara_jax.index import build_index, open_index
     from clara_jax.index.corpus import make_tokenize, read_corpus
     from clara_jax.index.model_source import load_checkpoint_model
 
     if (out / "meta.json").exists():
         return open_index(out)
-    model = load_checkpoint_model(checkpoint)
+    model = model if model is not None else load_checkpoint_model(checkpoint)
     d = model.config.data
     records = list(read_corpus(data_dir / "heldout" / "corpus.jsonl", model.tokenizer,
                                int(d.doc_max_len), int(d.chunk_overlap)))
@@ -119,7 +128,7 @@ def main(argv) -> None:
               f"-> {data_dir}")
     config.train.data_dir = str(data_dir)
 
-    stage_dirs = _train_stages(config, workdir, data_dir)
+    stage_dirs = _train_stages(config, workdir, data_dir, fl.progress)
     t = time.perf_counter()
     index = _build_index(stage_dirs[-1], data_dir, workdir / "index")
     print(f"index: {index.num_docs} held-out documents ({time.perf_counter() - t:.1f}s)")

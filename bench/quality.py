@@ -1,0 +1,352 @@
+"""Quality benchmark: the demo's pipeline with a larger budget, at several compression rates.
+
+    .venv/bin/python bench/quality.py [--config configs/demo.py] [--workdir runs/quality]
+        [--rates 4,16,64] [--steps 600,300,150] [--questions 400] [--world small|medium]
+        [--baseline_rate 16] [--set train.batch_size=32 ...]
+
+What it measures, all on the held-out world (questions and documents never seen in training):
+  * for each compression rate r (data.compression_rate; M = doc_max_len / r memory tokens):
+    stages 1 -> 2 -> 3 trained from scratch (WORKDIR/rate{r}/stage{1,2,3}), the held-out ScaNN
+    index built with the stage-3 checkpoint's compressor, and latent RAG evaluated on
+    `--questions` held-out questions: EM / F1 overall, on single-hop and on two-hop questions
+    (`hops` = number of gold documents), Recall@5, ms per answer;
+  * at `--baseline_rate` also closed book and text RAG (the documents' text in the prompt,
+    retrieved by the same trained query reasoner, hence "16x retrieval");
+  * at `--baseline_rate`, Recall@1/3/5 of retrieval alone for three query encoders over the
+    same document latents: (a) the trained stage-3 query reasoner; (b) the stage-2
+    compressor's keys (the stage-2 checkpoint with the query adapter set to a copy of the
+    compressor adapter, `init_query_adapter`: questions encoded exactly like documents);
+    (c) a supervised retriever: stage 3 trained from the same stage-2 checkpoint with
+    train.lambda_infonce=1.0 (WORKDIR/rate{r}/stage3_infonce).
+    Stage 3 freezes the compressor, so all three share the stage-2 compressor's document
+    latents; each index is opened with its model's identity (compressor checksum) and is only
+    rebuilt when that identity differs.
+
+Data. The prepared data depends on M: the SentencePiece tokenizer reserves one symbol per
+memory token (so its learned pieces, and the corpus chunking done with it, change with M), and
+a pipeline refuses a tokenizer whose M differs from the model's. The world is therefore
+prepared once per distinct M into WORKDIR/data/m{M} (about 2 s each) and reused on re-runs.
+
+Everything finished (data, stages, indexes) is reused, so an interrupted run resumes.
+Outputs: WORKDIR/quality.json, WORKDIR/quality.md (the two tables), per-mode predictions in
+WORKDIR/rate{r}/eval/<mode>/; the last printed line is the JSON object of quality.json.
+
+Time with the defaults (an ESTIMATE, not measured: from the demo config's step times on this
+2-core CPU at batch 16, about 0.4 s per stage-1 step, 1 s per stage-2 and stage-3 step at 16x;
+4x is slower and 64x faster since the generator reads K*M latent slots): per rate about
+600 x 0.4 + 300 x 1 + 150 x 1 s ~ 11-12 min of training plus compilation, so about 35-40 min
+for three rates, 3 min for the InfoNCE stage 3, and a few minutes for data, indexes and the
+evaluations (ms per answer is tens of ms): roughly 45-55 minutes in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from clara_jax.config import finalize  # noqa: E402
+from clara_jax.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+
+RECALL_KS = (1, 3, 5)
+
+
+def load_config(path: str, overrides: list[str]):
+    """The config file's get_config(arg) ("FILE[:ARG]") with KEY=VALUE overrides (values parsed
+    as Python literals when they are, else kept as strings), validated."""
+    file, _, arg = path.partition(":")
+    full = Path(file) if Path(file).is_absolute() else REPO / file
+    spec = importlib.util.spec_from_file_location("quality_config", full)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        node = config
+        *parents, leaf = key.split(".")
+        try:
+            for p in parents:
+                node = node[p]
+            old = node[leaf]
+        except KeyError:
+            raise SystemExit(f"--set {item!r}: config has no field {key!r}") from None
+        if isinstance(old, bool):
+            new = value.lower() in ("1", "true", "yes")
+        elif isinstance(old, str):
+            new = value
+        else:
+            try:
+                new = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise SystemExit(f"--set {item!r}: {value!r} is not a literal") from None
+            new = type(old)(new) if isinstance(old, (int, float)) else new
+        node[leaf] = new
+    return finalize(config)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}={text!r}: expected comma-separated integers") from None
+    if not out or min(out) <= 0:
+        raise SystemExit(f"{flag}={text!r}: expected positive integers")
+    return out
+
+
+def rate_config(config, rate: int):
+    """`config` at data.compression_rate=rate, finalized again so that M is recomputed."""
+    c = copy.deepcopy(config)
+    c.data.compression_rate = int(rate)
+    try:
+        return finalize(c)
+    except ValueError as e:
+        raise SystemExit(f"--rates: {e}") from None
+
+
+def retrieval_recall(pipe, items, batch_size: int) -> dict:
+    """Recall@1/3/5 of retrieval alone (query encoder + index search, no generation) over the
+    items whose gold documents map to index ids; also Recall@5 by number of hops."""
+    from clara_jax.eval.metrics import recall_at_k
+
+    rows = [it for it in items if it.relevant]
+    hits: dict[int, list[float]] = {k: [] for k in RECALL_KS}
+    by_hops: dict[str, list[float]] = {}
+    for lo in range(0, len(rows), batch_size):
+        batch = rows[lo:lo + batch_size]
+        res = pipe.retrieve([it.question for it in batch], max(RECALL_KS))
+        for it, ids in zip(batch, res.ids):
+            for k in RECALL_KS:
+                hits[k].append(recall_at_k(ids, it.relevant, k))
+            by_hops.setdefault(str(it.hops), []).append(hits[max(RECALL_KS)][-1])
+    out = {f"recall_at_{k}": round(sum(v) / len(v), 6) if v else None for k, v in hits.items()}
+    out["questions"] = len(rows)
+    out["recall_at_5_by_hops"] = {h: round(sum(v) / len(v), 6) for h, v in sorted(by_hops.items())}
+    return out
+
+
+def _same_identity(index, identity: dict) -> bool:
+    from clara_jax.index.index import IDENTITY_FIELDS
+
+    return all(index.identity.get(f) == identity.get(f) for f in IDENTITY_FIELDS)
+
+
+def pipeline_for(model, data_dir: Path, index_dir: Path, reuse, batch_size: int):
+    """A RagPipeline over a loaded model (LoadedModel). Its index is `reuse` when that was built
+    by the same compressor (identity), else the index at `index_dir` (built when missing).
+    Returns (pipeline, whether `reuse` was reused)."""
+    from clara_jax.commands.demo import _build_index
+    from clara_jax.index import model_identity, open_index
+    from clara_jax.infer.rag import RagPipeline, RagSettings
+
+    ident = model_identity(model.cfg, model.params)
+    shared = reuse is not None and _same_identity(reuse, ident)
+    if shared:
+        index = reuse
+    else:
+        _build_index(None, data_dir, index_dir, model=model)
+        index = open_index(index_dir, identity=ident)
+    settings = RagSettings(num_docs=int(model.config.data.num_docs),
+                           max_new_tokens=int(model.config.data.answer_max_len),
+                           batch_size=batch_size)
+    return RagPipeline(model.config, model.cfg, model.params, model.tokenizer, index,
+                       settings), shared
+
+
+def row_of(name: str, summary: dict) -> dict:
+    """One table row from an evaluation summary: overall, single-hop and two-hop EM/F1."""
+    hops = summary.get("by_hops", {})
+
+    def part(h, key):
+        v = hops.get(h, {}).get(key)
+        return None if v is None else round(float(v), 6)
+
+    return {"row": name, "mode": summary["mode"], "questions": summary["questions"],
+            "em": summary["em"], "f1": summary["f1"],
+            "single_hop_em": part("1", "em"), "single_hop_f1": part("1", "f1"),
+            "single_hop_questions": hops.get("1", {}).get("questions", 0),
+            "two_hop_em": part("2", "em"), "two_hop_f1": part("2", "f1"),
+            "two_hop_questions": hops.get("2", {}).get("questions", 0),
+            "recall_at_5": summary.get("recall_at_5"),
+            "ms_per_answer": summary["ms_per_answer"]}
+
+
+def _cell(v, pct: bool = True) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.1f}"
+
+
+def markdown(result: dict) -> str:
+    """The quality table (scores in %) and the retriever table."""
+    head = ("| | EM | F1 | single-hop EM | single-hop F1 | two-hop EM | two-hop F1 | Recall@5 "
+            "| ms / answer |")
+    lines = [head, "| --- " * (head.count("|") - 1) + "|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {_cell(r['em'])} | {_cell(r['f1'])} | "
+                     f"{_cell(r['single_hop_em'])} | {_cell(r['single_hop_f1'])} | "
+                     f"{_cell(r['two_hop_em'])} | {_cell(r['two_hop_f1'])} | "
+                     f"{_cell(r['recall_at_5'])} | {_cell(r['ms_per_answer'], False)} |")
+    q = result["rows"][0]
+    lines += ["", f"Held-out world ({result['world']}), {q['questions']} questions "
+              f"({q['single_hop_questions']} single-hop, {q['two_hop_questions']} two-hop); "
+              f"scores in %; steps per stage {tuple(result['steps'])}.", ""]
+    rr = result["retrievers"]
+    lines += [f"Retrieval alone at {rr['rate']}x ({rr['questions']} questions with mapped gold "
+              "documents):", "",
+              "| retriever | Recall@1 | Recall@3 | Recall@5 |", "| --- | --- | --- | --- |"]
+    for r in rr["rows"]:
+        lines.append(f"| {r['retriever']} | {_cell(r['recall_at_1'])} | "
+                     f"{_cell(r['recall_at_3'])} | {_cell(r['recall_at_5'])} |")
+    lines += ["", f"Command: `{result['command']}`; total {result['total_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/demo.py")
+    ap.add_argument("--workdir", default="runs/quality")
+    ap.add_argument("--rates", default="4,16,64", help="data.compression_rate values")
+    ap.add_argument("--steps", default="600,300,150", help="steps of stages 1,2,3")
+    ap.add_argument("--questions", type=int, default=400, help="held-out questions evaluated")
+    ap.add_argument("--world", choices=("small", "medium"), default=None,
+                    help="default: config.demo.world_size")
+    ap.add_argument("--baseline_rate", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, repeatable, e.g. train.batch_size=32")
+    ap.add_argument("--progress", choices=("true", "false"), default="true")
+    args = ap.parse_args(argv)
+
+    from absl import logging as absl_logging
+
+    from clara_jax.commands.demo import _stage_config, _train_stage, _train_stages
+    from clara_jax.data.prepare import prepare_world
+    from clara_jax.eval.job import evaluate, load_items
+    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.train.state import init_query_adapter
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    start = time.perf_counter()
+    progress = args.progress == "true"
+    rates = _ints(args.rates, "--rates")
+    steps = _ints(args.steps, "--steps")
+    if len(steps) != 3:
+        raise SystemExit(f"--steps={args.steps!r}: expected three values (stages 1, 2, 3)")
+    if args.baseline_rate not in rates:
+        raise SystemExit(f"--baseline_rate={args.baseline_rate} is not among --rates={rates}")
+    if args.questions <= 0:
+        raise SystemExit(f"--questions={args.questions}: must be positive")
+    base = load_config(args.config, args.set)
+    base.demo.stage_steps = tuple(steps)
+    world = args.world or str(base.demo.world_size)
+    base.demo.world_size = world
+    base = finalize(base)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    batch = int(base.demo.eval_batch_size)
+    phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(name):
+        t = time.perf_counter()
+        yield
+        phases[name] = round(time.perf_counter() - t, 2)
+
+    rows, retrievers = {}, None
+    for rate in rates:
+        config = rate_config(base, rate)
+        m = int(config.model.num_memory_tokens)
+        data_dir = workdir / "data" / f"m{m}"
+        if not (data_dir / "prepare.json").exists():
+            with phase(f"data_m{m}"):
+                prepare_world(data_dir, config, seed=int(config.demo.world_seed), size=world)
+            print(f"data: world ({world}) prepared for M={m} -> {data_dir}")
+        config.train.data_dir = str(data_dir)
+        rdir = workdir / f"rate{rate}"
+        print(f"== rate {rate}x (M={m})")
+        with phase(f"rate{rate}/train"):
+            stage_dirs = _train_stages(config, rdir, data_dir, progress)
+        with phase(f"rate{rate}/index"):
+            model = load_checkpoint_model(stage_dirs[-1])
+            pipe, _ = pipeline_for(model, data_dir, rdir / "index", None, batch)
+        items, info = load_items(data_dir, pipe.index, limit=args.questions)
+        modes = ["latent"] + (["closed_book", "text"] if rate == args.baseline_rate else [])
+        summaries = {}
+        for mode in modes:
+            with phase(f"rate{rate}/eval_{mode}"):
+                s = summaries[mode] = evaluate(pipe, items, mode, out_dir=rdir / "eval" / mode,
+                                               progress=progress)
+            print(f"rate {rate}x {mode}: EM {s['em']:.3f} F1 {s['f1']:.3f} "
+                  f"R@5 {s['recall_at_5']} ({s['ms_per_answer']:.1f} ms/answer)")
+        rows[f"latent RAG {rate}x"] = row_of(f"latent RAG {rate}x", summaries["latent"])
+        if rate != args.baseline_rate:
+            continue
+        rows["closed book"] = row_of("closed book", summaries["closed_book"])
+        text_row = f"text RAG ({rate}x retrieval)"
+        rows[text_row] = row_of(text_row, summaries["text"])
+
+        # Retrieval alone: the same questions, three query encoders.
+        with phase("retrieval/stage3"):
+            trained = retrieval_recall(pipe, items, batch)
+        with phase("retrieval/stage2"):
+            s2 = load_checkpoint_model(stage_dirs[1])
+            s2.params = init_query_adapter(s2.params)
+            s2_pipe, s2_shared = pipeline_for(s2, data_dir, rdir / "index_stage2", pipe.index,
+                                              batch)
+            keys = retrieval_recall(s2_pipe, items, batch)
+        c3 = _stage_config(config, 3)
+        c3.train.lambda_infonce = 1.0
+        finalize(c3)
+        with phase("retrieval/infonce_train"):
+            nce_dir = _train_stage(c3, rdir / "stage3_infonce", data_dir, stage_dirs[1],
+                                   progress)
+        with phase("retrieval/infonce"):
+            nce_pipe, nce_shared = pipeline_for(load_checkpoint_model(nce_dir), data_dir,
+                                                rdir / "index_infonce", pipe.index, batch)
+            nce = retrieval_recall(nce_pipe, items, batch)
+        retrievers = {"rate": rate, "questions": trained["questions"], "rows": [
+            {"retriever": "trained query reasoner (stage 3)", "checkpoint": str(stage_dirs[2]),
+             "index_shared": True, **trained},
+            {"retriever": "stage-2 compressor keys", "checkpoint": str(stage_dirs[1]),
+             "index_shared": s2_shared, **keys},
+            {"retriever": "supervised InfoNCE (stage 3, lambda_infonce=1)",
+             "checkpoint": str(nce_dir), "index_shared": nce_shared, **nce}],
+            "latent_eval_recall_at_5": summaries["latent"]["recall_at_5"],
+            "eval_info": info}
+        for r in retrievers["rows"]:
+            print(f"retrieval {r['retriever']}: R@1 {r['recall_at_1']} R@3 {r['recall_at_3']} "
+                  f"R@5 {r['recall_at_5']}")
+
+    order = ["closed book", f"text RAG ({args.baseline_rate}x retrieval)"] + \
+        [f"latent RAG {r}x" for r in rates]
+    result = {
+        "format": "clara_jax.quality_bench",
+        "command": " ".join(["bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": args.config, "overrides": args.set, "world": world, "rates": rates,
+        "baseline_rate": args.baseline_rate, "steps": steps, "questions": args.questions,
+        "rows": [rows[name] for name in order], "retrievers": retrievers,
+        "phases_seconds": phases, "total_seconds": round(time.perf_counter() - start, 1),
+        "workdir": str(workdir),
+    }
+    md = markdown(result)
+    atomic_write_json(workdir / "quality.json", result)
+    atomic_write_text(workdir / "quality.md", md)
+    print()
+    print(md)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""bench/quality.py end to end on the tiny config: two compression rates, two steps per stage,
+eight held-out questions. Checks the plumbing and the report (tables, JSON, files), not
+answer quality (two steps learn nothing). About 2 minutes on a 2-core CPU, mostly compiling
+the seven training steps (three stages per rate plus the InfoNCE stage 3)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+ROWS = ("closed book", "text RAG (8x retrieval)", "latent RAG 8x", "latent RAG 16x")
+
+
+def _in_unit(v) -> bool:
+    return v is not None and 0.0 <= v <= 1.0
+
+
+def test_quality_bench_writes_both_tables(tmp_path):
+    cmd = [sys.executable, "bench/quality.py", "--config=configs/tiny.py",
+           f"--workdir={tmp_path}", "--rates=8,16", "--baseline_rate=8", "--steps=2,2,2",
+           "--questions=8", "--set=demo.eval_batch_size=4", "--set=train.log_every=1",
+           "--progress=false"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last == json.loads((tmp_path / "quality.json").read_text())
+    assert [r["row"] for r in last["rows"]] == list(ROWS)
+    for r in last["rows"]:
+        assert r["questions"] == 8
+        assert r["single_hop_questions"] + r["two_hop_questions"] == 8, r
+        for key in ("em", "f1"):
+            assert _in_unit(r[key]), (r["row"], key)
+        for part in ("single_hop", "two_hop"):
+            if r[f"{part}_questions"]:
+                assert _in_unit(r[f"{part}_em"]) and _in_unit(r[f"{part}_f1"]), (r["row"], part)
+        assert r["ms_per_answer"] > 0
+        if r["mode"] == "closed_book":
+            assert r["recall_at_5"] is None
+        else:
+            assert _in_unit(r["recall_at_5"]), r["row"]
+
+    ret = last["retrievers"]
+    assert ret["rate"] == 8 and len(ret["rows"]) == 3
+    for r in ret["rows"]:
+        for k in (1, 3, 5):
+            assert _in_unit(r[f"recall_at_{k}"]), (r["retriever"], k)
+        assert r["recall_at_1"] <= r["recall_at_3"] <= r["recall_at_5"]
+        # Stage 3 freezes the compressor: every retriever searches the same document latents.
+        assert r["index_shared"], r["retriever"]
+    # Retrieval alone with the trained reasoner is the latent evaluation's retrieval.
+    assert ret["rows"][0]["recall_at_5"] == ret["latent_eval_recall_at_5"]
+    assert (tmp_path / "rate8" / "stage3_infonce" / "metrics.jsonl").exists()
+    # The tokenizer reserves M memory symbols: one prepared world per M (32/8 and 32/16).
+    assert (tmp_path / "data" / "m4" / "prepare.json").exists()
+    assert (tmp_path / "data" / "m2" / "prepare.json").exists()
+
+    md = (tmp_path / "quality.md").read_text()
+    for row in ROWS:
+        assert f"| {row} |" in md
+    for name in ("trained query reasoner", "stage-2 compressor keys", "supervised InfoNCE"):
+        assert name in md
+    assert last["total_seconds"] > 0 and last["phases_seconds"]["rate8/train"] > 0
+    assert "--rates=8,16" in last["command"]
