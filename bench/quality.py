@@ -31,12 +31,17 @@ Everything finished (data, stages, indexes) is reused, so an interrupted run res
 Outputs: WORKDIR/quality.json, WORKDIR/quality.md (the two tables), per-mode predictions in
 WORKDIR/rate{r}/eval/<mode>/; the last printed line is the JSON object of quality.json.
 
-Time with the defaults (an ESTIMATE, not measured: from the demo config's step times on this
-2-core CPU at batch 16, about 0.4 s per stage-1 step, 1 s per stage-2 and stage-3 step at 16x;
-4x is slower and 64x faster since the generator reads K*M latent slots): per rate about
-600 x 0.4 + 300 x 1 + 150 x 1 s ~ 11-12 min of training plus compilation, so about 35-40 min
-for three rates, 3 min for the InfoNCE stage 3, and a few minutes for data, indexes and the
-evaluations (ms per answer is tens of ms): roughly 45-55 minutes in all.
+Time with the defaults: an ESTIMATE (the full run has not been timed). Per-step times at
+batch 16 on an idle 2-core CPU, demo config at 16x: about 0.4 s (stage 1), 1 s (stage 2), 1 s
+(stage 3). The generator reads K*M latent slots, so stages 2-3 cost more at 4x and a little
+less at 64x; bench/train_step.py (full-length batches, measured on a shared machine, so slower
+in absolute terms) gives per-step ratios to 16x of 1.65 / 1.32 (stage 2 / stage 3) at 4x and
+0.92 / 0.90 at 64x. Training: 4x ~ 240 + 495 + 198 s, 16x ~ 240 + 300 + 150 s, 64x ~ 240 +
+276 + 135 s, InfoNCE stage 3 ~ 150 s: about 40 min; plus ten step compilations, data (~2 s per
+M), three indexes and six evaluations of 400 questions (tens of ms per answer): about 45-50
+minutes in all on an idle machine. On a CPU shared with other jobs, expect up to 2-2.5x that.
+
+Reproduce:  .venv/bin/python bench/quality.py --workdir runs/quality
 """
 
 from __future__ import annotations
