@@ -1,0 +1,47 @@
+"""bench/latent_usage.py on the tiny model and the prepared small world: its `true` answer loss
+is the stage-2 training loss's CE on the same batch, and the other fillings change it."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax.numpy as jnp
+import pytest
+
+from clara_jax.data.pipeline import make_loader
+from clara_jax.data.prepare import prepare_world
+from clara_jax.model import ModelConfig
+from clara_jax.train.steps import make_loss_fn
+from tests import eval_support as es
+from tests.eval_support import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("latent_usage", REPO / "bench" /
+                                                  "latent_usage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_true_latents_loss_is_the_training_ce(tmp_path, tiny_params, bench):
+    config = es.fresh_config(tmp_path / "data")
+    prepare_world(tmp_path / "data", config, formats=("stage2",))
+    params = es.perturbed(tiny_params)
+    es.save_checkpoint(config, params, tmp_path / "run")
+
+    result = bench.measure(tmp_path / "run", tmp_path / "data", stage=2, batches=1)
+
+    batch = next(iter(make_loader(config, 2, tmp_path / "data", split="heldout")))
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in bench.FIELDS}
+    _, metrics = make_loss_fn(config, ModelConfig.from_config(config), 2)(params, batch, None)
+    assert result["examples"] == config.train.batch_size
+    assert result["target_tokens"] == int(metrics["target_tokens"])
+    assert result["true"]["answer_ce"] == pytest.approx(float(metrics["ce"]), abs=1e-3)
+    for name in ("other", "zeros"):
+        assert result[name]["answer_ce"] != pytest.approx(result["true"]["answer_ce"], abs=1e-4)
+    assert result["ce_gain_over_other"] == pytest.approx(
+        result["other"]["answer_ce"] - result["true"]["answer_ce"], abs=2e-4)
+    for name in bench.FILLINGS:
+        assert 0.0 <= result[name]["answer_exact"] <= result[name]["first_token_acc"] <= 1.0
