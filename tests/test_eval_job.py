@@ -146,3 +146,33 @@ def test_cli_two_processes_merge_to_the_single_process_result(setup, tmp_path):
                    f"--data={tmp_path / 'missing.jsonl'}", f"--out={tmp_path / 'x'}")
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_batch_that_compiles_is_timed_again(setup, pipeline, monkeypatch):
+    """The warm-up compiles the batch sizes; a later batch whose prompts fall in a new length
+    bucket compiles inside the loop, and is then run again so that its time is the compiled
+    one. The compile is signalled by the generator's trace counter, bumped here for the third
+    batch's first run. Answers are unchanged."""
+    from clara_jax.eval import job
+    from clara_jax.infer import generation
+
+    items, _ = load_items(setup / "world", pipeline.index, limit=LIMIT)
+    calls = []
+    run = job._run_batch
+
+    def counting(pipe, batch_items, *args):
+        out = run(pipe, batch_items, *args)
+        line = batch_items[0].line
+        if line == items[4].line and line not in calls:
+            generation.TRACE_COUNTS["generate_padded"] += 1
+        calls.append(line)
+        return out
+
+    monkeypatch.setattr(job, "_run_batch", counting)
+    _, preds = evaluate(pipeline, items, "closed_book", batch_size=2, progress=False,
+                        return_predictions=True)
+    batches = [items[i].line for i in range(0, LIMIT, 2)]
+    # One warm-up (every batch has 2 rows), then each batch once, the third one twice.
+    assert calls == [batches[-1]] + batches[:3] + [batches[2]] + batches[3:]
+    answers, _ = pipeline.answer([it.question for it in items], mode="closed_book")
+    assert [p["prediction"] for p in preds] == [a.answer for a in answers]
