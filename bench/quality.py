@@ -110,6 +110,15 @@ def _ints(text: str, flag: str) -> list[int]:
     return out
 
 
+def latent_usage():
+    """bench/latent_usage.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("latent_usage",
+                                                  Path(__file__).with_name("latent_usage.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rate_config(config, rate: int):
     """`config` at data.compression_rate=rate, finalized again so that M is recomputed."""
     c = copy.deepcopy(config)
@@ -214,6 +223,14 @@ def markdown(result: dict) -> str:
     for r in rr["rows"]:
         lines.append(f"| {r['retriever']} | {_cell(r['recall_at_1'])} | "
                      f"{_cell(r['recall_at_3'])} | {_cell(r['recall_at_5'])} |")
+    lines += ["", "Does the generator read the latents? Stage-2 checkpoint, held-out stage-2 "
+              "examples, teacher-forced answer cross-entropy (bench/latent_usage.py):", "",
+              "| rate | right documents' latents | another question's | zeros | exact answers "
+              "(right / another) |", "| --- | --- | --- | --- | --- |"]
+    for rate, u in result["latent_usage"].items():
+        lines.append(f"| {rate}x | {u['true']['answer_ce']:.3f} | {u['other']['answer_ce']:.3f} "
+                     f"| {u['zeros']['answer_ce']:.3f} | {_cell(u['true']['answer_exact'])} / "
+                     f"{_cell(u['other']['answer_exact'])} |")
     lines += ["", f"Command: `{result['command']}`; total {result['total_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -268,7 +285,7 @@ def main(argv=None) -> dict:
         yield
         phases[name] = round(time.perf_counter() - t, 2)
 
-    rows, retrievers = {}, None
+    rows, retrievers, usage = {}, None, {}
     for rate in rates:
         config = rate_config(base, rate)
         m = int(config.model.num_memory_tokens)
@@ -295,6 +312,8 @@ def main(argv=None) -> dict:
             print(f"rate {rate}x {mode}: EM {s['em']:.3f} F1 {s['f1']:.3f} "
                   f"R@5 {s['recall_at_5']} ({s['ms_per_answer']:.1f} ms/answer)")
         rows[f"latent RAG {rate}x"] = row_of(f"latent RAG {rate}x", summaries["latent"])
+        with phase(f"rate{rate}/latent_usage"):
+            usage[rate] = latent_usage().measure(stage_dirs[1], data_dir, stage=2, batches=8)
         if rate != args.baseline_rate:
             continue
         rows["closed book"] = row_of("closed book", summaries["closed_book"])
@@ -341,6 +360,7 @@ def main(argv=None) -> dict:
         "config": args.config, "overrides": args.set, "world": world, "rates": rates,
         "baseline_rate": args.baseline_rate, "steps": steps, "questions": args.questions,
         "rows": [rows[name] for name in order], "retrievers": retrievers,
+        "latent_usage": {str(r): usage[r] for r in rates},
         "phases_seconds": phases, "total_seconds": round(time.perf_counter() - start, 1),
         "workdir": str(workdir),
     }

@@ -58,7 +58,15 @@ def test_quality_bench_writes_both_tables(tmp_path):
     assert (tmp_path / "data" / "m4" / "prepare.json").exists()
     assert (tmp_path / "data" / "m2" / "prepare.json").exists()
 
+    usage = last["latent_usage"]
+    assert set(usage) == {"8", "16"}
+    for rate, u in usage.items():
+        assert u["checkpoint"].endswith(f"rate{rate}/stage2") and u["examples"] > 0
+        assert u["ce_gain_over_other"] == round(
+            u["other"]["answer_ce"] - u["true"]["answer_ce"], 4)
+
     md = (tmp_path / "quality.md").read_text()
+    assert "| 8x |" in md and "| 16x |" in md
     for row in ROWS:
         assert f"| {row} |" in md
     for name in ("trained query reasoner", "stage-2 compressor keys", "supervised InfoNCE"):
