@@ -19,6 +19,7 @@ from absl import flags, logging
 
 from clara_jax.commands.rag_common import (
     InputError,
+    check_args,
     define_pipeline_flags,
     error_line,
     load_errors,
@@ -53,11 +54,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     fl = flags.FLAGS
     try:
-        if len(argv) > 1:
-            raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
-        for name in ("data", "out"):
-            if not getattr(fl, name):
-                raise InputError(f"--{name} is required")
+        check_args(argv, ("data", "out"))
         if bool(fl.checkpoint) == bool(fl.bundle):
             raise InputError("give --checkpoint (with --index) or --bundle")
         if fl.checkpoint and fl.mode != "closed_book" and not fl.index:

@@ -27,7 +27,7 @@ flags.DEFINE_bool("progress", True, "Show a progress bar while writing tensors."
 
 
 def main(argv) -> None:
-    from clara_jax.commands.rag_common import InputError, error_line, load_errors
+    from clara_jax.commands.rag_common import check_args, error_line, load_errors
     from clara_jax.convert.hf import ConversionError
     from clara_jax.export.bundle import export_bundle
 
@@ -35,11 +35,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     fl = flags.FLAGS
     try:
-        if len(argv) > 1:
-            raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
-        for name in ("checkpoint", "out"):
-            if not getattr(fl, name):
-                raise InputError(f"--{name} is required")
+        check_args(argv, ("checkpoint", "out"))
         meta = export_bundle(fl.checkpoint, fl.out, index=fl.index, tokenizer=fl.tokenizer,
                              overwrite=fl.overwrite, decoder_dtype=fl.decoder_dtype,
                              progress=fl.progress)

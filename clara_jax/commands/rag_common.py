@@ -10,6 +10,15 @@ class InputError(ValueError):
     """Bad command-line input; the message names the flag, file, line or field."""
 
 
+def check_args(argv, required: tuple[str, ...]) -> None:
+    """InputError for stray positional arguments or a missing required flag."""
+    if len(argv) > 1:
+        raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for name in required:
+        if not getattr(flags.FLAGS, name):
+            raise InputError(f"--{name} is required")
+
+
 def load_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (reported in one line, exit status 2)."""
     from clara_jax.data.tokenizer import TokenizerError
