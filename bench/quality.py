@@ -53,6 +53,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import sys
@@ -113,8 +114,9 @@ def _ints(text: str, flag: str) -> list[int]:
     return out
 
 
+@functools.cache
 def latent_usage():
-    """bench/latent_usage.py as a module (bench/ is not a package)."""
+    """bench/latent_usage.py as a module (bench/ is not a package), loaded once."""
     spec = importlib.util.spec_from_file_location("latent_usage",
                                                   Path(__file__).with_name("latent_usage.py"))
     module = importlib.util.module_from_spec(spec)
