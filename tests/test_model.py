@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from clara_jax.model import (
     ModelConfig,
@@ -154,6 +155,39 @@ def test_lora_dropout_is_active_only_with_an_rng(tiny_cfg):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
     assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("in_shape,out_shape", [((8,), (3, 4)), ((3, 4), (8,))])
+def test_folded_adapter_matches_the_lora_formula_and_its_gradients(tiny_cfg, in_shape,
+                                                                     out_shape):
+    """Without dropout the adapter is folded into the kernel with a hand-written backward:
+    values and gradients (x, W, A, B) must equal those of x·W + s·(x·A)·B."""
+    from clara_jax.model.layers import LoRALinear
+
+    n_in = len(in_shape)
+    layer = LoRALinear(in_shape, out_shape, ("a",) * n_in, ("b",) * len(out_shape), tiny_cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 5) + in_shape)
+    p = nn.unbox(layer.init(jax.random.key(1), x, "query"))["params"]
+    p["lora_query_b"] = 0.5 * jax.random.normal(jax.random.key(3), p["lora_query_b"].shape)
+    w = jax.random.normal(jax.random.key(2), (2, 5) + out_shape)
+    axes = (tuple(range(2, 2 + n_in)), tuple(range(n_in)))
+
+    def reference(p, x):
+        a, b = p["lora_query_a"], p["lora_query_b"]
+        y = jnp.tensordot(x, p["kernel"], axes)
+        return y + jnp.tensordot(jnp.tensordot(x, a, axes), b, 1) * tiny_cfg.lora_scale
+
+    def folded(p, x):
+        return layer.apply({"params": p}, x, "query")
+
+    np.testing.assert_allclose(folded(p, x), reference(p, x), rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda p, x: jnp.vdot(folded(p, x), w), argnums=(0, 1))(p, x)
+    want = jax.grad(lambda p, x: jnp.vdot(reference(p, x), w), argnums=(0, 1))(p, x)
+    for name in ("kernel", "lora_query_a", "lora_query_b"):
+        np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(got[0]["lora_query_a"]).max()) > 0
+    assert float(jnp.abs(got[0]["lora_compressor_b"]).max()) == 0
 
 
 def _rag_loss(cfg, params, docs, tokens):

@@ -44,6 +44,11 @@ class ModelConfig:
         return self.latent_width != self.dim
 
     @property
+    def lora_scale(self) -> float:
+        """alpha / r: the factor on an adapter's A·B."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 

@@ -60,6 +60,38 @@ def _contract_last(x, w, n: int):
     return y.reshape(lead + y.shape[1:])
 
 
+def _merged_lora(x2, w2, a2, b2, scale: float):
+    """x2·(W + scale·A·B) with a low-rank backward: x2: float[N, I]; w2: float[I, O];
+    a2: float[I, r]; b2: float[r, O] -> float[N, O].
+
+    Without dropout the adapter folds into the kernel, so the forward is one matmul instead of
+    a matmul, two thin rank-r matmuls and an [N, O] add. The backward keeps the adapter's
+    gradients low-rank (never the [I, O] product for a frozen W, which XLA drops when unused);
+    its thin matmuls put the rank first in their outputs, the layout XLA:CPU runs several
+    times faster."""
+    return _merged_lora_fwd(x2, w2, a2, b2, scale)[0]
+
+
+def _merged_lora_fwd(x2, w2, a2, b2, scale):
+    return x2 @ (w2 + scale * (a2 @ b2)).astype(x2.dtype), (x2, w2, a2, b2)
+
+
+def _merged_lora_bwd(scale, res, g):
+    x2, w2, a2, b2 = res
+    w_eff = (w2 + scale * (a2 @ b2)).astype(g.dtype)
+    dx = g @ w_eff.T
+    g_b = g @ b2.T  # [N, r]
+    u = x2 @ a2  # [N, r]
+    da = scale * (g_b.T @ x2).T
+    db = scale * (u.T @ g)
+    dw = x2.T @ g
+    return dx, dw.astype(w2.dtype), da.astype(a2.dtype), db.astype(b2.dtype)
+
+
+_merged_lora = jax.custom_vjp(_merged_lora, nondiff_argnums=(4,))
+_merged_lora.defvjp(_merged_lora_fwd, _merged_lora_bwd)
+
+
 class LoRALinear(nn.Module):
     """A linear layer with one low-rank adapter per name, the adapter chosen per call.
 
@@ -93,19 +125,35 @@ class LoRALinear(nn.Module):
             self.in_shape + self.out_shape, jnp.float32)
         dtype = cfg.compute_dtype
         x = x.astype(dtype)
-        y = _contract_last(x, kernel.astype(dtype), n_in)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.out_names),
-                              self.out_shape, jnp.float32)
-            y = y + bias.astype(dtype)
-        if not (self.lora and cfg.lora_rank):
-            if adapter is not None and adapter not in cfg.adapters:
-                raise ValueError(f"unknown adapter {adapter!r}; known: {cfg.adapters}")
-            return y
-        r = cfg.lora_rank
+                              self.out_shape, jnp.float32).astype(dtype)
+        factors = self._adapters(fan_in_axes) if self.lora and cfg.lora_rank else {}
+        if adapter is not None and adapter not in cfg.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; known: {cfg.adapters}")
+        kernel = kernel.astype(dtype)
+        if adapter not in factors:  # no adapter asked for, or this layer carries none
+            y = _contract_last(x, kernel, n_in)
+        elif deterministic or not cfg.lora_dropout:
+            a, b = (f.astype(dtype) for f in factors[adapter])
+            width_in, width_out = math.prod(self.in_shape), math.prod(self.out_shape)
+            y = _merged_lora(x.reshape(-1, width_in), kernel.reshape(width_in, width_out),
+                             a.reshape(width_in, -1), b.reshape(-1, width_out), cfg.lora_scale)
+            y = y.reshape(x.shape[:x.ndim - n_in] + self.out_shape)
+        else:
+            a, b = (f.astype(dtype) for f in factors[adapter])
+            h = nn.Dropout(cfg.lora_dropout)(x, deterministic=False)
+            y = (_contract_last(x, kernel, n_in)
+                 + _contract_last(_contract_last(h, a, n_in), b, 1) * cfg.lora_scale)
+        return y if bias is None else y + bias
+
+    def _adapters(self, fan_in_axes) -> dict:
+        """{adapter name: (A float[*in, r], B float[r, *out])}, declared for every adapter."""
+        r, n_in = self.cfg.lora_rank, len(self.in_shape)
         factors = {}
-        for name in cfg.adapters:
+        for name in self.cfg.adapters:
             a = self.param(
                 f"lora_{name}_a",
                 nn.with_logical_partitioning(
@@ -119,14 +167,7 @@ class LoRALinear(nn.Module):
                                              (sh.LORA_RANK,) + self.out_names),
                 (r,) + self.out_shape, jnp.float32)
             factors[name] = (a, b)
-        if adapter is None:
-            return y
-        if adapter not in factors:
-            raise ValueError(f"unknown adapter {adapter!r}; known: {cfg.adapters}")
-        a, b = factors[adapter]
-        h = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic or not cfg.lora_dropout)
-        z = _contract_last(h, a.astype(dtype), n_in)
-        return y + _contract_last(z, b.astype(dtype), 1) * (cfg.lora_alpha / r)
+        return factors
 
 
 def attention_mask(key_valid, q_start, num_queries: int):
