@@ -220,12 +220,25 @@ class Attention(nn.Module):
             v = v_all[layer].astype(q.dtype)
 
         b, t = x.shape[:2]
-        qg = q.reshape(b, t, g, n // g, h)
-        scores = jnp.einsum("btgnh,bsgh->bgnts", qg, k,
-                            preferred_element_type=jnp.float32) / math.sqrt(h)
+        # Key/value heads lead, and each group's r = N/G query heads merge with T into one
+        # query axis: every attention matmul and its gradients are then plain batched matmuls
+        # with one contraction axis, so XLA transposes the [B, T, N, H] arrays, never the
+        # S-times larger scores (and k, v are not repeated per query head). Scaling q instead
+        # of the scores, and normalising the output instead of the probabilities, keeps two
+        # more elementwise passes off the scores.
+        r = n // g
+        qh = jnp.transpose((q * (1.0 / math.sqrt(h))).reshape(b, t, g, r, h), (0, 2, 3, 1, 4))
+        kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, G, S, H]
+        vh = jnp.transpose(v, (0, 2, 1, 3))
+        scores = jnp.einsum("bgqh,bgsh->bgqs", qh.reshape(b, g, r * t, h), kh,
+                            preferred_element_type=jnp.float32).reshape(b, g, r, t, -1)
         scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bgnts,bsgh->btgnh", probs, v).reshape(b, t, n, h)
+        weights = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        total = jnp.sum(weights, axis=-1, keepdims=True)  # [B, G, r, T, 1]
+        out = jnp.einsum("bgqs,bgsh->bgqh", weights.astype(v.dtype).reshape(b, g, r * t, -1),
+                         vh, preferred_element_type=jnp.float32).reshape(b, g, r, t, h)
+        out = (out / total).astype(v.dtype)
+        out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
         out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         o = LoRALinear((n, h), (d,), (sh.HEADS, sh.HEAD_DIM), (sh.EMBED,), cfg,
                        lora="o" in cfg.lora_targets, name="o")
