@@ -41,10 +41,14 @@ def apply_rope(x, positions, theta: float):
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
-    x1 = x[..., :half].astype(jnp.float32)
-    x2 = x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    cos = jnp.concatenate([cos, cos], axis=-1)  # [B, T, 1, H]: small, built once per call
+    sin = jnp.concatenate([-sin, sin], axis=-1)
+    # The halves are swapped by reversing an axis of size 2: an index remap that fuses into the
+    # multiply, where slicing x and concatenating the results cost two passes over [B, T, n, H]
+    # each way (a pad and a concatenate in the backward).
+    x32 = x.astype(jnp.float32)
+    swapped = jnp.flip(x32.reshape(x.shape[:-1] + (2, half)), axis=-2).reshape(x.shape)
+    return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 def _contract_last(x, w, n: int):
