@@ -190,6 +190,17 @@ def test_folded_adapter_matches_the_lora_formula_and_its_gradients(tiny_cfg, in_
     assert float(jnp.abs(got[0]["lora_compressor_b"]).max()) == 0
 
 
+def test_swiglu_backward_matches_autodiff():
+    from clara_jax.model.layers import swiglu
+
+    gate, up, w = jax.random.normal(jax.random.key(0), (3, 4, 7)) * 3.0
+    np.testing.assert_allclose(swiglu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6)
+    got = jax.grad(lambda a, b: jnp.vdot(swiglu(a, b), w), argnums=(0, 1))(gate, up)
+    want = jax.grad(lambda a, b: jnp.vdot(jax.nn.silu(a) * b, w), argnums=(0, 1))(gate, up)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
 def _rag_loss(cfg, params, docs, tokens):
     """Compress K=1 documents, generate over their latents: a stage-1-shaped loss."""
     b, t = tokens.shape
