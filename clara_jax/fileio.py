@@ -53,6 +53,21 @@ def atomic_write_json(path, obj, indent: int = 2, sort_keys: bool = False) -> No
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
+def read_json(path, error: type[Exception], missing: str, what: str = "file"):
+    """The parsed JSON file at `path`. Every failure raises `error` with a message that names
+    the file: `{path}: {missing}` when it is absent, and the line and column of bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}:{e.colno}: corrupted {what}: invalid JSON: {e.msg}"
+                    ) from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: corrupted {what}: not UTF-8 text") from e
+
+
 def replace_dir(src, dst) -> None:
     """Moves the finished directory `src` (made with `tempfile.mkdtemp` beside `dst`) to `dst`,
     replacing what was there only once `src` is complete, with umask permissions."""

@@ -39,3 +39,25 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     atomic_write_text(tmp_path / "new" / "dir" / "f.txt", "made")
     assert (tmp_path / "new" / "dir" / "f.txt").read_text() == "made"
+
+
+class _BadFile(ValueError):
+    pass
+
+
+def test_read_json_names_the_file_line_and_column(tmp_path):
+    from clara_jax.fileio import read_json
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}\n')
+    assert read_json(good, _BadFile, "no such file") == {"a": [1, 2]}
+    with pytest.raises(_BadFile, match=r"absent\.json: no such file \(hint\)"):
+        read_json(tmp_path / "absent.json", _BadFile, "no such file (hint)")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "a": 1,\n  "b": \n}\n')
+    with pytest.raises(_BadFile, match=r"bad\.json:4:1: corrupted settings: invalid JSON"):
+        read_json(bad, _BadFile, "missing", "settings")
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(_BadFile, match=r"binary\.json: corrupted file: not UTF-8 text"):
+        read_json(binary, _BadFile, "missing")

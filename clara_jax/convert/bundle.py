@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 
 from clara_jax.convert import hf
-from clara_jax.fileio import replace_dir
+from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -68,13 +68,9 @@ def model_config_from_dict(d: dict, where: str = MODEL_CONFIG_FILE) -> ModelConf
 
 def read_model_config(src: str | os.PathLike) -> ModelConfig:
     file = Path(src) / MODEL_CONFIG_FILE
-    if not file.exists():
-        raise hf.ConversionError(f"{file}: no such file (not a directory written by "
-                                 "`clara convert from-hf`)")
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise hf.ConversionError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from e
+    d = read_json(file, hf.ConversionError,
+                  "no such file (not a directory written by `clara convert from-hf`)",
+                  "model config")
     return model_config_from_dict(d, str(file))
 
 

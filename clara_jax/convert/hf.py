@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.fileio import replace_dir
+from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_group
 
 CONFIG_FILE = "config.json"
@@ -75,13 +75,9 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     """config.json of a checkpoint directory (or the file itself) as a dict."""
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
-    if not file.exists():
-        raise ConversionError(f"{file}: no such file (a Hugging Face checkpoint directory "
-                              f"holds {CONFIG_FILE} and safetensors files)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from e
+    config = read_json(file, ConversionError,
+                       f"no such file (a Hugging Face checkpoint directory holds {CONFIG_FILE} "
+                       "and safetensors files)", "model config")
     if not isinstance(config, dict):
         raise ConversionError(f"{file}: expected a JSON object")
     return config

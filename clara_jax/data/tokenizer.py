@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from clara_jax.fileio import atomic_write_bytes
+from clara_jax.fileio import atomic_write_bytes, read_json
 
 META_FILE = "clara_tokenizer.json"
 SP_FILE = "tokenizer.model"
@@ -292,12 +292,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Loads a tokenizer saved by `Tokenizer.save(directory)`."""
     d = Path(directory)
     meta_path = d / META_FILE
-    if not meta_path.exists():
-        raise TokenizerError(f"{meta_path}: no such file (not a saved clara tokenizer)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{meta_path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    meta = read_json(meta_path, TokenizerError, "no such file (not a saved clara tokenizer)",
+                     "tokenizer metadata")
     kind = meta.get("kind")
     if kind == SentencePieceTokenizer.kind:
         tok = SentencePieceTokenizer((d / SP_FILE).read_bytes())

@@ -38,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from clara_jax.fileio import replace_dir
+from clara_jax.fileio import read_json, replace_dir
 
 FORMAT = "clara_jax.serving_bundle"
 FORMAT_VERSION = 1
@@ -191,12 +191,8 @@ def read_meta(path) -> dict:
     """bundle.json of the bundle at `path`, checked for format and files (sizes)."""
     path = Path(path)
     meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise BundleError(f"{meta_path}: no such file (not a bundle written by `clara export`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{meta_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    meta = read_json(meta_path, BundleError,
+                     "no such file (not a bundle written by `clara export`)", "bundle metadata")
     if meta.get("format") != FORMAT:
         raise BundleError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected "
                           f"{FORMAT!r}")

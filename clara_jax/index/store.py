@@ -73,14 +73,7 @@ def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
 
 def read_json(path: Path, what: str = "file") -> dict:
     """Parses a JSON file; errors name the file (and the line/column of bad JSON)."""
-    if not path.is_file():
-        raise IndexFileError(f"{path}: missing {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise IndexFileError(f"{path}:{e.lineno}:{e.colno}: corrupted {what}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise IndexFileError(f"{path}: corrupted {what}: not UTF-8 text") from e
+    return fileio.read_json(path, IndexFileError, f"missing {what}", what)
 
 
 def require_field(obj: dict, key: str, path: Path, kind=None):
