@@ -15,7 +15,7 @@ from jax import lax
 
 from clara_jax.model import sharding as sh
 from clara_jax.model.config import ModelConfig
-from clara_jax.model.layers import MLP, Attention, RMSNorm, attention_mask
+from clara_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, contract_last
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -130,14 +130,12 @@ class Decoder(nn.Module):
         # Generation's prefill needs only the next-token distribution, not [B, T, V].
         h = hidden[:, -1:] if last_logits_only else hidden
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", h, embedding.astype(h.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = contract_last(h, embedding.astype(h.dtype).T, 1, jnp.float32)
         else:
             unembed = self.param(
                 "unembed",
                 nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                              (sh.EMBED, sh.VOCAB)),
                 (cfg.dim, cfg.vocab_size), jnp.float32)
-            logits = jnp.einsum("btd,dv->btv", h, unembed.astype(h.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = contract_last(h, unembed.astype(h.dtype), 1, jnp.float32)
         return logits, hidden, new_cache

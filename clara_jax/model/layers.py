@@ -3,6 +3,7 @@ KV cache, and the SwiGLU MLP. Shape letters as in DESIGN.md."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -51,17 +52,46 @@ def apply_rope(x, positions, theta: float):
     return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
-def _contract_last(x, w, n: int):
+def _dot(a, b, out_dtype=None):
+    """a: float[M, K] · b: float[K, N] -> [M, N], accumulated in float32 and returned in
+    `out_dtype` (default a's dtype). With bfloat16 inputs the float32 accumulation is what
+    lets XLA:CPU use the AMX tiles (5x an f32 matmul here); a bfloat16 result would not."""
+    return lax.dot(a, b, preferred_element_type=jnp.float32).astype(out_dtype or a.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x2, w2, out_dtype=None):
+    """x2: float[N, I] · w2: float[I, O] -> float[N, O] in `out_dtype` (default x2's dtype).
+
+    Forward and backward matmuls take the compute dtype in and accumulate in float32 (autodiff
+    would run the backward in float32 whenever the output is float32, as the logits are)."""
+    return _dot(x2, w2, out_dtype)
+
+
+def _dense_fwd(x2, w2, out_dtype):
+    return _dot(x2, w2, out_dtype), (x2, w2)
+
+
+def _dense_bwd(out_dtype, res, g):
+    x2, w2 = res
+    g = g.astype(x2.dtype)
+    return _dot(g, w2.T), _dot(x2.T, g, w2.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def contract_last(x, w, n: int, out_dtype=None):
     """Contracts the last n axes of x with the first n axes of w: float[..., *in] x
     float[*in, *out] -> float[..., *out].
 
-    The leading axes are merged into one before the dot so that the weight gradient is a
-    plain 2-D matmul: with [B, T] kept apart XLA:CPU contracts two axes and fuses a slow
-    transposing copy into the cotangent's producer (1.6x slower demo train step)."""
-    lead = x.shape[:x.ndim - n]
-    x2 = x.reshape((-1,) + x.shape[x.ndim - n:])
-    y = lax.dot_general(x2, w, ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
-    return y.reshape(lead + y.shape[1:])
+    Both sides are flattened to 2-D before the dot so that the weight gradient is a plain
+    matmul: with [B, T] kept apart XLA:CPU contracts two axes and fuses a slow transposing
+    copy into the cotangent's producer (1.6x slower demo train step)."""
+    lead, out = x.shape[:x.ndim - n], w.shape[n:]
+    width_in = math.prod(w.shape[:n])
+    y = dense(x.reshape(-1, width_in), w.reshape(width_in, -1), out_dtype)
+    return y.reshape(lead + out)
 
 
 def _merged_lora(x2, w2, a2, b2, scale: float):
@@ -76,20 +106,24 @@ def _merged_lora(x2, w2, a2, b2, scale: float):
     return _merged_lora_fwd(x2, w2, a2, b2, scale)[0]
 
 
+def _folded(w2, a2, b2, scale):
+    return (w2 + scale * _dot(a2, b2, jnp.float32)).astype(w2.dtype)
+
+
 def _merged_lora_fwd(x2, w2, a2, b2, scale):
-    return x2 @ (w2 + scale * (a2 @ b2)).astype(x2.dtype), (x2, w2, a2, b2)
+    return _dot(x2, _folded(w2, a2, b2, scale)), (x2, w2, a2, b2)
 
 
 def _merged_lora_bwd(scale, res, g):
     x2, w2, a2, b2 = res
-    w_eff = (w2 + scale * (a2 @ b2)).astype(g.dtype)
-    dx = g @ w_eff.T
-    g_b = g @ b2.T  # [N, r]
-    u = x2 @ a2  # [N, r]
-    da = scale * (g_b.T @ x2).T
-    db = scale * (u.T @ g)
-    dw = x2.T @ g
-    return dx, dw.astype(w2.dtype), da.astype(a2.dtype), db.astype(b2.dtype)
+    g = g.astype(x2.dtype)
+    dx = _dot(g, _folded(w2, a2, b2, scale).T)
+    g_b = _dot(g, b2.T)  # [N, r]
+    u = _dot(x2, a2)  # [N, r]
+    da = scale * _dot(g_b.T, x2, jnp.float32).T
+    db = scale * _dot(u.T, g, jnp.float32)
+    dw = _dot(x2.T, g, w2.dtype)
+    return dx, dw, da.astype(a2.dtype), db.astype(b2.dtype)
 
 
 _merged_lora = jax.custom_vjp(_merged_lora, nondiff_argnums=(4,))
@@ -139,7 +173,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"unknown adapter {adapter!r}; known: {cfg.adapters}")
         kernel = kernel.astype(dtype)
         if adapter not in factors:  # no adapter asked for, or this layer carries none
-            y = _contract_last(x, kernel, n_in)
+            y = contract_last(x, kernel, n_in)
         elif deterministic or not cfg.lora_dropout:
             a, b = (f.astype(dtype) for f in factors[adapter])
             width_in, width_out = math.prod(self.in_shape), math.prod(self.out_shape)
@@ -149,8 +183,8 @@ class LoRALinear(nn.Module):
         else:
             a, b = (f.astype(dtype) for f in factors[adapter])
             h = nn.Dropout(cfg.lora_dropout)(x, deterministic=False)
-            y = (_contract_last(x, kernel, n_in)
-                 + _contract_last(_contract_last(h, a, n_in), b, 1) * cfg.lora_scale)
+            y = (contract_last(x, kernel, n_in)
+                 + contract_last(contract_last(h, a, n_in), b, 1) * cfg.lora_scale)
         return y if bias is None else y + bias
 
     def _adapters(self, fan_in_axes) -> dict:
