@@ -190,6 +190,25 @@ def test_folded_adapter_matches_the_lora_formula_and_its_gradients(tiny_cfg, in_
     assert float(jnp.abs(got[0]["lora_compressor_b"]).max()) == 0
 
 
+def test_bfloat16_dense_gradients_follow_float32():
+    """The bfloat16 dense path (float32 accumulation, gathered transposes on CPU) gives the
+    float32 values and gradients to bfloat16 precision."""
+    from clara_jax.model.layers import _transposed, dense
+
+    x, w, c = (jax.random.normal(k, s) for k, s in
+               zip(jax.random.split(jax.random.key(0), 3), [(24, 16), (16, 40), (24, 40)]))
+    bf = jnp.bfloat16
+    np.testing.assert_array_equal(_transposed(w.astype(bf)), w.astype(bf).T)
+
+    def loss(x, w, dtype):
+        return jnp.vdot(dense(x.astype(dtype), w.astype(dtype), jnp.float32), c)
+
+    want = jax.grad(loss, argnums=(0, 1))(x, w, jnp.float32)
+    got = jax.grad(loss, argnums=(0, 1))(x, w, bf)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), e, rtol=0.05, atol=0.1)
+
+
 def test_swiglu_backward_matches_autodiff():
     from clara_jax.model.layers import swiglu
 
