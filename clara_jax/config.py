@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.stage_steps = (100, 50, 25)
     c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
     c.demo.train_base = True  # no pretrained decoder for small configs: stages 1-2 train it
+    # Next-token steps on the train world's text before stage 1 (clara_jax.train.warmup), for
+    # from-scratch decoders; 0 skips the warm-up.
+    c.demo.warmup_steps = 0
+    c.demo.warmup_lr = 1e-3
     c.demo.world_seed = 0
     c.demo.world_size = "small"
     c.demo.eval_questions = 200

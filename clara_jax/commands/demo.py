@@ -64,12 +64,21 @@ def _train_stage(c, run: Path, data_dir: Path, init_from: Path | None = None,
 
 
 def _train_stages(config, workdir: Path, data_dir: Path, progress: bool = True) -> list[Path]:
-    """Stages 1 -> 2 -> 3 into WORKDIR/stage{1,2,3}, each starting from the previous one."""
+    """Stages 1 -> 2 -> 3 into WORKDIR/stage{1,2,3}, each starting from the previous one; the
+    language-model warm-up into WORKDIR/warmup first when config.demo.warmup_steps > 0."""
     dirs: list[Path] = []
+    if int(config.demo.warmup_steps) > 0:
+        from clara_jax.data.tokenizer import load_tokenizer
+        from clara_jax.train.warmup import lm_warmup
+
+        warm = workdir / "warmup"
+        lm_warmup(_stage_config(config, 1), data_dir, warm, load_tokenizer(data_dir / "tokenizer"),
+                  int(config.demo.warmup_steps), float(config.demo.warmup_lr), progress)
+        dirs.append(warm)
     for stage in (1, 2, 3):
         dirs.append(_train_stage(_stage_config(config, stage), workdir / f"stage{stage}",
                                  data_dir, dirs[-1] if dirs else None, progress))
-    return dirs
+    return dirs[-3:]
 
 
 def _build_index(checkpoint: Path, data_dir: Path, out: Path, model=None):
