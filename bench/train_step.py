@@ -8,7 +8,8 @@ train`) on all local devices, feeds full-length random-token batches of the cont
 (every position valid, so tokens/s counts real work), and times `--steps` steps after two
 warm-up steps. In the same process, interleaved with the steps, it times a dense float32
 2048 x 2048 matmul (the machine's practical matmul peak) and reports the model's useful FLOPs
-per second as a fraction of it (medians of both).
+per second as a fraction of it (medians of both). A config computing in bfloat16 is also rated
+against a bfloat16 matmul (`flops_utilization_compute_dtype`).
 
 model_flops_per_step counts the matmuls the method needs, analytically:
   forward: 2 x tokens x (dense weights used, LoRA factors included) + 4 x B x S^2 x N x H per
@@ -138,11 +139,12 @@ def model_flops_per_step(config, cfg: ModelConfig, stage: int, fields: dict) -> 
     return float(total)
 
 
-def _matmul(n: int = 2048):
-    """A jitted dense float32 n x n matmul and its FLOPs."""
-    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
+def _matmul(n: int = 2048, dtype=jnp.float32):
+    """A jitted dense n x n matmul of `dtype` inputs (accumulated in float32, as the model's
+    dense layers do) and its FLOPs."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
     f(x, y).block_until_ready()
     return (lambda: f(x, y).block_until_ready()), 2.0 * n ** 3
 
@@ -196,12 +198,18 @@ def main() -> None:
     for _ in range(2):
         one_step()
     matmul, matmul_flops = _matmul()
+    # A bfloat16 model is also rated against the bfloat16 matmul's peak (AMX on recent Xeons,
+    # several times the float32 one): the float32 ratio alone would flatter it.
+    low = cfg.compute_dtype != jnp.float32
+    matmul_low, _ = _matmul(dtype=cfg.compute_dtype) if low else (None, None)
     # Steps and matmuls interleaved and summarised by their medians, so that load from other
     # processes on the machine affects both sides of the ratio alike.
-    steps, mms = [], []
+    steps, mms, mms_low = [], [], []
     for _ in range(args.steps):
         steps.append(_timed(one_step))
         mms.append(_timed(matmul))
+        if low:
+            mms_low.append(_timed(matmul_low))
     step_s = float(np.median([w for w, _ in steps]))
     step_cpu = float(np.median([c for _, c in steps]))
     mm_s = float(np.median([w for w, _ in mms]))
@@ -209,7 +217,7 @@ def main() -> None:
     peak = matmul_flops / mm_s
     flops = model_flops_per_step(config, cfg, stage, fields)
     metrics = box["metrics"]
-    print(json.dumps({
+    out = {
         "config": args.config, "stage": stage, "overrides": args.set,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "batch_size": config.train.batch_size, "compile_s": compile_s, "step_s": step_s,
@@ -220,7 +228,13 @@ def main() -> None:
         # The same ratio per CPU-second the process got (insensitive to other processes).
         "flops_utilization_cpu_time": (flops / step_cpu) / (matmul_flops / mm_cpu),
         "loss": float(metrics["loss"]),
-    }))
+    }
+    if low:
+        peak_low = matmul_flops / float(np.median([w for w, _ in mms_low]))
+        out.update({"compute_dtype": str(cfg.compute_dtype),
+                    "matmul_peak_compute_dtype_flops_per_s": peak_low,
+                    "flops_utilization_compute_dtype": flops / step_s / peak_low})
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
