@@ -17,7 +17,7 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
     cmd = [sys.executable, "-m", "clara_jax.cli", "demo", "--config=configs/tiny.py",
            f"--workdir={tmp_path}", "--progress=false", "--config.demo.stage_steps=(2,2,2)",
            "--config.demo.eval_questions=12", "--config.demo.eval_batch_size=4",
-           "--config.train.log_every=1"]
+           "--config.train.log_every=1", "--config.demo.warmup_steps=3"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -40,6 +40,7 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
         steps = [json.loads(x)["step"] for x in
                  (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2]
+    assert json.loads((tmp_path / "warmup" / "warmup.json").read_text())["steps"] == 3
     for png in ("losses.png", "scores.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
     assert "| latent_rag |" in out.stdout and "Q: " in out.stdout and "latent docs:" in out.stdout
