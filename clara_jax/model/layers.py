@@ -112,6 +112,7 @@ def contract_last(x, w, n: int, out_dtype=None):
     return y.reshape(lead + out)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _merged_lora(x2, w2, a2, b2, scale: float):
     """x2·(W + scale·A·B) with a low-rank backward: x2: float[N, I]; w2: float[I, O];
     a2: float[I, r]; b2: float[r, O] -> float[N, O].
@@ -121,7 +122,7 @@ def _merged_lora(x2, w2, a2, b2, scale: float):
     gradients low-rank (never the [I, O] product for a frozen W, which XLA drops when unused);
     its thin matmuls put the rank first in their outputs, the layout XLA:CPU runs several
     times faster."""
-    return _merged_lora_fwd(x2, w2, a2, b2, scale)[0]
+    return _dot(x2, _folded(w2, a2, b2, scale))
 
 
 def _folded(w2, a2, b2, scale):
@@ -144,7 +145,6 @@ def _merged_lora_bwd(scale, res, g):
     return dx, dw, da.astype(a2.dtype), db.astype(b2.dtype)
 
 
-_merged_lora = jax.custom_vjp(_merged_lora, nondiff_argnums=(4,))
 _merged_lora.defvjp(_merged_lora_fwd, _merged_lora_bwd)
 
 
@@ -192,17 +192,21 @@ class LoRALinear(nn.Module):
         kernel = kernel.astype(dtype)
         if adapter not in factors:  # no adapter asked for, or this layer carries none
             y = contract_last(x, kernel, n_in)
-        elif deterministic or not cfg.lora_dropout:
-            a, b = (f.astype(dtype) for f in factors[adapter])
-            width_in, width_out = math.prod(self.in_shape), math.prod(self.out_shape)
-            y = _merged_lora(x.reshape(-1, width_in), kernel.reshape(width_in, width_out),
-                             a.reshape(width_in, -1), b.reshape(-1, width_out), cfg.lora_scale)
-            y = y.reshape(x.shape[:x.ndim - n_in] + self.out_shape)
         else:
             a, b = (f.astype(dtype) for f in factors[adapter])
-            h = nn.Dropout(cfg.lora_dropout)(x, deterministic=False)
-            y = (contract_last(x, kernel, n_in)
-                 + contract_last(contract_last(h, a, n_in), b, 1) * cfg.lora_scale)
+            no_dropout = deterministic or not cfg.lora_dropout
+            # Folded only in float32: folded into a bfloat16 kernel, an adapter update smaller
+            # than the kernel's rounding step would vanish from the forward.
+            if no_dropout and dtype == jnp.float32:
+                width_in, width_out = math.prod(self.in_shape), math.prod(self.out_shape)
+                y = _merged_lora(x.reshape(-1, width_in), kernel.reshape(width_in, width_out),
+                                 a.reshape(width_in, -1), b.reshape(-1, width_out),
+                                 cfg.lora_scale)
+                y = y.reshape(x.shape[:x.ndim - n_in] + self.out_shape)
+            else:
+                h = nn.Dropout(cfg.lora_dropout)(x, deterministic=no_dropout)
+                y = (contract_last(x, kernel, n_in)
+                     + contract_last(contract_last(h, a, n_in), b, 1) * cfg.lora_scale)
         return y if bias is None else y + bias
 
     def _adapters(self, fan_in_axes) -> dict:
