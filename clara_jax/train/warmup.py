@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from clara_jax.data import prompts
 from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.fileio import atomic_write_json
 from clara_jax.model import ModelConfig, forward_logits, init_params, param_group
 from clara_jax.train import checkpoint as ckpt
 from clara_jax.train.state import create_state
@@ -106,8 +108,6 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
     `warmup_rows` (batch config.train.batch_size, warmup-cosine to 0.1x, clip 1.0) and saves
     it at `out` as a stage-1 state at step 0. Returns {"steps", "first_loss", "last_loss",
     "wall_s"}; an existing finished warm-up at `out` is reused."""
-    from tqdm import tqdm
-
     out = Path(out)
     done = out / "warmup.json"
     if done.exists():
@@ -153,7 +153,5 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
     summary = {"steps": steps, "first_loss": losses[0] if losses else None,
                "last_loss": float(np.mean(losses[-10:])) if losses else None,
                "wall_s": round(time.perf_counter() - t0, 1)}
-    from clara_jax.fileio import atomic_write_json
-
     atomic_write_json(done, summary)
     return summary
