@@ -121,7 +121,8 @@ def _merged_lora(x2, w2, a2, b2, scale: float):
     a matmul, two thin rank-r matmuls and an [N, O] add. The backward keeps the adapter's
     gradients low-rank (never the [I, O] product for a frozen W, which XLA drops when unused);
     its thin matmuls put the rank first in their outputs, the layout XLA:CPU runs several
-    times faster."""
+    times faster. LoRALinear folds only in float32 (see there), so the backward needs none of
+    `dense`'s bfloat16 handling."""
     return _dot(x2, _folded(w2, a2, b2, scale))
 
 
@@ -136,12 +137,12 @@ def _merged_lora_fwd(x2, w2, a2, b2, scale):
 def _merged_lora_bwd(scale, res, g):
     x2, w2, a2, b2 = res
     g = g.astype(x2.dtype)
-    dx = _dot(g, _transposed(_folded(w2, a2, b2, scale)))
+    dx = _dot(g, _folded(w2, a2, b2, scale).T)
     g_b = _dot(g, b2.T)  # [N, r]
     u = _dot(x2, a2)  # [N, r]
     da = scale * _dot(g_b.T, x2, jnp.float32).T
     db = scale * _dot(u.T, g, jnp.float32)
-    dw = _dot(_transposed(x2), g, w2.dtype)
+    dw = _dot(x2.T, g, w2.dtype)
     return dx, dw, da.astype(a2.dtype), db.astype(b2.dtype)
 
 
