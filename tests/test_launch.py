@@ -38,13 +38,10 @@ def _launch(tmp_path, *command, n=2, devices=4):
 
 
 def test_two_local_processes_find_each_other(tmp_path):
-    out = _launch(tmp_path, sys.executable, str(REPO / "tests" / "multiprocess_probe.py"))
+    out = _launch(tmp_path, sys.executable, str(REPO / "tests" / "multiprocess_probe.py"),
+                  str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
-    seen = []
-    for i in range(2):
-        line = [x for x in (tmp_path / f"process_{i}.log").read_text().splitlines()
-                if x.startswith("{")][-1]
-        seen.append(json.loads(line))
+    seen = [json.loads((tmp_path / f"probe_{i}.json").read_text()) for i in range(2)]
     for i, s in enumerate(seen):
         assert s == {"process_index": i, "process_count": 2, "devices": 8, "local_devices": 4,
                      "gathered": [0, 1], "main": i == 0}
