@@ -77,6 +77,15 @@ def test_gold_documents_map_to_index_ids(setup, pipeline):
         load_items(f, index)
 
 
+def test_limit_spreads_the_sample_over_the_file(setup, pipeline):
+    every, _ = load_items(setup / "world", pipeline.index)
+    some, info = load_items(setup / "world", pipeline.index, limit=5)
+    n = len(every)
+    assert info["rows"] == 5 and [i.line for i in some] == [every[k * n // 5].line
+                                                          for k in range(5)]
+    assert some[0].line == 1 and some[-1].line > n // 2
+
+
 def test_three_modes_score_the_pipelines_answers(setup, pipeline):
     root = setup
     items, _ = load_items(root / "world", pipeline.index, limit=LIMIT)

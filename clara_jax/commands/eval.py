@@ -39,7 +39,7 @@ flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_integer("num_docs", None, "K documents per question (default config.data.num_docs).")
 flags.DEFINE_integer("max_new_tokens", None,
                      "Answer length cap (default config.data.answer_max_len).")
-flags.DEFINE_integer("limit", None, "Evaluate only the first N rows.")
+flags.DEFINE_integer("limit", None, "Evaluate N rows spread evenly over the file.")
 flags.DEFINE_bool("warmup", True, "Run the first batch once untimed (compilation).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip rows that fail validation.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")

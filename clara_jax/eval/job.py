@@ -143,14 +143,19 @@ def load_items(data, index=None, corpus: str | os.PathLike | None = None, fmt: s
     EvalItems, mapping the gold documents to `index` ids when an index is given. `corpus`
     defaults to the corpus.jsonl beside the file. Returns (items, info) with info: 'data',
     'gold_ids' (the mapping's source), 'rows', 'mapped' (rows with relevant ids), 'unmapped'.
-    Bad rows raise DataError naming the file, line and field."""
+    `limit` keeps that many rows spread evenly over the file: world files are ordered by
+    entity kind, so the first rows alone would be one kind's questions. Bad rows raise
+    DataError naming the file, line and field."""
     if fmt not in ("stage2", "stage3"):
         raise ValueError(f"fmt={fmt!r}: must be 'stage2' or 'stage3'")
     path, beside = resolve_data(data, split, fmt)
     corpus = corpus if corpus is not None else beside
     to_ids = gold_id_mapper(index, corpus) if index is not None else None
+    rows = list(iter_jsonl(path, fmt, skip_bad_rows=skip_bad_rows))
+    if limit is not None and limit < len(rows):
+        rows = [rows[i * len(rows) // limit] for i in range(limit)]
     items, unmapped = [], 0
-    for line, row in iter_jsonl(path, fmt, skip_bad_rows=skip_bad_rows):
+    for line, row in rows:
         relevant: tuple[str, ...] = ()
         if to_ids is not None and row.pos_index:
             seen: dict[str, None] = {}
@@ -160,8 +165,6 @@ def load_items(data, index=None, corpus: str | os.PathLike | None = None, fmt: s
             unmapped += not relevant
         items.append(EvalItem(row.question, tuple(row.answers), relevant, len(row.pos_index),
                               line))
-        if limit is not None and len(items) >= limit:
-            break
     if not items:
         raise DataError(path, 0, None, "no rows to evaluate")
     info = {"data": str(path), "gold_ids": None if to_ids is None else to_ids.source,
