@@ -9,6 +9,7 @@ looks like a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -40,10 +41,17 @@ def make_manager(workdir, keep: int = 3, async_save: bool = True, read_only: boo
     """A CheckpointManager over WORKDIR/checkpoints (or `directory`) keeping the last `keep`
     steps."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only)
-    return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options,
-                                 item_names=("state", "data", "meta"))
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    if read_only:  # orbax warns "Given directory is read only" on every restore-only open
+        absl_logger.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options,
+                                     item_names=("state", "data", "meta"))
+    finally:
+        absl_logger.setLevel(level)
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict | None,
