@@ -41,8 +41,10 @@ in absolute terms) gives per-step ratios to 16x of 1.65 / 1.32 (stage 2 / stage 
 M), three indexes and six evaluations of 400 questions (tens of ms per answer): about 45-50
 minutes in all on an idle machine. On a CPU shared with other jobs, expect up to 2-2.5x that.
 
-Measured: `--steps 400,100,50` (the README's table) took 1,742 s on this 2-core CPU: training
-438 / 537 / 509 s at 4x / 16x / 64x plus 120 s for the InfoNCE stage 3, evaluations 1.5 min.
+Measured: `--steps 400,100,50` (the README's table) took 1,742 s on this 2-core CPU without the
+warm-up (training 438 / 537 / 509 s at 4x / 16x / 64x plus 120 s for the InfoNCE stage 3,
+evaluations 1.5 min) and 2,418 s with it on a machine shared with the test suite; re-evaluating
+finished checkpoints alone takes about 90 s.
 
 Reproduce:  .venv/bin/python bench/quality.py --workdir runs/quality --steps 400,100,50
 """
