@@ -19,10 +19,11 @@ def main() -> None:
     from jax.experimental import multihost_utils
 
     ids = multihost_utils.process_allgather(jnp.array([jax.process_index()]))
-    seen = json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                      "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-                      "gathered": sorted(int(x) for x in ids.reshape(-1)),
-                      "main": distributed.is_main_process()})
+    seen = json.dumps({"process_index": jax.process_index(),
+                       "process_count": jax.process_count(), "devices": jax.device_count(),
+                       "local_devices": jax.local_device_count(),
+                       "gathered": sorted(int(x) for x in ids.reshape(-1)),
+                       "main": distributed.is_main_process()})
     atomic_write_text(Path(sys.argv[1]) / f"probe_{jax.process_index()}.json", seen)
 
 
