@@ -65,13 +65,34 @@ def warmup_rows(data_dir, tok: Tokenizer, doc_max_len: int, question_max_len: in
     return rows
 
 
-def _pack(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32[R, T], lengths int32[R]) right-padded to the longest row."""
-    width = max(len(r) for r in rows)
+def pack_rows(rows: list[list[int]], pad_id: int, width: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32[R, W], lengths int32[R]) right-padded (or cut) to `width`, by default
+    the longest row."""
+    width = width or max(len(r) for r in rows)
     tokens = np.full((len(rows), width), pad_id, np.int32)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
+        tokens[i, :len(r)] = r[:width]
     return tokens, np.asarray([len(r) for r in rows], np.int32)
+
+
+def batch_of(tokens: np.ndarray, lengths: np.ndarray, idx: np.ndarray
+             ) -> tuple[jax.Array, jax.Array]:
+    """Rows `idx` of `pack_rows` output, cut to their longest row rounded up to BUCKET:
+    (tokens int32[B, W], lengths int32[B])."""
+    width = min(tokens.shape[1], -(-int(lengths[idx].max()) // BUCKET) * BUCKET)
+    return jnp.asarray(tokens[idx, :width]), jnp.asarray(lengths[idx])
+
+
+def warmup_optimizer(decoder, steps: int, learning_rate: float) -> optax.GradientTransformation:
+    """AdamW (0.9, 0.95, weight decay 0.01) after a global-norm clip of 1.0, warmup-cosine to
+    0.1x with 10% warm-up, on the base weights of `decoder`; its adapters stay as they are."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(1, steps // 10), max(steps, 2), learning_rate * 0.1)
+    return optax.multi_transform(
+        {"base": optax.chain(optax.clip_by_global_norm(1.0),
+                             optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.01)),
+         "frozen": optax.set_to_zero()}, _labels(decoder))
 
 
 def make_warmup_step(cfg: ModelConfig, tx: optax.GradientTransformation):
@@ -114,16 +135,11 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
         return json.loads(done.read_text())
     cfg = ModelConfig.from_config(config)
     d = config.data
-    tokens, lengths = _pack(warmup_rows(data_dir, tok, int(d.doc_max_len),
+    tokens, lengths = pack_rows(warmup_rows(data_dir, tok, int(d.doc_max_len),
                                         int(d.question_max_len)), tok.pad_id)
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(int(config.train.seed)))
     decoder, rest = params["decoder"], {k: v for k, v in params.items() if k != "decoder"}
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, steps // 10), max(steps, 2), learning_rate * 0.1)
-    tx = optax.multi_transform(
-        {"base": optax.chain(optax.clip_by_global_norm(1.0),
-                             optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.01)),
-         "frozen": optax.set_to_zero()}, _labels(decoder))
+    tx = warmup_optimizer(decoder, steps, learning_rate)
     opt_state = tx.init(decoder)
     step = make_warmup_step(cfg, tx)
     batch = int(config.train.batch_size)
@@ -136,10 +152,8 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
                 len(tokens)), 0
         idx = order[start:start + batch]
         start += batch
-        width = min(tokens.shape[1], -(-int(lengths[idx].max()) // BUCKET) * BUCKET)
         decoder, opt_state, loss = step(decoder, opt_state, rest,
-                                        jnp.asarray(tokens[idx, :width]),
-                                        jnp.asarray(lengths[idx]))
+                                        *batch_of(tokens, lengths, idx))
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     stage1 = ml_collections.ConfigDict(config.to_dict())
