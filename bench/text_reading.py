@@ -11,9 +11,9 @@ streams:
   fixed: `warmup_rows` of `--data` (its train world's documents and stage-1 questions answered
          from their document's text), reshuffled each epoch: facts repeat, so they can be
          memorised;
-  fresh: a new world of `--size` per epoch (seeds 1000, 1001, ...; same generator, names drawn
-         apart from the bundled worlds' name stream), the same kinds of rows: no fact is seen in
-         two epochs, so only reading the context lowers the answer loss.
+  fresh: a new world of `--size` per epoch (seeds 1000, 1001, ...: the same generator, each
+         seed with its own name stream), the same kinds of rows: no fact is seen in two
+         epochs, so only reading the context lowers the answer loss.
 Every `--eval_every` steps it scores `--questions` held-out stage-1 questions of `--data`
 (fixed sample) in the text-RAG prompt framing: the exact-match rate of the teacher-forced
 argmax over the whole answer (`heldout_exact`), and for `fixed` the same on train questions

@@ -73,7 +73,7 @@ def pack_rows(rows: list[list[int]], pad_id: int, width: int | None = None
     tokens = np.full((len(rows), width), pad_id, np.int32)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r[:width]
-    return tokens, np.asarray([len(r) for r in rows], np.int32)
+    return tokens, np.asarray([min(len(r), width) for r in rows], np.int32)
 
 
 def batch_of(tokens: np.ndarray, lengths: np.ndarray, idx: np.ndarray
@@ -136,7 +136,7 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
     cfg = ModelConfig.from_config(config)
     d = config.data
     tokens, lengths = pack_rows(warmup_rows(data_dir, tok, int(d.doc_max_len),
-                                        int(d.question_max_len)), tok.pad_id)
+                                            int(d.question_max_len)), tok.pad_id)
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(int(config.train.seed)))
     decoder, rest = params["decoder"], {k: v for k, v in params.items() if k != "decoder"}
     tx = warmup_optimizer(decoder, steps, learning_rate)
