@@ -1,8 +1,10 @@
 """Shared set-up of the evaluation and export tests: the bundled world with its tokenizer, a
-training checkpoint of the tiny model, and a latent index of the held-out corpus."""
+training checkpoint of the tiny model, a latent index of the held-out corpus, and the
+benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fresh_config(data_dir=None):

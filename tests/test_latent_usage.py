@@ -3,8 +3,6 @@ is the stage-2 training loss's CE on the same batch, and the other fillings chan
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax.numpy as jnp
 import pytest
 
@@ -13,16 +11,11 @@ from clara_jax.data.prepare import prepare_world
 from clara_jax.model import ModelConfig
 from clara_jax.train.steps import make_loss_fn
 from tests import eval_support as es
-from tests.eval_support import REPO
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("latent_usage", REPO / "bench" /
-                                                  "latent_usage.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return es.load_bench("latent_usage")
 
 
 def test_true_latents_loss_is_the_training_ce(tmp_path, tiny_params, bench):

@@ -3,23 +3,16 @@ them, and a short run on the prepared small world reports a curve for both strea
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
 from clara_jax.data.prepare import prepare_world
 from tests import eval_support as es
-from tests.eval_support import REPO
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("text_reading", REPO / "bench" /
-                                                  "text_reading.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return es.load_bench("text_reading")
 
 
 def _next_token_oracle(vocab: int, wrong_rows=()):
