@@ -229,6 +229,7 @@ def test_cli_world_build_check(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["dataset"] == "clara_stage3"
+    assert "Downloading" not in res.stderr  # tfds's message for a build that downloads nothing
     assert (tmp_path / "b" / "tokenizer" / "clara_tokenizer.json").exists()
 
     bad = tmp_path / "bad.jsonl"

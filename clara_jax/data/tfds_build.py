@@ -16,6 +16,7 @@ paraphrase, so that a batch has a fixed number of generator sequences.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -305,10 +306,13 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    # tfds prints "Downloading and preparing dataset ..." to stdout although nothing is
+    # downloaded (and stdout carries the one-line JSON summary): kept, and shown only when
+    # the build fails.
+    tfds_said = io.StringIO()
     try:
         builder = builder_for(fmt, tmp, examples)
-        # tfds prints its own messages to stdout; keep stdout for the one-line JSON summary.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(tfds_said):
             builder.download_and_prepare(
                 download_dir=str(tmp / "downloads"),
                 download_config=tfds.download.DownloadConfig(verify_ssl=False),
@@ -319,6 +323,9 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
             os.rename(final, old)
         os.rename(tmp / name, final)
         shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        sys.stderr.write(tfds_said.getvalue())
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
