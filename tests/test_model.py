@@ -157,15 +157,20 @@ def test_lora_dropout_is_active_only_with_an_rng(tiny_cfg):
     assert not np.allclose(a, c)
 
 
+@pytest.mark.parametrize("kernels_train", [False, True])
 @pytest.mark.parametrize("in_shape,out_shape", [((8,), (3, 4)), ((3, 4), (8,))])
 def test_folded_adapter_matches_the_lora_formula_and_its_gradients(tiny_cfg, in_shape,
-                                                                     out_shape):
-    """Without dropout the adapter is folded into the kernel with a hand-written backward:
-    values and gradients (x, W, A, B) must equal those of x·W + s·(x·A)·B."""
+                                                                     out_shape, kernels_train):
+    """Without dropout the adapter is folded into the kernel with a hand-written backward
+    (adapter gradients through thin matmuls, or from the kernel's gradient when the kernel
+    trains): values and gradients (x, W, A, B) must equal those of x·W + s·(x·A)·B."""
+    import dataclasses
+
     from clara_jax.model.layers import LoRALinear
 
     n_in = len(in_shape)
-    layer = LoRALinear(in_shape, out_shape, ("a",) * n_in, ("b",) * len(out_shape), tiny_cfg)
+    cfg = dataclasses.replace(tiny_cfg, kernels_train=kernels_train)
+    layer = LoRALinear(in_shape, out_shape, ("a",) * n_in, ("b",) * len(out_shape), cfg)
     x = jax.random.normal(jax.random.key(0), (2, 5) + in_shape)
     p = nn.unbox(layer.init(jax.random.key(1), x, "query"))["params"]
     p["lora_query_b"] = 0.5 * jax.random.normal(jax.random.key(3), p["lora_query_b"].shape)

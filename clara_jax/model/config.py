@@ -33,6 +33,9 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     adapters: tuple[str, ...] = ("compressor", "query", "generator")
+    # Set by the train step when the base kernels train too (train.train_base): the kernel's
+    # full gradient is computed anyway, and the adapters' follow from it cheaply.
+    kernels_train: bool = False
 
     @property
     def latent_width(self) -> int:

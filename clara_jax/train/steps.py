@@ -13,6 +13,8 @@ a step's memory is that of one microbatch and the loop and checkpoints are uncha
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,7 +26,7 @@ from clara_jax import losses
 from clara_jax.data import prompts
 from clara_jax.model import ModelConfig, compress, encode_query, generate_logits
 from clara_jax.model.sharding import DEFAULT_RULES, batch_sharding
-from clara_jax.train.optimizer import make_optimizer, make_schedule
+from clara_jax.train.optimizer import make_optimizer, make_schedule, trainable_groups
 from clara_jax.train.state import (
     TrainState,
     merge_trainable,
@@ -151,6 +153,8 @@ def make_train_step(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: 
     finite: then the update is skipped and params/opt_state are returned unchanged, whatever
     train.nan_policy says; the loop decides whether to stop).
     """
+    if "base" in trainable_groups(config, stage):
+        cfg = dataclasses.replace(cfg, kernels_train=True)
     loss_fn = make_loss_fn(config, cfg, stage)
     labels = trainable_labels(config, params_like, stage)
     tx = make_optimizer(config, params_like, stage)
