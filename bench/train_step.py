@@ -11,13 +11,18 @@ warm-up steps. In the same process, interleaved with the steps, it times a dense
 per second as a fraction of it (medians of both). A config computing in bfloat16 is also rated
 against a bfloat16 matmul (`flops_utilization_compute_dtype`).
 
+The stage is trained as `clara demo` trains it: stages 1-2 also train the base decoder when
+the config's `demo.train_base` is set (the from-scratch configs), unless `--set
+train.train_base=...` says otherwise.
+
 model_flops_per_step counts the matmuls the method needs, analytically:
   forward: 2 x tokens x (dense weights used, LoRA factors included) + 4 x B x S^2 x N x H per
   layer of every decoder pass (attention scores and values over the full S x S square, as the
   implementation computes them);
-  backward: the frozen base weights need only the input gradient (1x forward), attention
-  needs 2x forward, trainable LoRA factors need 2x forward; stage 3's candidate encoding runs
-  forward only (frozen compressor). Rematerialisation is not counted (it is not useful work).
+  backward: a frozen base weight needs only the input gradient (1x forward), a trained one
+  also its weight gradient (2x forward); attention needs 2x forward, trainable LoRA factors
+  2x forward; stage 3's candidate encoding runs forward only (frozen compressor).
+  Rematerialisation is not counted (it is not useful work).
 XLA's own count for the compiled step is reported as xla_flops_per_step.
 Last line: one JSON object.
 """
@@ -40,6 +45,7 @@ import numpy as np  # noqa: E402
 from clara_jax.config import finalize  # noqa: E402
 from clara_jax.model import ModelConfig, init_params  # noqa: E402
 from clara_jax.model.sharding import make_mesh  # noqa: E402
+from clara_jax.train.optimizer import trainable_groups  # noqa: E402
 from clara_jax.train.state import (  # noqa: E402
     create_state,
     init_query_adapter,
@@ -122,13 +128,15 @@ def model_flops_per_step(config, cfg: ModelConfig, stage: int, fields: dict) -> 
     t = fields["tokens"].shape[1]
     m = cfg.num_memory_tokens
     latent = 2.0 * cfg.dim * cfg.latent_width if cfg.projects_latents else 0.0
+    # forward + backward: input gradients, and weight gradients when the base trains
+    passes = 3 if "base" in trainable_groups(config, stage) else 2
     gen_dense, gen_attn = _decoder_flops(cfg, b, t, logits=True)
     gen_dense += latent * b * t  # latent_up over the slots (upper bound: all positions)
-    total = 2 * gen_dense + 3 * gen_attn  # forward + backward (frozen base: input grads)
+    total = passes * gen_dense + 3 * gen_attn
     if stage in (1, 2):
         kd, td = fields["doc_tokens"].shape[1:]
         dense, attn = _decoder_flops(cfg, b * kd, td + m, logits=False)
-        total += 2 * (dense + latent * b * kd * m) + 3 * attn
+        total += passes * (dense + latent * b * kd * m) + 3 * attn
     else:
         c, td = fields["cand_tokens"].shape[1:]
         dense, attn = _decoder_flops(cfg, b * c, td + m, logits=False)
@@ -166,6 +174,8 @@ def main() -> None:
     config = load_config(args.config, args.set)
     stage = config.train.stage if args.stage is None else args.stage
     config.train.stage = stage
+    if not any(item.startswith("train.train_base=") for item in args.set):
+        config.train.train_base = stage < 3 and bool(config.demo.train_base)
     cfg = ModelConfig.from_config(config)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
@@ -218,7 +228,8 @@ def main() -> None:
     flops = model_flops_per_step(config, cfg, stage, fields)
     metrics = box["metrics"]
     out = {
-        "config": args.config, "stage": stage, "overrides": args.set,
+        "config": args.config, "stage": stage, "train_base": bool(config.train.train_base),
+        "overrides": args.set,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "batch_size": config.train.batch_size, "compile_s": compile_s, "step_s": step_s,
         "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,

@@ -41,6 +41,7 @@ def get_config(arg: str = ""):
     c.data.num_docs = 5
     c.data.num_candidates = 20
     c.train.batch_size = 32
+    c.demo.train_base = False  # a pretrained base: the adapters alone train, as in the paper
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
