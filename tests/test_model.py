@@ -195,6 +195,35 @@ def test_folded_adapter_matches_the_lora_formula_and_its_gradients(tiny_cfg, in_
     assert float(jnp.abs(got[0]["lora_compressor_b"]).max()) == 0
 
 
+def test_attention_core_matches_autodiff_of_the_softmax_formula():
+    """The hand-written attention backward gives autodiff's gradients of
+    softmax(q·kᵀ masked)·v, including a query row whose keys are all masked."""
+    from clara_jax.model.layers import _scores, attention_core
+
+    def reference(qh, kh, vh, mask):
+        b, g, rt, _ = qh.shape
+        s = _scores(qh, kh, mask)
+        w = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True)))
+        w = w.reshape(b, g, rt, -1)
+        return jnp.einsum("bgqs,bgsh->bgqh", w, vh) / jnp.sum(w, -1, keepdims=True)
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    b, g, r, t, s, h = 2, 2, 3, 5, 7, 4
+    qh = jax.random.normal(keys[0], (b, g, r * t, h))
+    kh = jax.random.normal(keys[1], (b, g, s, h))
+    vh = jax.random.normal(keys[2], (b, g, s, h))
+    mask = jax.random.bernoulli(keys[3], 0.6, (b, t, s)).at[0, 1].set(False)
+    w = jax.random.normal(keys[4], qh.shape)
+    np.testing.assert_allclose(attention_core(qh, kh, vh, mask), reference(qh, kh, vh, mask),
+                               rtol=1e-5, atol=1e-6)
+    got = jax.grad(lambda *a: jnp.vdot(attention_core(*a, mask), w), argnums=(0, 1, 2))(
+        qh, kh, vh)
+    want = jax.grad(lambda *a: jnp.vdot(reference(*a, mask), w), argnums=(0, 1, 2))(qh, kh, vh)
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(got[0][0, :, 1::t]).max()) == 0.0  # the fully masked query row
+
+
 def test_bfloat16_dense_gradients_follow_float32():
     """The bfloat16 dense path (float32 accumulation, gathered transposes on CPU) gives the
     float32 values and gradients to bfloat16 precision."""

@@ -252,6 +252,61 @@ def attention_mask(key_valid, q_start, num_queries: int):
     return key_valid[:, None, :] & causal[None]
 
 
+def _scores(qh, kh, mask):
+    """Masked scores float32[B, G, r, T, S] of qh: [B, G, r·T, H] against kh: [B, G, S, H]."""
+    b, g, rt, _ = qh.shape
+    t = mask.shape[1]
+    scores = jnp.einsum("bgqh,bgsh->bgqs", qh, kh, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, g, rt // t, t, -1)
+    return jnp.where(mask[:, None, None], scores, NEG_INF)
+
+
+def _attention_fwd(qh, kh, vh, mask):
+    b, g, rt, h = qh.shape
+    scores = _scores(qh, kh, mask)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)).astype(vh.dtype)
+    weights = weights.reshape(b, g, rt, -1)
+    total = jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)  # [B, G, r·T, 1]
+    out = jnp.einsum("bgqs,bgsh->bgqh", weights, vh, preferred_element_type=jnp.float32)
+    out = (out / total).astype(vh.dtype)
+    return out, (qh, kh, vh, mask, weights, total, out)
+
+
+@jax.custom_vjp
+def attention_core(qh, kh, vh, mask):
+    """softmax(qh·khᵀ, masked)·vh for grouped-query attention, keys and values per group.
+
+    qh: [B, G, r·T, H] (the r = N/G query heads of a group merged with T, already scaled);
+    kh, vh: [B, G, S, H]; mask: bool[B, T, S] -> float[B, G, r·T, H].
+
+    Every matmul is a plain batched matmul with one contraction axis, and the output is
+    normalised instead of the probabilities. The hand-written backward saves the unnormalised
+    probabilities and goes over the [r·T, S] scores once (dS = P·(dP - rowsum(dO·O))), where
+    autodiff of the forward made three passes plus a reduction over them."""
+    return _attention_fwd(qh, kh, vh, mask)[0]
+
+
+def _attention_bwd(res, d_out):
+    qh, kh, vh, mask, weights, total, out = res
+    d_out = d_out.astype(jnp.float32)
+    d_scaled = (d_out / total).astype(vh.dtype)  # dO / l: [B, G, r·T, H]
+    d_v = jnp.einsum("bgqs,bgqh->bgsh", weights, d_scaled, preferred_element_type=jnp.float32)
+    d_p = jnp.einsum("bgqh,bgsh->bgqs", d_scaled, vh, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True) / total
+    d_s = weights.astype(jnp.float32) * (d_p - row)
+    # A row with every key masked has uniform weights; the scores' mask still stops its
+    # gradient, as autodiff of the forward's `where` does.
+    b, g, rt, s = d_s.shape
+    d_s = jnp.where(mask[:, None, None], d_s.reshape(b, g, rt // mask.shape[1], -1, s), 0.0)
+    d_s = d_s.reshape(b, g, rt, s).astype(qh.dtype)
+    d_q = jnp.einsum("bgqs,bgsh->bgqh", d_s, kh, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bgqs,bgqh->bgsh", d_s, qh, preferred_element_type=jnp.float32)
+    return (d_q.astype(qh.dtype), d_k.astype(kh.dtype), d_v.astype(vh.dtype), None)
+
+
+attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE over a preallocated KV cache.
 
@@ -300,14 +355,7 @@ class Attention(nn.Module):
         qh = jnp.transpose((q * (1.0 / math.sqrt(h))).reshape(b, t, g, r, h), (0, 2, 3, 1, 4))
         kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, G, S, H]
         vh = jnp.transpose(v, (0, 2, 1, 3))
-        scores = jnp.einsum("bgqh,bgsh->bgqs", qh.reshape(b, g, r * t, h), kh,
-                            preferred_element_type=jnp.float32).reshape(b, g, r, t, -1)
-        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-        weights = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-        total = jnp.sum(weights, axis=-1, keepdims=True)  # [B, G, r, T, 1]
-        out = jnp.einsum("bgqs,bgsh->bgqh", weights.astype(v.dtype).reshape(b, g, r * t, -1),
-                         vh, preferred_element_type=jnp.float32).reshape(b, g, r, t, h)
-        out = (out / total).astype(v.dtype)
+        out = attention_core(qh.reshape(b, g, r * t, h), kh, vh, mask).reshape(b, g, r, t, h)
         out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
         out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         o = LoRALinear((n, h), (d,), (sh.HEADS, sh.HEAD_DIM), (sh.EMBED,), cfg,
