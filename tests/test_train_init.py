@@ -71,3 +71,26 @@ def test_init_from_hf_accepts_a_converted_bundle(tiny_config, tmp_path):
     _, ref = hf.load(LLAMA, progress=False, **overrides)
     np.testing.assert_allclose(np.asarray(params["decoder"]["embedding"]),
                                np.asarray(ref["decoder"]["embedding"]), rtol=1e-2, atol=1e-3)
+
+
+def test_checkpoint_of_another_model_is_named_field_by_field(tiny_config):
+    """Resuming or --init_from a run of another model shape fails with the differing fields,
+    not orbax's tree mismatch; fields that do not shape the parameters may differ."""
+    from clara_jax.train.checkpoint import CheckpointError, check_model
+
+    meta = {"config": tiny_config.to_json()}
+    same = tiny_config.copy_and_resolve_references()
+    same.model.dtype = "bfloat16"
+    same.model.lora.dropout = 0.0
+    check_model(meta, same, "W/checkpoints")
+    other = tiny_config.copy_and_resolve_references()
+    other.model.dim = tiny_config.model.dim * 2
+    other.model.n_layers = tiny_config.model.n_layers + 1
+    with pytest.raises(CheckpointError) as err:
+        check_model(meta, other, "W/checkpoints")
+    msg = str(err.value)
+    assert msg.startswith("W/checkpoints holds a run of another model: ")
+    assert f"model.dim={tiny_config.model.dim}, model.n_layers={tiny_config.model.n_layers};" \
+        in msg
+    assert f"this config has model.dim={other.model.dim}, model.n_layers={other.model.n_layers}" \
+        in msg

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -137,7 +138,14 @@ def main(argv) -> None:
               f"-> {data_dir}")
     config.train.data_dir = str(data_dir)
 
-    stage_dirs = _train_stages(config, workdir, data_dir, fl.progress)
+    from clara_jax.train.checkpoint import CheckpointError
+    from clara_jax.train.loop import NonFiniteLossError
+
+    try:
+        stage_dirs = _train_stages(config, workdir, data_dir, fl.progress)
+    except (NonFiniteLossError, CheckpointError) as err:
+        print(f"clara demo: {err}", file=sys.stderr)
+        sys.exit(1)
     t = time.perf_counter()
     index = _build_index(stage_dirs[-1], data_dir, workdir / "index")
     print(f"index: {index.num_docs} held-out documents ({time.perf_counter() - t:.1f}s)")

@@ -9,6 +9,7 @@ looks like a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -63,6 +64,34 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict | N
         data=ocp.args.JsonSave(data_state or {}),
         meta=ocp.args.JsonSave(meta)), force=True)
     return step
+
+
+# The model fields that decide the parameters' shapes and tree structure.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "mlp_dim", "num_memory_tokens", "latent_dim", "qkv_bias", "tie_embeddings",
+                "scan_layers", "lora.rank", "lora.targets", "lora.adapters")
+
+
+def _field(model: dict, name: str):
+    for key in name.split("."):
+        model = model.get(key) if isinstance(model, dict) else None
+    return list(model) if isinstance(model, (list, tuple)) else model
+
+
+def check_model(meta: dict, config, where: str) -> None:
+    """Raises CheckpointError naming the fields when the run that wrote `meta` had another
+    model shape than `config` (orbax would only report a tree mismatch, field by field)."""
+    if "config" not in meta:
+        return
+    saved = json.loads(meta["config"]).get("model", {})
+    ours = json.loads(config.to_json()).get("model", {})
+    diff = [n for n in SHAPE_FIELDS if _field(saved, n) != _field(ours, n)]
+    if diff:
+        raise CheckpointError(
+            f"{where} holds a run of another model: "
+            + ", ".join(f"model.{n}={_field(saved, n)}" for n in diff)
+            + "; this config has " + ", ".join(f"model.{n}={_field(ours, n)}" for n in diff)
+            + " (use a new --workdir, or the config that wrote it)")
 
 
 def _target(abstract: TrainState, shardings) -> TrainState:

@@ -168,6 +168,7 @@ def _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from, ini
     from_stage3 = False
     if init_from:
         def target(src_meta):
+            ckpt.check_model(src_meta, config, f"--init_from={init_from}")
             src_config = config.copy_and_resolve_references()
             src_config.train.train_base = bool(src_meta.get("train_base", False))
             a = abstract_state(src_config, cfg, int(src_meta["stage"]))
@@ -219,6 +220,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
     latest = manager.latest_step()
     if latest is not None:
         saved_meta = ckpt.read_meta(manager, latest)
+        ckpt.check_model(saved_meta, config, str(ckpt.checkpoint_dir(workdir)))
         for key in ("stage", "train_base"):
             if saved_meta.get(key, meta[key]) != meta[key]:
                 raise ckpt.CheckpointError(
