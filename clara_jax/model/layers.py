@@ -113,14 +113,14 @@ def contract_last(x, w, n: int, out_dtype=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _merged_lora(x2, w2, a2, b2, scale: float, kernel_trains: bool):
+def _merged_lora(x2, w2, a2, b2, scale: float, kernels_train: bool):
     """x2·(W + scale·A·B): x2: float[N, I]; w2: float[I, O]; a2: float[I, r]; b2: float[r, O]
     -> float[N, O].
 
     Without dropout the adapter folds into the kernel, so the forward is one matmul instead of
     a matmul, two thin rank-r matmuls and an [N, O] add. The adapter's gradients in the
     backward:
-    - `kernel_trains`: from the kernel's gradient dW = x2ᵀ·g, which the base's update needs
+    - `kernels_train`: from the kernel's gradient dW = x2ᵀ·g, which the base's update needs
       anyway: dA = scale·dW·Bᵀ, dB = scale·Aᵀ·dW, two [I, O]-sized rank-r products. The
       thin [N, r] route below costs 10-15% of the demo's stage-1 step on this CPU.
     - otherwise low-rank, never forming the [I, O] product for a frozen W (XLA drops the unused
@@ -135,16 +135,16 @@ def _folded(w2, a2, b2, scale):
     return (w2 + scale * _dot(a2, b2, jnp.float32)).astype(w2.dtype)
 
 
-def _merged_lora_fwd(x2, w2, a2, b2, scale, kernel_trains):
+def _merged_lora_fwd(x2, w2, a2, b2, scale, kernels_train):
     return _dot(x2, _folded(w2, a2, b2, scale)), (x2, w2, a2, b2)
 
 
-def _merged_lora_bwd(scale, kernel_trains, res, g):
+def _merged_lora_bwd(scale, kernels_train, res, g):
     x2, w2, a2, b2 = res
     g = g.astype(x2.dtype)
     dx = _dot(g, _folded(w2, a2, b2, scale).T)
     dw = _dot(x2.T, g, w2.dtype)
-    if kernel_trains:
+    if kernels_train:
         da = scale * _dot(dw, b2.T, jnp.float32)
         db = scale * _dot(a2.T, dw, jnp.float32)
     else:
@@ -262,7 +262,7 @@ def _scores(qh, kh, mask):
 
 
 def _attention_fwd(qh, kh, vh, mask):
-    b, g, rt, h = qh.shape
+    b, g, rt, _ = qh.shape
     scores = _scores(qh, kh, mask)
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)).astype(vh.dtype)
     weights = weights.reshape(b, g, rt, -1)
@@ -281,8 +281,8 @@ def attention_core(qh, kh, vh, mask):
 
     Every matmul is a plain batched matmul with one contraction axis, and the output is
     normalised instead of the probabilities. The hand-written backward saves the unnormalised
-    probabilities and goes over the [r·T, S] scores once (dS = P·(dP - rowsum(dO·O))), where
-    autodiff of the forward made three passes plus a reduction over them."""
+    probabilities and goes over the [r·T, S] scores once for dS = P·(dP - rowsum(dO·O)), the
+    row sum taken over the [r·T, H] output rather than over the scores."""
     return _attention_fwd(qh, kh, vh, mask)[0]
 
 
