@@ -299,7 +299,8 @@ def main(argv=None) -> dict:
         data_dir = workdir / "data" / f"m{m}"
         if not (data_dir / "prepare.json").exists():
             with phase(f"data_m{m}"):
-                prepare_world(data_dir, config, seed=int(config.demo.world_seed), size=world)
+                prepare_world(data_dir, config, seed=int(config.demo.world_seed), size=world,
+                              progress=progress)
             print(f"data: world ({world}) prepared for M={m} -> {data_dir}")
         config.train.data_dir = str(data_dir)
         rdir = workdir / f"rate{rate}"

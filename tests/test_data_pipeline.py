@@ -225,11 +225,12 @@ def test_cli_world_build_check(tmp_path):
     assert json.loads(res.stdout.splitlines()[-1])["world"]["splits"]["train"]["documents"] > 100
     res = _clara("build", "--format", "stage3", "--input",
                  f"train={tmp_path / 'w/train/stage3.jsonl'}", "--out", tmp_path / "b",
-                 "--config", "configs/tiny.py")
+                 "--config", "configs/tiny.py", "--progress=false")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["dataset"] == "clara_stage3"
     assert "Downloading" not in res.stderr  # tfds's message for a build that downloads nothing
+    assert "Generating splits" not in res.stderr and "Shuffling" not in res.stderr
     assert (tmp_path / "b" / "tokenizer" / "clara_tokenizer.json").exists()
 
     bad = tmp_path / "bad.jsonl"

@@ -1,10 +1,11 @@
 """`clara data world|build|check`: the bundled world, TFDS builds and file validation.
 
   clara data world --out DIR [--seed S] [--size small|medium] [--config C [--build]]
+                   [--progress=false]
       writes DIR/{train,heldout}/{corpus,stage1,stage2,stage3}.jsonl; with --config also the
       world's tokenizer in DIR/tokenizer, and with --build all four TFDS datasets in DIR.
   clara data build --format stage1|stage2|stage3|corpus --input FILE|split=FILE,... --out DIR
-                   --config C [--tokenizer TDIR] [--skip_bad_rows]
+                   --config C [--tokenizer TDIR] [--skip_bad_rows] [--progress=false]
       builds DIR/clara_<format> (array_record) and prints the build summary as one JSON line.
   clara data check --format F FILE [--tokenizer TDIR] [--config C] [--skip_bad_rows]
       validates FILE and prints one JSON line (rows, bad_rows, tokens_per_doc percentiles);
@@ -34,6 +35,7 @@ flags.DEFINE_string("input", None, "build: a JSONL file (the 'train' split) or "
 flags.DEFINE_string("tokenizer", None, "A saved clara tokenizer directory, or a Hugging Face "
                     "tokenizer.json (or its directory) for build (build, check).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip and count bad rows instead of failing.")
+flags.DEFINE_bool("progress", True, "Show TFDS's progress bars while building (world, build).")
 
 FLAGS = flags.FLAGS
 USAGE = "usage: clara data world|build|check [--flags]   (clara data --helpfull lists them)"
@@ -73,7 +75,8 @@ def _world() -> int:
     out = _require("out")
     config = _config(required=FLAGS.build)
     if FLAGS.build:
-        summary = prepare.prepare_world(out, config, FLAGS.seed, FLAGS.size)
+        summary = prepare.prepare_world(out, config, FLAGS.seed, FLAGS.size,
+                                        progress=FLAGS.progress)
     else:
         summary = {"world": world.write_world(out, FLAGS.seed, FLAGS.size)}
         if config is not None:
@@ -94,7 +97,8 @@ def _build() -> int:
            if FLAGS.tokenizer else None)
     try:
         summary = tfds_build.build_dataset(_require("format"), parse_inputs(_require("input")),
-                                           _require("out"), config, tok, FLAGS.skip_bad_rows)
+                                           _require("out"), config, tok, FLAGS.skip_bad_rows,
+                                           FLAGS.progress)
     except DataError as e:
         print(f"clara data build: {e}", file=sys.stderr)
         return 1

@@ -133,7 +133,7 @@ def main(argv) -> None:
     data_dir = workdir / "data"
     if not (data_dir / "prepare.json").exists():
         summary = prepare_world(data_dir, config, seed=int(config.demo.world_seed),
-                                size=str(config.demo.world_size))
+                                size=str(config.demo.world_size), progress=fl.progress)
         print(f"data: world, tokenizer and datasets in {summary['total_seconds']:.1f}s "
               f"-> {data_dir}")
     config.train.data_dir = str(data_dir)

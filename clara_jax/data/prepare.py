@@ -31,9 +31,9 @@ def world_tokenizer(config, seed: int = 0, size: str = "small") -> Tokenizer:
 
 
 def prepare_world(out, config, seed: int = 0, size: str = "small",
-                  formats=("stage1", "stage2", "stage3", "corpus")) -> dict:
+                  formats=("stage1", "stage2", "stage3", "corpus"), progress: bool = True) -> dict:
     """Writes the world files, its tokenizer and the TFDS datasets into OUT; returns a summary
-    with rows per file, token statistics and timings."""
+    with rows per file, token statistics and timings. `progress`: TFDS's progress bars."""
     out = Path(out)
     start = time.perf_counter()
     summary = {"world": world.write_world(out, seed, size)}
@@ -46,7 +46,8 @@ def prepare_world(out, config, seed: int = 0, size: str = "small",
     summary["builds"] = {}
     for fmt in formats:
         inputs = {split: out / split / f"{fmt}.jsonl" for split in world.SPLITS}
-        summary["builds"][fmt] = tfds_build.build_dataset(fmt, inputs, out, config, tok)
+        summary["builds"][fmt] = tfds_build.build_dataset(fmt, inputs, out, config, tok,
+                                                          progress=progress)
     summary["total_seconds"] = round(time.perf_counter() - start, 3)
     (out / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -267,11 +267,13 @@ def corpus_texts(rows) -> list[str]:
 
 
 def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.PathLike,
-                  config, tokenizer: Tokenizer | None = None, skip_bad_rows: bool = False
-                  ) -> dict:
+                  config, tokenizer: Tokenizer | None = None, skip_bad_rows: bool = False,
+                  progress: bool = True) -> dict:
     """Builds OUT/clara_<fmt> from {split: jsonl path}; returns the build summary.
 
-    Nothing is written to OUT unless every input reads cleanly (or `skip_bad_rows`).
+    Nothing is written to OUT unless every input reads cleanly (or `skip_bad_rows`). Without
+    `progress`, TFDS's bars ("Generating splits", "Shuffling") are off for the build; TFDS
+    has one switch for the whole process, which is on again afterwards.
     """
     if fmt not in BUILDERS:
         raise ValueError(f"unknown format {fmt!r}; known: {tuple(BUILDERS)}")
@@ -310,6 +312,7 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
     # downloaded (and stdout carries the one-line JSON summary): kept, and shown only when
     # the build fails.
     tfds_said = io.StringIO()
+    tfds.display_progress_bar(progress)
     try:
         builder = builder_for(fmt, tmp, examples)
         with contextlib.redirect_stdout(tfds_said):
@@ -327,6 +330,7 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
         sys.stderr.write(tfds_said.getvalue())
         raise
     finally:
+        tfds.display_progress_bar(True)
         shutil.rmtree(tmp, ignore_errors=True)
 
     if trained or given:
