@@ -33,7 +33,8 @@ def get_config(arg: str = ""):
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     # No pretrained base offline: 150 next-token steps on the train world's text first
-    # (clara_jax.train.warmup). Held-out Recall@5 0.02 -> 0.16, EM 0 -> the answer prior.
+    # (clara_jax.train.warmup). With the former D=192 model: held-out Recall@5 0.02 -> 0.16,
+    # EM 0 -> the answer prior.
     c.demo.warmup_steps = 150
     c.demo.stage_steps = (120, 60, 30)
     c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
