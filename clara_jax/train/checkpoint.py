@@ -75,7 +75,7 @@ SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_
 def _field(model: dict, name: str):
     for key in name.split("."):
         model = model.get(key) if isinstance(model, dict) else None
-    return list(model) if isinstance(model, (list, tuple)) else model
+    return model
 
 
 def check_model(meta: dict, config, where: str) -> None:
