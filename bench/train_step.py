@@ -137,6 +137,10 @@ def model_flops_per_step(config, cfg: ModelConfig, stage: int, fields: dict) -> 
         kd, td = fields["doc_tokens"].shape[1:]
         dense, attn = _decoder_flops(cfg, b * kd, td + m, logits=False)
         total += passes * (dense + latent * b * kd * m) + 3 * attn
+        if float(config.train.lambda_retrieval) > 0:  # the questions through the compressor
+            tq = fields["query_tokens"].shape[1]
+            dense, attn = _decoder_flops(cfg, b, tq + m, logits=False)
+            total += passes * (dense + latent * b * m) + 3 * attn
     else:
         c, td = fields["cand_tokens"].shape[1:]
         dense, attn = _decoder_flops(cfg, b * c, td + m, logits=False)

@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.answer_max_len = 32
     c.data.num_docs = 5  # K
     c.data.num_candidates = 20  # C
+    # Training split, stages 1-3: the probability that an example's answer is swapped, in its
+    # documents and its target alike, for another answer to the same kind of question
+    # (clara_jax.data.pipeline.AnswerSwap), so that it cannot be answered from memory.
+    c.data.swap_answers = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.stage = 1
@@ -81,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.lambda_align = 0.0  # stage 3: weight of the retrieval-alignment loss
     c.train.align_tau = 1.0  # stage 3: temperature of the generator-utility target
     c.train.lambda_infonce = 0.0  # stage 3: weight of InfoNCE on pos_index (supervised)
+    # Stages 1-2: weight of in-batch InfoNCE between each question's latents (compressor
+    # adapter, which the stage-3 query reasoner starts from) and the batch's documents.
+    c.train.lambda_retrieval = 0.0
     c.train.keep_checkpoints = 3
     c.train.eval_every = 0  # 0 disables periodic evaluation
     c.train.eval_batches = 4
@@ -156,6 +163,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
               f"must be a positive multiple of data.compression_rate={d.compression_rate}")
     if not 0 <= d.chunk_overlap < d.doc_max_len:
         _fail("data.chunk_overlap", d.chunk_overlap, "must be in [0, data.doc_max_len)")
+    if not 0.0 <= d.swap_answers <= 1.0:
+        _fail("data.swap_answers", d.swap_answers, "must be in [0, 1]")
     if not 1 <= d.num_docs <= d.num_candidates:
         _fail("data.num_docs", d.num_docs,
               f"must be in [1, data.num_candidates={d.num_candidates}]")
@@ -177,7 +186,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("adam_b1", "adam_b2"):
         if not 0.0 <= t[field] < 1.0:
             _fail(f"train.{field}", t[field], "must be in [0, 1)")
-    for field in ("weight_decay", "grad_clip", "mse_weight", "lambda_align", "lambda_infonce"):
+    for field in ("weight_decay", "grad_clip", "mse_weight", "lambda_align", "lambda_infonce",
+                  "lambda_retrieval"):
         if t[field] < 0:
             _fail(f"train.{field}", t[field], "must be >= 0")
     for field in ("tau", "align_tau"):

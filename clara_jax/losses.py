@@ -124,6 +124,28 @@ def retrieval_alignment_loss(scores, utility, tau: float, align_tau: float = 1.0
     return jnp.mean(kl)
 
 
+def in_batch_info_nce(query_latents, doc_latents, doc_tokens, positive, tau: float):
+    """InfoNCE of each question against every document of the batch: the row's gold document
+    is the positive, the others (except copies of the gold document, which stage-1 batches
+    hold when several questions share a document) are negatives.
+
+    query_latents: float[B, M, L]; doc_latents: float[N, M, L]; doc_tokens: int32[N, Td] (to
+    find copies); positive: int32[B], an index into N (-1 = no question, row ignored).
+    Returns (loss float32[], in-batch recall@1 float32[]).
+    """
+    b, n = query_latents.shape[0], doc_latents.shape[0]
+    pos = jnp.maximum(positive, 0)
+    same = jnp.all(doc_tokens[:, None, :] == doc_tokens[None, :, :], axis=-1)  # [N, N]
+    valid = ~same[pos] | (jnp.arange(n)[None, :] == pos[:, None])  # [B, N]
+    cands = jnp.broadcast_to(doc_latents[None], (b, *doc_latents.shape))
+    loss, _ = info_nce(query_latents, cands, positive, tau, valid)
+    s = jnp.where(valid, cosine_scores(query_latents, cands), NEG_INF)
+    has = positive >= 0
+    hit = (jnp.argmax(s, axis=-1) == positive) & has
+    recall = jnp.sum(hit) / jnp.maximum(jnp.sum(has), 1)
+    return loss, recall.astype(jnp.float32)
+
+
 def info_nce(query_latents, cand_latents, pos_index, tau: float, valid=None):
     """InfoNCE over the candidates with the known positive `pos_index` (supervised retriever
     baseline): mean over rows with pos_index >= 0 of -log softmax(cos / tau)[pos].

@@ -43,13 +43,14 @@ def test_batches_follow_the_contract(built, tiny_config, stage):
     want = {"tokens": ((b, t), np.int32), "mask": ((b, t), np.bool_),
             "slot_mask": ((b, t), np.bool_), "targets": ((b, t), np.int32),
             "loss_mask": ((b, t), np.bool_)}
+    want |= {"query_tokens": ((b, tq), np.int32), "query_mask": ((b, tq), np.bool_),
+             "pos_index": ((b,), np.int32)}
     if stage in (1, 2):
         kk = 1 if stage == 1 else k
         want |= {"doc_tokens": ((b, kk, td), np.int32), "doc_mask": ((b, kk, td), np.bool_)}
     else:
-        want |= {"query_tokens": ((b, tq), np.int32), "query_mask": ((b, tq), np.bool_),
-                 "cand_tokens": ((b, cands, td), np.int32),
-                 "cand_mask": ((b, cands, td), np.bool_), "pos_index": ((b,), np.int32)}
+        want |= {"cand_tokens": ((b, cands, td), np.int32),
+                 "cand_mask": ((b, cands, td), np.bool_)}
     assert {key: (v.shape, v.dtype.type) for key, v in batch.items()} == want
     slots = (1 if stage == 1 else k) * m
     assert np.all(batch["slot_mask"].sum(1) == slots)
@@ -58,9 +59,13 @@ def test_batches_follow_the_contract(built, tiny_config, stage):
     tok = pipeline.load_data_tokenizer(out)
     docs = batch["doc_tokens"] if stage < 3 else batch["cand_tokens"]
     assert np.all(docs[..., 0] == tok.enc_id) and np.all(docs[..., 1] == tok.bos_id)
+    assert np.all(batch["query_tokens"][:, 0] == tok.enc_id)
     if stage == 3:
         assert np.all((batch["pos_index"] >= 0) & (batch["pos_index"] < cands))
-        assert np.all(batch["query_tokens"][:, 0] == tok.enc_id)
+    if stage == 2:
+        assert np.all((batch["pos_index"] >= 0) & (batch["pos_index"] < k))
+    if stage == 1:  # 0: a QA pair about the document; -1: a paraphrase, no question
+        assert set(batch["pos_index"].tolist()) <= {0, -1}
 
 
 def test_stage3_example_matches_its_row(built, tiny_config):
@@ -248,3 +253,75 @@ def test_cli_world_build_check(tmp_path):
                  "--tokenizer", tmp_path / "b" / "tokenizer", "--config", "configs/tiny.py")
     assert res.returncode == 0
     assert json.loads(res.stdout.strip())["unit"] == "tokens"
+
+
+def test_question_kind_drops_whom_it_asks_about():
+    kind = pipeline.question_kind
+    assert kind("What is the capital of Mochakora?") == "what is the capital of ?"
+    assert kind("What is the capital of Trastolora?") == kind("What is the capital of X?")
+    assert kind("In which year was the founder of Zeibrem Guild born?") == \
+        "in which year was the founder of born?"
+    assert kind("How many people work at Fasiath?") != kind("How many people live in Fasiath?")
+
+
+def test_answer_swap_rewrites_documents_and_answer_alike(built):
+    out, _ = built
+    source = tfds_build.data_source("stage1", out, "train")
+    swap = pipeline.AnswerSwap.from_source(source, 1.0)
+    rng = np.random.default_rng(0)
+    swapped = 0
+    for i in range(len(source)):
+        ex = source[i]
+        new = swap(ex, rng)
+        if pipeline._text(ex["data_type"]) != "qa":
+            assert new is ex  # paraphrases are left alone
+            continue
+        old_answer, answer = pipeline._text(ex["answer"]), pipeline._text(new["answer"])
+        if answer == old_answer:
+            continue
+        swapped += 1
+        kind = pipeline.question_kind(pipeline._text(ex["question"]))
+        assert answer in swap.pools[kind] and old_answer in swap.pools[kind]
+        assert pipeline._mentions(answer).search(new["doc"])
+        assert not pipeline._mentions(old_answer).search(new["doc"])
+        # Only the answer's mentions changed.
+        assert new["doc"].replace(answer, "#") == \
+            pipeline._text(ex["doc"]).replace(old_answer, "#")
+    assert swapped > len(source) // 2
+    ex = source[0]
+    assert pipeline.AnswerSwap(0.0, swap.pools)(ex, rng) is ex
+
+
+def test_swapped_answers_are_read_from_the_documents(built, tiny_config):
+    out, _ = built
+    c = tiny_config.copy_and_resolve_references()
+    c.data.swap_answers = 1.0
+    tok = pipeline.load_data_tokenizer(out)
+    plain, swapped = _loader(tiny_config, 2, out), _loader(c, 2, out)
+    def answer_and_docs(batch, i):
+        answer = tok.decode(batch["targets"][i][batch["loss_mask"][i]]).strip()
+        docs = [tok.decode(d[m]) for d, m in zip(batch["doc_tokens"][i], batch["doc_mask"][i])]
+        return answer, docs
+
+    changed = 0
+    for _ in range(3):
+        a, b = next(plain), next(swapped)
+        assert np.array_equal(a["query_tokens"], b["query_tokens"])  # the same examples
+        for i in range(b["tokens"].shape[0]):
+            old, old_docs = answer_and_docs(a, i)
+            new, docs = answer_and_docs(b, i)
+            if new == old:
+                continue
+            changed += 1
+            # The tiny config truncates documents: where the old answer was visible, the new
+            # one is, in its place.
+            if any(old in d for d in old_docs):
+                assert any(new in d for d in docs) and not any(old in d for d in docs), \
+                    (old, new, docs)
+    assert changed > 0
+    again = next(_loader(c, 2, out))
+    first = next(_loader(c, 2, out))
+    assert all(np.array_equal(again[k], first[k]) for k in first)  # seeded, so resumable
+    held = next(_loader(c, 2, out, split="heldout"))
+    assert all(np.array_equal(held[k], v)
+               for k, v in next(_loader(tiny_config, 2, out, split="heldout")).items())

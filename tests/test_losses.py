@@ -12,6 +12,7 @@ import pytest
 from clara_jax.losses import (
     cosine_scores,
     differentiable_topk,
+    in_batch_info_nce,
     info_nce,
     mse_alignment,
     retrieval_alignment_loss,
@@ -135,3 +136,20 @@ def test_info_nce_hand_case():
     assert float(n) == 1.0
     expect = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2.0))
     np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
+
+
+def test_in_batch_info_nce_skips_copies_of_the_gold_document():
+    tau = 0.5
+    docs = jnp.eye(3).reshape(3, 1, 3)  # orthogonal documents
+    tokens = jnp.array([[5, 6], [7, 8], [5, 6]])  # documents 0 and 2 are one document twice
+    docs = docs.at[2].set(docs[0])
+    query = jnp.stack([docs[0], docs[1], docs[1]])
+    loss, recall = in_batch_info_nce(query, docs, tokens, jnp.array([0, 1, -1]), tau)
+    # Row 0: the copy (document 2) is not a negative, so only document 1 (cos 0) competes.
+    row0 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 1.0))
+    # Row 1: documents 0 and 2 both compete at cos 0. Row 2 has no question.
+    row1 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2.0))
+    np.testing.assert_allclose(float(loss), (row0 + row1) / 2, rtol=1e-5)
+    assert float(recall) == 1.0
+    _, recall = in_batch_info_nce(query, docs, tokens, jnp.array([1, 0, -1]), tau)
+    assert float(recall) == 0.0

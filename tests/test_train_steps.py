@@ -67,7 +67,8 @@ def _check_frozen(before, state, stage, config):
     assert n_state == 2 * n_train
 
 
-@pytest.mark.parametrize("stage,extra", [(1, {}), (2, {"train_base": True}),
+@pytest.mark.parametrize("stage,extra", [(1, {}), (1, {"lambda_retrieval": 1.0}),
+                                         (2, {"train_base": True}),
                                          (3, {"lambda_align": 0.5})])
 def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
     config, state, step = _setup(_overfit_config(tiny_config, **extra), tiny_cfg, stage)
@@ -81,6 +82,8 @@ def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
     assert float(m["ce"]) < float(first["ce"]) - 0.5, (first, m)
     if stage == 3:
         assert float(m["align"]) < float(first["align"])  # the retriever follows the generator
+    if extra.get("lambda_retrieval"):  # questions move toward their own documents
+        assert float(m["retrieval"]) < float(first["retrieval"]) - 0.5, (first, m)
     _check_frozen(before, state, stage, config)
 
 

@@ -29,21 +29,24 @@ def make_batch(config, stage: int, rng: np.random.Generator, batch_size: int | N
         mask = np.arange(td)[None, None, :] < lens[..., None]
         return np.where(mask, toks, 0).astype(np.int32), mask
 
-    if stage in (1, 2):
-        out["doc_tokens"], out["doc_mask"] = docs(k)
-        source = out["doc_tokens"][:, 0]
-    else:
-        c = d.num_candidates
-        out["cand_tokens"], out["cand_mask"] = docs(c)
-        pos = rng.integers(0, c, size=(b,)).astype(np.int32)
-        pos[0] = -1  # one row with an unknown positive
+    def query(n_docs):
+        pos = rng.integers(0, n_docs, size=(b,)).astype(np.int32)
+        pos[0] = -1  # one row with an unknown positive (stage 1: a paraphrase)
         out["pos_index"] = pos
         tq = d.question_max_len
         q = rng.integers(4, v, size=(b, tq), dtype=np.int32)
         qlen = rng.integers(2, tq + 1, size=(b,))
         out["query_mask"] = np.arange(tq)[None] < qlen[:, None]
         out["query_tokens"] = np.where(out["query_mask"], q, 0).astype(np.int32)
-        source = out["cand_tokens"][np.arange(b), np.maximum(pos, 0)]
+
+    if stage in (1, 2):
+        out["doc_tokens"], out["doc_mask"] = docs(k)
+        source = out["doc_tokens"][:, 0]
+    else:
+        c = d.num_candidates
+        out["cand_tokens"], out["cand_mask"] = docs(c)
+        query(c)
+        source = out["cand_tokens"][np.arange(b), np.maximum(out["pos_index"], 0)]
 
     tokens = np.zeros((b, t), np.int32)
     slot = np.zeros((b, t), bool)
@@ -70,6 +73,8 @@ def make_batch(config, stage: int, rng: np.random.Generator, batch_size: int | N
     targets[:, :-1] = tokens[:, 1:]
     out.update(tokens=tokens, mask=mask, slot_mask=slot, targets=targets,
                loss_mask=loss_mask & mask)
+    if stage in (1, 2):  # drawn last, so the rest of the batch is as before these fields
+        query(k)
     return {k2: out[k2].astype(fields[k2].dtype) for k2 in fields}
 
 

@@ -6,16 +6,19 @@ per-process batch, config.train.batch_size / process_count; Td = data.doc_max_le
 T = prompts.generator_length(config, stage); Tq = data.question_max_len; K = data.num_docs;
 C = data.num_candidates; M = model.num_memory_tokens):
 
+  every stage: query_tokens int32[B,Tq], query_mask bool[B,Tq] (the question framed as a
+           document, for the query reasoner), pos_index int32[B] (below)
   stage 1: doc_tokens int32[B,1,Td], doc_mask bool[B,1,Td], tokens int32[B,T], mask bool[B,T],
-           slot_mask bool[B,T] (M slots), targets int32[B,T], loss_mask bool[B,T]
+           slot_mask bool[B,T] (M slots), targets int32[B,T], loss_mask bool[B,T];
+           pos_index 0 for a QA pair, -1 for a paraphrase (no question)
   stage 2: doc_tokens int32[B,K,Td], doc_mask bool[B,K,Td] and the generator fields (K*M slots)
-  stage 3: query_tokens int32[B,Tq], query_mask bool[B,Tq], cand_tokens int32[B,C,Td],
-           cand_mask bool[B,C,Td], pos_index int32[B] (the row's first listed gold candidate,
-           -1 if unknown; the bundled world lists the subject's document first)
-           and the generator fields (K*M slots)
+  stage 3: cand_tokens int32[B,C,Td], cand_mask bool[B,C,Td] and the generator fields
+  stages 2-3: pos_index is the row's first listed gold document among the K (C) kept, -1 if
+           unknown; the bundled world lists the subject's document first
 
-Order of operations: per-process shard (strided by process index) -> seeded shuffle, reshuffled
-every epoch -> repeat -> tokenise and pad -> batch (dropping the last partial batch). The
+Order of operations: seeded shuffle, reshuffled every epoch -> repeat -> (training split,
+`data.swap_answers` > 0: counterfactual answers, `AnswerSwap`) -> per-process shard (strided
+by process index) -> tokenise and pad -> batch (dropping the last partial batch). The
 iterator is a grain `DatasetIterator`: `get_state()` / `set_state(state)` restore the exact
 position (save the state with the checkpoint).
 
@@ -26,6 +29,7 @@ then the first others, in their original order.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import grain
@@ -93,8 +97,10 @@ class Featurizer:
     def __call__(self, ex: dict) -> dict[str, np.ndarray]:
         if self.stage == 1:
             doc_tokens, doc_mask = self._docs([_text(ex["doc"])])
-            out = {"doc_tokens": doc_tokens, "doc_mask": doc_mask}
-            out.update(self._generator(_text(ex["question"]), _text(ex["answer"]), 1))
+            question = _text(ex["question"])
+            out = {"doc_tokens": doc_tokens, "doc_mask": doc_mask,
+                   **self._query(question, 0 if _text(ex["data_type"]) == "qa" else -1)}
+            out.update(self._generator(question, _text(ex["answer"]), 1))
             return out
         docs = _texts(ex["docs"])
         pos = [int(p) for p in np.asarray(ex["pos_index"]).reshape(-1)]
@@ -108,10 +114,87 @@ class Featurizer:
         tokens, mask = self._docs([docs[i] for i in keep])
         out = self._generator(question, answer, self.num_docs)
         if self.stage == 2:
-            return {"doc_tokens": tokens, "doc_mask": mask, **out}
+            return {"doc_tokens": tokens, "doc_mask": mask, **self._query(question, first), **out}
+        return {"cand_tokens": tokens, "cand_mask": mask, **self._query(question, first), **out}
+
+    def _query(self, question: str, pos_index: int) -> dict[str, np.ndarray]:
         q_tokens, q_mask, _ = prompts.encode_document(self.tok, question, self.query_len)
-        return {"query_tokens": q_tokens, "query_mask": q_mask, "cand_tokens": tokens,
-                "cand_mask": mask, "pos_index": np.int32(first), **out}
+        return {"query_tokens": q_tokens, "query_mask": q_mask, "pos_index": np.int32(pos_index)}
+
+
+_CAPITALISED_OR_NUMBER = re.compile(r"\b(?:[A-Z][\w'-]*|\d[\d,.]*)")
+
+
+def question_kind(question: str) -> str:
+    """What a question asks, without whom it asks about: its words, lower-cased, with
+    capitalised words (after the first) and numbers removed. "What is the capital of Mochakora?"
+    and "What is the capital of Trastolora?" are one kind."""
+    first, _, rest = question.strip().partition(" ")
+    rest = _CAPITALISED_OR_NUMBER.sub("", rest)
+    return " ".join(f"{first} {rest}".lower().split())
+
+
+def _mentions(answer: str) -> re.Pattern:
+    return re.compile(r"(?<!\w)" + re.escape(answer) + r"(?!\w)")
+
+
+@dataclasses.dataclass
+class AnswerSwap:
+    """Counterfactual answers: with probability `rate`, an example's answer is replaced, in
+    every one of its documents and in its target, by another answer to the same kind of
+    question (`question_kind`) from the same split. A generator trained on a fixed world
+    otherwise learns its facts by heart and answers without reading its documents; after a
+    swap the documents are the only source of the answer, while the answers' distribution per
+    kind of question stays that of the data. Examples whose answer is not in their documents,
+    paraphrases, and kinds with a single answer are left as they are.
+
+    pools: kind -> sorted distinct answers.
+    """
+
+    rate: float
+    pools: dict[str, list[str]]
+
+    @classmethod
+    def from_source(cls, source, rate: float) -> AnswerSwap:
+        """Pools from every example of a TFDS source (one pass over its questions)."""
+        pools: dict[str, set[str]] = {}
+        for i in range(len(source)):
+            ex = source[i]
+            if _text(ex.get("data_type", "qa")) != "qa":
+                continue
+            pools.setdefault(question_kind(_text(ex["question"])), set()).add(
+                _text(ex["answer"]))
+        return cls(rate, {k: sorted(v) for k, v in pools.items() if len(v) > 1})
+
+    def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+        if _text(ex.get("data_type", "qa")) != "qa" or rng.random() >= self.rate:
+            return ex
+        pool = self.pools.get(question_kind(_text(ex["question"])))
+        answer = _text(ex["answer"])
+        key = "doc" if "doc" in ex else "docs"
+        docs = [_text(ex["doc"])] if key == "doc" else _texts(ex["docs"])
+        found = _mentions(answer)
+        if not pool or not any(found.search(d) for d in docs):
+            return ex
+        # A substitute that the documents do not already mention, so the answer stays unique.
+        for _ in range(4):
+            new = pool[int(rng.integers(len(pool)))]
+            if new != answer and not any(_mentions(new).search(d) for d in docs):
+                break
+        else:
+            return ex
+        docs = [found.sub(lambda _: new, d) for d in docs]
+        out = dict(ex, answer=new)
+        out[key] = docs[0] if key == "doc" else docs
+        return out
+
+
+class _Swap(grain.transforms.RandomMap):
+    def __init__(self, swap: AnswerSwap):
+        self.swap = swap
+
+    def random_map(self, element, rng: np.random.Generator):
+        return self.swap(element, rng)
 
 
 class _Featurize(grain.transforms.Map):
@@ -157,6 +240,10 @@ def make_dataset(config, stage: int, data_dir, split: str = "train", seed: int |
     # processes: a 2-process run sees exactly the batches of a 1-process run.
     ds = ds.shuffle(seed=int(config.train.seed if seed is None else seed))
     ds = ds.repeat(num_epochs)
+    rate = float(config.data.swap_answers)
+    if split == "train" and rate > 0:  # before sharding: each swap follows the global index
+        ds = ds.random_map(_Swap(AnswerSwap.from_source(source, rate)),
+                           seed=int(config.train.seed if seed is None else seed))
     ds = ds[process_index::process_count]
     ds = ds.map(_Featurize(Featurizer.from_config(tok, config, stage)))
     return ds.batch(batch // process_count, drop_remainder=True)

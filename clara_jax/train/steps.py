@@ -48,16 +48,16 @@ def batch_fields(config: ml_collections.ConfigDict, stage: int, batch_size: int 
     t = gen_len if gen_len is not None else default_gen_len(config, stage)
     out = {name: jax.ShapeDtypeStruct((b, t), dt) for name, dt in GEN_FIELDS.items()}
     td = d.doc_max_len
+    out["query_tokens"] = jax.ShapeDtypeStruct((b, d.question_max_len), jnp.int32)
+    out["query_mask"] = jax.ShapeDtypeStruct((b, d.question_max_len), bool)
+    out["pos_index"] = jax.ShapeDtypeStruct((b,), jnp.int32)
     if stage in (1, 2):
         out["doc_tokens"] = jax.ShapeDtypeStruct((b, k, td), jnp.int32)
         out["doc_mask"] = jax.ShapeDtypeStruct((b, k, td), bool)
     else:
         c = d.num_candidates
-        out["query_tokens"] = jax.ShapeDtypeStruct((b, d.question_max_len), jnp.int32)
-        out["query_mask"] = jax.ShapeDtypeStruct((b, d.question_max_len), bool)
         out["cand_tokens"] = jax.ShapeDtypeStruct((b, c, td), jnp.int32)
         out["cand_mask"] = jax.ShapeDtypeStruct((b, c, td), bool)
-        out["pos_index"] = jax.ShapeDtypeStruct((b,), jnp.int32)
     return out
 
 
@@ -79,23 +79,35 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
     """
     t = config.train
     mse_weight = float(t.mse_weight)
+    lambda_retrieval = float(t.lambda_retrieval)
     k = config.data.num_docs
 
     def rngs(rng, n):
         return [None] * n if rng is None else list(jax.random.split(rng, n))
 
     def stage12(params, batch, rng):
-        r_doc, r_gen = rngs(rng, 2)
+        r_doc, r_gen, r_q = rngs(rng, 3)
         b, kd, td = batch["doc_tokens"].shape
         doc_tokens = batch["doc_tokens"].reshape(b * kd, td)
         doc_mask = batch["doc_mask"].reshape(b * kd, td)
-        latents, doc_mean, mem_mean = compress(cfg, params, doc_tokens, doc_mask, rng=r_doc,
-                                               with_means=True)
-        latents = latents.reshape(b, kd, *latents.shape[1:])
+        flat, doc_mean, mem_mean = compress(cfg, params, doc_tokens, doc_mask, rng=r_doc,
+                                            with_means=True)
+        latents = flat.reshape(b, kd, *flat.shape[1:])
         ce, n = _gen_ce(cfg, params, batch, latents, r_gen)
         mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
         loss = ce + mse_weight * mse
-        return loss, {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
+        metrics = {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
+        if lambda_retrieval > 0:
+            # Questions through the compressor adapter: the stage-3 query reasoner starts as a
+            # copy of it, and the index's keys are its latents.
+            query = compress(cfg, params, batch["query_tokens"], batch["query_mask"], rng=r_q)
+            pos = batch["pos_index"]
+            positive = jnp.where(pos >= 0, jnp.arange(b) * kd + pos, -1)
+            nce, recall = losses.in_batch_info_nce(query, flat, doc_tokens, positive,
+                                                   float(t.tau))
+            loss = loss + lambda_retrieval * nce
+            metrics.update(loss=loss, retrieval=nce, in_batch_recall_at_1=recall)
+        return loss, metrics
 
     def stage3(params, batch, rng):
         r_q, r_gen = rngs(rng, 2)
