@@ -288,6 +288,11 @@ def test_answer_swap_rewrites_documents_and_answer_alike(built):
         assert new["doc"].replace(answer, "#") == \
             pipeline._text(ex["doc"]).replace(old_answer, "#")
     assert swapped > len(source) // 2
+    # Substitutes come with the frequencies of the data's own answers to that kind.
+    kind = "when was born?"
+    answers = [pipeline._text(source[i]["answer"]) for i in range(len(source))
+               if pipeline.question_kind(pipeline._text(source[i]["question"])) == kind]
+    assert swap.pools[kind] == sorted(answers) and len(set(answers)) < len(answers)
     ex = source[0]
     assert pipeline.AnswerSwap(0.0, swap.pools)(ex, rng) is ex
 

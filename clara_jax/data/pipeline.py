@@ -141,14 +141,15 @@ def _mentions(answer: str) -> re.Pattern:
 @dataclasses.dataclass
 class AnswerSwap:
     """Counterfactual answers: with probability `rate`, an example's answer is replaced, in
-    every one of its documents and in its target, by another answer to the same kind of
-    question (`question_kind`) from the same split. A generator trained on a fixed world
-    otherwise learns its facts by heart and answers without reading its documents; after a
-    swap the documents are the only source of the answer, while the answers' distribution per
-    kind of question stays that of the data. Examples whose answer is not in their documents,
-    paraphrases, and kinds with a single answer are left as they are.
+    every one of its documents and in its target, by the answer of a random example of the
+    same kind of question (`question_kind`) from the same split. A generator trained on a
+    fixed world otherwise learns its facts by heart and answers without reading its
+    documents; after a swap the documents are the only source of the answer, while the
+    answers' distribution per kind of question stays that of the data (drawn with their
+    frequencies). Examples whose answer is not in their documents, paraphrases, and kinds
+    with a single distinct answer are left as they are.
 
-    pools: kind -> sorted distinct answers.
+    pools: kind -> the answers of all its examples, sorted (repeats kept).
     """
 
     rate: float
@@ -157,14 +158,14 @@ class AnswerSwap:
     @classmethod
     def from_source(cls, source, rate: float) -> AnswerSwap:
         """Pools from every example of a TFDS source (one pass over its questions)."""
-        pools: dict[str, set[str]] = {}
+        pools: dict[str, list[str]] = {}
         for i in range(len(source)):
             ex = source[i]
             if _text(ex.get("data_type", "qa")) != "qa":
                 continue
-            pools.setdefault(question_kind(_text(ex["question"])), set()).add(
+            pools.setdefault(question_kind(_text(ex["question"])), []).append(
                 _text(ex["answer"]))
-        return cls(rate, {k: sorted(v) for k, v in pools.items() if len(v) > 1})
+        return cls(rate, {k: sorted(v) for k, v in pools.items() if len(set(v)) > 1})
 
     def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
         if _text(ex.get("data_type", "qa")) != "qa" or rng.random() >= self.rate:
@@ -177,7 +178,7 @@ class AnswerSwap:
         if not pool or not any(found.search(d) for d in docs):
             return ex
         # A substitute that the documents do not already mention, so the answer stays unique.
-        for _ in range(4):
+        for _ in range(8):
             new = pool[int(rng.integers(len(pool)))]
             if new != answer and not any(_mentions(new).search(d) for d in docs):
                 break
