@@ -69,6 +69,7 @@ def _check_frozen(before, state, stage, config):
 
 @pytest.mark.parametrize("stage,extra", [(1, {}), (1, {"lambda_retrieval": 1.0}),
                                          (2, {"train_base": True}),
+                                         (2, {"lambda_retrieval": 1.0}),
                                          (3, {"lambda_align": 0.5})])
 def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
     config, state, step = _setup(_overfit_config(tiny_config, **extra), tiny_cfg, stage)
