@@ -101,9 +101,9 @@ def random_batch(config, stage: int, seed: int = 0) -> dict:
     loss = np.zeros(t, bool)
     loss[-(t // 4):] = True
     out["loss_mask"] = np.broadcast_to(loss, fields["loss_mask"].shape).copy()
-    if "pos_index" in out:
-        out["pos_index"] = rng.integers(0, config.data.num_candidates,
-                                        size=fields["pos_index"].shape).astype(np.int32)
+    docs_per_row = k if stage in (1, 2) else config.data.num_candidates
+    out["pos_index"] = rng.integers(0, docs_per_row,
+                                    size=fields["pos_index"].shape).astype(np.int32)
     return out
 
 
