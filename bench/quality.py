@@ -1,7 +1,7 @@
 """Quality benchmark: the demo's pipeline with a larger budget, at several compression rates.
 
     .venv/bin/python bench/quality.py [--config configs/demo.py] [--workdir runs/quality]
-        [--rates 4,16,64] [--steps 600,300,150] [--questions 400] [--world small|medium]
+        [--rates 4,16,64] [--steps 600,300,150] [--questions 400] [--world medium/small]
         [--baseline_rate 16] [--set train.batch_size=32 ...]
 
 What it measures, all on the held-out world (questions and documents never seen in training):
@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clara_jax.config import finalize  # noqa: E402
+from clara_jax.data.world import WORLD_SIZES  # noqa: E402
 from clara_jax.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 
 RECALL_KS = (1, 3, 5)
@@ -249,8 +250,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rates", default="4,16,64", help="data.compression_rate values")
     ap.add_argument("--steps", default="600,300,150", help="steps of stages 1,2,3")
     ap.add_argument("--questions", type=int, default=400, help="held-out questions evaluated")
-    ap.add_argument("--world", choices=("small", "medium"), default=None,
-                    help="default: config.demo.world_size")
+    ap.add_argument("--world", choices=WORLD_SIZES, default=None,
+                    help="default: config.demo.world_size (TRAIN/HELDOUT sizes allowed)")
     ap.add_argument("--baseline_rate", type=int, default=16)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, repeatable, e.g. train.batch_size=32")

@@ -211,8 +211,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("stage_steps", "stage_lr"):
         if len(dm[field]) != 3 or min(dm[field]) <= 0:
             _fail(f"demo.{field}", tuple(dm[field]), "must be 3 positive values, one per stage")
-    if dm.world_size not in ("small", "medium"):
-        _fail("demo.world_size", dm.world_size, "must be 'small' or 'medium'")
+    parts = str(dm.world_size).split("/")
+    if len(parts) > 2 or any(p not in ("small", "medium") for p in parts):
+        _fail("demo.world_size", dm.world_size,
+              "must be 'small', 'medium', or 'TRAIN/HELDOUT' sizes such as 'medium/small'")
 
     fills = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
     for a in ("data", "fsdp", "tensor"):

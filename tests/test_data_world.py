@@ -94,3 +94,14 @@ def test_written_files_are_reference_format(tmp_path):
     # Writing again over the same directory replaces the files in place.
     again = world.write_world(tmp_path / "w", seed=3, size="small")
     assert again == summary
+
+
+def test_train_and_heldout_worlds_can_differ_in_size():
+    assert world.split_sizes("medium/small") == {"train": "medium", "heldout": "small"}
+    assert world.split_sizes("small") == {"train": "small", "heldout": "small"}
+    with pytest.raises(ValueError, match="world size"):
+        world.split_sizes("large/small")
+    worlds = world.make_worlds(0, "medium/small")
+    assert len(worlds["train"].docs) > 5 * len(worlds["heldout"].docs)
+    train_names = {e.name for e in worlds["train"].entities}
+    assert not train_names & {e.name for e in worlds["heldout"].entities}

@@ -1,6 +1,6 @@
 """`clara data world|build|check`: the bundled world, TFDS builds and file validation.
 
-  clara data world --out DIR [--seed S] [--size small|medium] [--config C [--build]]
+  clara data world --out DIR [--seed S] [--size small|medium|medium/small] [--config C [--build]]
                    [--progress=false]
       writes DIR/{train,heldout}/{corpus,stage1,stage2,stage3}.jsonl; with --config also the
       world's tokenizer in DIR/tokenizer, and with --build all four TFDS datasets in DIR.
@@ -22,11 +22,13 @@ from absl import flags
 from clara_jax.commands.common import define_config_flag
 from clara_jax.config import ConfigError, finalize
 from clara_jax.data.tokenizer import TokenizerError
+from clara_jax.data.world import WORLD_SIZES
 
 define_config_flag()
 flags.DEFINE_string("out", None, "Output directory (world, build).")
 flags.DEFINE_integer("seed", 0, "World seed (world).")
-flags.DEFINE_enum("size", "small", ["small", "medium"], "World size (world).")
+flags.DEFINE_enum("size", "small", list(WORLD_SIZES),
+                  "World size (world): both worlds', or TRAIN/HELDOUT such as medium/small.")
 flags.DEFINE_bool("build", False, "world: also build all four TFDS datasets (needs --config).")
 flags.DEFINE_enum("format", None, ["stage1", "stage2", "stage3", "corpus"],
                   "Input format (build, check).")

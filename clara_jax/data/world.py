@@ -403,10 +403,25 @@ def make_world(seed: int = 0, size: str = "small", split: str = "train",
     return World(split, seed, entities, docs, paraphrases, dict(mentions), questions)
 
 
+# A world size names both worlds' size, or the train world's and the held-out world's:
+# "medium/small" trains on ten times the documents and still evaluates on the small world.
+WORLD_SIZES = (*SIZES, *(f"{a}/{b}" for a in SIZES for b in SIZES))
+
+
+def split_sizes(size: str) -> dict[str, str]:
+    """"small" -> both worlds small; "TRAIN/HELDOUT" -> each its own. Raises ValueError."""
+    if size not in WORLD_SIZES:
+        raise ValueError(f"world size must be one of {WORLD_SIZES}, got {size!r}")
+    train, _, heldout = size.partition("/")
+    return {"train": train, "heldout": heldout or train}
+
+
 def make_worlds(seed: int = 0, size: str = "small") -> dict[str, World]:
-    """The `train` and `heldout` worlds: same relation types, no shared entity names."""
+    """The `train` and `heldout` worlds (sizes as `split_sizes`): same relation types, no
+    shared entity names."""
     names = _Names(random.Random(f"clara-names/{seed}"))
-    return {split: make_world(seed, size, split, names) for split in SPLITS}
+    sizes = split_sizes(size)
+    return {split: make_world(seed, sizes[split], split, names) for split in SPLITS}
 
 
 class _Sampler:
