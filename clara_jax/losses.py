@@ -133,17 +133,27 @@ def in_batch_info_nce(query_latents, doc_latents, doc_tokens, positive, tau: flo
     find copies); positive: int32[B], an index into N (-1 = no question, row ignored).
     Returns (loss float32[], in-batch recall@1 float32[]).
     """
-    b, n = query_latents.shape[0], doc_latents.shape[0]
+    n = doc_latents.shape[0]
     pos = jnp.maximum(positive, 0)
     same = jnp.all(doc_tokens[:, None, :] == doc_tokens[None, :, :], axis=-1)  # [N, N]
     valid = ~same[pos] | (jnp.arange(n)[None, :] == pos[:, None])  # [B, N]
-    cands = jnp.broadcast_to(doc_latents[None], (b, *doc_latents.shape))
-    loss, _ = info_nce(query_latents, cands, positive, tau, valid)
-    s = jnp.where(valid, cosine_scores(query_latents, cands), NEG_INF)
+    q = _normalize(query_latents.reshape(query_latents.shape[0], -1))
+    d = _normalize(doc_latents.reshape(n, -1))
+    scores = jnp.where(valid, q @ d.T, NEG_INF)  # each document normalised once, not per row
+    loss, _ = _nce(scores / tau, positive)
     has = positive >= 0
-    hit = (jnp.argmax(s, axis=-1) == positive) & has
+    hit = (jnp.argmax(scores, axis=-1) == positive) & has
     recall = jnp.sum(hit) / jnp.maximum(jnp.sum(has), 1)
     return loss, recall.astype(jnp.float32)
+
+
+def _nce(logits, pos_index):
+    """Mean over rows with pos_index >= 0 of -log softmax(logits)[pos]: (loss, rows used)."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    has = pos_index >= 0
+    picked = jnp.take_along_axis(logp, jnp.maximum(pos_index, 0)[:, None], axis=-1)[:, 0]
+    n = jnp.sum(has.astype(jnp.float32))
+    return -jnp.sum(jnp.where(has, picked, 0.0)) / jnp.maximum(n, 1.0), n
 
 
 def info_nce(query_latents, cand_latents, pos_index, tau: float, valid=None):
@@ -156,8 +166,4 @@ def info_nce(query_latents, cand_latents, pos_index, tau: float, valid=None):
     s = cosine_scores(query_latents, cand_latents) / tau
     if valid is not None:
         s = jnp.where(valid, s, NEG_INF)
-    logp = jax.nn.log_softmax(s, axis=-1)
-    has = pos_index >= 0
-    picked = jnp.take_along_axis(logp, jnp.maximum(pos_index, 0)[:, None], axis=-1)[:, 0]
-    n = jnp.sum(has.astype(jnp.float32))
-    return -jnp.sum(jnp.where(has, picked, 0.0)) / jnp.maximum(n, 1.0), n
+    return _nce(s, pos_index)
