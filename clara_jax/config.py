@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.chunk_overlap = 32
     c.data.question_max_len = 64
     c.data.answer_max_len = 32
+    # Stage-1 paraphrase targets (the whole document restated) get their own length: cut to
+    # answer_max_len they kept only the document's opening, so the compressor was never asked
+    # to carry the rest of its facts.
+    c.data.paraphrase_max_len = 256
     c.data.num_docs = 5  # K
     c.data.num_candidates = 20  # C
     # Training split, stages 1-3: the probability that an example's answer is swapped, in its
@@ -163,6 +167,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
               f"must be a positive multiple of data.compression_rate={d.compression_rate}")
     if not 0 <= d.chunk_overlap < d.doc_max_len:
         _fail("data.chunk_overlap", d.chunk_overlap, "must be in [0, data.doc_max_len)")
+    for field in ("question_max_len", "answer_max_len", "paraphrase_max_len"):
+        if d[field] < 2:
+            _fail(f"data.{field}", d[field], "must be >= 2")
     if not 0.0 <= d.swap_answers <= 1.0:
         _fail("data.swap_answers", d.swap_answers, "must be in [0, 1]")
     if not 1 <= d.num_docs <= d.num_candidates:

@@ -27,6 +27,7 @@ def get_config(arg: str = ""):
     c.data.chunk_overlap = 16
     c.data.question_max_len = 48
     c.data.answer_max_len = 16
+    c.data.paraphrase_max_len = 128
     c.train.steps = 300
     c.train.batch_size = 16
     c.train.learning_rate = 1e-3

@@ -23,6 +23,7 @@ def get_config(arg: str = ""):
     c.data.chunk_overlap = 4
     c.data.question_max_len = 24
     c.data.answer_max_len = 12
+    c.data.paraphrase_max_len = 32
     c.data.num_docs = 2
     c.data.num_candidates = 4
     c.train.steps = 20

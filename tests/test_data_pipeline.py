@@ -89,6 +89,35 @@ def test_stage3_example_matches_its_row(built, tiny_config):
         assert row.answer.startswith(answer.strip())
 
 
+def test_stage1_paraphrases_keep_their_own_length(built, tiny_config):
+    """A paraphrase restates the whole document: it is cut at data.paraphrase_max_len, not at
+    the short data.answer_max_len of a QA answer (which kept only the document's opening)."""
+    out, summary = built
+    c = tiny_config
+    assert c.data.paraphrase_max_len > c.data.answer_max_len
+    tok = pipeline.load_data_tokenizer(out)
+    feat = pipeline.Featurizer.from_config(tok, c, 1)
+    source = tfds_build.data_source("stage1", out, "train")
+    kinds = set()
+    for i in range(40):
+        ex = feat(source[i])
+        target = ex["targets"][ex["loss_mask"]]
+        assert target[-1] == tok.eos_id
+        answer = tok.decode(target[:-1]).strip()
+        if ex["pos_index"] == -1:  # paraphrase
+            kinds.add("paraphrase")
+            full = tok.encode(" " + pipeline._text(source[i]["answer"]))
+            assert len(target) == min(len(full) + 1, c.data.paraphrase_max_len)
+            assert len(target) > c.data.answer_max_len  # world paraphrases are longer
+        else:
+            kinds.add("qa")
+            assert len(target) <= c.data.answer_max_len
+            assert pipeline._text(source[i]["answer"]).startswith(answer)
+    assert kinds == {"qa", "paraphrase"}
+    stats = summary["builds"]["stage1"]["splits"]["train"]
+    assert stats["paraphrases_truncated"] >= 0 and "tokens_per_paraphrase" in stats
+
+
 def test_select_docs_keeps_gold_first():
     assert pipeline.select_docs(20, [15], 4) == ([0, 1, 2, 15], 3)
     assert pipeline.select_docs(20, [7, 2], 3) == ([0, 2, 7], 2)  # the row's first gold

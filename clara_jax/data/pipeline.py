@@ -74,6 +74,7 @@ class Featurizer:
     gen_len: int  # T
     question_max_len: int
     answer_max_len: int
+    paraphrase_max_len: int
 
     @classmethod
     def from_config(cls, tok: Tokenizer, config, stage: int) -> Featurizer:
@@ -81,7 +82,7 @@ class Featurizer:
         return cls(tok, stage, int(d.doc_max_len), int(d.question_max_len), int(d.num_docs),
                    int(d.num_candidates), int(config.model.num_memory_tokens),
                    prompts.generator_length(config, stage), int(d.question_max_len),
-                   int(d.answer_max_len))
+                   int(d.answer_max_len), int(d.paraphrase_max_len))
 
     def _docs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (int32[n, Td], bool[n, Td])."""
@@ -89,18 +90,21 @@ class Featurizer:
                             for t in texts])
         return np.stack(toks), np.stack(masks)
 
-    def _generator(self, question: str, answer: str, k: int) -> dict[str, np.ndarray]:
+    def _generator(self, question: str, answer: str, k: int, answer_max_len: int
+                   ) -> dict[str, np.ndarray]:
         return prompts.generator_example(
             self.tok, question, answer, k, self.num_memory, self.gen_len,
-            self.question_max_len, self.answer_max_len).arrays()
+            self.question_max_len, answer_max_len).arrays()
 
     def __call__(self, ex: dict) -> dict[str, np.ndarray]:
         if self.stage == 1:
             doc_tokens, doc_mask = self._docs([_text(ex["doc"])])
             question = _text(ex["question"])
+            qa = _text(ex["data_type"]) == "qa"
             out = {"doc_tokens": doc_tokens, "doc_mask": doc_mask,
-                   **self._query(question, 0 if _text(ex["data_type"]) == "qa" else -1)}
-            out.update(self._generator(question, _text(ex["answer"]), 1))
+                   **self._query(question, 0 if qa else -1)}
+            out.update(self._generator(question, _text(ex["answer"]), 1,
+                                       self.answer_max_len if qa else self.paraphrase_max_len))
             return out
         docs = _texts(ex["docs"])
         pos = [int(p) for p in np.asarray(ex["pos_index"]).reshape(-1)]
@@ -112,7 +116,7 @@ class Featurizer:
             raise ValueError(f"stage-{self.stage} example from line {int(ex['line'])}: {e}") \
                 from None
         tokens, mask = self._docs([docs[i] for i in keep])
-        out = self._generator(question, answer, self.num_docs)
+        out = self._generator(question, answer, self.num_docs, self.answer_max_len)
         if self.stage == 2:
             return {"doc_tokens": tokens, "doc_mask": mask, **self._query(question, first), **out}
         return {"cand_tokens": tokens, "cand_mask": mask, **self._query(question, first), **out}

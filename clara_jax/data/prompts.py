@@ -13,7 +13,8 @@ one); `loss_mask` marks targets that belong to the answer (its tokens and the EO
 
 Lengths are fixed per config (`generator_length`): FRAME_BUDGET tokens for the fixed text and
 BOS, K*(M+1) for the slots and separators, data.question_max_len for the question,
-data.answer_max_len for the answer including its EOS.
+data.answer_max_len for the answer including its EOS; in stage 1, room for the longer of that
+answer and a paraphrase of data.paraphrase_max_len tokens (`answer_room`).
 """
 
 from __future__ import annotations
@@ -50,11 +51,19 @@ def docs_per_example(config, stage: int) -> int:
     return 1 if stage == 1 else int(config.data.num_docs)
 
 
+def answer_room(config, stage: int) -> int:
+    """Answer tokens (EOS included) a stage's generator sequence holds: stage-1 paraphrase
+    targets restate a whole document, so stage 1 also fits data.paraphrase_max_len."""
+    d = config.data
+    room = int(d.answer_max_len)
+    return max(room, int(d.paraphrase_max_len)) if stage == 1 else room
+
+
 def generator_length(config, stage: int) -> int:
     """T, the fixed generator sequence length of a training batch."""
     k, m = docs_per_example(config, stage), int(config.model.num_memory_tokens)
     return (FRAME_BUDGET + k * (m + 1) + int(config.data.question_max_len)
-            + int(config.data.answer_max_len))
+            + answer_room(config, stage))
 
 
 @lru_cache(maxsize=16)

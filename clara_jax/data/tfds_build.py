@@ -180,11 +180,13 @@ def token_stats(fmt: str, rows, tok: Tokenizer | None, config=None) -> dict:
     Without a tokenizer, whitespace-separated words are counted instead."""
     count = (lambda texts: [len(x) for x in tok.encode_batch(texts)]) if tok else \
         (lambda texts: [len(t.split()) for t in texts])
-    docs, questions, answers = {}, [], []
+    docs, questions, answers, paraphrases = {}, [], [], []
     for _, r in rows:
         for d in formats.doc_texts(r):
             docs.setdefault(d, None)
-        if isinstance(r, Stage1Row):
+        if isinstance(r, Stage1Row) and r.data_type == "paraphrase":
+            paraphrases += list(r.answers[:1])
+        elif isinstance(r, Stage1Row):
             questions += list(r.questions)
             answers += list(r.answers)
         elif isinstance(r, QARow):
@@ -197,17 +199,20 @@ def token_stats(fmt: str, rows, tok: Tokenizer | None, config=None) -> dict:
         out["tokens_per_question"] = _percentiles(count(questions))
     if answers:
         out["tokens_per_answer"] = _percentiles(count(answers))
+    if paraphrases:
+        out["tokens_per_paraphrase"] = _percentiles(count(paraphrases))
     if tok is not None and config is not None:
         room = int(config.data.doc_max_len) - DOC_FRAME
         out["docs_over_doc_max_len"] = int(sum(n > room for n in doc_lens))
         if questions:
             qmax = int(config.data.question_max_len)
             out["questions_truncated"] = int(sum(n > qmax for n in count(questions)))
-        if answers:
-            # The answer keeps answer_max_len - 1 tokens (plus EOS); +1 for its leading space.
-            amax = int(config.data.answer_max_len) - 1
-            out["answers_truncated"] = int(sum(n > amax for n in count([" " + a for a in
-                                                                         answers])))
+        # A target keeps its length cap - 1 tokens (plus EOS); " " for its leading space.
+        for key, texts, cap in (("answers_truncated", answers, "answer_max_len"),
+                                ("paraphrases_truncated", paraphrases, "paraphrase_max_len")):
+            if texts:
+                room = int(config.data[cap]) - 1
+                out[key] = int(sum(n > room for n in count([" " + t for t in texts])))
     return out
 
 
