@@ -14,7 +14,8 @@ If answers are read from the latents, `true` has a clearly lower loss and higher
 accuracy than `other`; if they are equal the generator answers from the question alone (its
 answer prior), whatever the retriever finds. Reported: answer cross-entropy per token, the
 exact-match rate of the teacher-forced argmax over whole answers, and the first answer token's
-accuracy, per filling. Last line: one JSON object.
+accuracy, per filling; for stage 1 also apart for QA pairs and paraphrases (`by_kind`). Last
+line: one JSON object.
 """
 
 from __future__ import annotations
@@ -78,8 +79,11 @@ def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
     model = load_checkpoint_model(checkpoint)
     score = make_scorer(model.cfg)
     loader = iter(make_loader(model.config, stage, data_dir, split=split))
-    sums = {name: np.zeros(3) for name in FILLINGS}
-    examples = tokens = 0
+    # Stage-1 rows are QA pairs (pos_index 0) or paraphrases (-1), reported apart as well.
+    groups = ("all", "qa", "paraphrase") if stage == 1 else ("all",)
+    sums = {g: {name: np.zeros(3) for name in FILLINGS} for g in groups}
+    examples = dict.fromkeys(groups, 0)
+    tokens = dict.fromkeys(groups, 0.0)
     for _ in range(batches):
         try:
             raw = next(loader)
@@ -87,21 +91,31 @@ def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
             break
         batch = {k: jnp.asarray(raw[k]) for k in FIELDS}
         rows, counts = score(model.params, batch)
-        tokens += float(jnp.sum(counts))
-        examples += int(counts.shape[0])
-        for name in FILLINGS:
-            r = np.asarray(rows[name])
-            sums[name] += [r[0].sum(), r[1].sum(), r[2].sum()]
-    if not examples:
+        counts = np.asarray(counts)
+        qa = np.asarray(raw["pos_index"]) >= 0
+        for g in groups:
+            sel = {"all": np.ones_like(qa), "qa": qa, "paraphrase": ~qa}[g]
+            tokens[g] += float(counts[sel].sum())
+            examples[g] += int(sel.sum())
+            for name in FILLINGS:
+                sums[g][name] += np.asarray(rows[name])[:, sel].sum(axis=1)
+    if not examples["all"]:
         raise SystemExit(f"{data_dir}: no stage-{stage} {split} examples")
-    out = {"checkpoint": str(checkpoint), "stage": stage, "split": split,
-           "examples": examples, "target_tokens": int(tokens)}
-    for name in FILLINGS:
-        s = sums[name]
-        out[name] = {"answer_ce": round(s[0] / tokens, 4),
-                     "answer_exact": round(s[1] / examples, 4),
-                     "first_token_acc": round(s[2] / examples, 4)}
-    out["ce_gain_over_other"] = round(out["other"]["answer_ce"] - out["true"]["answer_ce"], 4)
+
+    def summary(g):
+        out = {"examples": examples[g], "target_tokens": int(tokens[g])}
+        for name in FILLINGS:
+            s = sums[g][name]
+            out[name] = {"answer_ce": round(s[0] / max(tokens[g], 1.0), 4),
+                         "answer_exact": round(s[1] / max(examples[g], 1), 4),
+                         "first_token_acc": round(s[2] / max(examples[g], 1), 4)}
+        out["ce_gain_over_other"] = round(out["other"]["answer_ce"] - out["true"]["answer_ce"],
+                                          4)
+        return out
+
+    out = {"checkpoint": str(checkpoint), "stage": stage, "split": split, **summary("all")}
+    if stage == 1:
+        out["by_kind"] = {g: summary(g) for g in ("qa", "paraphrase")}
     return out
 
 

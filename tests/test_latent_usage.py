@@ -38,3 +38,22 @@ def test_true_latents_loss_is_the_training_ce(tmp_path, tiny_params, bench):
         result["other"]["answer_ce"] - result["true"]["answer_ce"], abs=2e-4)
     for name in bench.FILLINGS:
         assert 0.0 <= result[name]["answer_exact"] <= result[name]["first_token_acc"] <= 1.0
+
+
+def test_stage1_reports_qa_and_paraphrases_apart(tmp_path, tiny_params, bench):
+    config = es.fresh_config(tmp_path / "data")
+    prepare_world(tmp_path / "data", config, formats=("stage1",))
+    es.save_checkpoint(config, es.perturbed(tiny_params), tmp_path / "run")
+
+    result = bench.measure(tmp_path / "run", tmp_path / "data", stage=1, batches=3)
+
+    qa, para = result["by_kind"]["qa"], result["by_kind"]["paraphrase"]
+    assert qa["examples"] > 0 and para["examples"] > 0
+    assert qa["examples"] + para["examples"] == result["examples"]
+    assert qa["target_tokens"] + para["target_tokens"] == result["target_tokens"]
+    for name in bench.FILLINGS:  # the overall CE is the token-weighted mix of the two
+        mix = (qa[name]["answer_ce"] * qa["target_tokens"]
+               + para[name]["answer_ce"] * para["target_tokens"]) / result["target_tokens"]
+        assert result[name]["answer_ce"] == pytest.approx(mix, abs=1e-3)
+    # Paraphrases restate the document: longer targets than the QA answers.
+    assert para["target_tokens"] / para["examples"] > qa["target_tokens"] / qa["examples"]
