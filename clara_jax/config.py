@@ -121,6 +121,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+    """The config a checkpoint or bundle was saved with (a plain dict), with the fields added to
+    `base_config()` since then set to their defaults, so that older runs still load."""
+
+    def fill(into: dict, defaults: dict) -> dict:
+        for key, value in defaults.items():
+            if key not in into:
+                into[key] = value
+            elif isinstance(value, dict) and isinstance(into[key], dict):
+                fill(into[key], value)
+        return into
+
+    return ml_collections.ConfigDict(fill(dict(saved), base_config().to_dict()))
+
+
 def _fail(field: str, value, why: str):
     raise ConfigError(f"config.{field}={value!r}: {why}")
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from clara_jax.config import ConfigError, base_config, finalize
+from clara_jax.config import ConfigError, base_config, finalize, saved_config
 from configs import demo, mistral_7b, tiny
 from tests.conftest import REPO
 
@@ -96,3 +96,14 @@ def test_cli_unknown_command_and_usage():
     help_text = _clara("info", "--help").stdout
     assert "usage: clara info" in help_text and "--config:" in help_text
     assert "--coordinator_address:" in help_text
+
+
+def test_saved_config_fills_fields_added_since_and_keeps_the_rest():
+    saved = tiny.get_config().to_dict()
+    del saved["data"]["paraphrase_max_len"], saved["train"]["lambda_retrieval"]
+    saved["data"]["answer_max_len"] = 7
+    restored = saved_config(json.loads(json.dumps(saved)))
+    assert restored.data.paraphrase_max_len == base_config().data.paraphrase_max_len
+    assert restored.train.lambda_retrieval == base_config().train.lambda_retrieval
+    assert restored.data.answer_max_len == 7  # saved values win
+    assert restored.model.num_memory_tokens == tiny.get_config().model.num_memory_tokens

@@ -57,3 +57,17 @@ def test_stage1_reports_qa_and_paraphrases_apart(tmp_path, tiny_params, bench):
         assert result[name]["answer_ce"] == pytest.approx(mix, abs=1e-3)
     # Paraphrases restate the document: longer targets than the QA answers.
     assert para["target_tokens"] / para["examples"] > qa["target_tokens"] / qa["examples"]
+
+
+def test_a_checkpoint_saved_before_paraphrase_max_len_still_loads(tmp_path, tiny_params,
+                                                                 bench):
+    config = es.fresh_config(tmp_path / "data")
+    prepare_world(tmp_path / "data", config, formats=("stage1",))
+    old = es.fresh_config(tmp_path / "data")
+    with old.unlocked():
+        del old.data["paraphrase_max_len"]
+    es.save_checkpoint(old, tiny_params, tmp_path / "run")
+
+    result = bench.measure(tmp_path / "run", tmp_path / "data", stage=1, batches=1)
+
+    assert result["examples"] == config.train.batch_size

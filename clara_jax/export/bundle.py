@@ -35,9 +35,9 @@ import tempfile
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
+from clara_jax.config import saved_config
 from clara_jax.fileio import read_json, replace_dir
 
 FORMAT = "clara_jax.serving_bundle"
@@ -225,7 +225,7 @@ def load_bundle(path, mesh=None, tokenizer_dir=None, check_identity: bool = True
     meta = read_meta(path)
     cfg_path = path / EXPERIMENT_CONFIG_FILE
     try:
-        config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+        config = saved_config(json.loads(cfg_path.read_text()))
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{cfg_path}: unreadable experiment config: {e}") from None
     cfg = read_model_config(path)
