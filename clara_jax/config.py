@@ -7,6 +7,8 @@ field, e.g. `config.data.doc_max_len`.
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 
 ADAPTERS = ("compressor", "query", "generator")
@@ -133,7 +135,7 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
                 fill(into[key], value)
         return into
 
-    return ml_collections.ConfigDict(fill(dict(saved), base_config().to_dict()))
+    return ml_collections.ConfigDict(fill(copy.deepcopy(saved), base_config().to_dict()))
 
 
 def _fail(field: str, value, why: str):

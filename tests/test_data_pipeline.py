@@ -115,7 +115,11 @@ def test_stage1_paraphrases_keep_their_own_length(built, tiny_config):
             assert pipeline._text(source[i]["answer"]).startswith(answer)
     assert kinds == {"qa", "paraphrase"}
     stats = summary["builds"]["stage1"]["splits"]["train"]
-    assert stats["paraphrases_truncated"] >= 0 and "tokens_per_paraphrase" in stats
+    rows = [json.loads(line) for line in open(out / "train" / "stage1.jsonl")]
+    paraphrases = [r["answers"][0] for r in rows if r["data_type"] == "paraphrase"]
+    cut = sum(len(tok.encode(" " + p)) > c.data.paraphrase_max_len - 1 for p in paraphrases)
+    assert stats["paraphrases_truncated"] == cut
+    assert stats["tokens_per_paraphrase"]["max"] == max(len(tok.encode(p)) for p in paraphrases)
 
 
 def test_select_docs_keeps_gold_first():

@@ -55,7 +55,7 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
         raise ckpt.CheckpointError(f"{ckpt.source_dir(path)}/{step}/meta: field 'config' is "
                                    "missing")
     raw = meta["config"]
-    config = saved_config(json.loads(raw) if isinstance(raw, str) else dict(raw))
+    config = saved_config(json.loads(raw) if isinstance(raw, str) else raw)
     cfg = ModelConfig.from_config(config)
     # This host's devices: an index shard is built per host (see LatentEncoder).
     mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
