@@ -93,8 +93,9 @@ def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
         rows, counts = score(model.params, batch)
         counts = np.asarray(counts)
         qa = np.asarray(raw["pos_index"]) >= 0
+        masks = {"all": np.ones_like(qa), "qa": qa, "paraphrase": ~qa}
         for g in groups:
-            sel = {"all": np.ones_like(qa), "qa": qa, "paraphrase": ~qa}[g]
+            sel = masks[g]
             tokens[g] += float(counts[sel].sum())
             examples[g] += int(sel.sum())
             for name in FILLINGS:

@@ -11,6 +11,8 @@ import copy
 
 import ml_collections
 
+from clara_jax.data.world import WORLD_SIZES
+
 ADAPTERS = ("compressor", "query", "generator")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -235,10 +237,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("stage_steps", "stage_lr"):
         if len(dm[field]) != 3 or min(dm[field]) <= 0:
             _fail(f"demo.{field}", tuple(dm[field]), "must be 3 positive values, one per stage")
-    parts = str(dm.world_size).split("/")
-    if len(parts) > 2 or any(p not in ("small", "medium") for p in parts):
+    if dm.world_size not in WORLD_SIZES:
         _fail("demo.world_size", dm.world_size,
-              "must be 'small', 'medium', or 'TRAIN/HELDOUT' sizes such as 'medium/small'")
+              f"must be one of {WORLD_SIZES} (TRAIN/HELDOUT sizes such as 'medium/small')")
 
     fills = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
     for a in ("data", "fsdp", "tensor"):
