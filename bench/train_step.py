@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clara_jax.config import finalize  # noqa: E402
+from clara_jax.config import load_config_file  # noqa: E402
 from clara_jax.model import ModelConfig, init_params  # noqa: E402
 from clara_jax.model.sharding import make_mesh  # noqa: E402
 from clara_jax.train.optimizer import trainable_groups  # noqa: E402
@@ -60,23 +60,9 @@ from clara_jax.train.steps import (  # noqa: E402
 
 
 def load_config(path: str, overrides: list[str]):
-    import importlib.util
-
-    file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("bench_config", REPO / file
-                                                  if not Path(file).is_absolute() else file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
-            value.lower() in ("1", "true", "yes"))
-    return finalize(config)
+    """A config file relative to the repository (or absolute), finalized, with overrides."""
+    file, sep, arg = path.partition(":")
+    return load_config_file(str(REPO / file) + sep + arg, overrides)
 
 
 def random_batch(config, stage: int, seed: int = 0) -> dict:

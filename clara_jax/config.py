@@ -8,6 +8,7 @@ field, e.g. `config.data.doc_max_len`.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import ml_collections
 
@@ -113,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
     # from-scratch decoders; 0 skips the warm-up.
     c.demo.warmup_steps = 0
     c.demo.warmup_lr = 1e-3
+    # A model pretrained on generated worlds (clara_jax.train.pretrain: OUT/params.safetensors
+    # and OUT/tokenizer) to start stage 1 from, instead of from scratch; "" for none. Relative
+    # paths are read from the current directory, else from the repository.
+    c.demo.pretrained = ""
     c.demo.world_seed = 0
     c.demo.world_size = "small"
     c.demo.eval_questions = 200
@@ -237,6 +242,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("stage_steps", "stage_lr"):
         if len(dm[field]) != 3 or min(dm[field]) <= 0:
             _fail(f"demo.{field}", tuple(dm[field]), "must be 3 positive values, one per stage")
+    if dm.pretrained and dm.warmup_steps > 0:
+        _fail("demo.warmup_steps", dm.warmup_steps,
+              f"must be 0 when starting from demo.pretrained={dm.pretrained!r}")
     if dm.world_size not in WORLD_SIZES:
         _fail("demo.world_size", dm.world_size,
               f"must be one of {WORLD_SIZES} (TRAIN/HELDOUT sizes such as 'medium/small')")
@@ -254,3 +262,27 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     validate(c)
     c.model.num_memory_tokens = c.data.doc_max_len // c.data.compression_rate
     return c
+
+
+def load_config_file(path: str, overrides=()) -> ml_collections.ConfigDict:
+    """The finalized config of a config file, "FILE" or "FILE:ARG" (its get_config(ARG)), with
+    "a.b=value" overrides (cast to the field's type), for scripts that do not use absl flags."""
+    import importlib.util
+
+    file, _, arg = str(path).partition(":")
+    spec = importlib.util.spec_from_file_location("clara_config_file", file)
+    if spec is None or not Path(file).is_file():
+        raise FileNotFoundError(f"config file {file!r} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
+            value.lower() in ("1", "true", "yes"))
+    return finalize(config)
+

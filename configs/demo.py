@@ -41,10 +41,11 @@ def get_config(arg: str = ""):
     # Ten times the train documents (1,990), evaluated on the small held-out world: held-out
     # Recall@5 0.43 -> 0.89, demo 5 min 8 s -> 5 min 55 s.
     c.demo.world_size = "medium/small"
-    # No pretrained base offline: 150 next-token steps on the train world's text first
-    # (clara_jax.train.warmup). With the former D=192 model: held-out Recall@5 0.02 -> 0.16,
-    # EM 0 -> the answer prior.
-    c.demo.warmup_steps = 150
+    # Stage 1 starts from a model pretrained on 171 generated worlds (none of them the demo's),
+    # clara_jax/assets/demo_base (README, "The pretrained start"); from scratch, even with a
+    # language-model warm-up, the generator learnt the train world by heart and never read
+    # its latents.
+    c.demo.pretrained = "clara_jax/assets/demo_base"
     c.demo.stage_steps = (120, 60, 30)
     c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
     if arg:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from clara_jax.data import formats, pipeline, prepare, prompts, tfds_build
+from clara_jax.data import featurize, formats, pipeline, prepare, prompts, tfds_build
 from clara_jax.data.formats import DataError
 
 from .conftest import REPO, SHARED
@@ -75,11 +75,11 @@ def test_stage3_example_matches_its_row(built, tiny_config):
     assert [r.question for r in rows] == [s["question"] for s in src]
     assert [list(r.pos_index) for r in rows] == [s["pos_index"] for s in src]
     tok = pipeline.load_data_tokenizer(out)
-    feat = pipeline.Featurizer.from_config(tok, tiny_config, 3)
+    feat = featurize.Featurizer.from_config(tok, tiny_config, 3)
     source = tfds_build.data_source("stage3", out, "heldout")
     for i, row in enumerate(rows):
         ex = feat(source[i])
-        keep, first = pipeline.select_docs(len(row.docs), list(row.pos_index),
+        keep, first = featurize.select_docs(len(row.docs), list(row.pos_index),
                                            tiny_config.data.num_candidates)
         gold = prompts.encode_document(tok, row.docs[row.pos_index[0]],
                                        tiny_config.data.doc_max_len)[0]
@@ -96,7 +96,7 @@ def test_stage1_paraphrases_keep_their_own_length(built, tiny_config):
     c = tiny_config
     assert c.data.paraphrase_max_len > c.data.answer_max_len
     tok = pipeline.load_data_tokenizer(out)
-    feat = pipeline.Featurizer.from_config(tok, c, 1)
+    feat = featurize.Featurizer.from_config(tok, c, 1)
     source = tfds_build.data_source("stage1", out, "train")
     kinds = set()
     for i in range(40):
@@ -106,13 +106,13 @@ def test_stage1_paraphrases_keep_their_own_length(built, tiny_config):
         answer = tok.decode(target[:-1]).strip()
         if ex["pos_index"] == -1:  # paraphrase
             kinds.add("paraphrase")
-            full = tok.encode(" " + pipeline._text(source[i]["answer"]))
+            full = tok.encode(" " + featurize.as_text(source[i]["answer"]))
             assert len(target) == min(len(full) + 1, c.data.paraphrase_max_len)
             assert len(target) > c.data.answer_max_len  # world paraphrases are longer
         else:
             kinds.add("qa")
             assert len(target) <= c.data.answer_max_len
-            assert pipeline._text(source[i]["answer"]).startswith(answer)
+            assert featurize.as_text(source[i]["answer"]).startswith(answer)
     assert kinds == {"qa", "paraphrase"}
     stats = summary["builds"]["stage1"]["splits"]["train"]
     rows = [json.loads(line) for line in open(out / "train" / "stage1.jsonl")]
@@ -123,11 +123,11 @@ def test_stage1_paraphrases_keep_their_own_length(built, tiny_config):
 
 
 def test_select_docs_keeps_gold_first():
-    assert pipeline.select_docs(20, [15], 4) == ([0, 1, 2, 15], 3)
-    assert pipeline.select_docs(20, [7, 2], 3) == ([0, 2, 7], 2)  # the row's first gold
-    assert pipeline.select_docs(5, [], 2) == ([0, 1], -1)
+    assert featurize.select_docs(20, [15], 4) == ([0, 1, 2, 15], 3)
+    assert featurize.select_docs(20, [7, 2], 3) == ([0, 2, 7], 2)  # the row's first gold
+    assert featurize.select_docs(5, [], 2) == ([0, 1], -1)
     with pytest.raises(ValueError):
-        pipeline.select_docs(3, [0], 4)
+        featurize.select_docs(3, [0], 4)
 
 
 def test_exact_resume_and_seeding(built, tiny_config):
@@ -306,25 +306,25 @@ def test_answer_swap_rewrites_documents_and_answer_alike(built):
     for i in range(len(source)):
         ex = source[i]
         new = swap(ex, rng)
-        if pipeline._text(ex["data_type"]) != "qa":
+        if featurize.as_text(ex["data_type"]) != "qa":
             assert new is ex  # paraphrases are left alone
             continue
-        old_answer, answer = pipeline._text(ex["answer"]), pipeline._text(new["answer"])
+        old_answer, answer = featurize.as_text(ex["answer"]), featurize.as_text(new["answer"])
         if answer == old_answer:
             continue
         swapped += 1
-        kind = pipeline.question_kind(pipeline._text(ex["question"]))
+        kind = pipeline.question_kind(featurize.as_text(ex["question"]))
         assert answer in swap.pools[kind] and old_answer in swap.pools[kind]
         assert pipeline._mentions(answer).search(new["doc"])
         assert not pipeline._mentions(old_answer).search(new["doc"])
         # Only the answer's mentions changed.
         assert new["doc"].replace(answer, "#") == \
-            pipeline._text(ex["doc"]).replace(old_answer, "#")
+            featurize.as_text(ex["doc"]).replace(old_answer, "#")
     assert swapped > len(source) // 2
     # Substitutes come with the frequencies of the data's own answers to that kind.
     kind = "when was born?"
-    answers = [pipeline._text(source[i]["answer"]) for i in range(len(source))
-               if pipeline.question_kind(pipeline._text(source[i]["question"])) == kind]
+    answers = [featurize.as_text(source[i]["answer"]) for i in range(len(source))
+               if pipeline.question_kind(featurize.as_text(source[i]["question"])) == kind]
     assert swap.pools[kind] == sorted(answers) and len(set(answers)) < len(answers)
     ex = source[0]
     assert pipeline.AnswerSwap(0.0, swap.pools)(ex, rng) is ex

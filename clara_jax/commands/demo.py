@@ -1,7 +1,9 @@
 """`clara demo --config=configs/demo.py --workdir=W`: the whole method on the bundled world.
 
 1. builds the knowledge world (train and held-out), its tokenizer and datasets (W/data);
-2. trains stage 1 -> 2 -> 3 (W/stage1..3, each starting from the previous stage);
+2. trains stage 1 -> 2 -> 3 (W/stage1..3, each starting from the previous stage), stage 1
+   from the pretrained model of config.demo.pretrained (W/pretrained) or a language-model
+   warm-up (W/warmup) when the config names one;
 3. builds the ScaNN index of the held-out world's documents with the trained compressor;
 4. answers held-out questions closed-book, with the documents' text (text RAG) and with their
    latents (CLaRa), and prints the table, three example questions and their documents;
@@ -68,7 +70,13 @@ def _train_stages(config, workdir: Path, data_dir: Path, progress: bool = True) 
     """Stages 1 -> 2 -> 3 into WORKDIR/stage{1,2,3}, each starting from the previous one; the
     language-model warm-up into WORKDIR/warmup first when config.demo.warmup_steps > 0."""
     dirs: list[Path] = []
-    if int(config.demo.warmup_steps) > 0:
+    if config.demo.pretrained:
+        from clara_jax.train.pretrain import write_start_state
+
+        start = workdir / "pretrained"
+        write_start_state(_stage_config(config, 1), config.demo.pretrained, start)
+        dirs.append(start)
+    elif int(config.demo.warmup_steps) > 0:
         from clara_jax.data.tokenizer import load_tokenizer
         from clara_jax.train.warmup import lm_warmup
 
@@ -115,6 +123,22 @@ def _examples(preds: dict[str, list[dict]], index, n: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _pretrained_tokenizer(config, data_dir: Path):
+    """The pretrained model's tokenizer (None without demo.pretrained). Data already built
+    in the workdir with another tokenizer is refused: its ids would mean other words."""
+    if not config.demo.pretrained:
+        return None
+    from clara_jax.data.tokenizer import load_tokenizer
+    from clara_jax.train.pretrain import TOKENIZER_DIR, find_pretrained
+
+    src = find_pretrained(config.demo.pretrained) / TOKENIZER_DIR
+    built = data_dir / "tokenizer" / "tokenizer.model"
+    if built.exists() and built.read_bytes() != (src / "tokenizer.model").read_bytes():
+        raise SystemExit(f"clara demo: {data_dir} was built with another tokenizer than "
+                         f"{src}; use a new --workdir")
+    return load_tokenizer(src)
+
+
 def main(argv) -> None:
     del argv
     from clara_jax.data.prepare import prepare_world
@@ -131,9 +155,11 @@ def main(argv) -> None:
     start = time.perf_counter()
 
     data_dir = workdir / "data"
+    tokenizer = _pretrained_tokenizer(config, data_dir)
     if not (data_dir / "prepare.json").exists():
         summary = prepare_world(data_dir, config, seed=int(config.demo.world_seed),
-                                size=str(config.demo.world_size), progress=fl.progress)
+                                size=str(config.demo.world_size), progress=fl.progress,
+                                tokenizer=tokenizer)
         print(f"data: world, tokenizer and datasets in {summary['total_seconds']:.1f}s "
               f"-> {data_dir}")
     config.train.data_dir = str(data_dir)

@@ -35,96 +35,10 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from clara_jax.data import prompts, tfds_build
+from clara_jax.data import tfds_build
+from clara_jax.data.featurize import Featurizer, as_text, as_texts
 from clara_jax.data.formats import CorpusRow, QARow
 from clara_jax.data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
-
-
-def _text(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def _texts(xs) -> list[str]:
-    return [_text(x) for x in xs]
-
-
-def select_docs(n_docs: int, pos_index: list[int], want: int) -> tuple[list[int], int]:
-    """Indices of `want` documents out of n_docs: gold ones first in priority, then the first
-    others; returned in their original order. Also returns the new position of the row's
-    first listed gold document, pos_index[0] (-1 when there is none)."""
-    if n_docs < want:
-        raise ValueError(f"{n_docs} documents, {want} needed")
-    gold = [p for p in pos_index if 0 <= p < n_docs][:want]
-    rest = [i for i in range(n_docs) if i not in gold][: want - len(gold)]
-    keep = sorted(gold + rest)
-    return keep, (keep.index(gold[0]) if gold else -1)
-
-
-@dataclasses.dataclass
-class Featurizer:
-    """Turns one stored example (a dict from the TFDS source) into fixed-shape arrays."""
-
-    tok: Tokenizer
-    stage: int
-    doc_len: int  # Td
-    query_len: int  # Tq
-    num_docs: int  # K
-    num_candidates: int  # C
-    num_memory: int  # M
-    gen_len: int  # T
-    question_max_len: int
-    answer_max_len: int
-    paraphrase_max_len: int
-
-    @classmethod
-    def from_config(cls, tok: Tokenizer, config, stage: int) -> Featurizer:
-        d = config.data
-        return cls(tok, stage, int(d.doc_max_len), int(d.question_max_len), int(d.num_docs),
-                   int(d.num_candidates), int(config.model.num_memory_tokens),
-                   prompts.generator_length(config, stage), int(d.question_max_len),
-                   int(d.answer_max_len), int(d.paraphrase_max_len))
-
-    def _docs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """texts -> (int32[n, Td], bool[n, Td])."""
-        toks, masks = zip(*[prompts.encode_document(self.tok, t, self.doc_len)[:2]
-                            for t in texts])
-        return np.stack(toks), np.stack(masks)
-
-    def _generator(self, question: str, answer: str, k: int, answer_max_len: int
-                   ) -> dict[str, np.ndarray]:
-        return prompts.generator_example(
-            self.tok, question, answer, k, self.num_memory, self.gen_len,
-            self.question_max_len, answer_max_len).arrays()
-
-    def __call__(self, ex: dict) -> dict[str, np.ndarray]:
-        if self.stage == 1:
-            doc_tokens, doc_mask = self._docs([_text(ex["doc"])])
-            question = _text(ex["question"])
-            qa = _text(ex["data_type"]) == "qa"
-            out = {"doc_tokens": doc_tokens, "doc_mask": doc_mask,
-                   **self._query(question, 0 if qa else -1)}
-            out.update(self._generator(question, _text(ex["answer"]), 1,
-                                       self.answer_max_len if qa else self.paraphrase_max_len))
-            return out
-        docs = _texts(ex["docs"])
-        pos = [int(p) for p in np.asarray(ex["pos_index"]).reshape(-1)]
-        question, answer = _text(ex["question"]), _text(ex["answer"])
-        want = self.num_docs if self.stage == 2 else self.num_candidates
-        try:
-            keep, first = select_docs(len(docs), pos, want)
-        except ValueError as e:
-            raise ValueError(f"stage-{self.stage} example from line {int(ex['line'])}: {e}") \
-                from None
-        tokens, mask = self._docs([docs[i] for i in keep])
-        out = self._generator(question, answer, self.num_docs, self.answer_max_len)
-        if self.stage == 2:
-            return {"doc_tokens": tokens, "doc_mask": mask, **self._query(question, first), **out}
-        return {"cand_tokens": tokens, "cand_mask": mask, **self._query(question, first), **out}
-
-    def _query(self, question: str, pos_index: int) -> dict[str, np.ndarray]:
-        q_tokens, q_mask, _ = prompts.encode_document(self.tok, question, self.query_len)
-        return {"query_tokens": q_tokens, "query_mask": q_mask, "pos_index": np.int32(pos_index)}
-
 
 _CAPITALISED_OR_NUMBER = re.compile(r"\b(?:[A-Z][\w'-]*|\d[\d,.]*)")
 
@@ -165,19 +79,19 @@ class AnswerSwap:
         pools: dict[str, list[str]] = {}
         for i in range(len(source)):
             ex = source[i]
-            if _text(ex.get("data_type", "qa")) != "qa":
+            if as_text(ex.get("data_type", "qa")) != "qa":
                 continue
-            pools.setdefault(question_kind(_text(ex["question"])), []).append(
-                _text(ex["answer"]))
+            pools.setdefault(question_kind(as_text(ex["question"])), []).append(
+                as_text(ex["answer"]))
         return cls(rate, {k: sorted(v) for k, v in pools.items() if len(set(v)) > 1})
 
     def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
-        if _text(ex.get("data_type", "qa")) != "qa" or rng.random() >= self.rate:
+        if as_text(ex.get("data_type", "qa")) != "qa" or rng.random() >= self.rate:
             return ex
-        pool = self.pools.get(question_kind(_text(ex["question"])))
-        answer = _text(ex["answer"])
+        pool = self.pools.get(question_kind(as_text(ex["question"])))
+        answer = as_text(ex["answer"])
         key = "doc" if "doc" in ex else "docs"
-        docs = [_text(ex["doc"])] if key == "doc" else _texts(ex["docs"])
+        docs = [as_text(ex["doc"])] if key == "doc" else as_texts(ex["docs"])
         found = _mentions(answer)
         if not pool or not any(found.search(d) for d in docs):
             return ex
@@ -290,15 +204,15 @@ def read_rows(fmt: str, data_dir, split: str = "train", limit: int | None = None
     for i in range(n):
         ex = source[i]
         if fmt == "stage1":
-            rows.append(Stage1Example(_text(ex["data_type"]), _text(ex["question"]),
-                                      _text(ex["answer"]), _text(ex["doc"]), int(ex["line"])))
+            rows.append(Stage1Example(as_text(ex["data_type"]), as_text(ex["question"]),
+                                      as_text(ex["answer"]), as_text(ex["doc"]), int(ex["line"])))
         elif fmt in ("stage2", "stage3"):
             pos = tuple(int(p) for p in np.asarray(ex["pos_index"]).reshape(-1))
-            rows.append(QARow(_text(ex["question"]), tuple(_texts(ex["docs"])),
-                              _text(ex["answer"]), tuple(_texts(ex["answers"])), pos))
+            rows.append(QARow(as_text(ex["question"]), tuple(as_texts(ex["docs"])),
+                              as_text(ex["answer"]), tuple(as_texts(ex["answers"])), pos))
         else:
-            rid = _text(ex["id"])
+            rid = as_text(ex["id"])
             if int(ex["num_chunks"]) > 1:
                 rid = f"{rid}#{int(ex['chunk'])}"
-            rows.append(CorpusRow(rid, _text(ex["title"]), _text(ex["text"])))
+            rows.append(CorpusRow(rid, as_text(ex["title"]), as_text(ex["text"])))
     return rows

@@ -31,17 +31,20 @@ def world_tokenizer(config, seed: int = 0, size: str = "small") -> Tokenizer:
 
 
 def prepare_world(out, config, seed: int = 0, size: str = "small",
-                  formats=("stage1", "stage2", "stage3", "corpus"), progress: bool = True) -> dict:
+                  formats=("stage1", "stage2", "stage3", "corpus"), progress: bool = True,
+                  tokenizer: Tokenizer | None = None) -> dict:
     """Writes the world files, its tokenizer and the TFDS datasets into OUT; returns a summary
-    with rows per file, token statistics and timings. `progress`: TFDS's progress bars."""
+    with rows per file, token statistics and timings. `progress`: TFDS's progress bars.
+    `tokenizer`: use this one (a pretrained model's) instead of training one on the world."""
     out = Path(out)
     start = time.perf_counter()
     summary = {"world": world.write_world(out, seed, size)}
     summary["world_seconds"] = round(time.perf_counter() - start, 3)
     t = time.perf_counter()
-    tok = world_tokenizer(config, seed, size)
+    tok = tokenizer or world_tokenizer(config, seed, size)
     tok.save(out / tfds_build.TOKENIZER_DIR)
     summary["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size,
+                            "trained": tokenizer is None,
                             "seconds": round(time.perf_counter() - t, 3)}
     summary["builds"] = {}
     for fmt in formats:

@@ -123,6 +123,19 @@ def _labels(decoder):
         lambda path, _: "base" if param_group(path) == "base" else "frozen", decoder)
 
 
+def save_start_state(config: ml_collections.ConfigDict, params, out, meta: dict) -> None:
+    """Saves `params` at `out` as a stage-1 train state at step 0 (base trainable), the form
+    `clara train --init_from=DIR` starts from; `meta` joins the checkpoint's metadata."""
+    stage1 = ml_collections.ConfigDict(config.to_dict())
+    stage1.train.stage, stage1.train.train_base = 1, True
+    state = create_state(stage1, params, 1)
+    manager = ckpt.make_manager(out, async_save=False)
+    ckpt.save(manager, state, {}, {"stage": 1, "train_base": True, "step": 0,
+                                   "config": stage1.to_json(), **meta})
+    manager.wait_until_finished()
+    manager.close()
+
+
 def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, steps: int,
               learning_rate: float, progress: bool = True) -> dict:
     """Trains the base decoder of a fresh `init_params` for `steps` next-token steps on
@@ -156,14 +169,7 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
                                         *batch_of(tokens, lengths, idx))
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    stage1 = ml_collections.ConfigDict(config.to_dict())
-    stage1.train.stage, stage1.train.train_base = 1, True
-    state = create_state(stage1, {**rest, "decoder": decoder}, 1)
-    manager = ckpt.make_manager(out, async_save=False)
-    ckpt.save(manager, state, {}, {"stage": 1, "train_base": True, "step": 0,
-                                   "config": stage1.to_json(), "warmup_steps": steps})
-    manager.wait_until_finished()
-    manager.close()
+    save_start_state(config, {**rest, "decoder": decoder}, out, {"warmup_steps": steps})
     summary = {"steps": steps, "first_loss": losses[0] if losses else None,
                "last_loss": float(np.mean(losses[-10:])) if losses else None,
                "wall_s": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,407 @@
+"""Pretraining on a stream of freshly generated worlds: the starting point of the bundled demo.
+
+CLaRa adapts a pretrained LLM. The demo's decoder is small and has no pretrained weights; trained
+from scratch on one fixed world it learns that world by heart instead of reading its latents
+(README, "What `make demo` does"). Here the whole model (base decoder, compressor and generator
+adapters, memory tokens, latent projections) trains on stage-1 and stage-2 examples of worlds
+generated on the fly, one after another (seeds FIRST_SEED, FIRST_SEED + 1, ...; neither the
+demo's train nor its held-out world is among them). A fact is seen in one world only, so
+only reading the document's latents lowers the answer loss, and the model cannot memorise.
+
+Worker processes generate and featurize the worlds (`clara_jax.data.featurize`, the batch
+contract of the TFDS pipeline) while the accelerator trains; steps alternate between a stage-1
+batch (one document's latents -> QA answer or paraphrase) and a stage-2 batch (question + K
+documents' latents, the gold one among them -> answer), with the stage's usual loss
+(`clara_jax.train.steps.make_loss_fn`). The run stops after `seconds` of training and writes:
+
+  OUT/params.safetensors   the full parameter tree, "/"-joined paths (rewritten atomically at
+                           every evaluation, so a run stopped early still leaves its last one)
+  OUT/tokenizer/           the tokenizer it was trained with (the demo must use the same)
+  OUT/pretrain.json        settings, steps, worlds, examples, wall time, device, eval curve
+
+Every evaluation scores fixed examples of an evaluation world (EVAL_SEED, never trained on):
+answer CE and teacher-forced exact answers with the right document's latents against those of
+another example's, for stage 1 (one document) and stage 2 (K documents).
+
+    python -m clara_jax.train.pretrain --config configs/demo.py --tokenizer DIR --out DIR \
+        --seconds 420 [--batch_size 128] [--workers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clara_jax.data import world
+from clara_jax.data.featurize import Featurizer
+from clara_jax.data.tokenizer import load_tokenizer
+from clara_jax.fileio import atomic_write_json
+from clara_jax.model import ModelConfig, compress, generate_logits
+from clara_jax.model import init_params as init_params_of
+
+FIRST_SEED = 1000
+EVAL_SEED = 999
+EVAL_EXAMPLES = 256
+PARAMS_FILE = "params.safetensors"
+TOKENIZER_DIR = "tokenizer"
+PARAPHRASE_QUESTION_KEY = "paraphrase"
+STAGE2_PER_WORLD = 4096  # a medium world has ~14k stage-2 rows; its stage-1 rows are all kept
+
+_FEATURIZERS: dict[int, Featurizer] = {}
+
+
+def _init_worker(tokenizer_dir: str, fields: dict[int, dict]) -> None:
+    tok = load_tokenizer(tokenizer_dir)
+    for stage, f in fields.items():
+        _FEATURIZERS[stage] = Featurizer(tok=tok, **f)
+
+
+def featurizer_fields(tok, config, stage: int) -> dict:
+    """The Featurizer's settings for `stage` without its tokenizer (picklable)."""
+    f = Featurizer.from_config(tok, config, stage)
+    return {k.name: getattr(f, k.name) for k in dataclasses.fields(f) if k.name != "tok"}
+
+
+def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    # Token ids fit int16 for vocabularies below 32k: half the bytes between processes.
+    return {k: v.astype(np.int16) if v.dtype == np.int32 and k != "pos_index" else v
+            for k, v in out.items()}
+
+
+def stage_examples(w: world.World, stage: int, limit: int | None = None,
+                   seed: int = 0) -> list[dict]:
+    """The stored-example dicts of `w` for stage 1 (every QA pair and paraphrase) or 2, in
+    the form the TFDS sources give them; stage 2 a random `limit` of them."""
+    rows = world.world_rows(w)
+    if stage == 1:
+        out = []
+        for line, row in enumerate(rows["stage1.jsonl"]):
+            doc = row["docs"][0]
+            if row["data_type"] == "paraphrase":
+                out.append({"data_type": "paraphrase", "question": "", "doc": doc,
+                            "answer": row["answers"][0], "line": line})
+                continue
+            out += [{"data_type": "qa", "question": q, "answer": a, "doc": doc, "line": line}
+                    for q, a in zip(row["question"], row["answers"])]
+        return out
+    out = [dict(r, line=i) for i, r in enumerate(rows["stage2.jsonl"])]
+    if limit is not None and len(out) > limit:
+        pick = np.random.default_rng(seed).choice(len(out), limit, replace=False)
+        out = [out[i] for i in sorted(pick)]
+    return out
+
+
+def world_batches(seed: int, size: str = "medium") -> tuple[int, dict[int, dict]]:
+    """(seed, {stage: stacked arrays}) of a newly generated world (run in a worker)."""
+    w = world.make_world(seed, size, "train")
+    out = {}
+    for stage, feat in _FEATURIZERS.items():
+        limit = STAGE2_PER_WORLD if stage == 2 else None
+        out[stage] = _stack([feat(ex) for ex in stage_examples(w, stage, limit, seed)])
+    return seed, out
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """{"decoder/layers_0/attn/q/kernel": array, ...}."""
+    out = {}
+    for k, v in params.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "/"))
+        else:
+            out[name] = np.asarray(v)
+    return out
+
+
+def save_params(params: dict, path, metadata: dict | None = None) -> None:
+    """Writes `params` as one safetensors file, atomically (a temporary file, then rename)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flatten(params), str(tmp),
+              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def load_params(path, cfg: ModelConfig) -> dict:
+    """The tree `init_params(cfg)` has, filled from a `save_params` file; every leaf must be
+    there with its shape, or a ValueError names the first that is not."""
+    from safetensors.numpy import load_file
+
+    flat = load_file(str(path))
+    like = jax.eval_shape(lambda: init_params_of(cfg, jax.random.key(0)))
+
+    def fill(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out[k] = fill(v, name + "/")
+                continue
+            if name not in flat:
+                raise ValueError(f"{path}: no tensor {name!r} (the model needs {v.shape})")
+            if tuple(flat[name].shape) != tuple(v.shape):
+                raise ValueError(f"{path}: tensor {name!r} has shape {flat[name].shape}, "
+                                 f"the model needs {v.shape}")
+            out[k] = jnp.asarray(flat[name], v.dtype)
+        return out
+
+    extra = set(flat) - set(flatten(jax.tree.map(lambda s: np.zeros(()), like)))
+    if extra:
+        raise ValueError(f"{path}: tensors the model does not have: {sorted(extra)[:5]}")
+    return fill(like)
+
+
+def find_pretrained(path) -> Path:
+    """The pretrained directory `path`: as given (absolute, or relative to the current
+    directory), else relative to the repository that holds this package. It must hold
+    PARAMS_FILE and TOKENIZER_DIR/."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[2] / path
+    for need in (PARAMS_FILE, TOKENIZER_DIR):
+        if not (path / need).exists():
+            raise FileNotFoundError(f"{path}: not a pretrained model directory (no {need}; "
+                                    f"python -m clara_jax.train.pretrain writes one)")
+    return path
+
+
+def write_start_state(config, pretrained, out) -> dict:
+    """Saves the pretrained params as a stage-1 train state at step 0 in `out` (what
+    `clara train --init_from=OUT` starts from), once; returns {"pretrained", "params"}."""
+    from clara_jax.train.warmup import save_start_state
+
+    out = Path(out)
+    done = out / "pretrained.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    src = find_pretrained(pretrained)
+    params = load_params(src / PARAMS_FILE, ModelConfig.from_config(config))
+    save_start_state(config, params, out, {"pretrained": str(src)})
+    info = {"pretrained": str(src),
+            "params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
+    atomic_write_json(done, info)
+    return info
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_eval_fn(cfg: ModelConfig):
+    """fn(params, batch) -> {ce_right, ce_other, exact_right, exact_other}: answer CE (mean over
+    target tokens) and the fraction of rows whose teacher-forced argmax gives every target
+    token, with the row's own documents' latents and with the next row's."""
+
+    def score(params, batch, latents):
+        logits, _ = generate_logits(cfg, params, batch["tokens"], batch["mask"],
+                                    batch["slot_mask"], latents)
+        w = batch["loss_mask"]
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+        ce = jnp.sum((logz - picked) * w) / jnp.maximum(jnp.sum(w), 1)
+        right = (jnp.argmax(logits, -1) == batch["targets"]) | ~w
+        return ce, jnp.mean(jnp.all(right, axis=-1))
+
+    @jax.jit
+    def fn(params, batch):
+        b, k, td = batch["doc_tokens"].shape
+        flat = compress(cfg, params, batch["doc_tokens"].reshape(b * k, td),
+                        batch["doc_mask"].reshape(b * k, td))
+        latents = flat.reshape(b, k, *flat.shape[1:])
+        ce_r, ex_r = score(params, batch, latents)
+        ce_o, ex_o = score(params, batch, jnp.roll(latents, 1, axis=0))
+        return {"ce_right": ce_r, "ce_other": ce_o, "exact_right": ex_r, "exact_other": ex_o}
+
+    return fn
+
+
+def eval_batches(tok, fields: dict[int, dict], batch_size: int, n: int = EVAL_EXAMPLES
+                 ) -> dict[int, list[dict]]:
+    """Fixed evaluation batches per stage from the evaluation world: stage 1 its QA pairs only
+    (paraphrases name the subject first, which any latents of the document give away)."""
+    w = world.make_world(EVAL_SEED, "small", "train")
+    out = {}
+    for stage, f in fields.items():
+        feat = Featurizer(tok=tok, **f)
+        exs = [e for e in stage_examples(w, stage) if e.get("data_type", "qa") == "qa"]
+        exs = [exs[i] for i in np.random.default_rng(0).permutation(len(exs))[:n]]
+        arrays = _stack([feat(e) for e in exs])
+        out[stage] = [{k: jnp.asarray(v[i:i + batch_size]) for k, v in arrays.items()}
+                      for i in range(0, len(exs) - batch_size + 1, batch_size)]
+    return out
+
+
+def evaluate(eval_fn, params, batches: dict[int, list[dict]]) -> dict:
+    out = {}
+    for stage, bs in batches.items():
+        ms = [jax.device_get(eval_fn(params, b)) for b in bs]
+        for k in ms[0]:
+            out[f"stage{stage}_{k}"] = round(float(np.mean([m[k] for m in ms])), 4)
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def pretrain_config(config, batch_size: int, learning_rate: float, lambda_retrieval: float,
+                    warmup_steps: int):
+    """`config` set up for pretraining: every group trains (base included), a constant
+    learning rate after `warmup_steps` of linear warm-up (the run stops on time, not steps)."""
+    import copy
+
+    c = copy.deepcopy(config)
+    t = c.train
+    t.batch_size, t.learning_rate = batch_size, learning_rate
+    t.lambda_retrieval, t.train_base, t.stage = lambda_retrieval, True, 1
+    t.schedule, t.steps, t.warmup_frac = "constant", 100 * warmup_steps, 0.01
+    t.grad_accum = 1
+    return c
+
+
+def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
+             learning_rate: float = 1e-3, lambda_retrieval: float = 0.25, workers: int = 8,
+             eval_every_s: float = 60.0, warmup_steps: int = 200, size: str = "medium",
+             first_seed: int = FIRST_SEED, init_params=None, log=print) -> dict:
+    """Trains for `seconds` (plus compile and evaluation time) and writes OUT (module
+    docstring); `init_params`: a `save_params` file to continue from (with a new optimizer
+    state; give it a `first_seed` past the worlds it saw). Returns the summary written to
+    OUT/pretrain.json."""
+    from clara_jax.train.state import create_state
+    from clara_jax.train.steps import make_train_step
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = pretrain_config(config, batch_size, learning_rate, lambda_retrieval, warmup_steps)
+    cfg = ModelConfig.from_config(c)
+    tok = load_tokenizer(tokenizer_dir)
+    if tok.vocab_size > cfg.vocab_size or tok.vocab_size >= 2 ** 15:
+        raise ValueError(f"{tokenizer_dir}: vocabulary of {tok.vocab_size} does not fit "
+                         f"model.vocab_size={cfg.vocab_size} (or int16 ids)")
+    shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR, dirs_exist_ok=True)
+    fields = {s: featurizer_fields(tok, c, s) for s in (1, 2)}
+
+    # Workers first, before JAX starts its threads; spawn, so none inherits them.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), fields))
+    ready: queue.Queue = queue.Queue(maxsize=2 * workers)
+    seeds = itertools.count(first_seed)
+
+    def submit():
+        pool.apply_async(world_batches, (next(seeds), size), callback=ready.put,
+                         error_callback=lambda e: ready.put(e))
+
+    for _ in range(2 * workers):
+        submit()
+
+    if init_params is None:
+        params = jax.jit(lambda k: init_params_of(cfg, k))(jax.random.key(int(c.train.seed)))
+    else:
+        params = load_params(init_params, cfg)
+    state = create_state(c, params, 1)
+    steps = {s: jax.jit(make_train_step(c, cfg, s, params), donate_argnums=(0,))
+             for s in (1, 2)}
+    eval_fn = make_eval_fn(cfg)
+    evals = eval_batches(tok, fields, min(batch_size, 64))
+
+    def next_world(block: bool):
+        try:
+            got = ready.get(block=block, timeout=600 if block else None)
+        except queue.Empty:
+            return None
+        if isinstance(got, BaseException):
+            raise got
+        submit()
+        return got
+
+    rng = np.random.default_rng(int(c.train.seed))
+    worlds, examples, curve, stage_steps = [], 0, [], {1: 0, 2: 0}
+    current, orders = None, {}
+    train_s, last_eval, i = 0.0, 0.0, 0
+    started = time.perf_counter()
+    log(json.dumps({"event": "start", "devices": str(jax.devices()), "batch_size": batch_size}))
+    while train_s < seconds:
+        # When a world is used up: the next one if it is ready, else this one again.
+        if current is None or any(len(o) < batch_size for o in orders.values()):
+            fresh = next_world(block=current is None)
+            if fresh is not None:
+                seed, current = fresh
+                worlds.append(seed)
+            orders = {s: rng.permutation(len(a["tokens"])) for s, a in current.items()}
+        t0 = time.perf_counter()
+        for s in (1, 2):
+            idx, orders[s] = orders[s][:batch_size], orders[s][batch_size:]
+            batch = {k: jnp.asarray(v[idx].astype(np.int32) if v.dtype == np.int16 else v[idx])
+                     for k, v in current[s].items()}
+            state, metrics = steps[s](state, batch, jax.random.fold_in(
+                jax.random.key(int(c.train.seed)), i))
+            stage_steps[s] += 1
+            examples += batch_size
+            i += 1
+        jax.block_until_ready(state.step)
+        train_s += time.perf_counter() - t0
+        if train_s - last_eval >= eval_every_s or train_s >= seconds:
+            last_eval = train_s
+            record = {"step": i, "worlds": len(worlds), "examples": examples,
+                      "train_s": round(train_s, 1),
+                      "wall_s": round(time.perf_counter() - started, 1),
+                      "loss": round(float(metrics["loss"]), 4),
+                      **evaluate(eval_fn, state.params, evals)}
+            curve.append(record)
+            log(json.dumps(record))
+            save_params(state.params, out / PARAMS_FILE, {"step": i})
+    pool.terminate()
+    summary = {"steps": i, "stage_steps": stage_steps, "examples": examples,
+               "worlds": {"count": len(worlds), "first_seed": first_seed, "last_seed": max(worlds),
+                          "size": size},
+               "init_params": None if init_params is None else str(init_params),
+               "eval_seed": EVAL_SEED, "batch_size": batch_size,
+               "learning_rate": learning_rate, "lambda_retrieval": lambda_retrieval,
+               "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - started, 1),
+               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+               "curve": curve, "last": curve[-1] if curve else None}
+    atomic_write_json(out / "pretrain.json", summary)
+    return summary
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/demo.py")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer directory (the demo's)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seconds", type=float, required=True, help="training time budget")
+    ap.add_argument("--batch_size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lambda_retrieval", type=float, default=0.25)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--eval_every_s", type=float, default=60.0)
+    ap.add_argument("--size", choices=tuple(world.SIZES), default="medium")
+    ap.add_argument("--first_seed", type=int, default=FIRST_SEED)
+    ap.add_argument("--init_params", default=None, help="a params.safetensors to continue from")
+    args = ap.parse_args(argv)
+    from clara_jax.config import load_config_file
+
+    config = load_config_file(args.config)
+    return pretrain(config, args.tokenizer, args.out, args.seconds, args.batch_size, args.lr,
+                    args.lambda_retrieval, args.workers, args.eval_every_s, size=args.size,
+                    first_seed=args.first_seed, init_params=args.init_params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Pretraining on generated worlds (clara_jax.train.pretrain) and the shipped demo start."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from clara_jax.config import load_config_file
+from clara_jax.data import prepare, world
+from clara_jax.data.tokenizer import load_tokenizer
+from clara_jax.model import ModelConfig, init_params
+from clara_jax.train import checkpoint as ckpt
+from clara_jax.train import pretrain
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_config, tmp_path_factory):
+    """A short real pretraining run of the tiny model: (directory, summary)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    prepare.world_tokenizer(tiny_config, 0, "small").save(root / "tok")
+    summary = pretrain.pretrain(tiny_config, root / "tok", root / "out", seconds=3.0,
+                                batch_size=8, workers=1, eval_every_s=1e9, size="small",
+                                log=lambda _: None)
+    return root / "out", summary
+
+
+def test_pretrain_trains_on_fresh_worlds_and_writes_its_outputs(pretrained, tiny_config, tiny_cfg):
+    out, summary = pretrained
+    assert summary["steps"] >= 2 and summary["steps"] % 2 == 0
+    assert summary["stage_steps"] == {1: summary["steps"] // 2, 2: summary["steps"] // 2}
+    assert summary["examples"] == 8 * summary["steps"]
+    assert summary["worlds"]["first_seed"] == pretrain.FIRST_SEED
+    assert summary["worlds"]["count"] >= 1
+    assert json.loads((out / "pretrain.json").read_text())["steps"] == summary["steps"]
+    last = summary["last"]
+    for stage in (1, 2):
+        for k in ("ce_right", "ce_other", "exact_right", "exact_other"):
+            assert np.isfinite(last[f"stage{stage}_{k}"])
+    assert (out / "tokenizer" / "tokenizer.model").exists()
+
+    params = pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg)
+    start = init_params(tiny_cfg, jax.random.key(int(tiny_config.train.seed)))
+    assert jax.tree.structure(params) == jax.tree.structure(start)
+    # Every group moved from its initial values: the base, adapters, memory, projections.
+    for name in ("decoder/embedding", "decoder/layers_0/attn/q/kernel",
+                 "decoder/layers_1/mlp/up/lora_compressor_b",
+                 "decoder/layers_1/mlp/up/lora_generator_b", "memory_embeddings",
+                 "latent_down/kernel", "latent_up/kernel"):
+        a, b = pretrain.flatten(params)[name], pretrain.flatten(start)[name]
+        assert not np.allclose(a, b), name
+
+
+def test_the_start_state_holds_the_pretrained_params(pretrained, tiny_config, tiny_cfg,
+                                                     tmp_path):
+    out, _ = pretrained
+    info = pretrain.write_start_state(tiny_config, out, tmp_path / "start")
+    assert info["params"] == sum(np.size(x) for x in jax.tree.leaves(
+        pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg)))
+    def target(meta):
+        from clara_jax.model.sharding import make_mesh
+        from clara_jax.train.state import abstract_state, state_shardings
+
+        c = tiny_config.copy_and_resolve_references()
+        c.train.train_base = bool(meta["train_base"])
+        a = abstract_state(c, tiny_cfg, int(meta["stage"]))
+        return a, state_shardings(tiny_cfg, make_mesh(-1, 1, 1), a)
+
+    restored, meta = ckpt.restore_params(tmp_path / "start", target)
+    assert meta["step"] == 0 and meta["stage"] == 1 and meta["pretrained"] == str(out)
+    want = pretrain.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg))
+    got = pretrain.flatten(restored)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_load_params_names_the_tensor_that_does_not_fit(pretrained, tiny_config, tmp_path):
+    out, _ = pretrained
+    cfg = ModelConfig.from_config(tiny_config)
+    flat = pretrain.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, cfg))
+    from safetensors.numpy import save_file
+
+    wrong = dict(flat, **{"latent_up/kernel": np.zeros((3, 3), np.float32)})
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="latent_up/kernel"):
+        pretrain.load_params(tmp_path / "wrong.safetensors", cfg)
+    missing = {k: v for k, v in flat.items() if k != "memory_embeddings"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="memory_embeddings"):
+        pretrain.load_params(tmp_path / "missing.safetensors", cfg)
+    with pytest.raises(FileNotFoundError, match="no params.safetensors"):
+        pretrain.find_pretrained(tmp_path)
+
+
+def test_stage_examples_are_every_question_and_paraphrase_of_the_world():
+    w = world.make_world(pretrain.FIRST_SEED, "small", "train")
+    rows = world.world_rows(w)["stage1.jsonl"]
+    exs = pretrain.stage_examples(w, 1)
+    assert sum(e["data_type"] == "qa" for e in exs) == sum(
+        len(r["question"]) for r in rows if r["data_type"] == "qa")
+    assert sum(e["data_type"] == "paraphrase" for e in exs) == len(w.docs)
+    two = pretrain.stage_examples(w, 2, limit=50, seed=3)
+    assert len(two) == 50 and all(len(e["docs"]) == world.STAGE2_DOCS for e in two)
+    # The demo's worlds (seed 0) and the evaluation world are never in the stream.
+    assert pretrain.FIRST_SEED > max(0, pretrain.EVAL_SEED)
+
+
+def test_the_shipped_demo_start_fits_the_demo_config():
+    config = load_config_file(str(REPO / "configs" / "demo.py"))
+    src = pretrain.find_pretrained(config.demo.pretrained)
+    params = pretrain.load_params(src / pretrain.PARAMS_FILE, ModelConfig.from_config(config))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    # Its tokenizer is the one the demo's own world would train, so the data the demo builds
+    # means the same ids either way.
+    shipped = load_tokenizer(src / pretrain.TOKENIZER_DIR)
+    trained = prepare.world_tokenizer(config, int(config.demo.world_seed),
+                                      str(config.demo.world_size))
+    text = "What is the hobby of Tiagrum Kaigias? The Golden Winter first appeared in 1812."
+    assert shipped.encode(text) == trained.encode(text)
+    assert shipped.vocab_size == trained.vocab_size
+    runs = json.loads((src / "pretrain.json").read_text())["runs"]
+    assert sum(r["steps"] for r in runs) > 10_000
