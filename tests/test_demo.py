@@ -60,3 +60,37 @@ def test_demo_section_is_validated():
         assert "config.demo.stage_steps" in str(err)
     else:
         raise AssertionError("a zero stage step count was accepted")
+
+
+def test_demo_starts_from_a_pretrained_model(tmp_path, tiny_config):
+    """demo.pretrained: the data is built with the pretrained tokenizer and stage 1 starts
+    from its params; a workdir built with another tokenizer is refused."""
+    from clara_jax.data import prepare
+    from clara_jax.train import pretrain
+
+    prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
+    pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1.0,
+                      batch_size=4, workers=1, eval_every_s=1e9, size="small",
+                      log=lambda _: None)
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "clara_jax.cli", "demo", "--config=configs/tiny.py",
+           f"--workdir={work}", "--progress=false", "--config.demo.stage_steps=(1,1,1)",
+           "--config.demo.eval_questions=4", "--config.demo.eval_batch_size=4",
+           f"--config.demo.pretrained={tmp_path / 'pt'}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (work / "data" / "tokenizer" / "tokenizer.model").read_bytes() == (
+        tmp_path / "pt" / "tokenizer" / "tokenizer.model").read_bytes()
+    start = json.loads((work / "pretrained" / "pretrained.json").read_text())
+    assert start["pretrained"] == str(tmp_path / "pt")
+    assert f"initialised from {work / 'pretrained'}" in out.stdout + out.stderr
+    assert not (work / "warmup").exists()
+    assert json.loads((work / "results.json").read_text())["questions"] == 4
+
+    other = tmp_path / "other_tok"
+    prepare.world_tokenizer(tiny_config, 5, "small").save(other)
+    (tmp_path / "pt" / "tokenizer" / "tokenizer.model").write_bytes(
+        (other / "tokenizer.model").read_bytes())
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert refused.returncode != 0
+    assert "built with another tokenizer" in refused.stderr
