@@ -127,9 +127,19 @@ def latent_usage():
     return module
 
 
+# The start of rates whose M differs from the pretrained model's: the demo's former
+# language-model warm-up (clara_jax.train.warmup).
+FALLBACK_WARMUP_STEPS = 150
+
+
 def rate_config(config, rate: int):
-    """`config` at data.compression_rate=rate, finalized again so that M is recomputed."""
+    """`config` at data.compression_rate=rate, finalized again so that M is recomputed. The
+    pretrained start (demo.pretrained) has the memory tokens of the config's own rate; other
+    rates start from the language-model warm-up instead."""
     c = copy.deepcopy(config)
+    if c.demo.pretrained and int(rate) != int(c.data.compression_rate):
+        c.demo.pretrained = ""
+        c.demo.warmup_steps = FALLBACK_WARMUP_STEPS
     c.data.compression_rate = int(rate)
     try:
         return finalize(c)
@@ -223,7 +233,8 @@ def markdown(result: dict) -> str:
     q = result["rows"][0]
     lines += ["", f"Held-out world ({result['world']}), {q['questions']} questions "
               f"({q['single_hop_questions']} single-hop, {q['two_hop_questions']} two-hop); "
-              f"scores in %; steps per stage {tuple(result['steps'])}.", ""]
+              f"scores in %; steps per stage {tuple(result['steps'])}; stage 1 from: " +
+              ", ".join(f"{r}x the {v}" for r, v in result.get("starts", {}).items()) + ".", ""]
     rr = result["retrievers"]
     lines += [f"Retrieval alone at {rr['rate']}x ({rr['questions']} questions with mapped gold "
               "documents):", "",
@@ -260,7 +271,12 @@ def main(argv=None) -> dict:
 
     from absl import logging as absl_logging
 
-    from clara_jax.commands.demo import _stage_config, _train_stage, _train_stages
+    from clara_jax.commands.demo import (
+        _pretrained_tokenizer,
+        _stage_config,
+        _train_stage,
+        _train_stages,
+    )
     from clara_jax.data.prepare import prepare_world
     from clara_jax.eval.job import evaluate, load_items
     from clara_jax.index.model_source import load_checkpoint_model
@@ -293,19 +309,23 @@ def main(argv=None) -> dict:
         yield
         phases[name] = round(time.perf_counter() - t, 2)
 
-    rows, retrievers, usage = {}, None, {}
+    rows, retrievers, usage, starts = {}, None, {}, {}
     for rate in rates:
         config = rate_config(base, rate)
         m = int(config.model.num_memory_tokens)
         data_dir = workdir / "data" / f"m{m}"
+        tokenizer = _pretrained_tokenizer(config, data_dir)
         if not (data_dir / "prepare.json").exists():
             with phase(f"data_m{m}"):
                 prepare_world(data_dir, config, seed=int(config.demo.world_seed), size=world,
-                              progress=progress)
+                              progress=progress, tokenizer=tokenizer)
             print(f"data: world ({world}) prepared for M={m} -> {data_dir}")
         config.train.data_dir = str(data_dir)
         rdir = workdir / f"rate{rate}"
-        print(f"== rate {rate}x (M={m})")
+        start = (f"pretrained {config.demo.pretrained}" if config.demo.pretrained
+                 else f"{config.demo.warmup_steps}-step warm-up")
+        starts[rate] = start
+        print(f"== rate {rate}x (M={m}), from the {start}")
         with phase(f"rate{rate}/train"):
             stage_dirs = _train_stages(config, rdir, data_dir, progress)
         with phase(f"rate{rate}/index"):
@@ -370,6 +390,7 @@ def main(argv=None) -> dict:
         "baseline_rate": args.baseline_rate, "steps": steps, "questions": args.questions,
         "rows": [rows[name] for name in order], "retrievers": retrievers,
         "latent_usage": {str(r): usage[r] for r in rates},
+        "starts": {str(r): starts[r] for r in rates},
         "phases_seconds": phases, "total_seconds": round(time.perf_counter() - start, 1),
         "workdir": str(workdir),
     }

@@ -25,6 +25,7 @@ COMMANDS = {
     "index": "Latent indexes: build from a checkpoint and a corpus, info, search, add, delete.",
     "inspect": "Decode a document's stored latents back to text; list its nearest documents.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
+    "pretrain": "Pretrain the whole model on freshly generated worlds (the demo's start).",
     "train": "Train a CLaRa stage (train.stage) with checkpoints that resume exactly.",
 }
 

@@ -23,13 +23,14 @@ Every evaluation scores fixed examples of an evaluation world (EVAL_SEED, never 
 answer CE and teacher-forced exact answers with the right document's latents against those of
 another example's, for stage 1 (one document) and stage 2 (K documents).
 
-    python -m clara_jax.train.pretrain --config configs/demo.py --tokenizer DIR --out DIR \
-        --seconds 420 [--batch_size 128] [--workers 12]
+    clara pretrain --config=configs/demo.py --tokenizer=DIR --out=DIR --seconds=420 \
+        [--batch_size=128] [--workers=12] [--init_params=FILE --first_seed=2000]
+
+It runs in one process, on the config's mesh over that process's devices.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -278,13 +279,21 @@ def pretrain_config(config, batch_size: int, learning_rate: float, lambda_retrie
 def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
              learning_rate: float = 1e-3, lambda_retrieval: float = 0.25, workers: int = 8,
              eval_every_s: float = 60.0, warmup_steps: int = 200, size: str = "medium",
-             first_seed: int = FIRST_SEED, init_params=None, log=print) -> dict:
+             first_seed: int = FIRST_SEED, init_params=None, max_steps: int | None = None,
+             log=print) -> dict:
     """Trains for `seconds` (plus compile and evaluation time) and writes OUT (module
     docstring); `init_params`: a `save_params` file to continue from (with a new optimizer
-    state; give it a `first_seed` past the worlds it saw). Returns the summary written to
+    state; give it a `first_seed` past the worlds it saw); `max_steps`: stop there too, if
+    sooner. Returns the summary written to
     OUT/pretrain.json."""
-    from clara_jax.train.state import create_state
-    from clara_jax.train.steps import make_train_step
+    from clara_jax.model.sharding import make_mesh
+    from clara_jax.train.state import abstract_state, create_state, state_shardings
+    from clara_jax.train.steps import (
+        batch_fields,
+        compile_train_step,
+        make_train_step,
+        rng_for_step,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,12 +319,18 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
     for _ in range(2 * workers):
         submit()
 
+    # The project's usual form: the state sharded on the config's mesh by the logical rules,
+    # and each stage's step compiled once with its shardings and the state donated.
+    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    abstract = abstract_state(c, cfg, 1)
+    shardings = state_shardings(cfg, mesh, abstract)
     if init_params is None:
         params = jax.jit(lambda k: init_params_of(cfg, k))(jax.random.key(int(c.train.seed)))
     else:
         params = load_params(init_params, cfg)
-    state = create_state(c, params, 1)
-    steps = {s: jax.jit(make_train_step(c, cfg, s, params), donate_argnums=(0,))
+    state = jax.jit(lambda p: create_state(c, p, 1), out_shardings=shardings)(params)
+    steps = {s: compile_train_step(make_train_step(c, cfg, s, abstract.params), mesh,
+                                   shardings, abstract, batch_fields(c, s))
              for s in (1, 2)}
     eval_fn = make_eval_fn(cfg)
     evals = eval_batches(tok, fields, min(batch_size, 64))
@@ -336,7 +351,10 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
     train_s, last_eval, i = 0.0, 0.0, 0
     started = time.perf_counter()
     log(json.dumps({"event": "start", "devices": str(jax.devices()), "batch_size": batch_size}))
-    while train_s < seconds:
+    def finished() -> bool:
+        return train_s >= seconds or (max_steps is not None and i >= max_steps)
+
+    while not finished():
         # When a world is used up: the next one if it is ready, else this one again.
         if current is None or any(len(o) < batch_size for o in orders.values()):
             fresh = next_world(block=current is None)
@@ -347,16 +365,17 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
         t0 = time.perf_counter()
         for s in (1, 2):
             idx, orders[s] = orders[s][:batch_size], orders[s][batch_size:]
-            batch = {k: jnp.asarray(v[idx].astype(np.int32) if v.dtype == np.int16 else v[idx])
+            compiled, batch_sh = steps[s]
+            batch = {k: jax.device_put(v[idx].astype(np.int32) if v.dtype == np.int16
+                                       else v[idx], batch_sh[k])
                      for k, v in current[s].items()}
-            state, metrics = steps[s](state, batch, jax.random.fold_in(
-                jax.random.key(int(c.train.seed)), i))
+            state, metrics = compiled(state, batch, rng_for_step(state.rng, i))
             stage_steps[s] += 1
             examples += batch_size
             i += 1
         jax.block_until_ready(state.step)
         train_s += time.perf_counter() - t0
-        if train_s - last_eval >= eval_every_s or train_s >= seconds:
+        if train_s - last_eval >= eval_every_s or finished():
             last_eval = train_s
             record = {"step": i, "worlds": len(worlds), "examples": examples,
                       "train_s": round(train_s, 1),
@@ -378,30 +397,3 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
                "curve": curve, "last": curve[-1] if curve else None}
     atomic_write_json(out / "pretrain.json", summary)
     return summary
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/demo.py")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer directory (the demo's)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seconds", type=float, required=True, help="training time budget")
-    ap.add_argument("--batch_size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lambda_retrieval", type=float, default=0.25)
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    ap.add_argument("--eval_every_s", type=float, default=60.0)
-    ap.add_argument("--size", choices=tuple(world.SIZES), default="medium")
-    ap.add_argument("--first_seed", type=int, default=FIRST_SEED)
-    ap.add_argument("--init_params", default=None, help="a params.safetensors to continue from")
-    args = ap.parse_args(argv)
-    from clara_jax.config import load_config_file
-
-    config = load_config_file(args.config)
-    return pretrain(config, args.tokenizer, args.out, args.seconds, args.batch_size, args.lr,
-                    args.lambda_retrieval, args.workers, args.eval_every_s, size=args.size,
-                    first_seed=args.first_seed, init_params=args.init_params)
-
-
-if __name__ == "__main__":
-    main()
