@@ -27,6 +27,11 @@ another example's, for stage 1 (one document) and stage 2 (K documents).
         [--batch_size=128] [--workers=12] [--init_params=FILE --first_seed=2000]
 
 It runs in one process, on the config's mesh over that process's devices.
+
+Measured (clara_jax/assets/demo_base/pretrain.json): the demo model at batch 128 on one H200
+ran about 25 steps/s after an 85 s compilation, with 13 workers keeping up (a medium world,
+11,440 stage-1 and 4,096 stage-2 examples, takes a worker about 4.4 s). On a 2-core CPU a
+step pair at batch 16 takes about 2.3 s.
 """
 
 from __future__ import annotations
