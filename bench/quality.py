@@ -322,10 +322,10 @@ def main(argv=None) -> dict:
             print(f"data: world ({world}) prepared for M={m} -> {data_dir}")
         config.train.data_dir = str(data_dir)
         rdir = workdir / f"rate{rate}"
-        start = (f"pretrained {config.demo.pretrained}" if config.demo.pretrained
-                 else f"{config.demo.warmup_steps}-step warm-up")
-        starts[rate] = start
-        print(f"== rate {rate}x (M={m}), from the {start}")
+        warm = int(config.demo.warmup_steps)
+        starts[rate] = (f"pretrained {config.demo.pretrained}" if config.demo.pretrained
+                        else f"{warm}-step warm-up" if warm else "scratch")
+        print(f"== rate {rate}x (M={m}), from the {starts[rate]}")
         with phase(f"rate{rate}/train"):
             stage_dirs = _train_stages(config, rdir, data_dir, progress)
         with phase(f"rate{rate}/index"):

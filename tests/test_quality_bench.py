@@ -18,16 +18,28 @@ def _in_unit(v) -> bool:
     return v is not None and 0.0 <= v <= 1.0
 
 
-def test_quality_bench_writes_both_tables(tmp_path):
+def test_quality_bench_writes_both_tables(tmp_path, tiny_config):
+    # A pretrained start of the tiny model: its rate (8x) starts from it, 16x from the warm-up.
+    from clara_jax.data import prepare
+    from clara_jax.train import pretrain
+
+    prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
+    pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1e9,
+                      batch_size=4, workers=1, eval_every_s=1e9, size="small", max_steps=2,
+                      log=lambda _: None)
+    work = tmp_path / "work"
     cmd = [sys.executable, "bench/quality.py", "--config=configs/tiny.py",
-           f"--workdir={tmp_path}", "--rates=8,16", "--baseline_rate=8", "--steps=2,2,2",
+           f"--workdir={work}", "--rates=8,16", "--baseline_rate=8", "--steps=2,2,2",
            "--questions=8", "--set=demo.eval_batch_size=4", "--set=train.log_every=1",
-           "--progress=false"]
+           f"--set=demo.pretrained={tmp_path / 'pt'}", "--progress=false"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
     last = json.loads(out.stdout.strip().splitlines()[-1])
-    assert last == json.loads((tmp_path / "quality.json").read_text())
+    assert last == json.loads((work / "quality.json").read_text())
+    assert last["starts"] == {"8": f"pretrained {tmp_path / 'pt'}", "16": "150-step warm-up"}
+    assert (work / "data" / "m4" / "tokenizer" / "tokenizer.model").read_bytes() == (
+        tmp_path / "pt" / "tokenizer" / "tokenizer.model").read_bytes()
     assert [r["row"] for r in last["rows"]] == list(ROWS)
     for r in last["rows"]:
         assert r["questions"] == 8
@@ -53,10 +65,10 @@ def test_quality_bench_writes_both_tables(tmp_path):
         assert r["index_shared"], r["retriever"]
     # Retrieval alone with the trained reasoner is the latent evaluation's retrieval.
     assert ret["rows"][0]["recall_at_5"] == ret["latent_eval_recall_at_5"]
-    assert (tmp_path / "rate8" / "stage3_infonce" / "metrics.jsonl").exists()
+    assert (work / "rate8" / "stage3_infonce" / "metrics.jsonl").exists()
     # The tokenizer reserves M memory symbols: one prepared world per M (32/8 and 32/16).
-    assert (tmp_path / "data" / "m4" / "prepare.json").exists()
-    assert (tmp_path / "data" / "m2" / "prepare.json").exists()
+    assert (work / "data" / "m4" / "prepare.json").exists()
+    assert (work / "data" / "m2" / "prepare.json").exists()
 
     usage = last["latent_usage"]
     assert set(usage) == {"8", "16"}
@@ -65,7 +77,7 @@ def test_quality_bench_writes_both_tables(tmp_path):
         assert u["ce_gain_over_other"] == round(
             u["other"]["answer_ce"] - u["true"]["answer_ce"], 4)
 
-    md = (tmp_path / "quality.md").read_text()
+    md = (work / "quality.md").read_text()
     assert "| 8x |" in md and "| 16x |" in md
     for row in ROWS:
         assert f"| {row} |" in md
