@@ -162,3 +162,29 @@ def test_pretraining_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-5, rtol=1e-3, err_msg=k)
     assert any(not np.allclose(a[k], start[k]) for k in a)
+
+
+def test_int8_params_load_close_to_the_float_ones(pretrained, tiny_cfg, tmp_path):
+    out, _ = pretrained
+    src = out / pretrain.PARAMS_FILE
+    info = pretrain.quantize_file(src, tmp_path / "q.safetensors")
+    assert info["bytes"] < 0.4 * src.stat().st_size
+    full = pretrain.flatten(pretrain.load_params(src, tiny_cfg))
+    small = pretrain.flatten(pretrain.load_params(tmp_path / "q.safetensors", tiny_cfg))
+    assert set(full) == set(small)
+    for k in full:
+        rows = full[k].reshape(full[k].shape[0], -1) if full[k].ndim > 1 else full[k][None]
+        # Within half a step of the row's int8 grid (exact for norms and biases).
+        tol = np.abs(rows).max(axis=1, keepdims=True) / 127 / 2 + 1e-7
+        err = np.abs(small[k].reshape(rows.shape) - rows)
+        assert (err <= tol).all(), k
+        if full[k].ndim == 1:
+            np.testing.assert_array_equal(small[k], full[k])
+
+
+def test_the_shipped_start_is_small_int8():
+    from safetensors.numpy import load_file
+
+    src = pretrain.find_pretrained("clara_jax/assets/demo_base") / pretrain.PARAMS_FILE
+    assert src.stat().st_size < 5 * 2 ** 20
+    assert load_file(str(src))["decoder/embedding"].dtype == np.int8

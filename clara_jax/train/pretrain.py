@@ -147,12 +147,52 @@ def save_params(params: dict, path, metadata: dict | None = None) -> None:
     os.replace(tmp, path)
 
 
+SCALE_SUFFIX = ".scale"
+
+
+def quantize_file(src, dst) -> dict:
+    """Rewrites a `save_params` file with int8 weights: each tensor of 2+ axes becomes int8
+    with one float32 scale per index of its first axis (a row of the embedding, an input
+    feature of a kernel), `name` + SCALE_SUFFIX; norms and biases stay float32. A quarter of
+    the bytes, for shipping a start in the repository; `load_params` reads either form.
+    Returns {"bytes", "max_abs_error"}."""
+    from safetensors.numpy import load_file, save_file
+
+    flat, out, worst = load_file(str(src)), {}, 0.0
+    for name, x in flat.items():
+        if x.ndim < 2:
+            out[name] = x
+            continue
+        rows = x.reshape(x.shape[0], -1)
+        scale = np.maximum(np.abs(rows).max(axis=1), 1e-12).astype(np.float32) / 127.0
+        q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
+        out[name], out[name + SCALE_SUFFIX] = q.reshape(x.shape), scale
+        worst = max(worst, float(np.abs(q * scale[:, None] - rows).max()))
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file(out, str(tmp), metadata={"format": json.dumps("int8 rows")})
+    os.replace(tmp, dst)
+    return {"bytes": dst.stat().st_size, "max_abs_error": worst}
+
+
+def _dequantized(flat: dict) -> dict:
+    out = {}
+    for name, x in flat.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = flat.get(name + SCALE_SUFFIX)
+        if scale is not None:
+            x = (x.reshape(x.shape[0], -1).astype(np.float32) * scale[:, None]).reshape(x.shape)
+        out[name] = x
+    return out
+
+
 def load_params(path, cfg: ModelConfig) -> dict:
     """The tree `init_params(cfg)` has, filled from a `save_params` file; every leaf must be
     there with its shape, or a ValueError names the first that is not."""
     from safetensors.numpy import load_file
 
-    flat = load_file(str(path))
+    flat = _dequantized(load_file(str(path)))
     like = jax.eval_shape(lambda: init_params_of(cfg, jax.random.key(0)))
 
     def fill(tree, prefix=""):
