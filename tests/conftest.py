@@ -32,3 +32,17 @@ def tiny_params(tiny_cfg):
     from clara_jax.model import init_params
 
     return init_params(tiny_cfg, jax.random.key(0))
+
+
+def one_device_target(config, cfg):
+    """`target_for_stage` for `checkpoint.restore_params`: the abstract state of the stage
+    (and base training) a checkpoint's metadata names, on a one-axis mesh of all devices."""
+    def target(meta):
+        from clara_jax.model.sharding import make_mesh
+        from clara_jax.train.state import abstract_state, state_shardings
+
+        c = config.copy_and_resolve_references()
+        c.train.train_base = bool(meta["train_base"])
+        a = abstract_state(c, cfg, int(meta["stage"]))
+        return a, state_shardings(cfg, make_mesh(-1, 1, 1), a)
+    return target

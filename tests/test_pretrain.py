@@ -14,7 +14,7 @@ from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.model import ModelConfig, init_params
 from clara_jax.train import checkpoint as ckpt
 from clara_jax.train import pretrain
-from tests.conftest import REPO
+from tests.conftest import REPO, one_device_target
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +60,7 @@ def test_the_start_state_holds_the_pretrained_params(pretrained, tiny_config, ti
     info = pretrain.write_start_state(tiny_config, out, tmp_path / "start")
     assert info["params"] == sum(np.size(x) for x in jax.tree.leaves(
         pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg)))
-    def target(meta):
-        from clara_jax.model.sharding import make_mesh
-        from clara_jax.train.state import abstract_state, state_shardings
-
-        c = tiny_config.copy_and_resolve_references()
-        c.train.train_base = bool(meta["train_base"])
-        a = abstract_state(c, tiny_cfg, int(meta["stage"]))
-        return a, state_shardings(tiny_cfg, make_mesh(-1, 1, 1), a)
-
+    target = one_device_target(tiny_config, tiny_cfg)
     restored, meta = ckpt.restore_params(tmp_path / "start", target)
     assert meta["step"] == 0 and meta["stage"] == 1 and meta["pretrained"] == str(out)
     want = pretrain.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg))

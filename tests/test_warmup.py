@@ -16,6 +16,7 @@ from clara_jax.model.config import ModelConfig
 from clara_jax.train import checkpoint as ckpt
 from clara_jax.train.warmup import lm_warmup, warmup_rows
 from tests import eval_support as es
+from tests.conftest import one_device_target
 
 
 def test_warmup_trains_the_base_only_and_stage1_starts_from_it(tmp_path):
@@ -43,15 +44,7 @@ def test_warmup_trains_the_base_only_and_stage1_starts_from_it(tmp_path):
     cfg = ModelConfig.from_config(config)
     start = init_params(cfg, jax.random.key(int(config.train.seed)))
 
-    def target(meta):
-        from clara_jax.model.sharding import make_mesh
-        from clara_jax.train.state import abstract_state, state_shardings
-
-        c = config.copy_and_resolve_references()
-        c.train.train_base = bool(meta["train_base"])
-        a = abstract_state(c, cfg, int(meta["stage"]))
-        return a, state_shardings(cfg, make_mesh(-1, 1, 1), a)
-
+    target = one_device_target(config, cfg)
     params, meta = ckpt.restore_params(tmp_path / "warm", target)
     assert meta["stage"] == 1 and meta["train_base"] and meta["warmup_steps"] == 40
     moved = {}
