@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clara_jax.model import compress, generate_logits  # noqa: E402
+from clara_jax.model import compress_docs, generate_logits  # noqa: E402
 
 FILLINGS = ("true", "other", "zeros")
 FIELDS = ("doc_tokens", "doc_mask", "tokens", "mask", "slot_mask", "targets", "loss_mask")
@@ -56,10 +56,7 @@ def make_scorer(cfg):
 
     @jax.jit
     def score(params, batch):
-        b, k, td = batch["doc_tokens"].shape
-        lat = compress(cfg, params, batch["doc_tokens"].reshape(b * k, td),
-                       batch["doc_mask"].reshape(b * k, td))
-        lat = lat.reshape(b, k, *lat.shape[1:])
+        lat = compress_docs(cfg, params, batch["doc_tokens"], batch["doc_mask"])
         fills = {"true": lat, "other": jnp.roll(lat, 1, axis=0), "zeros": jnp.zeros_like(lat)}
         out = {}
         for name, latents in fills.items():

@@ -3,6 +3,7 @@
 from clara_jax.model.api import (
     abstract_params,
     compress,
+    compress_docs,
     count_params,
     decode,
     encode_query,
@@ -17,7 +18,8 @@ from clara_jax.model.config import ModelConfig
 from clara_jax.model.decoder import Decoder, init_cache
 
 __all__ = [
-    "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress", "count_params", "decode",
+    "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress", "compress_docs",
+    "count_params", "decode",
     "encode_query", "forward_logits", "generate_logits", "init_cache", "init_params",
     "logical_specs", "param_group",
 ]

@@ -75,6 +75,14 @@ def compress(cfg: ModelConfig, params, tokens, mask, rng=None, with_means=False)
                   with_means=with_means, rng=rng)
 
 
+def compress_docs(cfg: ModelConfig, params, doc_tokens, doc_mask):
+    """Every example's K documents at once, no dropout. doc_tokens: int32[B, K, T];
+    doc_mask: bool[B, K, T] -> latents float[B, K, M, L] (the generator's `latents`)."""
+    b, k, t = doc_tokens.shape
+    flat = compress(cfg, params, doc_tokens.reshape(b * k, t), doc_mask.reshape(b * k, t))
+    return flat.reshape(b, k, *flat.shape[1:])
+
+
 def encode_query(cfg: ModelConfig, params, tokens, mask, rng=None):
     """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""
     return _apply(cfg, params, CLaRa.encode_query, tokens, mask, deterministic=rng is None,

@@ -54,7 +54,7 @@ from clara_jax.data import world
 from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.fileio import atomic_write_json
-from clara_jax.model import ModelConfig, compress, generate_logits
+from clara_jax.model import ModelConfig, compress_docs, generate_logits
 from clara_jax.model import init_params as init_params_of
 
 FIRST_SEED = 1000
@@ -268,10 +268,7 @@ def make_eval_fn(cfg: ModelConfig):
 
     @jax.jit
     def fn(params, batch):
-        b, k, td = batch["doc_tokens"].shape
-        flat = compress(cfg, params, batch["doc_tokens"].reshape(b * k, td),
-                        batch["doc_mask"].reshape(b * k, td))
-        latents = flat.reshape(b, k, *flat.shape[1:])
+        latents = compress_docs(cfg, params, batch["doc_tokens"], batch["doc_mask"])
         ce_r, ex_r = score(params, batch, latents)
         ce_o, ex_o = score(params, batch, jnp.roll(latents, 1, axis=0))
         return {"ce_right": ce_r, "ce_other": ce_o, "exact_right": ex_r, "exact_other": ex_o}
