@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0  # global-norm clip; 0 disables
     c.train.grad_accum = 1  # microbatches per step; must divide batch_size
     c.train.mse_weight = 0.1  # stages 1-2: CE + mse_weight * MSE(doc mean, memory mean)
+    # Stages 1-2: weight of the bag-of-words loss (losses.bag_of_words_loss): the memory
+    # tokens must name the document's tokens.
+    c.train.bow_weight = 0.0
     c.train.tau = 0.02  # stage 3: differentiable top-k temperature on cosine scores
     c.train.lambda_align = 0.0  # stage 3: weight of the retrieval-alignment loss
     c.train.align_tau = 1.0  # stage 3: temperature of the generator-utility target
@@ -218,7 +221,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not 0.0 <= t[field] < 1.0:
             _fail(f"train.{field}", t[field], "must be in [0, 1)")
     for field in ("weight_decay", "grad_clip", "mse_weight", "lambda_align", "lambda_infonce",
-                  "lambda_retrieval"):
+                  "lambda_retrieval", "bow_weight"):
         if t[field] < 0:
             _fail(f"train.{field}", t[field], "must be >= 0")
     for field in ("tau", "align_tau"):

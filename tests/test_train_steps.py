@@ -70,6 +70,7 @@ def _check_frozen(before, state, stage, config):
 @pytest.mark.parametrize("stage,extra", [(1, {}), (1, {"lambda_retrieval": 1.0}),
                                          (2, {"train_base": True}),
                                          (2, {"lambda_retrieval": 1.0}),
+                                         (1, {"bow_weight": 1.0}),
                                          (3, {"lambda_align": 0.5})])
 def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
     config, state, step = _setup(_overfit_config(tiny_config, **extra), tiny_cfg, stage)
@@ -85,6 +86,8 @@ def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
         assert float(m["align"]) < float(first["align"])  # the retriever follows the generator
     if extra.get("lambda_retrieval"):  # questions move toward their own documents
         assert float(m["retrieval"]) < float(first["retrieval"]) - 0.5, (first, m)
+    if extra.get("bow_weight"):  # the memory tokens come to name the document's tokens
+        assert float(m["bow"]) < float(first["bow"]) - 0.5, (first, m)
     _check_frozen(before, state, stage, config)
 
 

@@ -83,6 +83,17 @@ def compress_docs(cfg: ModelConfig, params, doc_tokens, doc_mask):
     return flat.reshape(b, k, *flat.shape[1:])
 
 
+def latent_token_logits(cfg: ModelConfig, params, latents):
+    """How strongly each memory token's latent, as the generator receives it (projected back
+    to width D), points at each vocabulary embedding. latents: float[..., M, L]
+    -> float32[..., M, V]."""
+    lat = latents.astype(jnp.float32)
+    if cfg.projects_latents:
+        up = params["latent_up"]
+        lat = lat @ up["kernel"].astype(jnp.float32) + up["bias"].astype(jnp.float32)
+    return lat @ params["decoder"]["embedding"].astype(jnp.float32).T
+
+
 def encode_query(cfg: ModelConfig, params, tokens, mask, rng=None):
     """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""
     return _apply(cfg, params, CLaRa.encode_query, tokens, mask, deterministic=rng is None,

@@ -24,7 +24,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax import losses
 from clara_jax.data import prompts
-from clara_jax.model import ModelConfig, compress, encode_query, generate_logits
+from clara_jax.model import (
+    ModelConfig,
+    compress,
+    encode_query,
+    generate_logits,
+    latent_token_logits,
+)
 from clara_jax.model.sharding import DEFAULT_RULES, batch_sharding
 from clara_jax.train.optimizer import make_optimizer, make_schedule, trainable_groups
 from clara_jax.train.state import (
@@ -80,6 +86,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
     t = config.train
     mse_weight = float(t.mse_weight)
     lambda_retrieval = float(t.lambda_retrieval)
+    bow_weight = float(t.bow_weight)
     k = config.data.num_docs
 
     def rngs(rng, n):
@@ -97,6 +104,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
         mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
         loss = ce + mse_weight * mse
         metrics = {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
+        if bow_weight > 0:
+            bow = losses.bag_of_words_loss(latent_token_logits(cfg, params, flat), doc_tokens,
+                                           doc_mask)
+            loss = loss + bow_weight * bow
+            metrics.update(loss=loss, bow=bow)
         if lambda_retrieval > 0:
             # Questions through the compressor adapter: the stage-3 query reasoner starts as a
             # copy of it, and the index's keys are its latents.
