@@ -14,8 +14,10 @@ If answers are read from the latents, `true` has a clearly lower loss and higher
 accuracy than `other`; if they are equal the generator answers from the question alone (its
 answer prior), whatever the retriever finds. Reported: answer cross-entropy per token, the
 exact-match rate of the teacher-forced argmax over whole answers, and the first answer token's
-accuracy, per filling; for stage 1 also apart for QA pairs and paraphrases (`by_kind`). Last
-line: one JSON object.
+accuracy, per filling; for stage 1 also apart for QA pairs and paraphrases (`by_kind`); and the
+loss gain and exact answers per question type of the bundled world (`by_question_type`,
+`clara_jax.data.world.question_type`: which relations the generator reads and which it answers
+from its prior). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,16 +74,16 @@ def make_scorer(cfg):
 def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
             batches: int = 8) -> dict:
     from clara_jax.data.pipeline import make_loader
+    from clara_jax.data.world import question_type
     from clara_jax.index.model_source import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint)
     score = make_scorer(model.cfg)
     loader = iter(make_loader(model.config, stage, data_dir, split=split))
     # Stage-1 rows are QA pairs (pos_index 0) or paraphrases (-1), reported apart as well.
-    groups = ("all", "qa", "paraphrase") if stage == 1 else ("all",)
-    sums = {g: {name: np.zeros(3) for name in FILLINGS} for g in groups}
-    examples = dict.fromkeys(groups, 0)
-    tokens = dict.fromkeys(groups, 0.0)
+    sums = defaultdict(lambda: {name: np.zeros(3) for name in FILLINGS})
+    examples = defaultdict(int)
+    tokens = defaultdict(float)
     for _ in range(batches):
         try:
             raw = next(loader)
@@ -91,7 +94,13 @@ def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
         counts = np.asarray(counts)
         qa = np.asarray(raw["pos_index"]) >= 0
         masks = {"all": np.ones_like(qa), "qa": qa, "paraphrase": ~qa}
-        for g in groups:
+        # The question, read back from the query reasoner's input (<ENC> BOS question EOS).
+        types = np.array([question_type(model.tokenizer.decode(t[m]))
+                          for t, m in zip(np.asarray(raw["query_tokens"]),
+                                          np.asarray(raw["query_mask"]))])
+        for t in set(types[qa]):
+            masks["type:" + t] = qa & (types == t)
+        for g in masks:
             sel = masks[g]
             tokens[g] += float(counts[sel].sum())
             examples[g] += int(sel.sum())
@@ -114,6 +123,12 @@ def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
     out = {"checkpoint": str(checkpoint), "stage": stage, "split": split, **summary("all")}
     if stage == 1:
         out["by_kind"] = {g: summary(g) for g in ("qa", "paraphrase")}
+    out["by_question_type"] = {
+        g[len("type:"):]: {"examples": examples[g], "ce_gain_over_other":
+                           summary(g)["ce_gain_over_other"],
+                           "answer_exact_true": summary(g)["true"]["answer_exact"],
+                           "answer_exact_other": summary(g)["other"]["answer_exact"]}
+        for g in sorted(sums) if g.startswith("type:")}
     return out
 
 

@@ -65,6 +65,15 @@ def test_document_lengths_in_tokens(worlds):
     assert np.mean(lens > config.data.doc_max_len - prompts.DOC_FRAME) <= 0.01
 
 
+def test_question_type_names_the_relation_of_every_question(worlds):
+    for w in worlds.values():
+        for q in w.questions:  # qtype is "kind.attr" or "kind.attr>attr"
+            assert world.question_type(q.question) == q.qtype.split(".", 1)[1], q
+    assert world.question_type("What is the capital of Vicheesh?") == "capital"
+    assert world.question_type("Who is the mayor of the capital of Vicheesh?") == "capital>mayor"
+    assert world.question_type("Why is the sky blue?") == "other"
+
+
 def test_closed_book_frequency_baseline_is_near_chance(worlds):
     result = world.frequency_baseline(worlds["train"], worlds["heldout"])
     assert result["heldout_accuracy"] <= max(0.08, 2 * result["chance"]), result

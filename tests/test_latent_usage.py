@@ -38,6 +38,14 @@ def test_true_latents_loss_is_the_training_ce(tmp_path, tiny_params, bench):
         result["other"]["answer_ce"] - result["true"]["answer_ce"], abs=2e-4)
     for name in bench.FILLINGS:
         assert 0.0 <= result[name]["answer_exact"] <= result[name]["first_token_acc"] <= 1.0
+    # Every question is one of the world's types, and the types split the examples.
+    by_type = result["by_question_type"]
+    assert "other" not in by_type and by_type
+    assert sum(t["examples"] for t in by_type.values()) == result["examples"]
+    for filling in ("true", "other"):
+        mixed = sum(t[f"answer_exact_{filling}"] * t["examples"] for t in by_type.values())
+        assert mixed / result["examples"] == pytest.approx(result[filling]["answer_exact"],
+                                                           abs=1e-3)
 
 
 def test_stage1_reports_qa_and_paraphrases_apart(tmp_path, tiny_params, bench):

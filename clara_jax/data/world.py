@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -558,3 +559,26 @@ def frequency_baseline(train: World, evaluate: World) -> dict[str, float]:
     chance = [1.0 / len(by_type[q.qtype]) for q in evaluate.questions if q.qtype in by_type]
     return {"heldout_accuracy": accuracy(evaluate), "train_accuracy": accuracy(train),
             "chance": sum(chance) / max(len(chance), 1)}
+
+
+def _question_patterns() -> list[tuple[re.Pattern, str]]:
+    # Two-hop templates first: "Who is the mayor of {s}?" also matches "... of the capital of X?".
+    patterns = [(q, f"{first}>{second}") for _, first, second, q in CHAINS]
+    for attrs in ATTRS.values():
+        for attr, (questions, _, _) in attrs.items():
+            patterns += [(q, attr) for q in questions]
+    return [(re.compile(re.escape(q).replace(re.escape("{s}"), ".+") + "$"), label)
+            for q, label in patterns]
+
+
+_PATTERNS = _question_patterns()
+
+
+def question_type(question: str) -> str:
+    """The relation a world question asks for: its attribute ("hobby"; "founded" covers cities
+    and organisations alike) or, for two-hop questions, "first>second" ("employer>founder");
+    "other" for a question no template wrote."""
+    for pattern, label in _PATTERNS:
+        if pattern.match(question.strip()):
+            return label
+    return "other"
