@@ -36,6 +36,15 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
              (tmp_path / "eval" / "latent" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 12
     assert abs(sum(p["scores"]["f1"] for p in preds) / 12 - held["latent_rag"]["f1"]) < 1e-9
+    closed = [json.loads(x) for x in
+              (tmp_path / "eval" / "closed_book" / "predictions.jsonl").read_text().splitlines()]
+    vs = results["latent_rag_vs"]["closed_book"]
+    assert vs["only_latent_rag"] == sum(p["scores"]["em"] > q["scores"]["em"]
+                                        for p, q in zip(preds, closed))
+    assert vs["only_closed_book"] == sum(q["scores"]["em"] > p["scores"]["em"]
+                                         for p, q in zip(preds, closed))
+    assert 0.0 < vs["sign_test_p"] <= 1.0 and "text_rag" in results["latent_rag_vs"]
+    assert "latent_rag vs closed_book: only latent_rag exact on" in out.stdout
     for stage in (1, 2, 3):
         steps = [json.loads(x)["step"] for x in
                  (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]

@@ -67,3 +67,31 @@ def test_metric_bounds_and_order(pred, golds):
     if s["em"] == 1.0:
         assert s["f1"] == 1.0
         assert s["cover_em"] == 1.0 or normalize_answer(pred) == ""
+
+
+def _preds(ems):
+    return [{"line": i, "scores": {"em": float(e)}} for i, e in enumerate(ems)]
+
+
+@pytest.mark.parametrize("latent,closed,only,p", [
+    ([1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 0], (4, 0), 0.125),  # 2 * (1/2)^4
+    ([1, 0, 1, 0], [0, 1, 0, 1], (2, 2), 1.0),
+    ([0, 0], [0, 0], (0, 0), 1.0),
+    ([1] * 10 + [0], [0] * 10 + [1], (10, 1), 2 * 12 / 2 ** 11),  # (C(11,0) + C(11,1)) / 2^11
+])
+def test_paired_em_counts_discordant_questions_and_sign_test(latent, closed, only, p):
+    from clara_jax.eval.report import paired_em
+
+    out = paired_em({"latent": _preds(latent), "closed_book": _preds(closed)}, "latent",
+                    "closed_book")
+    assert (out["only_latent_rag"], out["only_closed_book"]) == only
+    assert out["sign_test_p"] == pytest.approx(p, abs=1e-6)
+
+
+def test_paired_em_refuses_predictions_of_other_questions():
+    from clara_jax.eval.report import paired_em
+
+    other = _preds([1, 0])
+    other[1]["line"] = 7
+    with pytest.raises(ValueError, match="same questions"):
+        paired_em({"latent": _preds([1, 0]), "text": other}, "latent", "text")

@@ -185,6 +185,9 @@ def main(argv) -> None:
             pipe, items, mode, out_dir=workdir / "eval" / mode, progress=fl.progress,
             return_predictions=True)
     results = report.results_json(summaries)
+    # Is latent RAG's lead over each baseline more than chance? (paired, same questions)
+    results["latent_rag_vs"] = {report.MODE_KEYS[b]: report.paired_em(preds, "latent", b)
+                                for b in ("closed_book", "text")}
     results["questions"] = info["rows"]
     results["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(workdir / "results.json", results)
@@ -194,6 +197,9 @@ def main(argv) -> None:
     print()
     print(f"Held-out world, {info['rows']} questions never seen in training:")
     print(report.table(results))
+    for key, c in results["latent_rag_vs"].items():
+        print(f"latent_rag vs {key}: only latent_rag exact on {c['only_latent_rag']} questions, "
+              f"only {key} on {c['only_' + key]} (exact sign test p = {c['sign_test_p']:.3g})")
     print()
     print(_examples(preds, pipe.index))
     print()

@@ -4,6 +4,7 @@ the printed table. Plots use matplotlib's Agg backend (no display needed)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,22 @@ def results_json(summaries: dict[str, dict]) -> dict:
             row["recall_at_5"] = s["recall_at_5"]
         out[MODE_KEYS[mode]] = row
     return {"heldout": out}
+
+
+def paired_em(preds: dict[str, list[dict]], mode: str, baseline: str) -> dict:
+    """How `mode` and `baseline` differ on the same questions (per-question predictions as
+    `clara_jax.eval.job.evaluate` returns them, in the same order): questions only one of them
+    answers exactly, and the two-sided exact sign test on those (the chance that a coin gives a
+    split at least this uneven: the win is clear when it is small)."""
+    a, b = preds[mode], preds[baseline]
+    if [p["line"] for p in a] != [p["line"] for p in b]:
+        raise ValueError(f"{mode} and {baseline} predictions are not of the same questions")
+    only_a = sum(p["scores"]["em"] > q["scores"]["em"] for p, q in zip(a, b))
+    only_b = sum(q["scores"]["em"] > p["scores"]["em"] for p, q in zip(a, b))
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return {f"only_{MODE_KEYS[mode]}": only_a, f"only_{MODE_KEYS[baseline]}": only_b,
+            "sign_test_p": round(min(1.0, 2.0 * tail), 6)}
 
 
 def read_metrics(path: Path) -> list[dict]:
