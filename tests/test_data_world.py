@@ -74,6 +74,21 @@ def test_question_type_names_the_relation_of_every_question(worlds):
     assert world.question_type("Why is the sky blue?") == "other"
 
 
+def test_focused_documents_keep_the_subjects_facts_and_drop_the_others(worlds):
+    w = worlds["train"]
+    f = world.focused(w)
+    for e in w.entities:
+        doc = f.docs[e.doc_id]
+        assert len(doc) < len(w.docs[e.doc_id]) or doc == w.docs[e.doc_id]
+        for value in e.facts.values():  # relation values are names: the subject's all stay
+            assert value in doc, (e.name, value)
+        for sentence in doc.split(". "):
+            assert e.name in sentence or world.short_name(e) in sentence, sentence
+    assert sum(f.docs[e.doc_id] != w.docs[e.doc_id] for e in w.entities) > len(w.entities) // 2
+    # The same entities and questions: only the documents change.
+    assert f.questions == w.questions and f.entities == w.entities
+
+
 def test_closed_book_frequency_baseline_is_near_chance(worlds):
     result = world.frequency_baseline(worlds["train"], worlds["heldout"])
     assert result["heldout_accuracy"] <= max(0.08, 2 * result["chance"]), result

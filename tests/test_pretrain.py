@@ -54,6 +54,32 @@ def test_pretrain_trains_on_fresh_worlds_and_writes_its_outputs(pretrained, tiny
         assert not np.allclose(a, b), name
 
 
+def test_the_focused_curriculum_trains_stage_1_qa_pairs_on_subject_sentences(tiny_config,
+                                                                              tmp_path):
+    prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
+    config = tiny_config.copy_and_resolve_references()
+    config.train.bow_weight = 1.0
+    summary = pretrain.pretrain(config, tmp_path / "tok", tmp_path / "out", seconds=2.0,
+                                batch_size=8, workers=1, eval_every_s=1e9, size="small",
+                                stages=(1,), focus=True, qa_only=True, max_steps=3,
+                                log=lambda _: None)
+    assert summary["stage_steps"] == {1: summary["steps"]} and summary["steps"] >= 1
+    assert (summary["stages"], summary["focus"], summary["qa_only"], summary["bow_weight"]) == (
+        [1], True, True, 1.0)
+    assert set(k.split("_")[0] for k in summary["last"] if k.startswith("stage")) == {"stage1"}
+    # What its workers feed: QA pairs only, each document cut to its subject's sentences.
+    tok = load_tokenizer(tmp_path / "tok")
+    pretrain._init_worker(str(tmp_path / "tok"), {1: pretrain.featurizer_fields(tok, config, 1)})
+    try:
+        _, batches = pretrain.world_batches(5, "small", focus=True, qa_only=True)
+    finally:
+        pretrain._FEATURIZERS.clear()
+    w = world.focused(world.make_world(5, "small", "train"))
+    qa = [e for e in pretrain.stage_examples(w, 1) if e["data_type"] == "qa"]
+    assert len(batches[1]["tokens"]) == len(qa)
+    assert (batches[1]["pos_index"] >= 0).all()  # no paraphrase rows (pos_index -1)
+
+
 def test_the_start_state_holds_the_pretrained_params(pretrained, tiny_config, tiny_cfg,
                                                      tmp_path):
     out, _ = pretrained

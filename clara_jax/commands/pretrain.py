@@ -21,6 +21,9 @@ flags.DEFINE_float("eval_every_s", 60.0, "Seconds of training between evaluation
 flags.DEFINE_enum("size", "medium", ["small", "medium"], "Size of each generated world.")
 flags.DEFINE_integer("first_seed", 1000, "Seed of the first world (later ones count up).")
 flags.DEFINE_string("init_params", None, "A params.safetensors to continue from.")
+flags.DEFINE_list("stages", ["1", "2"], "Stages whose steps take turns.")
+flags.DEFINE_bool("focus", False, "Cut documents to the sentences naming their subject.")
+flags.DEFINE_bool("qa_only", False, "Stage 1 without paraphrase targets.")
 
 
 def main(argv) -> None:
@@ -36,4 +39,6 @@ def main(argv) -> None:
     workers = fl.workers or max(1, (os.cpu_count() or 2) - 2)
     pretrain.pretrain(load_config(), fl.tokenizer, fl.out, fl.seconds, fl.batch_size, fl.lr,
                       fl.lambda_retrieval, workers, fl.eval_every_s, size=fl.size,
-                      first_seed=fl.first_seed, init_params=fl.init_params)
+                      first_seed=fl.first_seed, init_params=fl.init_params,
+                      stages=tuple(int(x) for x in fl.stages), focus=fl.focus,
+                      qa_only=fl.qa_only)

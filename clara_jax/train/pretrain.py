@@ -111,13 +111,21 @@ def stage_examples(w: world.World, stage: int, limit: int | None = None,
     return out
 
 
-def world_batches(seed: int, size: str = "medium") -> tuple[int, dict[int, dict]]:
-    """(seed, {stage: stacked arrays}) of a newly generated world (run in a worker)."""
+def world_batches(seed: int, size: str = "medium", focus: bool = False, qa_only: bool = False
+                  ) -> tuple[int, dict[int, dict]]:
+    """(seed, {stage: stacked arrays}) of a newly generated world (run in a worker); `focus`:
+    its documents cut to their subject's sentences (`world.focused`); `qa_only`: no stage-1
+    paraphrases."""
     w = world.make_world(seed, size, "train")
+    if focus:
+        w = world.focused(w)
     out = {}
     for stage, feat in _FEATURIZERS.items():
         limit = STAGE2_PER_WORLD if stage == 2 else None
-        out[stage] = _stack([feat(ex) for ex in stage_examples(w, stage, limit, seed)])
+        exs = stage_examples(w, stage, limit, seed)
+        if qa_only:
+            exs = [ex for ex in exs if ex.get("data_type", "qa") == "qa"]
+        out[stage] = _stack([feat(ex) for ex in exs])
     return seed, out
 
 
@@ -323,12 +331,14 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
              learning_rate: float = 1e-3, lambda_retrieval: float = 0.25, workers: int = 8,
              eval_every_s: float = 60.0, warmup_steps: int = 200, size: str = "medium",
              first_seed: int = FIRST_SEED, init_params=None, max_steps: int | None = None,
+             stages: tuple[int, ...] = (1, 2), focus: bool = False, qa_only: bool = False,
              log=print) -> dict:
     """Trains for `seconds` (plus compile and evaluation time) and writes OUT (module
     docstring); `init_params`: a `save_params` file to continue from (with a new optimizer
     state; give it a `first_seed` past the worlds it saw); `max_steps`: stop there too, if
-    sooner. Returns the summary written to
-    OUT/pretrain.json."""
+    sooner; `stages`: the stages whose steps take turns; `focus`, `qa_only`: see
+    `world_batches` (the curriculum that opened the channel for hobbies, README). Returns the
+    summary written to OUT/pretrain.json."""
     from clara_jax.model.sharding import make_mesh
     from clara_jax.train.state import abstract_state, create_state, state_shardings
     from clara_jax.train.steps import (
@@ -347,7 +357,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
         raise ValueError(f"{tokenizer_dir}: vocabulary of {tok.vocab_size} does not fit "
                          f"model.vocab_size={cfg.vocab_size} (or int16 ids)")
     shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR, dirs_exist_ok=True)
-    fields = {s: featurizer_fields(tok, c, s) for s in (1, 2)}
+    fields = {s: featurizer_fields(tok, c, s) for s in stages}
 
     # Workers first, before JAX starts its threads; spawn, so none inherits them.
     ctx = multiprocessing.get_context("spawn")
@@ -356,7 +366,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
     seeds = itertools.count(first_seed)
 
     def submit():
-        pool.apply_async(world_batches, (next(seeds), size), callback=ready.put,
+        pool.apply_async(world_batches, (next(seeds), size, focus, qa_only), callback=ready.put,
                          error_callback=lambda e: ready.put(e))
 
     for _ in range(2 * workers):
@@ -374,7 +384,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
     state = jax.jit(lambda p: create_state(c, p, 1), out_shardings=shardings)(params)
     steps = {s: compile_train_step(make_train_step(c, cfg, s, abstract.params), mesh,
                                    shardings, abstract, batch_fields(c, s))
-             for s in (1, 2)}
+             for s in stages}
     eval_fn = make_eval_fn(cfg)
     evals = eval_batches(tok, fields, min(batch_size, 64))
 
@@ -389,7 +399,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
         return got
 
     rng = np.random.default_rng(int(c.train.seed))
-    worlds, examples, curve, stage_steps = [], 0, [], {1: 0, 2: 0}
+    worlds, examples, curve, stage_steps = [], 0, [], dict.fromkeys(stages, 0)
     current, orders = None, {}
     train_s, last_eval, i = 0.0, 0.0, 0
     started = time.perf_counter()
@@ -407,7 +417,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
                 worlds.append(seed)
             orders = {s: rng.permutation(len(a["tokens"])) for s, a in current.items()}
         t0 = time.perf_counter()
-        for s in (1, 2):
+        for s in stages:
             idx, orders[s] = orders[s][:batch_size], orders[s][batch_size:]
             compiled, batch_sh = steps[s]
             batch = {k: jax.device_put(v[idx].astype(np.int32) if v.dtype == np.int16
@@ -417,7 +427,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
             stage_steps[s] += 1
             examples += batch_size
             i += 1
-        if (i // 2) % SYNC_EVERY == 0:
+        if (i // len(stages)) % SYNC_EVERY == 0:
             # Waiting on every step would keep the host from preparing the next batch while
             # the device computes; waiting now and then keeps train_s honest.
             jax.block_until_ready(state.step)
@@ -439,6 +449,8 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
                "init_params": None if init_params is None else str(init_params),
                "eval_seed": EVAL_SEED, "batch_size": batch_size,
                "learning_rate": learning_rate, "lambda_retrieval": lambda_retrieval,
+               "stages": list(stages), "focus": focus, "qa_only": qa_only,
+               "bow_weight": float(c.train.bow_weight),
                "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - started, 1),
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                "curve": curve, "last": curve[-1] if curve else None}
