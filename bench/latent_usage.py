@@ -123,12 +123,14 @@ def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
     out = {"checkpoint": str(checkpoint), "stage": stage, "split": split, **summary("all")}
     if stage == 1:
         out["by_kind"] = {g: summary(g) for g in ("qa", "paraphrase")}
-    out["by_question_type"] = {
-        g[len("type:"):]: {"examples": examples[g], "ce_gain_over_other":
-                           summary(g)["ce_gain_over_other"],
-                           "answer_exact_true": summary(g)["true"]["answer_exact"],
-                           "answer_exact_other": summary(g)["other"]["answer_exact"]}
-        for g in sorted(sums) if g.startswith("type:")}
+    out["by_question_type"] = {}
+    for g in sorted(sums):
+        if g.startswith("type:"):
+            s = summary(g)
+            out["by_question_type"][g[len("type:"):]] = {
+                "examples": s["examples"], "ce_gain_over_other": s["ce_gain_over_other"],
+                "answer_exact_true": s["true"]["answer_exact"],
+                "answer_exact_other": s["other"]["answer_exact"]}
     return out
 
 

@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 SIZES = {
@@ -565,14 +565,12 @@ def focused(w: World) -> World:
     """`w` with each document cut to the sentences that name its subject (dropping the facts
     of other entities that documents carry as distractors): a pretraining curriculum, where
     any value of the asked relation that the latents hold is the answer."""
-    import dataclasses
-
     docs = {}
     for e in w.entities:
         names = (e.name, short_name(e))
         sentences = re.split(r"(?<=\.)\s+", w.docs[e.doc_id])
         docs[e.doc_id] = " ".join(x for x in sentences if any(n in x for n in names))
-    return dataclasses.replace(w, docs=docs)
+    return replace(w, docs=docs)
 
 
 def _question_patterns() -> list[tuple[re.Pattern, str]]:

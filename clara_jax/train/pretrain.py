@@ -348,6 +348,8 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
         rng_for_step,
     )
 
+    if not stages or any(s not in (1, 2) for s in stages):
+        raise ValueError(f"pretraining takes stages 1 and/or 2, got {stages!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     c = pretrain_config(config, batch_size, learning_rate, lambda_retrieval, warmup_steps)
