@@ -87,10 +87,7 @@ def latent_token_logits(cfg: ModelConfig, params, latents):
     """How strongly each memory token's latent, as the generator receives it (projected back
     to width D), points at each vocabulary embedding. latents: float[..., M, L]
     -> float32[..., M, V]."""
-    lat = latents.astype(jnp.float32)
-    if cfg.projects_latents:
-        up = params["latent_up"]
-        lat = lat @ up["kernel"].astype(jnp.float32) + up["bias"].astype(jnp.float32)
+    lat = _apply(cfg, params, CLaRa.as_inputs, latents).astype(jnp.float32)
     return lat @ params["decoder"]["embedding"].astype(jnp.float32).T
 
 

@@ -88,16 +88,19 @@ class CLaRa(nn.Module):
         """
         cfg = self.cfg
         b = latents.shape[0]
-        lat = latents.astype(cfg.compute_dtype)
-        if cfg.projects_latents:
-            lat = self.latent_up(lat)
-        flat = lat.reshape(b, -1, cfg.dim)  # [B, K*M, D]
+        flat = self.as_inputs(latents).reshape(b, -1, cfg.dim)  # [B, K*M, D]
         index = jnp.clip(jnp.cumsum(slot_mask, axis=1) - 1, 0, flat.shape[1] - 1)
         inject = jnp.take_along_axis(flat, index[..., None], axis=1)
         logits, _, new_cache = self.decoder(tokens, mask, inject, slot_mask, cache=cache,
                                             adapter="generator", deterministic=deterministic,
                                             last_logits_only=last_logits_only)
         return logits, new_cache
+
+    def as_inputs(self, latents):
+        """latents float[..., M, L] -> the generator's input embeddings float[..., M, D]
+        (projected back to width D when L < D)."""
+        lat = latents.astype(self.cfg.compute_dtype)
+        return self.latent_up(lat) if self.cfg.projects_latents else lat
 
     def decode(self, tokens, mask=None, cache=None, adapter: str | None = None,
                deterministic: bool = True, last_logits_only: bool = False):
