@@ -10,6 +10,7 @@ import pytest
 
 from clara_jax.config import load_config_file
 from clara_jax.data import prepare, world
+from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.model import ModelConfig, init_params
 from clara_jax.train import checkpoint as ckpt
@@ -69,15 +70,23 @@ def test_the_focused_curriculum_trains_stage_1_qa_pairs_on_subject_sentences(tin
     assert set(k.split("_")[0] for k in summary["last"] if k.startswith("stage")) == {"stage1"}
     # What its workers feed: QA pairs only, each document cut to its subject's sentences.
     tok = load_tokenizer(tmp_path / "tok")
-    pretrain._init_worker(str(tmp_path / "tok"), {1: pretrain.featurizer_fields(tok, config, 1)})
+    pretrain._init_worker(str(tmp_path / "tok"), {s: pretrain.featurizer_fields(tok, config, s)
+                                                  for s in (1, 2)})
     try:
         _, batches = pretrain.world_batches(5, "small", focus=True, qa_only=True)
+        _, plain = pretrain.world_batches(5, "small")
     finally:
         pretrain._FEATURIZERS.clear()
-    w = world.focused(world.make_world(5, "small", "train"))
-    qa = [e for e in pretrain.stage_examples(w, 1) if e["data_type"] == "qa"]
+    whole = world.make_world(5, "small", "train")
+    qa = [e for e in pretrain.stage_examples(world.focused(whole), 1) if e["data_type"] == "qa"]
     assert len(batches[1]["tokens"]) == len(qa)
     assert (batches[1]["pos_index"] >= 0).all()  # no paraphrase rows (pos_index -1)
+    feat = Featurizer(tok=tok, **pretrain.featurizer_fields(tok, config, 1))
+    np.testing.assert_array_equal(batches[1]["doc_tokens"][0], feat(qa[0])["doc_tokens"])
+    assert not np.array_equal(batches[1]["doc_tokens"],
+                              plain[1]["doc_tokens"][plain[1]["pos_index"] >= 0])
+    # Stage 2 keeps whole documents: the format retrieval hands the generator.
+    np.testing.assert_array_equal(batches[2]["doc_tokens"], plain[2]["doc_tokens"])
 
 
 def test_the_start_state_holds_the_pretrained_params(pretrained, tiny_config, tiny_cfg,

@@ -22,7 +22,7 @@ flags.DEFINE_enum("size", "medium", ["small", "medium"], "Size of each generated
 flags.DEFINE_integer("first_seed", 1000, "Seed of the first world (later ones count up).")
 flags.DEFINE_string("init_params", None, "A params.safetensors to continue from.")
 flags.DEFINE_list("stages", ["1", "2"], "Stages whose steps take turns.")
-flags.DEFINE_bool("focus", False, "Cut documents to the sentences naming their subject.")
+flags.DEFINE_bool("focus", False, "Cut stage-1 documents to the sentences naming their subject.")
 flags.DEFINE_bool("qa_only", False, "Stage 1 without paraphrase targets.")
 
 

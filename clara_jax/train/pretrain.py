@@ -114,15 +114,15 @@ def stage_examples(w: world.World, stage: int, limit: int | None = None,
 def world_batches(seed: int, size: str = "medium", focus: bool = False, qa_only: bool = False
                   ) -> tuple[int, dict[int, dict]]:
     """(seed, {stage: stacked arrays}) of a newly generated world (run in a worker); `focus`:
-    its documents cut to their subject's sentences (`world.focused`); `qa_only`: no stage-1
+    stage 1's documents cut to their subject's sentences (`world.focused`), while stage 2 keeps
+    whole documents, the format retrieval hands the generator; `qa_only`: no stage-1
     paraphrases."""
-    w = world.make_world(seed, size, "train")
-    if focus:
-        w = world.focused(w)
+    whole = world.make_world(seed, size, "train")
+    focused = world.focused(whole) if focus else whole
     out = {}
     for stage, feat in _FEATURIZERS.items():
         limit = STAGE2_PER_WORLD if stage == 2 else None
-        exs = stage_examples(w, stage, limit, seed)
+        exs = stage_examples(focused if stage == 1 else whole, stage, limit, seed)
         if qa_only:
             exs = [ex for ex in exs if ex.get("data_type", "qa") == "qa"]
         out[stage] = _stack([feat(ex) for ex in exs])
