@@ -11,7 +11,9 @@ What it measures, all on the held-out world (questions and documents never seen 
     `--questions` held-out questions: EM / F1 overall, on single-hop and on two-hop questions
     (`hops` = number of gold documents), Recall@5, ms per answer;
   * at `--baseline_rate` also closed book and text RAG (the documents' text in the prompt,
-    retrieved by the same trained query reasoner, hence "16x retrieval");
+    retrieved by the same trained query reasoner, hence "16x retrieval"), and latent RAG at
+    every rate paired with both on the same questions (`report.paired_em`: questions only one
+    side answers exactly, two-sided exact sign test);
   * at `--baseline_rate`, Recall@1/3/5 of retrieval alone for three query encoders over the
     same document latents: (a) the trained stage-3 query reasoner; (b) the stage-2
     compressor's keys (the stage-2 checkpoint with the query adapter set to a copy of the
@@ -28,7 +30,7 @@ a pipeline refuses a tokenizer whose M differs from the model's. The world is th
 prepared once per distinct M into WORKDIR/data/m{M} (about 2 s each) and reused on re-runs.
 
 Everything finished (data, stages, indexes) is reused, so an interrupted run resumes.
-Outputs: WORKDIR/quality.json, WORKDIR/quality.md (the two tables), per-mode predictions in
+Outputs: WORKDIR/quality.json, WORKDIR/quality.md (the tables), per-mode predictions in
 WORKDIR/rate{r}/eval/<mode>/; the last printed line is the JSON object of quality.json.
 
 Time with the defaults: an ESTIMATE (the full run has not been timed). Per-step times at
@@ -41,10 +43,10 @@ in absolute terms) gives per-step ratios to 16x of 1.65 / 1.32 (stage 2 / stage 
 M), three indexes and six evaluations of 400 questions (tens of ms per answer): about 45-50
 minutes in all on an idle machine. On a CPU shared with other jobs, expect up to 2-2.5x that.
 
-Measured: `--steps 400,100,50` (the README's table) took 1,742 s on this 2-core CPU without the
-warm-up (training 438 / 537 / 509 s at 4x / 16x / 64x plus 120 s for the InfoNCE stage 3,
-evaluations 1.5 min) and 2,418 s with it on a machine shared with the test suite; re-evaluating
-finished checkpoints alone takes about 90 s.
+Measured: `--steps 400,100,50` (the README's table) took 2,477 s on this 2-core CPU with
+nothing else running (training 840 / 637 / 722 s at 4x / 16x / 64x, including the 4x and 64x
+warm-ups, plus 138 s for the InfoNCE stage 3; data 15 s per M; indexes and evaluations under 2
+min). Re-running on a finished workdir re-evaluates only: about 3 minutes.
 
 Reproduce:  .venv/bin/python bench/quality.py --workdir runs/quality --steps 400,100,50
 """
@@ -214,6 +216,22 @@ def row_of(name: str, summary: dict) -> dict:
             "ms_per_answer": summary["ms_per_answer"]}
 
 
+def paired_rows(preds: dict, rates: list[int], baseline_rate: int) -> list[dict]:
+    """Latent RAG at each rate against closed book and text RAG (both at the baseline rate) on
+    the same questions: `report.paired_em` (questions only one side answers exactly, and the
+    two-sided exact sign test). preds: {(rate, mode): per-question records}."""
+    from clara_jax.eval.report import paired_em
+
+    out = []
+    for rate in rates:
+        row = {"rate": rate}
+        for base in ("closed_book", "text"):
+            row[base] = paired_em({"latent": preds[rate, "latent"],
+                                   base: preds[baseline_rate, base]}, "latent", base)
+        out.append(row)
+    return out
+
+
 def _cell(v, pct: bool = True) -> str:
     if v is None:
         return "–"
@@ -235,6 +253,17 @@ def markdown(result: dict) -> str:
               f"({q['single_hop_questions']} single-hop, {q['two_hop_questions']} two-hop); "
               f"scores in %; steps per stage {tuple(result['steps'])}; stage 1 from: " +
               ", ".join(f"{r}x the {v}" for r, v in result.get("starts", {}).items()) + ".", ""]
+    lines += ["Paired with the baselines on the same questions: questions only one side "
+              "answers exactly, and the two-sided exact sign test on those:", "",
+              "| | only latent / only closed book | p | only latent / only text RAG | p |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in result["paired"]:
+        c, t = r["closed_book"], r["text"]
+        lines.append(f"| latent RAG {r['rate']}x | {c['only_latent_rag']} / "
+                     f"{c['only_closed_book']} | {c['sign_test_p']:.2g} | "
+                     f"{t['only_latent_rag']} / {t['only_text_rag']} | "
+                     f"{t['sign_test_p']:.2g} |")
+    lines.append("")
     rr = result["retrievers"]
     lines += [f"Retrieval alone at {rr['rate']}x ({rr['questions']} questions with mapped gold "
               "documents):", "",
@@ -309,7 +338,7 @@ def main(argv=None) -> dict:
         yield
         phases[name] = round(time.perf_counter() - t, 2)
 
-    rows, retrievers, usage, starts = {}, None, {}, {}
+    rows, retrievers, usage, starts, preds = {}, None, {}, {}, {}
     for rate in rates:
         config = rate_config(base, rate)
         m = int(config.model.num_memory_tokens)
@@ -336,8 +365,10 @@ def main(argv=None) -> dict:
         summaries = {}
         for mode in modes:
             with phase(f"rate{rate}/eval_{mode}"):
-                s = summaries[mode] = evaluate(pipe, items, mode, out_dir=rdir / "eval" / mode,
-                                               progress=progress)
+                summaries[mode], preds[rate, mode] = evaluate(
+                    pipe, items, mode, out_dir=rdir / "eval" / mode, progress=progress,
+                    return_predictions=True)
+                s = summaries[mode]
             print(f"rate {rate}x {mode}: EM {s['em']:.3f} F1 {s['f1']:.3f} "
                   f"R@5 {s['recall_at_5']} ({s['ms_per_answer']:.1f} ms/answer)")
         rows[f"latent RAG {rate}x"] = row_of(f"latent RAG {rate}x", summaries["latent"])
@@ -390,6 +421,7 @@ def main(argv=None) -> dict:
         "baseline_rate": args.baseline_rate, "steps": steps, "questions": args.questions,
         "rows": [rows[name] for name in order], "retrievers": retrievers,
         "latent_usage": {str(r): usage[r] for r in rates},
+        "paired": paired_rows(preds, rates, args.baseline_rate),
         "starts": {str(r): starts[r] for r in rates},
         "phases_seconds": phases, "total_seconds": round(time.perf_counter() - start, 1),
         "workdir": str(workdir),

@@ -77,7 +77,20 @@ def test_quality_bench_writes_both_tables(tmp_path, tiny_config):
         assert u["ce_gain_over_other"] == round(
             u["other"]["answer_ce"] - u["true"]["answer_ce"], 4)
 
+    # Each rate's latent answers paired with the baselines' (at 8x) on the same questions.
+    def em(path):
+        return [json.loads(x)["scores"]["em"] for x in path.read_text().splitlines()]
+    assert [p["rate"] for p in last["paired"]] == [8, 16]
+    for p in last["paired"]:
+        latent = em(work / f"rate{p['rate']}" / "eval" / "latent" / "predictions.jsonl")
+        for base, key in (("closed_book", "closed_book"), ("text", "text_rag")):
+            other = em(work / "rate8" / "eval" / base / "predictions.jsonl")
+            assert p[base][f"only_{key}"] == sum(b > a for a, b in zip(latent, other))
+            assert p[base]["only_latent_rag"] == sum(a > b for a, b in zip(latent, other))
+            assert 0.0 < p[base]["sign_test_p"] <= 1.0
+
     md = (work / "quality.md").read_text()
+    assert "| latent RAG 8x | " in md and "only latent / only closed book" in md
     assert "| 8x |" in md and "| 16x |" in md
     for row in ROWS:
         assert f"| {row} |" in md
