@@ -21,8 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/clara demo --config=configs/demo.py --workdir=$(WORKDIR)
 
+# Two workers: the suite is mostly single-threaded XLA compiles, so a 2-core machine runs two
+# test files at once; --dist loadfile keeps each file's module fixtures in one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
