@@ -46,7 +46,7 @@ minutes in all on an idle machine. On a CPU shared with other jobs, expect up to
 Measured: `--steps 400,100,50` (the README's table) took 2,477 s on this 2-core CPU with
 nothing else running (training 840 / 637 / 722 s at 4x / 16x / 64x, including the 4x and 64x
 warm-ups, plus 138 s for the InfoNCE stage 3; data 15 s per M; indexes and evaluations under 2
-min). Re-running on a finished workdir re-evaluates only: about 3 minutes.
+min). Re-running on a finished workdir re-evaluates only: 119 s.
 
 Reproduce:  .venv/bin/python bench/quality.py --workdir runs/quality --steps 400,100,50
 """
