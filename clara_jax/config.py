@@ -42,6 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.tie_embeddings = False
     m.max_len = 4096
     m.latent_dim = 0  # L; 0 means L = D (no projection)
+    # "append": memory tokens after the document (the published method); "interleave": memory
+    # token j after the document's j-th chunk (clara_jax.model.clara.memory_order).
+    m.memory_layout = "append"
+    # "packed": latent slots take one RoPE position each (the published method); "spread": each
+    # takes data.compression_rate positions, where the text it stands for would sit.
+    m.latent_positions = "packed"
     m.scan_layers = False
     m.remat = "none"
     m.dtype = "float32"  # compute dtype; params stay float32 (master weights)
@@ -170,6 +176,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("model.latent_dim", m.latent_dim, f"must be in [0, model.dim={m.dim}]")
     if m.remat not in REMAT_POLICIES:
         _fail("model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
+    if m.memory_layout not in ("append", "interleave"):
+        _fail("model.memory_layout", m.memory_layout, "must be 'append' or 'interleave'")
+    if m.latent_positions not in ("packed", "spread"):
+        _fail("model.latent_positions", m.latent_positions, "must be 'packed' or 'spread'")
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"must be one of {DTYPES}")
     lo = m.lora

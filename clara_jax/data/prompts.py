@@ -158,8 +158,15 @@ def generator_example(tok: Tokenizer, question: str, answer: str, num_docs: int,
                       num_memory: int, length: int, question_max_len: int,
                       answer_max_len: int) -> GeneratorExample:
     """Prompt + answer as fixed-length training arrays (see the module docstring)."""
-    q_ids = tok.encode(question)
-    a_ids = tok.encode(ANSWER_SEPARATOR + answer)
+    return generator_example_ids(tok, tok.encode(question), tok.encode(ANSWER_SEPARATOR + answer),
+                                 num_docs, num_memory, length, question_max_len, answer_max_len)
+
+
+def generator_example_ids(tok: Tokenizer, q_ids: list[int], a_ids: list[int], num_docs: int,
+                          num_memory: int, length: int, question_max_len: int,
+                          answer_max_len: int) -> GeneratorExample:
+    """`generator_example` from token ids: the question's and the answer's (separator
+    included)."""
     prompt, slots = prompt_ids(tok, q_ids[:question_max_len], num_docs, num_memory)
     a_room = answer_max_len - 1  # the EOS always fits, so the model learns to stop
     seq = prompt + a_ids[:a_room] + [tok.eos_id]

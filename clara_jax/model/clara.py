@@ -1,22 +1,47 @@
 """The CLaRa module: one decoder, three LoRA adapters, memory tokens and the latent projection.
 
 - `compress(doc_tokens)`: the document (already framed as `<ENC> BOS doc EOS`, right-padded)
-  followed by M learned memory embeddings; the latents are the final hidden states at those M
+  followed by M learned memory embeddings (or with memory token j after the document's j-th
+  chunk, `memory_layout='interleave'`); the latents are the final hidden states at those M
   positions, projected to width L when L < D.
 - `encode_query(tokens)`: the same under the `query` adapter.
 - `generate(tokens, slot_mask, latents)`: the generator's prompt with K·M latent slots; the
   input embeddings at the slots (in order) are replaced by the K documents' latents, projected
-  back to width D when L < D.
+  back to width D when L < D; each slot takes `latent_span` RoPE positions (1 as published, or
+  the compression rate with `model.latent_positions='spread'`, so that a latent sits where the
+  text it stands for would).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from clara_jax.model import sharding as sh
 from clara_jax.model.config import ModelConfig
 from clara_jax.model.decoder import Decoder
+
+
+MEMORY_LAYOUTS = ("append", "interleave")
+
+
+def memory_order(t: int, m: int, layout: str) -> np.ndarray:
+    """The compressor pass's order of its T document positions (0..T-1) and M memory tokens
+    (T..T+M-1): int[T + M], a static permutation.
+
+    'append' (the published method): the document, then the M memory tokens. 'interleave':
+    memory token j right after the j-th of M equal chunks of the T positions, so each memory
+    token summarises the text just before it, the same local pattern for every j, where
+    appended memory tokens must each learn their own distant span.
+    """
+    if layout == "append":
+        return np.arange(t + m)
+    stride = -(-t // m)
+    order = []
+    for j in range(m):
+        order += list(range(min(j * stride, t), min((j + 1) * stride, t))) + [t + j]
+    return np.asarray(order)
 
 
 class CLaRa(nn.Module):
@@ -61,8 +86,15 @@ class CLaRa(nn.Module):
             [jnp.zeros((b, t, cfg.dim), cfg.compute_dtype),
              jnp.broadcast_to(self.memory_embeddings.astype(cfg.compute_dtype),
                               (b, m, cfg.dim))], axis=1)
+        order = memory_order(t, m, cfg.memory_layout)
+        permuted = cfg.memory_layout != "append"
+        if permuted:
+            full_tokens, full_mask, inject, slots = (
+                x[:, order] for x in (full_tokens, full_mask, inject, slots))
         _, hidden, _ = self.decoder(full_tokens, full_mask, inject, slots, adapter=adapter,
                                     deterministic=deterministic, return_logits=False)
+        if permuted:
+            hidden = hidden[:, np.argsort(order)]  # back to documents first, then memory
         memory_hidden = hidden[:, t:]
         latents = self.latent_down(memory_hidden) if cfg.projects_latents else memory_hidden
         if not with_means:
@@ -93,7 +125,8 @@ class CLaRa(nn.Module):
         inject = jnp.take_along_axis(flat, index[..., None], axis=1)
         logits, _, new_cache = self.decoder(tokens, mask, inject, slot_mask, cache=cache,
                                             adapter="generator", deterministic=deterministic,
-                                            last_logits_only=last_logits_only)
+                                            last_logits_only=last_logits_only,
+                                            inject_span=cfg.latent_span)
         return logits, new_cache
 
     def as_inputs(self, latents):

@@ -19,6 +19,8 @@ class ModelConfig:
     mlp_dim: int  # F
     num_memory_tokens: int  # M
     latent_dim: int = 0  # L; 0 means L = D (no projection)
+    memory_layout: str = "append"  # where the compressor's memory tokens sit (clara.memory_order)
+    latent_span: int = 1  # RoPE positions one latent slot takes in the generator's prompt
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
@@ -65,6 +67,9 @@ class ModelConfig:
             vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim,
             num_memory_tokens=m.num_memory_tokens, latent_dim=m.latent_dim,
+            memory_layout=m.memory_layout,
+            latent_span=(int(config.data.compression_rate)
+                         if m.latent_positions == "spread" else 1),
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
             tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
             remat=m.remat, dtype=m.dtype, init_std=float(m.init_std),

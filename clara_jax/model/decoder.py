@@ -59,18 +59,21 @@ def _block_class(cfg: ModelConfig):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache for `batch` rows of up to `max_len` tokens.
 
-    {'k','v': float[layers, B, S, G, H], 'valid': bool[B, S], 'index': int32[]}
+    {'k','v': float[layers, B, S, G, H], 'valid': bool[B, S], 'index': int32[],
+     'next_position': int32[B] (the RoPE position the row's next token gets)}
     """
     dtype = cfg.compute_dtype if dtype is None else dtype
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
+            "next_position": jnp.zeros((batch,), jnp.int32)}
 
 
 class Decoder(nn.Module):
     """tokens: int32[B, T]; mask: bool[B, T] (False = padding);
     inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
-    cache: from `init_cache` or None. Returns (logits float32[B, T, V] (float32[B, 1, V] with
+    each injected position takes `inject_span` RoPE positions (a latent standing for that many
+    tokens of text), every other valid token one; cache: from `init_cache` or None. Returns (logits float32[B, T, V] (float32[B, 1, V] with
     `last_logits_only`) or None, hidden float[B, T, D] after the final norm, new cache or
     None).
     """
@@ -80,7 +83,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, mask=None, inject=None, inject_mask=None, cache=None,
                  adapter: str | None = None, deterministic: bool = True,
-                 return_logits: bool = True, last_logits_only: bool = False):
+                 return_logits: bool = True, last_logits_only: bool = False,
+                 inject_span: int = 1):
         cfg = self.cfg
         b, t = tokens.shape
         if mask is None:
@@ -99,11 +103,14 @@ class Decoder(nn.Module):
             write_index = jnp.zeros((), jnp.int32)
             key_valid = mask
         else:
-            seen = jnp.sum(cache["valid"], axis=1, dtype=jnp.int32)
+            seen = cache["next_position"]
             write_index = cache["index"]
             key_valid = lax.dynamic_update_slice(cache["valid"], mask, (0, write_index))
-        positions = seen[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
-        positions = jnp.maximum(positions, 0)
+        width = mask.astype(jnp.int32)
+        if inject_span != 1 and inject_mask is not None:
+            width = jnp.where(inject_mask & mask, inject_span, width)
+        ends = jnp.cumsum(width, axis=1, dtype=jnp.int32)
+        positions = jnp.maximum(seen[:, None] + ends - width, 0)
         attn_mask = attention_mask(key_valid, write_index, t)
 
         block = _block_class(cfg)
@@ -124,7 +131,8 @@ class Decoder(nn.Module):
         hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
         new_cache = None
         if cache is not None:
-            new_cache = {"k": kv[0], "v": kv[1], "valid": key_valid, "index": write_index + t}
+            new_cache = {"k": kv[0], "v": kv[1], "valid": key_valid, "index": write_index + t,
+                         "next_position": seen + ends[:, -1]}
         if not return_logits:
             return None, hidden, new_cache
         # Generation's prefill needs only the next-token distribution, not [B, T, V].
