@@ -7,7 +7,8 @@
       clara_tokenizer.json  the special-token ids (clara_jax.data.tokenizer format)
       hf_config.json        the source config.json, the template for `to-hf`
       hf_files/             other files of the source kept for `to-hf` (generation_config.json,
-                            tokenizer_config.json, special_tokens_map.json, tokenizer.model)
+                            tokenizer_config.json, special_tokens_map.json, tokenizer.model,
+                            chat_template.jinja)
 
 The training code will own a checkpoint module (orbax CheckpointManager); until then this is
 the one place that reads and writes this layout.
@@ -37,7 +38,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # Files of a Hugging Face directory that are neither weights nor config.json but belong with
 # the model; carried through from-hf and back out by to-hf.
 HF_EXTRA_FILES = ("generation_config.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "tokenizer.model")
+                  "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:

@@ -502,7 +502,7 @@ def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "fl
         tok_config.pop("added_tokens_decoder", None)  # tokenizer.json lists them all
         (base_tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         extra = {p.name: p for p in sorted(base_tmp.iterdir())}
-        for name in ("generation_config.json", "special_tokens_map.json"):
+        for name in ("generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (src / bundle.HF_FILES_DIR / name).exists():
                 extra[name] = src / bundle.HF_FILES_DIR / name
         template = None
