@@ -416,7 +416,7 @@ def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "fl
 
     start = time.perf_counter()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    cfg, params = bundle.load_params(src)
+    cfg = bundle.read_model_config(src)  # checked before the params are read
     where = src / bundle.MODEL_CONFIG_FILE
     if cfg.projects_latents:
         raise hf.ConversionError(f"{where}: field 'latent_dim'={cfg.latent_dim}: the reference "
@@ -434,6 +434,7 @@ def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "fl
                                  f"reference holds {list(ours)} (compressor and generator "
                                  "required)")
     tok, tok_dir = _load_tokenizer(src)
+    cfg, params = bundle.load_params(src, cfg)
     if tok.kind != "hf":
         raise hf.ConversionError(f"{tok_dir}: a {tok.kind} tokenizer; the reference rebuilds "
                                  "its tokenizer from a Hugging Face tokenizer.json")
