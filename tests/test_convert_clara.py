@@ -67,7 +67,7 @@ def test_parity_with_the_reference(converted, reference):
     reasoner's latents, and the generator's logits on the prompt holding those latents."""
     _, summary, cfg, params, tok = converted
     ref, meta = reference
-    length = summary["data_config"]["data.doc_max_len"]
+    length = summary["data_config"]["data.doc_max_len"]  # 40: the fixture's texts fit
     m = cfg.num_memory_tokens
     tokens, mask = _framed(tok, meta["documents"], length)
     for i in range(len(meta["documents"])):  # our framing is the reference's, left-padded

@@ -4,7 +4,8 @@ from-hf: a Hugging Face Llama / Mistral / Qwen2 directory (config.json + safeten
 sharded) -> DST with orbax params, model_config.json and the tokenizer with the CLaRa special
 tokens (layout: clara_jax/convert/bundle.py). The fields a checkpoint does not have (M, latent
 width, LoRA, layer scan) come from `--config=configs/...py` (whose model shapes must then equal
-the checkpoint's) and/or `--set field=value`.
+the checkpoint's) and/or `--set field=value`; from-clara takes from them only what the
+reference checkpoint does not fix (layer scan, remat, dtype, max_len, LoRA dropout).
 
 to-hf: such a DST back to a Hugging Face directory (the base decoder; adapters are not part of
 it).
@@ -139,9 +140,14 @@ def _run(direction: str, src: str, dst: str) -> dict:
     elif direction == "from-clara":
         from clara_jax.convert import clara
 
+        overrides = {}
+        if FLAGS.config is not None:  # its run settings; the shapes come from the checkpoint
+            overrides, _ = overrides_from_config(FLAGS.config)
+            overrides = {k: v for k, v in overrides.items() if k not in clara.FIXED}
+        overrides.update(parse_overrides(FLAGS.set))
         summary = clara.from_clara(src, dst, base=FLAGS.base, seed=FLAGS.seed,
                                    param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
-                                   progress=FLAGS.progress, **parse_overrides(FLAGS.set))
+                                   progress=FLAGS.progress, **overrides)
     elif direction == "to-clara":
         from clara_jax.convert import clara
 

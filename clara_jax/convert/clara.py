@@ -374,7 +374,10 @@ def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, see
             "num_memory_tokens": m, "compression_rate": config["compr_rate"],
             "doc_max_length": config["doc_max_length"],
             "reference_vocab_size": ref_vocab, "vocab_size": cfg.vocab_size,
-            "data_config": {"data.doc_max_len": config["doc_max_length"] + 3,
+            # The same M; this project's doc_max_len counts the <ENC> BOS .. EOS framing, so
+            # its documents hold 3 text tokens fewer than the reference's.
+            "data_config": {"data.doc_max_len": config["doc_max_length"],
+                            "data.compression_rate": config["compr_rate"],
                             "data.num_docs": config.get("generation_top_k")},
             "notes": notes, "seconds": round(time.perf_counter() - start, 3),
             "model_config": bundle.model_config_to_dict(cfg)}
