@@ -18,7 +18,8 @@ from clara_jax import distributed
 COMMANDS = {
     "ask": "Answer questions from a latent index (latent / text / closed-book RAG) as JSONL.",
     "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
-    "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST).",
+    "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST); "
+               "reference CLaRa models in (from-clara) and out (to-clara).",
     "demo": "Compress documents and run the generator end to end on a config.",
     "eval": "Batch evaluation (EM, F1, cover-EM, Recall@k, ms per stage) of a QA file or world.",
     "export": "A self-contained serving bundle (params, tokenizer, config, index) for ask.",

@@ -4,14 +4,24 @@ from-hf: a Hugging Face Llama / Mistral / Qwen2 directory (config.json + safeten
 sharded) -> DST with orbax params, model_config.json and the tokenizer with the CLaRa special
 tokens (layout: clara_jax/convert/bundle.py). The fields a checkpoint does not have (M, latent
 width, LoRA, layer scan) come from `--config=configs/...py` (whose model shapes must then equal
-the checkpoint's) and/or `--set field=value`.
+the checkpoint's) and/or `--set field=value`; from-clara takes from them only what the
+reference checkpoint does not fix (layer scan, remat, dtype, max_len, LoRA dropout).
 
 to-hf: such a DST back to a Hugging Face directory (the base decoder; adapters are not part of
-it). Prints one JSON summary line.
+it).
+
+from-clara: a model saved by the reference implementation (apple/ml-clara: config.json,
+adapters.pth, decoder_first_last_layers.pth) with its base decoder (`--base`, else config.json's
+decoder_model_name as a local directory) -> DST as from-hf writes it, adapters and memory tokens
+included (clara_jax/convert/clara.py). to-clara: such a DST back to the reference's layout,
+with the base decoder in DST/decoder. Each prints one JSON summary line.
 
     clara convert from-hf ~/Mistral-7B-Instruct-v0.2 runs/mistral \\
         --config=configs/mistral_7b.py:compression=16 --param_dtype=bfloat16
     clara convert to-hf runs/mistral runs/mistral_hf --dtype=bfloat16
+    clara convert from-clara ~/CLaRa-7B-E2E/compression-16 runs/clara7b \\
+        --base=~/Mistral-7B-Instruct-v0.2 --param_dtype=bfloat16
+    clara convert to-clara runs/clara7b runs/clara7b_ref --dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -30,21 +40,26 @@ from clara_jax.model import ModelConfig
 define_config_flag()
 flags.DEFINE_multi_string("set", [], "ModelConfig override field=value for from-hf, e.g. "
                           "--set num_memory_tokens=8 --set scan_layers=True (repeatable).")
-flags.DEFINE_integer("seed", 0, "from-hf: RNG seed of the adapters, memory embeddings and "
-                     "latent projections.")
+flags.DEFINE_integer("seed", 0, "from-hf, from-clara: RNG seed of the parts the source lacks "
+                     "(adapters, memory embeddings, latent projections).")
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
-                  "from-hf: dtype of the stored base decoder weights.")
+                  "from-hf, from-clara: dtype of the stored base decoder weights.")
 flags.DEFINE_bool("tokenizer", True, "from-hf: convert SRC/tokenizer.json too (required "
                   "unless --notokenizer).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                  "to-hf: dtype of the written safetensors.")
+                  "to-hf, to-clara: dtype of the written weights.")
 flags.DEFINE_string("max_shard_size", "5GB", "to-hf: largest shard, e.g. 5GB, 500MB, 40KB or "
                     "a byte count.")
+flags.DEFINE_string("base", None, "from-clara: the base decoder's Hugging Face directory "
+                    "(default: the source config's decoder_model_name, if a local directory).")
+flags.DEFINE_integer("doc_max_length", None, "to-clara: the reference's doc_max_length (a "
+                     "multiple of M; default the source's clara_config.json, else 256).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty DST.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 FLAGS = flags.FLAGS
-USAGE = "usage: clara convert from-hf SRC DST [--flags] | clara convert to-hf SRC DST [--flags]"
+DIRECTIONS = ("from-hf", "to-hf", "from-clara", "to-clara")
+USAGE = f"usage: clara convert {{{'|'.join(DIRECTIONS)}}} SRC DST [--flags]"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
 
@@ -90,11 +105,12 @@ def check_shapes_match(cfg: ModelConfig, exp: ModelConfig) -> None:
 
 def main(argv) -> None:
     args = argv[1:]
-    if len(args) != 3 or args[0] not in ("from-hf", "to-hf"):
+    if len(args) != 3 or args[0] not in DIRECTIONS:
         raise SystemExit(f"{USAGE}\n(got {args})")
     direction, src, dst = args
     from absl import logging
 
+    from clara_jax.convert.pth import PthError
     from clara_jax.data.tokenizer import TokenizerError
 
     if not FLAGS["verbosity"].present:
@@ -102,7 +118,7 @@ def main(argv) -> None:
 
     try:
         summary = _run(direction, src, dst)
-    except (hf.ConversionError, TokenizerError, flags.IllegalFlagValueError) as e:
+    except (hf.ConversionError, PthError, TokenizerError, flags.IllegalFlagValueError) as e:
         raise SystemExit(f"clara convert {direction}: {e}") from None
     print(json.dumps(summary))
 
@@ -121,6 +137,23 @@ def _run(direction: str, src: str, dst: str) -> dict:
         if exp is not None and exp.vocab_size != summary["vocab_size"]:
             summary["note"] = (f"the converted vocabulary has {summary['vocab_size']} ids; train "
                                f"with --config.model.vocab_size={summary['vocab_size']}")
+    elif direction == "from-clara":
+        from clara_jax.convert import clara
+
+        overrides = {}
+        if FLAGS.config is not None:  # its run settings; the shapes come from the checkpoint
+            overrides, _ = overrides_from_config(FLAGS.config)
+            overrides = {k: v for k, v in overrides.items() if k not in clara.FIXED}
+        overrides.update(parse_overrides(FLAGS.set))
+        summary = clara.from_clara(src, dst, base=FLAGS.base, seed=FLAGS.seed,
+                                   param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
+                                   progress=FLAGS.progress, **overrides)
+    elif direction == "to-clara":
+        from clara_jax.convert import clara
+
+        summary = clara.to_clara(src, dst, dtype=FLAGS.dtype,
+                                 doc_max_length=FLAGS.doc_max_length,
+                                 overwrite=FLAGS.overwrite, progress=FLAGS.progress)
     else:
         summary = bundle.to_hf(src, dst, dtype=FLAGS.dtype,
                                max_shard_bytes=parse_size(FLAGS.max_shard_size),

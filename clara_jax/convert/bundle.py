@@ -7,7 +7,8 @@
       clara_tokenizer.json  the special-token ids (clara_jax.data.tokenizer format)
       hf_config.json        the source config.json, the template for `to-hf`
       hf_files/             other files of the source kept for `to-hf` (generation_config.json,
-                            tokenizer_config.json, special_tokens_map.json, tokenizer.model)
+                            tokenizer_config.json, special_tokens_map.json, tokenizer.model,
+                            chat_template.jinja)
 
 The training code will own a checkpoint module (orbax CheckpointManager); until then this is
 the one place that reads and writes this layout.
@@ -37,7 +38,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # Files of a Hugging Face directory that are neither weights nor config.json but belong with
 # the model; carried through from-hf and back out by to-hf.
 HF_EXTRA_FILES = ("generation_config.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "tokenizer.model")
+                  "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
@@ -74,7 +75,7 @@ def read_model_config(src: str | os.PathLike) -> ModelConfig:
     return model_config_from_dict(d, str(file))
 
 
-def _fresh_tmp(dst: Path, overwrite: bool) -> Path:
+def fresh_tmp(dst: Path, overwrite: bool) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise hf.ConversionError(f"{dst}: exists and is not empty (pass --overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,23 @@ def load_params(src: str | os.PathLike, cfg: ModelConfig | None = None, sharding
     return cfg, params
 
 
+def write_contents(directory: Path, cfg: ModelConfig, params, hf_config: dict, tok,
+                   extra_dirs: list[Path]) -> None:
+    """Writes a converted directory's files (layout in the module doc) into `directory`.
+    HF_EXTRA_FILES are copied from the first of `extra_dirs` that holds each."""
+    _save_params(directory / PARAMS_DIR, params)
+    (directory / MODEL_CONFIG_FILE).write_text(
+        json.dumps(model_config_to_dict(cfg), indent=2) + "\n")
+    (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tok is not None:
+        tok.save(directory)
+    for name in HF_EXTRA_FILES:
+        found = next((d / name for d in extra_dirs if (d / name).exists()), None)
+        if found is not None:
+            (directory / HF_FILES_DIR).mkdir(exist_ok=True)
+            shutil.copy2(found, directory / HF_FILES_DIR / name)
+
+
 def from_hf(src: str | os.PathLike, dst: str | os.PathLike, *, tokenizer: bool = True,
             seed: int = 0, param_dtype: str = "float32", overwrite: bool = False,
             progress: bool = True, **overrides) -> dict:
@@ -138,22 +156,11 @@ def from_hf(src: str | os.PathLike, dst: str | os.PathLike, *, tokenizer: bool =
                                      "--notokenizer to convert the weights alone)")
         tok = HFTokenizer.from_file(src, cfg0.num_memory_tokens)
         min_vocab = tok.vocab_size
-    tmp = _fresh_tmp(dst, overwrite)
+    tmp = fresh_tmp(dst, overwrite)
     try:
         cfg, params = hf.load(src, min_vocab_size=min_vocab, seed=seed,
                               param_dtype=param_dtype, progress=progress, **overrides)
-        _save_params(tmp / PARAMS_DIR, params)
-        del params
-        (tmp / MODEL_CONFIG_FILE).write_text(
-            json.dumps(model_config_to_dict(cfg), indent=2) + "\n")
-        (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        if tok is not None:
-            tok.save(tmp)
-        extras = [name for name in HF_EXTRA_FILES if (src / name).exists()]
-        if extras:
-            (tmp / HF_FILES_DIR).mkdir()
-            for name in extras:
-                shutil.copy2(src / name, tmp / HF_FILES_DIR / name)
+        write_contents(tmp, cfg, params, hf_config, tok, [src])
         replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

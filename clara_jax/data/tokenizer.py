@@ -255,6 +255,14 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json: {e}") from e
         config_path = path.parent / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        return cls.from_raw(raw, config, num_memory_tokens, bos, eos, pad, where=path)
+
+    @classmethod
+    def from_raw(cls, raw, config: dict, num_memory_tokens: int, bos: str | None = None,
+                 eos: str | None = None, pad: str | None = None,
+                 where: str | os.PathLike = HF_FILE) -> HFTokenizer:
+        """A loaded `tokenizers.Tokenizer` with its `tokenizer_config.json` dict (special-token
+        names as in `from_file`); `where` names the file in errors."""
         vocab = raw.get_vocab(with_added_tokens=True)
 
         def pick(given, key, candidates, default):
@@ -266,7 +274,7 @@ class HFTokenizer(Tokenizer):
         bos = pick(bos, "bos_token", cls.BOS_CANDIDATES, None)
         eos = pick(eos, "eos_token", cls.EOS_CANDIDATES, None)
         if bos is None or eos is None:
-            raise TokenizerError(f"{path}: cannot tell the bos/eos tokens; pass bos= and eos=")
+            raise TokenizerError(f"{where}: cannot tell the bos/eos tokens; pass bos= and eos=")
         pad = pick(pad, "pad_token", cls.PAD_CANDIDATES, PAD)
         return cls(raw, bos, eos, pad, num_memory_tokens)
 
