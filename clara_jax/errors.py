@@ -27,6 +27,7 @@ class UserError(ValueError):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a bad input or a fixable fault (reported in one line)."""
     from clara_jax.config import ConfigError
+    from clara_jax.convert.hf import ConversionError
     from clara_jax.data.formats import DataError
     from clara_jax.data.tokenizer import TokenizerError
     from clara_jax.export.bundle import BundleError
@@ -34,10 +35,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from clara_jax.train.checkpoint import CheckpointError
     from clara_jax.workdir import LockError
 
-    return (UserError, ConfigError, DataError, TokenizerError, BundleError, IndexFileError,
-            IndexMismatchError, CheckpointError, LockError, flags.Error, FileExistsError,
-            FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            RecursionError)
+    return (UserError, ConfigError, ConversionError, DataError, TokenizerError, BundleError,
+            IndexFileError, IndexMismatchError, CheckpointError, LockError, flags.Error,
+            FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError, RecursionError)
 
 
 def one_line(e: BaseException) -> str:

@@ -21,6 +21,8 @@ from absl import flags
 from clara_jax.commands.rag_common import (
     InputError,
     build_pipeline,
+    check_out,
+    check_positive,
     define_pipeline_flags,
     error_line,
     load_errors,
@@ -43,6 +45,7 @@ flags.DEFINE_integer("refine_docs", 5, "Documents added on refinement.")
 flags.DEFINE_integer("refine_tokens", 4, "First answer tokens whose entropy is tested.")
 flags.DEFINE_bool("show_docs", False, "Include the supporting documents' audit text.")
 flags.DEFINE_bool("progress", True, "Show a progress bar for --file.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
 
 
 def read_questions(path: str) -> list[dict]:
@@ -84,6 +87,13 @@ def main(argv) -> None:
         if not rows:
             raise InputError('no question: clara ask --checkpoint=DIR --index=IDX "question" '
                              "(or --file=Q.jsonl)")
+        for i, r in enumerate(rows, 1):
+            if not r["question"].strip():
+                raise InputError(f"question {i} is empty")
+        for name in ("num_docs", "max_new_tokens", "batch_size", "refine_docs",
+                     "refine_tokens"):
+            check_positive(name, getattr(fl, name))
+        check_out(fl.out, fl.overwrite, directory=False)
         start = time.perf_counter()
 
         def settings_for(c):

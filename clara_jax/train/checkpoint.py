@@ -31,6 +31,8 @@ from clara_jax.fileio import atomic_write_json, file_manifest, manifest_problem
 from clara_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+# WORKDIR/tokenizer: the run's copy of its data's tokenizer (`pin_tokenizer`).
+TOKENIZER_DIR = "tokenizer"
 MANIFEST_FILE = "clara_manifest.json"
 # Where a training run moves the corrupt steps it skips, so that orbax neither resumes
 # from nor overwrites them and they stay for inspection.
@@ -212,15 +214,15 @@ def restore(manager: ocp.CheckpointManager, abstract: TrainState, shardings,
     return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
 
-def restore_params(source, target_for_stage) -> tuple[dict, dict]:
+def restore_params(source, target_for_stage, step: int | None = None) -> tuple[dict, dict]:
     """Params of the latest checkpoint under `source` (a workdir or its checkpoints dir), for
     starting the next stage (`--init_from`). `target_for_stage(meta)` gives (abstract train
     state, shardings) for the run that wrote the checkpoint, from its metadata (its optimizer
     state's structure depends on the stage). Returns (params on the target shardings, the
-    source's meta)."""
+    source's meta). `step`: default the newest intact step."""
     if not os.path.isdir(source):
         raise CheckpointError(f"--init_from={source}: no such directory")
-    step = intact_step(source_dir(source))
+    step = intact_step(source_dir(source)) if step is None else step
     if step is None:
         raise CheckpointError(f"--init_from={source}: no checkpoint in {source_dir(source)}")
     manager = make_manager(None, read_only=True, async_save=False,
@@ -232,3 +234,25 @@ def restore_params(source, target_for_stage) -> tuple[dict, dict]:
     finally:
         manager.close()
     return state.params, meta
+
+
+def pin_tokenizer(workdir, tokenizer_dir) -> None:
+    """Keeps a copy of the data's tokenizer in WORKDIR/tokenizer, so the run's checkpoints
+    are read with it from any directory; CheckpointError when WORKDIR already holds another
+    tokenizer (its checkpoints were trained on other token ids)."""
+    import tempfile
+
+    from clara_jax.data.tokenizer import saved_digest
+    from clara_jax.fileio import replace_dir
+
+    pinned = Path(workdir) / TOKENIZER_DIR
+    if pinned.is_dir():
+        if saved_digest(pinned) != saved_digest(tokenizer_dir):
+            raise CheckpointError(
+                f"{workdir} was trained with the tokenizer in {pinned}, but {tokenizer_dir} is "
+                "another one (data built with another tokenizer): use the data this run "
+                "started with, or a new --workdir")
+        return
+    tmp = Path(tempfile.mkdtemp(dir=workdir, prefix=f".{TOKENIZER_DIR}.tmp-"))
+    shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
+    replace_dir(tmp, pinned)

@@ -206,10 +206,11 @@ def _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from, ini
 
 def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFactory, *,
           init_from: str | None = None, init_from_hf: str | None = None,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, tokenizer_dir=None) -> RunResult:
     """Runs (or resumes) `train.stage` up to `train.steps`. Raises NonFiniteLossError when a
     step is not finite under nan_policy='stop'; returns status 'preempted' after SIGTERM
-    (with a checkpoint saved)."""
+    (with a checkpoint saved). `tokenizer_dir`: the data's tokenizer, copied into
+    WORKDIR/tokenizer (and a workdir holding another one is refused)."""
     t = config.train
     stage = int(t.stage)
     cfg = ModelConfig.from_config(config)
@@ -223,6 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
         # A corrupt or partial newest step is reported, moved aside and the previous intact
         # step resumed from (before the manager lists the steps).
         ckpt.intact_step(ckpt.checkpoint_dir(workdir), move_bad_to=workdir / ckpt.CORRUPT_DIR)
+        if tokenizer_dir is not None and _is_main():
+            ckpt.pin_tokenizer(workdir, tokenizer_dir)
         loader = loader_factory(config, stage, "train")
         manager = ckpt.make_manager(workdir, keep=int(t.keep_checkpoints))
         meta = {"stage": stage, "train_base": bool(t.train_base), "config": config.to_json()}
