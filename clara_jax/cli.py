@@ -61,6 +61,7 @@ def _forget_commands() -> None:
     owners = [o for o in fl.flags_by_module_dict() if o.startswith("clara_jax")
               or o.startswith("ml_collections")]
     names = {f.name for o in owners for f in fl.flags_by_module_dict()[o]}
+    names |= {n for n in fl if n.startswith("config.")}  # ml_collections' override flags
     for name in names:
         if name in fl:
             delattr(fl, name)
@@ -116,7 +117,13 @@ def run(argv: list[str] | None = None) -> None:
                 raise
             errors.report(f"clara {name}", e, flags.FLAGS.debug)
 
-    app.run(main, argv=[f"clara {name}"] + rest, flags_parser=errors.parse_flags)
+    # ml_collections finds the --config.FIELD overrides in sys.argv, not in the argv parsed.
+    command_argv, saved = [f"clara {name}"] + rest, sys.argv
+    sys.argv = command_argv
+    try:
+        app.run(main, argv=command_argv, flags_parser=errors.parse_flags)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def parse_inputs(spec: str) -> dict[str, str]:
 _WORLD_DERIVED = ("clara_*", "tokenizer", "prepare.json")
 
 
-def _clear_world_out(out) -> None:
+def _clear_world_out(out, dry_run: bool = False) -> None:
     import shutil
     from pathlib import Path
 
@@ -94,6 +94,8 @@ def _clear_world_out(out) -> None:
     if not FLAGS.overwrite:
         raise flags.IllegalFlagValueError(f"--out={out}: exists and is not empty (pass "
                                           "--overwrite to replace the world in it)")
+    if dry_run:
+        return
     for pattern in _WORLD_DERIVED:
         for p in out.glob(pattern):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -104,6 +106,7 @@ def _world() -> int:
 
     out = _require("out")
     config = _config(required=FLAGS.build)
+    _clear_world_out(out, dry_run=True)  # refused before the lock creates --out
     with lock(out, "clara data world"):
         _clear_world_out(out)
         summary = _write_world(out, config)
@@ -130,18 +133,14 @@ def _build() -> int:
     from clara_jax.data import tfds_build
     from clara_jax.data.formats import DataError
     from clara_jax.data.tokenizer import load_or_import_tokenizer
-    from clara_jax.workdir import clean_stale_builds, lock
-
     config = _config(required=True)
     fmt, inputs, out = _require("format"), parse_inputs(_require("input")), _require("out")
     tok = (load_or_import_tokenizer(FLAGS.tokenizer, config.model.num_memory_tokens)
            if FLAGS.tokenizer else None)
     try:
-        with lock(out, "clara data build"):
-            clean_stale_builds(out)
-            summary = tfds_build.build_dataset(fmt, inputs, out, config, tok,
-                                               FLAGS.skip_bad_rows, FLAGS.progress,
-                                               replace_tokenizer=FLAGS.replace_tokenizer)
+        summary = tfds_build.build_dataset(fmt, inputs, out, config, tok, FLAGS.skip_bad_rows,
+                                           FLAGS.progress,
+                                           replace_tokenizer=FLAGS.replace_tokenizer)
     except DataError as e:
         print(f"clara data build: {e}", file=sys.stderr)
         return 1
@@ -186,6 +185,6 @@ def main(argv) -> None:
             raise flags.IllegalFlagValueError(f"unexpected arguments {rest}")
         code = _world() if sub == "world" else _build() if sub == "build" else _check(rest)
     except (flags.IllegalFlagValueError, TokenizerError, ConfigError) as e:
-        print(f"clara data {sub}: {e}\n{USAGE}", file=sys.stderr)
+        print(f"clara data {sub}: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -39,6 +39,7 @@ from clara_jax.data.tokenizer import (
     saved_digest,
     tokenizer_digest,
 )
+from clara_jax.workdir import clean_stale_builds, lock
 
 VERSION = "1.0.0"
 TOKENIZER_DIR = "tokenizer"
@@ -345,8 +346,18 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
     examples = {s: _to_examples(fmt, rows, tokenizer, config, counts)
                 for s, rows in split_rows.items()}
 
-    name = dataset_name(fmt)
     out.mkdir(parents=True, exist_ok=True)
+    # One writer per data dir, and nothing created in OUT before the inputs read cleanly.
+    with lock(out, "clara data build"):
+        clean_stale_builds(out)
+        return _write_build(fmt, inputs, out, config, tokenizer, progress, examples, counts,
+                            split_rows, read_stats, trained, given, start)
+
+
+def _write_build(fmt, inputs, out: Path, config, tokenizer, progress, examples, counts,
+                 split_rows, read_stats, trained, given, start) -> dict:
+    name = dataset_name(fmt)
+    tok_dir = out / TOKENIZER_DIR
     tmp = out / f".{name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     # tfds prints "Downloading and preparing dataset ..." to stdout although nothing is
