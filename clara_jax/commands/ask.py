@@ -73,6 +73,18 @@ def read_questions(path: str) -> list[dict]:
     return out
 
 
+def warn_long_questions(questions: list[str], pipeline) -> None:
+    """Says on stderr how many questions are longer than the model reads (they are cut to
+    data.question_max_len tokens, the length it was trained with)."""
+    qmax = pipeline.question_max_len
+    long = sum(len(ids) > qmax for ids in pipeline.tok.encode_batch(questions))
+    if long:
+        print(f"warning: {long} of {len(questions)} questions are longer than "
+              f"data.question_max_len={qmax} tokens and are cut to it (the checkpoint's "
+              "length; a longer one needs training with a larger --config.data."
+              "question_max_len)", file=sys.stderr)
+
+
 def main(argv) -> None:
     import jax
     from tqdm.auto import tqdm
@@ -103,6 +115,7 @@ def main(argv) -> None:
                         refine_tokens=fl.refine_tokens)
 
         pipeline = build_pipeline(fl, fl.mode != "closed_book", settings_for)
+        warn_long_questions([r["question"] for r in rows], pipeline)
         lines, refined = [], 0
         step = fl.batch_size
         bar = tqdm(total=len(rows), unit="q", desc="ask", disable=not (fl.progress and fl.file),
