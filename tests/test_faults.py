@@ -343,3 +343,43 @@ def test_stale_build_dirs_are_cleaned_and_truncation_is_reported(root, tmp_path)
             "and are split into chunks") in err and "--config.data.doc_max_len" in err
     rc, _, err = clara(*args)  # the same tokenizer again: no refusal
     assert rc == 0, err
+
+
+def test_sigint_saves_a_checkpoint_like_sigterm(root, tmp_path):
+    """Ctrl-C while batch 2 is fetched: the step in flight finishes, is saved (and sealed)
+    and the run reports 'preempted', as with SIGTERM."""
+    import signal
+
+    from clara_jax.train import checkpoint as ckpt
+    from clara_jax.train.loop import train
+    from tests.train_support import SyntheticLoader
+
+    class Interrupted(SyntheticLoader):
+        def __next__(self):
+            if self.index == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().__next__()
+
+    config = _config()
+    config.train.steps = 5
+    config.train.checkpoint_every = 100
+    result = train(config, tmp_path / "run", lambda c, stage, split: Interrupted(c, stage),
+                   progress=False)
+    assert result.status == "preempted" and result.step == 2
+    assert ckpt.step_problem(tmp_path / "run" / "checkpoints" / "2", True) is None
+
+
+def test_checkpoint_reads_its_own_tokenizer_from_any_directory(root, tmp_path):
+    """The run keeps its data's tokenizer in WORKDIR/tokenizer: moved elsewhere and read from
+    another working directory, the checkpoint still has it."""
+    from clara_jax.data.tokenizer import saved_digest, tokenizer_digest
+    from clara_jax.index.model_source import load_checkpoint_model
+
+    shutil.copytree(root / "run", tmp_path / "moved")
+    old = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        loaded = load_checkpoint_model("moved")
+    finally:
+        os.chdir(old)
+    assert tokenizer_digest(loaded.tokenizer) == saved_digest(root / "world" / "tokenizer")
