@@ -3,6 +3,11 @@
 Each command lives in `clara_jax/commands/<name>.py`, defines its absl flags at import and a
 `main(argv)`; only the chosen command's module is imported, so commands never see each other's
 flags. `clara <command> --help` lists a command's flags.
+
+Every command shares three flags: `--debug` (a bad input's traceback instead of its one-line
+message), `--verbose` (library INFO logs, e.g. orbax's per-save lines) and `--config`'s path
+resolution (`clara_jax.commands.common.resolve_config_path`). A bad input or a fault the user
+can fix ends with one line on stderr, `clara <command>: <message>`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -49,7 +54,30 @@ def _command_help(name: str, module) -> str:
     return "\n".join(parts)
 
 
+def _forget_commands() -> None:
+    """Undefines every flag a previously run command (or this module) defined, and forgets
+    those modules, so that `run()` can be called again in the same process with another
+    command (the tests do; two commands define flags of the same name)."""
+    fl = flags.FLAGS
+    owners = [o for o in fl.flags_by_module_dict() if o.startswith("clara_jax")
+              or o.startswith("ml_collections")]
+    names = {f.name for o in owners for f in fl.flags_by_module_dict()[o]}
+    names |= {n for n in fl if n.startswith("config.")}  # ml_collections' override flags
+    for name in names:
+        if name in fl:
+            delattr(fl, name)
+    for mod in [m for m in sys.modules if m.startswith("clara_jax.commands.")]:
+        del sys.modules[mod]
+
+
+def _define_global_flags() -> None:
+    flags.DEFINE_bool("debug", False, "Show the traceback of a bad input instead of one line.")
+    flags.DEFINE_bool("verbose", False, "Show library INFO logs (orbax, absl).")
+
+
 def run(argv: list[str] | None = None) -> None:
+    """Runs `clara ARGV[1] ARGV[2:]`; always ends with SystemExit (status 0 on success, 2 on a
+    bad input, whose one-line message is on stderr)."""
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
@@ -60,19 +88,43 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(2)
     # JAX logs each accelerator backend it fails to find; on a CPU host that is only noise.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    from clara_jax import errors
+
+    debug = "--debug" in argv[2:]
+    try:
+        rest = errors.check_config_args(argv[2:])
+    except Exception as e:
+        if not errors.is_user_error(e):
+            raise
+        errors.report(f"clara {name}", e, debug)
+    _forget_commands()
+    flags.FLAGS.unparse_flags()  # a value from an earlier in-process run must not carry over
     module = importlib.import_module(f"clara_jax.commands.{name}")
     distributed.define_flags()
-    if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
+    _define_global_flags()
+    if any(a in ("-h", "--help", "--helpshort") for a in rest):
         # absl's --help lists the flags of the script's main module only, and ours live in
         # the command modules.
         print(_command_help(name, module))
         sys.exit(0)
 
     def main(command_argv):
-        distributed.initialize()
-        return module.main(command_argv)
+        errors.set_quiet(not flags.FLAGS.verbose)
+        try:
+            distributed.initialize()
+            return module.main(command_argv)
+        except Exception as e:
+            if not errors.is_user_error(e):
+                raise
+            errors.report(f"clara {name}", e, flags.FLAGS.debug)
 
-    app.run(main, argv=[f"clara {name}"] + argv[2:])
+    # ml_collections finds the --config.FIELD overrides in sys.argv, not in the argv parsed.
+    command_argv, saved = [f"clara {name}"] + rest, sys.argv
+    sys.argv = command_argv
+    try:
+        app.run(main, argv=command_argv, flags_parser=errors.parse_flags)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

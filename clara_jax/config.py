@@ -268,6 +268,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(f"mesh.{a}", c.mesh[a], "must be positive, or -1 to fill")
     if len(fills) > 1:
         _fail(f"mesh.{fills[1]}", -1, f"only one mesh axis may be -1 (mesh.{fills[0]} is too)")
+    if c.mesh.data != -1 and c.mesh.fsdp != -1:
+        check_batch_fits_mesh(c, int(c.mesh.data) * int(c.mesh.fsdp))
+
+
+def check_batch_fits_mesh(c: ml_collections.ConfigDict, batch_shards: int) -> None:
+    """Each microbatch (train.batch_size / train.grad_accum rows) is split over the mesh's
+    batch axes (data x fsdp); raises ConfigError unless it divides evenly. Called by
+    `validate` when both axes are given, and with the device count once a -1 axis is
+    filled (the device count is only known after start-up)."""
+    t = c.train
+    micro = int(t.batch_size) // max(int(t.grad_accum), 1)
+    if micro % batch_shards:
+        _fail("train.batch_size", t.batch_size,
+              f"its microbatches of {micro} rows (batch_size / train.grad_accum="
+              f"{t.grad_accum}) must split evenly over the mesh's batch axes, data x fsdp = "
+              f"{batch_shards} devices; use a multiple of {batch_shards * int(t.grad_accum)} "
+              "or set --config.mesh.data / --config.mesh.fsdp")
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,5 +1,6 @@
 """Atomic file writes shared by every room: readers never see a half-written file, and a
-failure leaves the previous file (or nothing) in place.
+failure leaves the previous file (or nothing) in place. And the sha256 manifests that
+checkpoints, bundles and indexes are verified against.
 
 Files get the permissions a plain `open()` would give (0666 less the umask), not the
 owner-only mode of `tempfile.mkstemp`, so indexes, bundles and reports stay readable by the
@@ -8,6 +9,7 @@ other users of a shared cluster filesystem.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -80,3 +82,44 @@ def replace_dir(src, dst) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """{'bytes', 'sha256'} of a file, as stored in manifests."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def file_manifest(directory, *exclude: str) -> dict[str, dict]:
+    """{relative path: file_record} of every file under `directory`, except the top-level
+    names in `exclude` (the manifest itself)."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): file_record(p)
+            for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.relative_to(directory).parts[0] not in exclude}
+
+
+def manifest_problem(directory, manifest: dict[str, dict], *exclude: str) -> str | None:
+    """None when the files under `directory` are exactly `manifest` (from `file_manifest`),
+    else the first difference in words, naming the file."""
+    directory = Path(directory)
+    for rel, rec in manifest.items():
+        f = directory / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            return f"{f}: {size} bytes, its manifest says {rec['bytes']} (truncated or replaced)"
+        if sha256_file(f) != rec["sha256"]:
+            return f"{f}: sha256 differs from its manifest (the file was changed or corrupted)"
+    extra = sorted(set(file_manifest(directory, *exclude)) - set(manifest))
+    if extra:
+        return f"{directory / extra[0]}: not in its manifest (a file was added)"
+    return None

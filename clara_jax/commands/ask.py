@@ -21,6 +21,8 @@ from absl import flags
 from clara_jax.commands.rag_common import (
     InputError,
     build_pipeline,
+    check_out,
+    check_positive,
     define_pipeline_flags,
     error_line,
     load_errors,
@@ -43,6 +45,7 @@ flags.DEFINE_integer("refine_docs", 5, "Documents added on refinement.")
 flags.DEFINE_integer("refine_tokens", 4, "First answer tokens whose entropy is tested.")
 flags.DEFINE_bool("show_docs", False, "Include the supporting documents' audit text.")
 flags.DEFINE_bool("progress", True, "Show a progress bar for --file.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
 
 
 def read_questions(path: str) -> list[dict]:
@@ -70,6 +73,18 @@ def read_questions(path: str) -> list[dict]:
     return out
 
 
+def warn_long_questions(questions: list[str], pipeline) -> None:
+    """Says on stderr how many questions are longer than the model reads (they are cut to
+    data.question_max_len tokens, the length it was trained with)."""
+    qmax = pipeline.question_max_len
+    long = sum(len(ids) > qmax for ids in pipeline.tok.encode_batch(questions))
+    if long:
+        print(f"warning: {long} of {len(questions)} questions are longer than "
+              f"data.question_max_len={qmax} tokens and are cut to it (the checkpoint's "
+              "length; a longer one needs training with a larger --config.data."
+              "question_max_len)", file=sys.stderr)
+
+
 def main(argv) -> None:
     import jax
     from tqdm.auto import tqdm
@@ -84,6 +99,13 @@ def main(argv) -> None:
         if not rows:
             raise InputError('no question: clara ask --checkpoint=DIR --index=IDX "question" '
                              "(or --file=Q.jsonl)")
+        for i, r in enumerate(rows, 1):
+            if not r["question"].strip():
+                raise InputError(f"question {i} is empty")
+        for name in ("num_docs", "max_new_tokens", "batch_size", "refine_docs",
+                     "refine_tokens"):
+            check_positive(name, getattr(fl, name))
+        check_out(fl.out, fl.overwrite, directory=False)
         start = time.perf_counter()
 
         def settings_for(c):
@@ -93,6 +115,7 @@ def main(argv) -> None:
                         refine_tokens=fl.refine_tokens)
 
         pipeline = build_pipeline(fl, fl.mode != "closed_book", settings_for)
+        warn_long_questions([r["question"] for r in rows], pipeline)
         lines, refined = [], 0
         step = fl.batch_size
         bar = tqdm(total=len(rows), unit="q", desc="ask", disable=not (fl.progress and fl.file),

@@ -38,6 +38,10 @@ flags.DEFINE_string("tokenizer", None, "A saved clara tokenizer directory, or a 
                     "tokenizer.json (or its directory) for build (build, check).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip and count bad rows instead of failing.")
 flags.DEFINE_bool("progress", True, "Show TFDS's progress bars while building (world, build).")
+flags.DEFINE_bool("overwrite", False, "world: write into a non-empty --out, removing the "
+                  "datasets and tokenizer built from its previous world.")
+flags.DEFINE_bool("replace_tokenizer", False, "build: use --tokenizer although --out holds "
+                  "another tokenizer (its other datasets must then be rebuilt).")
 
 FLAGS = flags.FLAGS
 USAGE = "usage: clara data world|build|check [--flags]   (clara data --helpfull lists them)"
@@ -67,15 +71,52 @@ def parse_inputs(spec: str) -> dict[str, str]:
         split, sep, path = part.partition("=")
         if not sep or not split or not path:
             raise flags.IllegalFlagValueError(f"--input: cannot parse {part!r} (want split=FILE)")
+        if split.strip() in out:  # a dict would keep only the last file
+            raise flags.IllegalFlagValueError(
+                f"--input: split {split.strip()!r} given twice ({out[split.strip()]} and "
+                f"{path.strip()}); give each split once")
         out[split.strip()] = path.strip()
     return out
 
 
+# What a world's --out holds besides its JSONL files: built from the previous world, so
+# --overwrite removes them rather than leaving them beside the new one.
+_WORLD_DERIVED = ("clara_*", "tokenizer", "prepare.json")
+
+
+def _clear_world_out(out, dry_run: bool = False) -> None:
+    import shutil
+    from pathlib import Path
+
+    out = Path(out)
+    if not out.is_dir() or not any(p for p in out.iterdir() if p.name != ".clara.lock"):
+        return
+    if not FLAGS.overwrite:
+        raise flags.IllegalFlagValueError(f"--out={out}: exists and is not empty (pass "
+                                          "--overwrite to replace the world in it)")
+    if dry_run:
+        return
+    for pattern in _WORLD_DERIVED:
+        for p in out.glob(pattern):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def _world() -> int:
-    from clara_jax.data import prepare, world
+    from clara_jax.workdir import lock
 
     out = _require("out")
     config = _config(required=FLAGS.build)
+    _clear_world_out(out, dry_run=True)  # refused before the lock creates --out
+    with lock(out, "clara data world"):
+        _clear_world_out(out)
+        summary = _write_world(out, config)
+    print(json.dumps(summary))
+    return 0
+
+
+def _write_world(out, config) -> dict:
+    from clara_jax.data import prepare, world
+
     if FLAGS.build:
         summary = prepare.prepare_world(out, config, FLAGS.seed, FLAGS.size,
                                         progress=FLAGS.progress)
@@ -85,25 +126,26 @@ def _world() -> int:
             tok = prepare.world_tokenizer(config, FLAGS.seed, FLAGS.size)
             tok.save(f"{out}/tokenizer")
             summary["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size}
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 def _build() -> int:
     from clara_jax.data import tfds_build
     from clara_jax.data.formats import DataError
     from clara_jax.data.tokenizer import load_or_import_tokenizer
-
     config = _config(required=True)
+    fmt, inputs, out = _require("format"), parse_inputs(_require("input")), _require("out")
     tok = (load_or_import_tokenizer(FLAGS.tokenizer, config.model.num_memory_tokens)
            if FLAGS.tokenizer else None)
     try:
-        summary = tfds_build.build_dataset(_require("format"), parse_inputs(_require("input")),
-                                           _require("out"), config, tok, FLAGS.skip_bad_rows,
-                                           FLAGS.progress)
+        summary = tfds_build.build_dataset(fmt, inputs, out, config, tok, FLAGS.skip_bad_rows,
+                                           FLAGS.progress,
+                                           replace_tokenizer=FLAGS.replace_tokenizer)
     except DataError as e:
         print(f"clara data build: {e}", file=sys.stderr)
         return 1
+    for line in tfds_build.truncation_warnings(summary):
+        print(f"warning: {line}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
@@ -143,6 +185,6 @@ def main(argv) -> None:
             raise flags.IllegalFlagValueError(f"unexpected arguments {rest}")
         code = _world() if sub == "world" else _build() if sub == "build" else _check(rest)
     except (flags.IllegalFlagValueError, TokenizerError, ConfigError) as e:
-        print(f"clara data {sub}: {e}\n{USAGE}", file=sys.stderr)
+        print(f"clara data {sub}: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)

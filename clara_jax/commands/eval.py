@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from clara_jax.commands.rag_common import (
     InputError,
     check_args,
+    check_out,
+    check_positive,
     define_pipeline_flags,
     error_line,
     load_errors,
@@ -43,6 +45,7 @@ flags.DEFINE_integer("limit", None, "Evaluate N rows spread evenly over the file
 flags.DEFINE_bool("warmup", True, "Run the first batch once untimed (compilation).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip rows that fail validation.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier evaluation in --out.")
 
 
 def main(argv) -> None:
@@ -50,8 +53,6 @@ def main(argv) -> None:
     from clara_jax.eval.job import evaluate, load_items, load_pipeline, resolve_data
     from clara_jax.infer.generation import Sampling
 
-    # Orbax logs every save and restore step at INFO; the summary is what matters.
-    logging.set_verbosity(logging.WARNING)
     fl = flags.FLAGS
     try:
         check_args(argv, ("data", "out"))
@@ -59,6 +60,10 @@ def main(argv) -> None:
             raise InputError("give --checkpoint (with --index) or --bundle")
         if fl.checkpoint and fl.mode != "closed_book" and not fl.index:
             raise InputError("--index is required (or use --mode=closed_book)")
+        for name in ("num_docs", "max_new_tokens", "limit", "batch_size"):
+            check_positive(name, getattr(fl, name))
+        check_out(fl.out, fl.overwrite, directory=True,
+                  outputs=("predictions.jsonl", "summary.json", "summary.md"))
         data_file, _ = resolve_data(fl.data, fl.split, fl.format)
         if not data_file.is_file():  # before loading the model
             raise InputError(f"--data: {data_file}: no such file")

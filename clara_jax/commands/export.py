@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 flags.DEFINE_string("checkpoint", None, "Training run (WORKDIR or WORKDIR/checkpoints); the "
                     "latest step is exported.")
@@ -31,8 +31,6 @@ def main(argv) -> None:
     from clara_jax.convert.hf import ConversionError
     from clara_jax.export.bundle import export_bundle
 
-    # Orbax logs every save and restore step at INFO; the summary is what matters.
-    logging.set_verbosity(logging.WARNING)
     fl = flags.FLAGS
     try:
         check_args(argv, ("checkpoint", "out"))

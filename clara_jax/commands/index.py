@@ -86,6 +86,15 @@ def _records(model):
                        skip_bad_rows=FLAGS.skip_bad_rows)
 
 
+def _check_corpus() -> None:
+    """Reads the whole corpus once before the model is loaded, so a bad row or a duplicate
+    id is refused before any document is encoded."""
+    from clara_jax.data.formats import check_unique_ids, iter_jsonl
+
+    check_unique_ids(iter_jsonl(FLAGS.corpus, "corpus", skip_bad_rows=FLAGS.skip_bad_rows),
+                     FLAGS.corpus)
+
+
 def _count_lines(path) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -105,6 +114,7 @@ def build() -> dict:
     if not 0 <= i < n:
         raise flags.IllegalFlagValueError(f"--shard_index={i}: must be in [0, --num_shards={n})")
     out = Path(FLAGS.out) / shard_dir_name(i, n) if n > 1 else Path(FLAGS.out)
+    _check_corpus()
     model = _model()
     records = _records(model)
     if n > 1:
@@ -170,6 +180,7 @@ def add() -> dict:
     from clara_jax.index.corpus import make_tokenize
 
     _require("add", "index", "checkpoint", "corpus")
+    _check_corpus()
     model = _model()
     index = _open_checked(model)
     if not isinstance(index, LatentIndex):

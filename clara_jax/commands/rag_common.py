@@ -19,6 +19,31 @@ def check_args(argv, required: tuple[str, ...]) -> None:
             raise InputError(f"--{name} is required")
 
 
+def check_positive(name: str, value) -> None:
+    """InputError unless the optional integer flag --NAME is unset or positive."""
+    if value is not None and value <= 0:
+        raise InputError(f"--{name}={value}: must be a positive integer")
+
+
+def check_out(path, overwrite: bool, directory: bool, outputs=()) -> None:
+    """InputError before any work when --out would overwrite something: an existing file
+    (or, for a `directory`, one holding any of `outputs`) needs --overwrite, and a file is
+    never replaced by a directory nor a directory by a file."""
+    from pathlib import Path
+
+    if not path:
+        return
+    p = Path(path)
+    if directory and p.exists() and not p.is_dir():
+        raise InputError(f"--out={p}: exists and is a file (--out names a directory)")
+    if not directory and p.is_dir():
+        raise InputError(f"--out={p}: is a directory (--out names a file)")
+    taken = [p] if (not directory and p.exists()) else [p / o for o in outputs
+                                                          if (p / o).exists()]
+    if taken and not overwrite:
+        raise InputError(f"--out={p}: {taken[0]} exists (pass --overwrite to replace it)")
+
+
 def load_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (reported in one line, exit status 2)."""
     from clara_jax.data.tokenizer import TokenizerError

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from absl import flags, logging
+from absl import flags
 
 from clara_jax.commands.common import define_config_flag, load_config
 
@@ -31,11 +32,10 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 def main(argv) -> None:
     del argv
     from clara_jax.data.pipeline import make_loader
+    from clara_jax.data.tfds_build import TOKENIZER_DIR
     from clara_jax.train import checkpoint as ckpt
     from clara_jax.train.loop import NonFiniteLossError, train
 
-    # Orbax logs every save and restore step at INFO; the loop prints what matters.
-    logging.set_verbosity(logging.WARNING)
     fl = flags.FLAGS
     if not fl.workdir:
         raise flags.IllegalFlagValueError("--workdir is required")
@@ -45,14 +45,21 @@ def main(argv) -> None:
         raise flags.IllegalFlagValueError(
             "no data: pass --data_dir=DIR or --config.train.data_dir=DIR (a directory built by "
             "`clara data world` or `clara data build`)")
+    # Absolute, so the checkpoints' config finds the data from any directory.
+    data_dir = str(Path(data_dir).absolute())
     config.train.data_dir = data_dir
+    tok_dir = Path(data_dir) / TOKENIZER_DIR
+    if not (tok_dir / "clara_tokenizer.json").is_file():
+        raise flags.IllegalFlagValueError(
+            f"--data_dir={data_dir}: no tokenizer in {tok_dir} (not a directory built by "
+            "`clara data world --config=...` or `clara data build`)")
 
     def loader_factory(cfg, stage, split):
         return make_loader(cfg, stage, data_dir, split=split)
 
     try:
         result = train(config, fl.workdir, loader_factory, init_from=fl.init_from,
-                       init_from_hf=fl.init_from_hf, progress=fl.progress)
+                       init_from_hf=fl.init_from_hf, progress=fl.progress, tokenizer_dir=tok_dir)
     except (NonFiniteLossError, ckpt.CheckpointError) as err:
         print(f"clara train: {err}", file=sys.stderr)
         sys.exit(1)

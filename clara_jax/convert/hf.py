@@ -24,6 +24,7 @@ RoPE here is the half-split layout HF uses for these families, so q/k need no pe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -335,15 +336,27 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
         return files
     single = path / SINGLE_FILE
     if single.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="numpy") as f:
+        with _safe_open(single, "numpy") as f:
             return {name: single for name in f.keys()}
     others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in
                                                                   path.glob("*.pth"))
     hint = f" (found {others}: PyTorch pickles are not read; save as safetensors)" if others \
         else ""
     raise ConversionError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+@contextlib.contextmanager
+def _safe_open(file: Path, framework: str):
+    """`safetensors.safe_open` whose errors (a truncated or garbled file) are ConversionErrors
+    naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework=framework) as f:
+            yield f
+    except SafetensorError as e:
+        raise ConversionError(f"{file}: not a readable safetensors file ({e}); it is "
+                              "truncated or corrupted") from None
 
 
 def _cpu_device():
@@ -353,7 +366,6 @@ def _cpu_device():
 def _read_tensors(files: dict[str, Path], names: set[str], progress: bool
                   ) -> Iterator[tuple[str, Path, np.ndarray]]:
     """Yields (name, file, array) for `names`, one tensor at a time, file by file."""
-    from safetensors import safe_open
     from tqdm import tqdm
 
     by_file: dict[Path, list[str]] = {}
@@ -364,7 +376,7 @@ def _read_tensors(files: dict[str, Path], names: set[str], progress: bool
     # copy on the host whatever the default backend is.
     with jax.default_device(_cpu_device()):
         for file in sorted(by_file):
-            with safe_open(str(file), framework="flax") as f:
+            with _safe_open(file, "flax") as f:
                 for name in by_file[file]:
                     code = f.get_slice(name).get_dtype()
                     if code not in _ST_DTYPES:

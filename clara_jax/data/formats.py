@@ -200,6 +200,24 @@ PARSERS = {"stage1": parse_stage1, "stage2": parse_stage2, "stage3": parse_stage
            "corpus": parse_corpus}
 
 
+def _check_surrogates(obj, path, line: int, where: str = "") -> None:
+    """DataError naming the field of a string holding a lone surrogate (an escape such as
+    \\ud800 that JSON accepts and no UTF-8 file or tokenizer can hold)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(path, line, where or None, f"lone surrogate "
+                            f"{obj[e.start]!r} at character {e.start}: not valid Unicode"
+                            ) from None
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_surrogates(v, path, line, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_surrogates(v, path, line, f"{where}[{i}]")
+
+
 def iter_jsonl(path: str | os.PathLike, fmt: str, skip_bad_rows: bool = False,
                stats: ReadStats | None = None) -> Iterator[tuple[int, object]]:
     """Yields (line number, parsed row) for each non-blank line of `path` in format `fmt`.
@@ -229,6 +247,11 @@ def iter_jsonl(path: str | os.PathLike, fmt: str, skip_bad_rows: bool = False,
                 except json.JSONDecodeError as e:
                     raise DataError(path, line_no, None,
                                     f"malformed JSON at column {e.colno}: {e.msg}") from None
+                except RecursionError:
+                    raise DataError(path, line_no, None, "JSON nested too deeply to read "
+                                    "(thousands of levels)") from None
+                if "\\ud" in text.lower():  # JSON escapes may spell half a surrogate pair
+                    _check_surrogates(obj, path, line_no)
                 if not isinstance(obj, dict):
                     raise DataError(path, line_no, None,
                                     f"must be a JSON object, got {type(obj).__name__}")
@@ -240,6 +263,17 @@ def iter_jsonl(path: str | os.PathLike, fmt: str, skip_bad_rows: bool = False,
                 continue
             stats.rows += 1
             yield line_no, row
+
+
+def check_unique_ids(rows, path) -> None:
+    """DataError naming both lines when two corpus rows share an id (an index, and the
+    chunk ids `ID#k`, need each id once)."""
+    first: dict[str, int] = {}
+    for line, row in rows:
+        if row.id in first:
+            raise DataError(path, line, "id", f"duplicate id {row.id!r} (first on line "
+                            f"{first[row.id]}); every corpus id must be unique")
+        first[row.id] = line
 
 
 def read_jsonl(path, fmt: str, skip_bad_rows: bool = False

@@ -36,7 +36,10 @@ from clara_jax.data.tokenizer import (
     Tokenizer,
     check_tokenizer_fits,
     load_tokenizer,
+    saved_digest,
+    tokenizer_digest,
 )
+from clara_jax.workdir import clean_stale_builds, lock
 
 VERSION = "1.0.0"
 TOKENIZER_DIR = "tokenizer"
@@ -216,6 +219,30 @@ def token_stats(fmt: str, rows, tok: Tokenizer | None, config=None) -> dict:
     return out
 
 
+# (summary key, what is cut, the config field that sets the length)
+_TRUNCATIONS = (("questions_truncated", "questions", "data.question_max_len"),
+                ("answers_truncated", "answers", "data.answer_max_len"),
+                ("paraphrases_truncated", "paraphrases", "data.paraphrase_max_len"))
+
+
+def truncation_warnings(summary: dict) -> list[str]:
+    """One line per kind of text a build cuts (or, for a corpus, splits) with the count and
+    the flag to raise, from `build_dataset`'s summary; the summary alone is easy to miss."""
+    out = []
+    for split, s in summary["splits"].items():
+        for key, what, field in _TRUNCATIONS:
+            if s.get(key):
+                out.append(f"split {split}: {s[key]} {what} are longer than {field} and will be "
+                           f"cut (raise --config.{field})")
+        docs = s.get("docs_over_doc_max_len")
+        if docs:
+            fate = ("split into chunks of data.doc_max_len tokens" if summary["format"] ==
+                    "corpus" else "cut to data.doc_max_len tokens")
+            out.append(f"split {split}: {docs} of {s['unique_docs']} documents are longer than "
+                       f"data.doc_max_len and are {fate} (raise --config.data.doc_max_len)")
+    return out
+
+
 def _doc_count_issues(fmt: str, rows, config) -> dict:
     """Rows whose document count differs from what a batch takes (counted, handled in the
     pipeline: stage 1 uses the first document; stages 2/3 keep the gold documents first)."""
@@ -273,10 +300,12 @@ def corpus_texts(rows) -> list[str]:
 
 def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.PathLike,
                   config, tokenizer: Tokenizer | None = None, skip_bad_rows: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, replace_tokenizer: bool = False) -> dict:
     """Builds OUT/clara_<fmt> from {split: jsonl path}; returns the build summary.
 
-    Nothing is written to OUT unless every input reads cleanly (or `skip_bad_rows`). Without
+    Nothing is written to OUT unless every input reads cleanly (or `skip_bad_rows`). A given
+    `tokenizer` that differs from the one already in OUT/tokenizer (OUT's other datasets and
+    the runs trained on them use that one) is refused unless `replace_tokenizer`. Without
     `progress`, TFDS's bars ("Generating splits", "Shuffling") are off for the build; TFDS
     has one switch for the whole process, which is on again afterwards.
     """
@@ -292,13 +321,21 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
         rows = list(formats.iter_jsonl(path, fmt, skip_bad_rows, stats))
         split_rows[split] = _check_doc_counts(fmt, rows, config, path, skip_bad_rows, stats)
         read_stats[split] = stats
+        if fmt == "corpus":
+            formats.check_unique_ids(split_rows[split], path)
     if all(not rows for rows in split_rows.values()):
         raise DataError(next(iter(inputs.values())), 0, None, "no valid rows")
 
     tok_dir = out / TOKENIZER_DIR
     trained, given = False, tokenizer is not None
-    if tokenizer is None and (tok_dir / "clara_tokenizer.json").exists():
+    have_tok = (tok_dir / "clara_tokenizer.json").exists()
+    if tokenizer is None and have_tok:
         tokenizer = load_tokenizer(tok_dir)
+    elif have_tok and not replace_tokenizer and (
+            tokenizer_digest(tokenizer) != saved_digest(tok_dir)):
+        raise DataError(tok_dir, 0, None, "holds another tokenizer, the one this directory's "
+                        "datasets were built with; pass --replace_tokenizer to build with the "
+                        "given one (then rebuild the other datasets here), or use another --out")
     if tokenizer is None:
         train_split = "train" if "train" in split_rows else next(iter(split_rows))
         tokenizer = train_tokenizer_for(corpus_texts(split_rows[train_split]), config)
@@ -309,8 +346,18 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
     examples = {s: _to_examples(fmt, rows, tokenizer, config, counts)
                 for s, rows in split_rows.items()}
 
-    name = dataset_name(fmt)
     out.mkdir(parents=True, exist_ok=True)
+    # One writer per data dir, and nothing created in OUT before the inputs read cleanly.
+    with lock(out, "clara data build"):
+        clean_stale_builds(out)
+        return _write_build(fmt, inputs, out, config, tokenizer, progress, examples, counts,
+                            split_rows, read_stats, trained, given, start)
+
+
+def _write_build(fmt, inputs, out: Path, config, tokenizer, progress, examples, counts,
+                 split_rows, read_stats, trained, given, start) -> dict:
+    name = dataset_name(fmt)
+    tok_dir = out / TOKENIZER_DIR
     tmp = out / f".{name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     # tfds prints "Downloading and preparing dataset ..." to stdout although nothing is

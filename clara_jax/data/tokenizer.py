@@ -316,6 +316,27 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     return tok
 
 
+def saved_digest(directory: str | os.PathLike) -> str:
+    """sha256 over the files of a saved tokenizer directory (names and contents): equal for
+    two saves of the same tokenizer, so data dirs and workdirs can refuse another one."""
+    import hashlib
+
+    from clara_jax.fileio import file_manifest
+
+    files = file_manifest(directory)
+    return hashlib.sha256(json.dumps({k: v["sha256"] for k, v in files.items()},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_digest(tok: Tokenizer) -> str:
+    """`saved_digest` of `tok` as `tok.save` would write it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        return saved_digest(d)
+
+
 def load_or_import_tokenizer(path: str | os.PathLike, num_memory_tokens: int) -> Tokenizer:
     """A saved clara tokenizer directory, or else a Hugging Face `tokenizer.json` (file or its
     directory, e.g. an imported checkpoint's) given the CLaRa specials for M memory tokens."""

@@ -4,7 +4,9 @@
       bundle.json              format, creation time, the model's identity (config hash and
                                compressor-parameter sha256, as in the index), the source
                                checkpoint and step, library versions, and size + sha256 of
-                               every file outside params/ and index/
+                               every file outside index/ (which has its own manifest, and
+                               `clara index add/delete` may change); written last, and every
+                               file is checked against it when the bundle is loaded
       model_config.json        every ModelConfig field (the `clara convert` layout, so
                                `clara_jax.convert.bundle.load_params(BUNDLE)` and
                                `clara convert to-hf BUNDLE OUT` read it too)
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import jax
 import numpy as np
 
 from clara_jax.config import saved_config
-from clara_jax.fileio import read_json, replace_dir
+from clara_jax.fileio import file_manifest, manifest_problem, read_json, replace_dir
 
 FORMAT = "clara_jax.serving_bundle"
 FORMAT_VERSION = 1
@@ -64,14 +65,6 @@ class Bundle:
     model: object
     index_path: Path | None
     meta: dict
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -165,11 +158,7 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
         if index is not None:
             shutil.copytree(index, tmp / INDEX_DIR)
             open_index(tmp / INDEX_DIR, identity=identity)  # the copy opens and matches
-        files = {}
-        for p in sorted(tmp.rglob("*")):
-            rel = p.relative_to(tmp)
-            if p.is_file() and rel.parts[0] not in (PARAMS_DIR, INDEX_DIR):
-                files[str(rel)] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files = file_manifest(tmp, INDEX_DIR, META_FILE)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "identity": identity,
@@ -187,8 +176,9 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
     return meta
 
 
-def read_meta(path) -> dict:
-    """bundle.json of the bundle at `path`, checked for format and files (sizes)."""
+def read_meta(path, verify: bool = True) -> dict:
+    """bundle.json of the bundle at `path`, checked for format and (with `verify`) every file
+    listed against its size and sha256."""
     path = Path(path)
     meta_path = path / META_FILE
     meta = read_json(meta_path, BundleError,
@@ -199,13 +189,17 @@ def read_meta(path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{meta_path}: field 'format_version' is "
                           f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    for name, rec in (meta.get("files") or {}).items():
-        f = path / name
-        if not f.is_file():
-            raise BundleError(f"{f}: missing (listed in {meta_path})")
-        if f.stat().st_size != rec["size"]:
-            raise BundleError(f"{f}: {f.stat().st_size} bytes, {meta_path} says {rec['size']} "
-                              "(truncated or replaced)")
+    # Bundles written before params/ was listed name the size "size" and leave params/ out;
+    # they are checked as far as they list.
+    files = {name: {"bytes": rec.get("bytes", rec.get("size")), "sha256": rec["sha256"]}
+             for name, rec in (meta.get("files") or {}).items()}
+    if verify:
+        excluded = (INDEX_DIR, META_FILE) + (() if any(
+            n.startswith(PARAMS_DIR + "/") for n in files) else (PARAMS_DIR,))
+        problem = manifest_problem(path, files, *excluded)
+        if problem:
+            raise BundleError(f"{problem} (checked against {meta_path}; export the bundle "
+                              "again)")
     return meta
 
 

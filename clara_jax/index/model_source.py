@@ -41,13 +41,13 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
     path = Path(path)
     if not path.is_dir():
         raise ckpt.CheckpointError(f"--checkpoint={path}: no such directory")
+    step = ckpt.intact_step(ckpt.source_dir(path))  # says so when it skips a corrupt one
+    if step is None:
+        raise ckpt.CheckpointError(f"--checkpoint={path}: no checkpoint in "
+                                   f"{ckpt.source_dir(path)}")
     manager = ckpt.make_manager(None, read_only=True, async_save=False,
                                 directory=ckpt.source_dir(path))
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise ckpt.CheckpointError(f"--checkpoint={path}: no checkpoint in "
-                                       f"{ckpt.source_dir(path)}")
         meta = ckpt.read_meta(manager, step)
     finally:
         manager.close()
@@ -64,9 +64,14 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
         a = abstract_state(config, cfg, int(src_meta["stage"]))
         return a, state_shardings(cfg, mesh, a)
 
-    params, _ = ckpt.restore_params(str(path), target)
+    params, _ = ckpt.restore_params(str(path), target, step)
+    pinned = ckpt.source_dir(path).parent / ckpt.TOKENIZER_DIR
     if tokenizer_dir:
         tok = load_tokenizer(tokenizer_dir)
+    elif (pinned / "clara_tokenizer.json").is_file():
+        # The run's own copy (`clara train` keeps one in WORKDIR), so the checkpoint works
+        # from any directory and after its data dir moved.
+        tok = load_tokenizer(pinned)
     else:
         data_dir = config.train.get("data_dir") if "train" in config else None
         if not data_dir:

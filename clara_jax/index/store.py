@@ -20,7 +20,6 @@ most `scale / 2 = max|x| / 254` of its own vector (plus float32 rounding).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from clara_jax import fileio
-from clara_jax.fileio import atomic_write_bytes
+from clara_jax.fileio import atomic_write_bytes, file_record, sha256_file
 
 DTYPES = ("float32", "bfloat16", "int8")
 INT8_MAX = 127.0
@@ -46,19 +45,6 @@ class IndexMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------- file helpers
-
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_record(path: Path) -> dict:
-    """{'bytes', 'sha256'} of a file, as stored in manifests."""
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
 
 def atomic_write_json(path: Path, obj) -> None:
     fileio.atomic_write_json(path, obj, indent=1, sort_keys=True)

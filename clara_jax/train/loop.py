@@ -18,11 +18,13 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +36,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clara_jax.config import ConfigError, check_batch_fits_mesh
 from clara_jax.model import ModelConfig, init_params, logical_specs
 from clara_jax.model.sharding import DEFAULT_RULES, logical_to_shardings, make_mesh
 from clara_jax.train import checkpoint as ckpt
@@ -45,6 +48,7 @@ from clara_jax.train.state import (
     state_shardings,
 )
 from clara_jax.train.steps import compile_train_step, make_eval_step, make_train_step
+from clara_jax.workdir import lock as workdir_lock
 
 # (config, stage, split) -> an iterator of contract batches with get_state()/set_state().
 LoaderFactory = Callable[[ml_collections.ConfigDict, int, str], Iterator[dict]]
@@ -72,7 +76,12 @@ def _say(msg: str) -> None:
 
 
 def make_mesh_from_config(config: ml_collections.ConfigDict):
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    try:
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    except ValueError as e:  # the config's mesh does not fit this host's devices
+        raise ConfigError(f"config.mesh: {e}") from None
+    check_batch_fits_mesh(config, int(mesh.shape["data"]) * int(mesh.shape["fsdp"]))
+    return mesh
 
 
 def per_device_bytes(tree, shardings) -> int:
@@ -132,23 +141,31 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary."""
+    """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves and exits cleanly at the next
+    step boundary. A second Ctrl-C interrupts at once (no save)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested = None  # the name of the signal received
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if _is_main():
+            print(f"{self.requested}: saving a checkpoint at the end of this step (Ctrl-C "
+                  "again to stop without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def _global_batch(batch: dict, shardings: dict) -> dict:
@@ -189,10 +206,11 @@ def _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from, ini
 
 def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFactory, *,
           init_from: str | None = None, init_from_hf: str | None = None,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, tokenizer_dir=None) -> RunResult:
     """Runs (or resumes) `train.stage` up to `train.steps`. Raises NonFiniteLossError when a
     step is not finite under nan_policy='stop'; returns status 'preempted' after SIGTERM
-    (with a checkpoint saved)."""
+    (with a checkpoint saved). `tokenizer_dir`: the data's tokenizer, copied into
+    WORKDIR/tokenizer (and a workdir holding another one is refused)."""
     t = config.train
     stage = int(t.stage)
     cfg = ModelConfig.from_config(config)
@@ -201,15 +219,21 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
     mesh = make_mesh_from_config(config)
     abstract = abstract_state(config, cfg, stage)
     shardings = state_shardings(cfg, mesh, abstract)
-    loader = loader_factory(config, stage, "train")
-    manager = ckpt.make_manager(workdir, keep=int(t.keep_checkpoints))
-    meta = {"stage": stage, "train_base": bool(t.train_base), "config": config.to_json()}
-
-    try:
-        return _train(config, workdir, loader_factory, init_from, init_from_hf, progress,
-                      cfg, mesh, abstract, shardings, manager, loader, meta)
-    finally:
-        manager.close()
+    # One writer per workdir (process 0 holds the lock for a multi-process run).
+    with (workdir_lock(workdir, "clara train") if _is_main() else contextlib.nullcontext()):
+        # A corrupt or partial newest step is reported, moved aside and the previous intact
+        # step resumed from (before the manager lists the steps).
+        ckpt.intact_step(ckpt.checkpoint_dir(workdir), move_bad_to=workdir / ckpt.CORRUPT_DIR)
+        if tokenizer_dir is not None and _is_main():
+            ckpt.pin_tokenizer(workdir, tokenizer_dir)
+        loader = loader_factory(config, stage, "train")
+        manager = ckpt.make_manager(workdir, keep=int(t.keep_checkpoints))
+        meta = {"stage": stage, "train_base": bool(t.train_base), "config": config.to_json()}
+        try:
+            return _train(config, workdir, loader_factory, init_from, init_from_hf, progress,
+                          cfg, mesh, abstract, shardings, manager, loader, meta)
+        finally:
+            manager.close()
 
 
 def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, cfg, mesh,
@@ -269,7 +293,9 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(workdir / "tb"))
     bar = None
-    if progress and _is_main():
+    # A bar only on a terminal; a log file gets one plain line per train.log_every instead.
+    plain = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
+    if progress and not plain and _is_main():
         from tqdm import tqdm
         bar = tqdm(total=int(t.steps), initial=start, desc=f"stage {stage}", unit="step",
                    dynamic_ncols=True)
@@ -325,6 +351,10 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                                 writer.add_scalar(f"train/{k}", v, step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate:,.0f}")
+                    elif plain and log_now:
+                        _say(f"stage {stage} step {step}/{t.steps}: loss {last['loss']:.4f}, "
+                             f"{rate:,.0f} tokens/s")
+                    ckpt.seal(manager)  # the previous save's manifest, once orbax is done
                 if bar is not None:
                     bar.update(1)
                 if t.eval_every and step % t.eval_every == 0:
@@ -338,11 +368,11 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                     ckpt.save(manager, state, loader.get_state(), {**meta, "step": step})
                 if preempt.requested:
                     status = "preempted"
-                    _say(f"SIGTERM: saved step {step} to {ckpt.checkpoint_dir(workdir)}; "
-                         "exiting")
+                    _say(f"{preempt.requested}: saved step {step} to "
+                         f"{ckpt.checkpoint_dir(workdir)}; exiting")
                     break
     finally:
-        manager.wait_until_finished()
+        ckpt.finish(manager)
         if bar is not None:
             bar.close()
         if writer is not None:
