@@ -62,8 +62,8 @@ def copy_batch(tok, docs: np.ndarray, num_memory: int, doc_len: int
     """Stage-1 rows that ask the generator to restate each document.
 
     docs: int32[B, N] -> the stage-1 batch contract (clara_jax.train.steps) with K = 1:
-    doc_tokens/doc_mask [B, 1, doc_len] (framed, right-padded), tokens/mask/slot_mask/targets/loss_mask [B, T] and
-    query fields unused by the copy task.
+    doc_tokens/doc_mask [B, 1, doc_len] (framed, right-padded),
+    tokens/mask/slot_mask/targets/loss_mask [B, T] and query fields unused by the copy task.
     """
     b, n = docs.shape
     question = tok.encode(prompts.PARAPHRASE_QUESTION)

@@ -423,3 +423,49 @@ def test_mistral_7b_parameter_count_without_allocation():
     for adapter in ADAPTERS:
         assert counts[f"adapter:{adapter}"] == 41_943_040
     print("mistral_7b parameter counts:", counts)
+
+
+def test_memory_order_puts_each_memory_token_after_its_chunk():
+    from clara_jax.model.clara import memory_order
+
+    np.testing.assert_array_equal(memory_order(5, 2, "append"), np.arange(7))
+    order = memory_order(7, 3, "interleave")  # chunks of ceil(7 / 3) = 3 positions
+    np.testing.assert_array_equal(order, [0, 1, 2, 7, 3, 4, 5, 8, 6, 9])
+    assert sorted(order.tolist()) == list(range(10))
+
+
+def test_interleaved_memory_sees_only_the_text_before_it(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, memory_layout="interleave")
+    t, m = 16, cfg.num_memory_tokens
+    toks = _tokens(cfg, 1, t)
+    changed = toks.at[0, t - 1].set((toks[0, t - 1] + 1) % cfg.vocab_size)
+    a = compress(cfg, tiny_params, toks, jnp.ones((1, t), bool))
+    b = compress(cfg, tiny_params, changed, jnp.ones((1, t), bool))
+    # Only the last memory token follows the last chunk, so only its latent may change.
+    np.testing.assert_allclose(a[:, :m - 1], b[:, :m - 1], atol=1e-6)
+    assert not np.allclose(a[:, m - 1], b[:, m - 1], atol=1e-6)
+    appended = compress(tiny_cfg, tiny_params, toks, jnp.ones((1, t), bool))
+    assert not np.allclose(a, appended, atol=1e-4)
+
+
+def test_kv_cache_with_spread_latent_positions(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, latent_span=4)
+    p = _with_adapter_b(tiny_params, "generator")
+    m = cfg.num_memory_tokens
+    lat = compress(cfg, p, _tokens(cfg, 2, 8), jnp.ones((2, 8), bool))[:, None]
+    toks = _tokens(cfg, 2, m + 6, seed=5)
+    mask = jnp.ones((2, m + 6), bool)
+    slot = jnp.broadcast_to((jnp.arange(m + 6) >= 1) & (jnp.arange(m + 6) < m + 1), (2, m + 6))
+    full, _ = generate_logits(cfg, p, toks, mask, slot, lat)
+    packed, _ = generate_logits(tiny_cfg, p, toks, mask, slot, lat)
+    assert not np.allclose(full[:, m + 1:], packed[:, m + 1:], atol=1e-4)
+    cache = init_cache(cfg, 2, m + 6)
+    split = m + 2
+    pre, cache = generate_logits(cfg, p, toks[:, :split], mask[:, :split], slot[:, :split],
+                                 lat, cache=cache)
+    np.testing.assert_array_equal(cache["next_position"], [1 + 4 * m + 1] * 2)
+    outs = [pre]
+    for i in range(split, m + 6):
+        out, cache = decode(cfg, p, toks[:, i:i + 1], cache=cache, adapter="generator")
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)

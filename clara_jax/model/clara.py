@@ -22,7 +22,6 @@ from clara_jax.model import sharding as sh
 from clara_jax.model.config import ModelConfig
 from clara_jax.model.decoder import Decoder
 
-
 MEMORY_LAYOUTS = ("append", "interleave")
 
 

@@ -73,8 +73,9 @@ class Decoder(nn.Module):
     """tokens: int32[B, T]; mask: bool[B, T] (False = padding);
     inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
     each injected position takes `inject_span` RoPE positions (a latent standing for that many
-    tokens of text), every other valid token one; cache: from `init_cache` or None. Returns (logits float32[B, T, V] (float32[B, 1, V] with
-    `last_logits_only`) or None, hidden float[B, T, D] after the final norm, new cache or
+    tokens of text), every other valid token one; cache: from `init_cache` or None.
+    Returns (logits float32[B, T, V] (float32[B, 1, V] with `last_logits_only`) or None,
+    hidden float[B, T, D] after the final norm, new cache or
     None).
     """
 
