@@ -160,8 +160,8 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
                           round(acc, 4), **{k: round(v, 4) for k, v in stats.items()}})
             print(json.dumps({"n": n, **curve[-1]}), file=sys.stderr, flush=True)
             for target in TARGETS:
-                if acc >= target and str(target) not in reached:
-                    reached[str(target)] = {"steps": i, "seconds": round(train_seconds, 1)}
+                if acc >= target and target not in reached:
+                    reached[target] = {"steps": i, "seconds": round(train_seconds, 1)}
             if acc >= TARGETS[-1] or time.perf_counter() - start > minutes * 60:
                 break
         t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
             "train_seconds": round(train_seconds, 1),
             "final_token_accuracy": last["token_accuracy"], "shared": last["shared"],
             "mean_cosine": last["mean_cosine"],
-            **{f"to_{int(t * 100)}pct": reached.get(str(t)) for t in TARGETS},
+            **{f"to_{int(t * 100)}pct": reached.get(t) for t in TARGETS},
             "curve": curve}
 
 

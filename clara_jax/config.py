@@ -17,6 +17,8 @@ from clara_jax.data.world import WORLD_SIZES
 ADAPTERS = ("compressor", "query", "generator")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MEMORY_LAYOUTS = ("append", "interleave")
+LATENT_POSITIONS = ("packed", "spread")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -176,10 +178,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("model.latent_dim", m.latent_dim, f"must be in [0, model.dim={m.dim}]")
     if m.remat not in REMAT_POLICIES:
         _fail("model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
-    if m.memory_layout not in ("append", "interleave"):
-        _fail("model.memory_layout", m.memory_layout, "must be 'append' or 'interleave'")
-    if m.latent_positions not in ("packed", "spread"):
-        _fail("model.latent_positions", m.latent_positions, "must be 'packed' or 'spread'")
+    if m.memory_layout not in MEMORY_LAYOUTS:
+        _fail("model.memory_layout", m.memory_layout, f"must be one of {MEMORY_LAYOUTS}")
+    if m.latent_positions not in LATENT_POSITIONS:
+        _fail("model.latent_positions", m.latent_positions, f"must be one of {LATENT_POSITIONS}")
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"must be one of {DTYPES}")
     lo = m.lora

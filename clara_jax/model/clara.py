@@ -22,8 +22,6 @@ from clara_jax.model import sharding as sh
 from clara_jax.model.config import ModelConfig
 from clara_jax.model.decoder import Decoder
 
-MEMORY_LAYOUTS = ("append", "interleave")
-
 
 def memory_order(t: int, m: int, layout: str) -> np.ndarray:
     """The compressor pass's order of its T document positions (0..T-1) and M memory tokens
@@ -85,9 +83,9 @@ class CLaRa(nn.Module):
             [jnp.zeros((b, t, cfg.dim), cfg.compute_dtype),
              jnp.broadcast_to(self.memory_embeddings.astype(cfg.compute_dtype),
                               (b, m, cfg.dim))], axis=1)
-        order = memory_order(t, m, cfg.memory_layout)
         permuted = cfg.memory_layout != "append"
         if permuted:
+            order = memory_order(t, m, cfg.memory_layout)
             full_tokens, full_mask, inject, slots = (
                 x[:, order] for x in (full_tokens, full_mask, inject, slots))
         _, hidden, _ = self.decoder(full_tokens, full_mask, inject, slots, adapter=adapter,

@@ -75,8 +75,7 @@ class Decoder(nn.Module):
     each injected position takes `inject_span` RoPE positions (a latent standing for that many
     tokens of text), every other valid token one; cache: from `init_cache` or None.
     Returns (logits float32[B, T, V] (float32[B, 1, V] with `last_logits_only`) or None,
-    hidden float[B, T, D] after the final norm, new cache or
-    None).
+    hidden float[B, T, D] after the final norm, new cache or None).
     """
 
     cfg: ModelConfig
