@@ -13,7 +13,7 @@ the attribute in a linearly readable form; train accuracy alone can be memorisat
 Prints one JSON object: {checkpoint, probes: {KIND.ATTR: {classes, train_n, train_acc,
 heldout_n, heldout_acc, chance}}}.
 
-Measured (README, "What `make demo` does"): after stage 1 on the medium world, held-out
+Measured (projects/demo/README.md): after stage 1 on the medium world, held-out
 accuracy 0.00-0.14 for the three default attributes at every checkpoint up to 1,000 steps,
 train accuracy 0.93-1.00.
 """

@@ -20,7 +20,7 @@ argmax over the whole answer (`heldout_exact`), and for `fixed` the same on trai
 (`train_exact`). A base that reads answers held-out questions about as well as train ones.
 Prints one JSON object per evaluation; the last line is the summary object.
 
-Measured (README, "What `make demo` does"; demo config, data with the medium train world and the
+Measured (projects/demo/README.md; demo config, data with the medium train world and the
 small held-out world, 256 questions): fixed, heldout_exact 0.8% at 150 steps and 3.1% at
 1,200 (train 5.1%); fresh (medium worlds), 6.3% at 2,000 steps and 4.7% at 2,500 (12 min),
 19.5% at 10,000 (47 min). The fresh runs had a 5% learning-rate warm-up, not 10%.

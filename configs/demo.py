@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
     c.data.question_max_len = 48
     c.data.answer_max_len = 16
     # K = 1: the demo's small generator reads one retrieved document's latents, but given five
-    # it answers from its prior (README, "What `make demo` does"); Recall@5 is still reported.
+    # it answers from its prior (projects/demo/README.md); Recall@5 is still reported.
     c.data.num_docs = 1
     c.data.paraphrase_max_len = 128
     c.train.steps = 300
@@ -38,16 +38,16 @@ def get_config(arg: str = ""):
     c.train.checkpoint_every = 100
     # The compressor learns to match questions to documents in stages 1-2 (held-out Recall@5
     # 0.095 -> 0.38 alone), and answers are swapped in the documents so that the generator
-    # cannot learn the train world by heart (see README, "What `make demo` does").
+    # cannot learn the train world by heart (see projects/demo/README.md).
     c.train.lambda_retrieval = 1.0
     c.data.swap_answers = 1.0
     # Ten times the train documents (1,990), evaluated on the small held-out world: held-out
     # Recall@5 0.43 -> 0.89, demo 5 min 8 s -> 5 min 55 s.
     c.demo.world_size = "medium/small"
     # Stage 1 starts from a model pretrained on 171 generated worlds (none of them the demo's),
-    # clara_jax/assets/demo_base (README, "The pretrained start"); from scratch, even with a
-    # language-model warm-up, the generator learnt the train world by heart and never read
-    # its latents.
+    # clara_jax/assets/demo_base (projects/demo/README.md, "The pretrained start"); from
+    # scratch, even with a language-model warm-up, the generator learnt the train world by
+    # heart and never read its latents.
     c.demo.pretrained = "clara_jax/assets/demo_base"
     c.demo.stage_steps = (120, 60, 30)
     c.demo.stage_lr = (1e-3, 5e-4, 1e-4)

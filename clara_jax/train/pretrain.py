@@ -2,7 +2,7 @@
 
 CLaRa adapts a pretrained LLM. The demo's decoder is small and has no pretrained weights; trained
 from scratch on one fixed world it learns that world by heart instead of reading its latents
-(README, "What `make demo` does"). Here the whole model (base decoder, compressor and generator
+(projects/demo/README.md). Here the whole model (base decoder, compressor and generator
 adapters, memory tokens, latent projections) trains on stage-1 and stage-2 examples of worlds
 generated on the fly, one after another (seeds FIRST_SEED, FIRST_SEED + 1, ...; neither the
 demo's train nor its held-out world is among them). A fact is seen in one world only, so
@@ -337,8 +337,8 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
     docstring); `init_params`: a `save_params` file to continue from (with a new optimizer
     state; give it a `first_seed` past the worlds it saw); `max_steps`: stop there too, if
     sooner; `stages`: the stages whose steps take turns; `focus`, `qa_only`: see
-    `world_batches` (the curriculum that opened the channel for hobbies, README). Returns the
-    summary written to OUT/pretrain.json."""
+    `world_batches` (the curriculum that opened the channel for hobbies,
+    projects/demo/README.md). Returns the summary written to OUT/pretrain.json."""
     from clara_jax.model.sharding import make_mesh
     from clara_jax.train.state import abstract_state, create_state, state_shardings
     from clara_jax.train.steps import (
