@@ -100,6 +100,17 @@ def run(argv: list[str] | None = None) -> None:
     _forget_commands()
     flags.FLAGS.unparse_flags()  # a value from an earlier in-process run must not carry over
     module = importlib.import_module(f"clara_jax.commands.{name}")
+    try:
+        _run_command(name, module, rest)
+    finally:
+        # An in-process caller (a test, a notebook) may import a command module next; the
+        # flags this run defined must not collide with that module's.
+        _forget_commands()
+
+
+def _run_command(name: str, module, rest: list[str]) -> None:
+    from clara_jax import errors
+
     distributed.define_flags()
     _define_global_flags()
     if any(a in ("-h", "--help", "--helpshort") for a in rest):

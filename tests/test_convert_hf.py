@@ -421,9 +421,7 @@ def test_mistral_7b_config_matches_the_checkpoint():
     theirs = hf.model_config_from_hf(hf_config, num_memory_tokens=ours.num_memory_tokens)
     for field in hf.HF_FIELDS + ("max_len",):
         assert getattr(ours, field) == getattr(theirs, field), field
-    from clara_jax.commands.convert import check_shapes_match
-
-    check_shapes_match(theirs, ours)
+    hf.check_shapes_match(theirs, ours)
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -94,15 +94,6 @@ def overrides_from_config(config) -> tuple[dict, ModelConfig]:
     return {k: getattr(exp, k) for k in hf.OVERRIDABLE}, exp
 
 
-def check_shapes_match(cfg: ModelConfig, exp: ModelConfig) -> None:
-    """Refuses a checkpoint whose shapes differ from the experiment config's. The vocabulary
-    is exempt: the converted one grows by the special tokens (reported in the summary)."""
-    bad = [f"config.model.{k}={getattr(exp, k)!r} but the checkpoint has {getattr(cfg, k)!r}"
-           for k in hf.HF_FIELDS if k != "vocab_size" and getattr(cfg, k) != getattr(exp, k)]
-    if bad:
-        raise hf.ConversionError("the checkpoint does not match --config: " + "; ".join(bad))
-
-
 def main(argv) -> None:
     args = argv[1:]
     if len(args) != 3 or args[0] not in DIRECTIONS:
@@ -130,7 +121,7 @@ def _run(direction: str, src: str, dst: str) -> dict:
             overrides, exp = overrides_from_config(FLAGS.config)
         overrides.update(parse_overrides(FLAGS.set))
         if exp is not None:
-            check_shapes_match(hf.model_config_from_hf(hf.read_hf_config(src), **overrides), exp)
+            hf.check_shapes_match(hf.model_config_from_hf(hf.read_hf_config(src), **overrides), exp)
         summary = bundle.from_hf(src, dst, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed,
                                  param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
                                  progress=FLAGS.progress, **overrides)

@@ -196,6 +196,15 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **fields)
 
 
+def check_shapes_match(cfg: ModelConfig, exp: ModelConfig) -> None:
+    """Refuses a checkpoint whose shapes differ from the experiment config's. The vocabulary
+    is exempt: the converted one grows by the special tokens (reported in the summary)."""
+    bad = [f"config.model.{k}={getattr(exp, k)!r} but the checkpoint has {getattr(cfg, k)!r}"
+           for k in HF_FIELDS if k != "vocab_size" and getattr(cfg, k) != getattr(exp, k)]
+    if bad:
+        raise ConversionError("the checkpoint does not match --config: " + "; ".join(bad))
+
+
 def hf_config_from_model_config(cfg: ModelConfig, template: dict | None = None,
                                 model_type: str | None = None,
                                 dtype: str = "float32") -> dict:
