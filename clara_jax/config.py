@@ -80,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     # documents and its target alike, for another answer to the same kind of question
     # (clara_jax.data.pipeline.AnswerSwap), so that it cannot be answered from memory.
     c.data.swap_answers = 0.0
+    # Training split, stages 2-3: the share of examples whose prompt carries the documents'
+    # text in place of their latent slots, framed as the text-RAG baseline's prompt at
+    # inference (prompts.text_generator_example), so that the eval's `text` mode reads a
+    # generator trained on text too; 0 trains on latents only, as published.
+    c.data.text_share = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.stage = 1
@@ -209,8 +214,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("question_max_len", "answer_max_len", "paraphrase_max_len"):
         if d[field] < 2:
             _fail(f"data.{field}", d[field], "must be >= 2")
-    if not 0.0 <= d.swap_answers <= 1.0:
-        _fail("data.swap_answers", d.swap_answers, "must be in [0, 1]")
+    for field in ("swap_answers", "text_share"):
+        if not 0.0 <= d[field] <= 1.0:
+            _fail(f"data.{field}", d[field], "must be in [0, 1]")
     if not 1 <= d.num_docs <= d.num_candidates:
         _fail("data.num_docs", d.num_docs,
               f"must be in [1, data.num_candidates={d.num_candidates}]")

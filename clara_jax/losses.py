@@ -118,7 +118,8 @@ def differentiable_topk(scores, k: int, tau: float, valid=None):
     return jnp.stack(rows, axis=1)
 
 
-def retrieval_alignment_loss(scores, utility, tau: float, align_tau: float = 1.0, valid=None):
+def retrieval_alignment_loss(scores, utility, tau: float, align_tau: float = 1.0, valid=None,
+                             rows=None):
     """KL(target || retriever): pulls the retriever's distribution over candidates toward the
     generator's use of each candidate.
 
@@ -131,7 +132,9 @@ def retrieval_alignment_loss(scores, utility, tau: float, align_tau: float = 1.0
     The utility is standardised per row (so its scale does not depend on the loss's) and
     the target is softmax(u_std / align_tau); gradients reach only the retriever.
 
-    scores, utility: float[B, C]; valid: bool[B, C] -> float32[] (mean over B).
+    scores, utility: float[B, C]; valid: bool[B, C]; rows: bool[B], the rows to count (all by
+    default; a text row, whose generator read no latents, has no utility) -> float32[] (mean
+    over the rows counted, 0 when there are none).
     """
     u = jax.lax.stop_gradient(utility.astype(jnp.float32))
     s = scores.astype(jnp.float32) / tau
@@ -146,7 +149,10 @@ def retrieval_alignment_loss(scores, utility, tau: float, align_tau: float = 1.0
     log_p = jax.nn.log_softmax(jnp.where(valid, s, NEG_INF), axis=-1)
     target = jnp.exp(log_target)
     kl = jnp.sum(jnp.where(valid, target * (log_target - log_p), 0.0), axis=-1)
-    return jnp.mean(kl)
+    if rows is None:
+        return jnp.mean(kl)
+    w_rows = rows.astype(jnp.float32)
+    return jnp.sum(jnp.where(rows, kl, 0.0)) / jnp.maximum(jnp.sum(w_rows), 1.0)
 
 
 def in_batch_info_nce(query_latents, doc_latents, doc_tokens, positive, tau: float):

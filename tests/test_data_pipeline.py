@@ -363,3 +363,101 @@ def test_swapped_answers_are_read_from_the_documents(built, tiny_config):
     held = next(_loader(c, 2, out, split="heldout"))
     assert all(np.array_equal(held[k], v)
                for k, v in next(_loader(tiny_config, 2, out, split="heldout")).items())
+
+
+def _with_text_share(config, share):
+    c = config.copy_and_resolve_references()
+    c.data.text_share = share
+    return c
+
+
+def _contains(row: np.ndarray, ids: np.ndarray) -> bool:
+    return any(np.array_equal(row[i:i + len(ids)], ids) for i in range(len(row) - len(ids) + 1))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_text_share_all_or_none(built, tiny_config, stage):
+    """data.text_share = 1: every training row reads its documents' text (the gold one's
+    among them) in place of latent slots; 0: every row reads latents."""
+    out, _ = built
+    c = tiny_config
+    k, m = c.data.num_docs, c.model.num_memory_tokens
+    text = _with_text_share(c, 1.0)
+    assert prompts.generator_length(text, stage) > prompts.generator_length(c, stage)
+    assert prompts.generator_length(text, 1) == prompts.generator_length(c, 1)
+    latent_rows = _loader(_with_text_share(c, 0.0), stage, out)
+    text_rows = _loader(text, stage, out)
+    docs_key, mask_key = ("doc_tokens", "doc_mask") if stage == 2 else ("cand_tokens",
+                                                                        "cand_mask")
+    for _ in range(3):
+        a, b = next(latent_rows), next(text_rows)
+        assert np.all(a["slot_mask"].sum(1) == k * m)
+        assert not b["slot_mask"].any()
+        assert b["tokens"].shape[1] == prompts.generator_length(text, stage)
+        # The same examples, documents and answers: only the prompt differs.
+        for key in ("query_tokens", "pos_index", docs_key, mask_key):
+            assert np.array_equal(a[key], b[key]), key
+        for i in range(b["tokens"].shape[0]):
+            assert np.array_equal(a["targets"][i][a["loss_mask"][i]],
+                                  b["targets"][i][b["loss_mask"][i]])
+            gold = b[docs_key][i, b["pos_index"][i]][b[mask_key][i, b["pos_index"][i]]]
+            assert _contains(b["tokens"][i][b["mask"][i]], gold[2:-1])  # no <ENC> BOS, EOS
+    # Evaluation batches keep reading latents.
+    held = next(_loader(text, stage, out, split="heldout"))
+    assert np.all(held["slot_mask"].sum(1) == k * m)
+
+
+def test_text_share_half_is_seeded_and_resumable(built, tiny_config):
+    out, _ = built
+    c = _with_text_share(tiny_config, 0.5)
+
+    def text_flags(loader, n=12):
+        return np.concatenate([~next(loader)["slot_mask"].any(1) for _ in range(n)])
+
+    flags = text_flags(_loader(c, 2, out))
+    assert 0.3 < flags.mean() < 0.7, flags.mean()
+    assert np.array_equal(flags, text_flags(_loader(c, 2, out)))
+    assert not np.array_equal(flags, text_flags(_loader(c, 2, out, seed=5)))
+    it = _loader(c, 2, out)
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(2)]
+    resumed = _loader(c, 2, out)
+    resumed.set_state(json.loads(json.dumps(state)))
+    for w in want:
+        got = next(resumed)
+        assert all(np.array_equal(got[key], w[key]) for key in w)
+    # The choice follows the global index: two processes see the rows of one.
+    single = _loader(c, 2, out)
+    halves = [_loader(c, 2, out, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(3):
+        rows = lambda b: {t.tobytes() for t in b["tokens"]}  # noqa: E731
+        assert rows(next(single)) == rows(next(halves[0])) | rows(next(halves[1]))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_text_rows_prompt_is_the_text_rag_prompt(built, tiny_config, stage):
+    """A text row's prompt is what the eval's text-RAG mode builds for the same question and
+    documents (`prompts.text_rag_prompt`, each document cut to what the compressor reads)."""
+    out, _ = built
+    c = _with_text_share(tiny_config, 1.0)
+    tok = pipeline.load_data_tokenizer(out)
+    feat = featurize.Featurizer.from_config(tok, c, stage)
+    source = tfds_build.data_source(f"stage{stage}", out, "train")
+    for i in range(8):
+        ex = dict(source[i], **{featurize.TEXT_PROMPT_KEY: True})
+        row = feat(ex)
+        start = int(np.argmax(row["loss_mask"])) + 1  # the answer's first target follows it
+        docs = featurize.as_texts(ex["docs"])
+        pos = [int(p) for p in np.asarray(ex["pos_index"]).reshape(-1)]
+        keep, _ = featurize.select_docs(len(docs), pos, c.data.num_docs)
+        want = prompts.text_rag_prompt(tok, featurize.as_text(ex["question"]),
+                                       [docs[j] for j in keep],
+                                       prompts.text_doc_room(c.data.doc_max_len),
+                                       c.data.question_max_len)
+        assert np.array_equal(row["tokens"][:start], want)
+        assert not row["slot_mask"].any() and np.all(row["mask"][:start])
+        latent = feat(dict(source[i]))  # unmarked: a latent row, the same answer
+        assert np.array_equal(latent["targets"][latent["loss_mask"]],
+                              row["targets"][row["loss_mask"]])

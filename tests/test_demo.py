@@ -17,7 +17,8 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
     cmd = [sys.executable, "-m", "clara_jax.cli", "demo", "--config=configs/tiny.py",
            f"--workdir={tmp_path}", "--progress=false", "--config.demo.stage_steps=(2,2,2)",
            "--config.demo.eval_questions=12", "--config.demo.eval_batch_size=4",
-           "--config.train.log_every=1", "--config.demo.warmup_steps=3"]
+           "--config.train.log_every=1", "--config.demo.warmup_steps=3",
+           "--config.data.text_share=0.5"]  # text rows in stages 2-3, as configs/demo.py has
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
 

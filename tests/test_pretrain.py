@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clara_jax.config import load_config_file
-from clara_jax.data import prepare, world
+from clara_jax.data import prepare, prompts, world
 from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.model import ModelConfig, init_params
@@ -134,6 +134,23 @@ def test_stage_examples_are_every_question_and_paraphrase_of_the_world():
     assert len(two) == 50 and all(len(e["docs"]) == world.STAGE2_DOCS for e in two)
     # The demo's worlds (seed 0) and the evaluation world are never in the stream.
     assert pretrain.FIRST_SEED > max(0, pretrain.EVAL_SEED)
+
+
+def test_pretraining_rows_read_latents_whatever_the_text_share(tiny_config, tmp_path):
+    """data.text_share is for stages 2-3 of a run: the pretraining stream trains the channel
+    through the latents, so its stage-2 rows all have slots and T is that of latent rows."""
+    c = tiny_config.copy_and_resolve_references()
+    c.data.text_share = 0.5
+    p = pretrain.pretrain_config(c, 8, 1e-3, 0.25, 10)
+    assert p.data.text_share == 0.0 and c.data.text_share == 0.5
+    tok = prepare.world_tokenizer(tiny_config, 0, "small")
+    fields = pretrain.featurizer_fields(tok, p, 2)
+    assert fields["gen_len"] == prompts.generator_length(tiny_config, 2)
+    feat = Featurizer(tok=tok, **fields)
+    w = world.make_world(pretrain.FIRST_SEED, "small", "train")
+    m, k = tiny_config.model.num_memory_tokens, tiny_config.data.num_docs
+    assert all(feat(e)["slot_mask"].sum() == k * m
+               for e in pretrain.stage_examples(w, 2, limit=20))
 
 
 def test_the_shipped_demo_start_fits_the_demo_config():

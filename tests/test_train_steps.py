@@ -117,3 +117,32 @@ def test_nonfinite_step_is_skipped(tiny_config, tiny_cfg):
     assert float(m["nonfinite"]) == 1.0 and int(state.step) == 1
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_text_rows_mixed_with_latent_rows(tiny_config, tiny_cfg, stage):
+    """data.text_share: rows with the documents' text in place of their slots train the
+    generator beside latent rows; in stage 3 the alignment loss skips them (their generator read
+    no latents), so a batch of text rows alone has none."""
+    c = _overfit_config(tiny_config, **({"lambda_align": 0.5} if stage == 3 else {}))
+    c.data.text_share = 0.5
+    config, state, step = _setup(c, tiny_cfg, stage)
+    batch = next(SyntheticLoader(config, stage, fixed=True))
+    has_slots = batch["slot_mask"].any(axis=1)
+    assert has_slots.any() and not has_slots.all()
+    first = None
+    for i in range(25):
+        state, m = step(state, batch, rng_for_step(state.rng, i))
+        assert all(np.isfinite(float(v)) for v in m.values()), m
+        first = m if first is None else first
+    assert float(m["nonfinite"]) == 0.0
+    assert float(m["ce"]) < float(first["ce"]) - 0.5, (first, m)
+    if stage == 3:
+        assert float(m["align"]) < float(first["align"])
+        c.data.text_share = 1.0
+        config, state, step = _setup(c, tiny_cfg, stage)
+        batch = next(SyntheticLoader(config, stage, fixed=True))
+        assert not batch["slot_mask"].any()
+        state, m = step(state, batch, rng_for_step(state.rng, 0))
+        assert float(m["align"]) == 0.0 and np.isfinite(float(m["loss"]))
+        assert float(m["nonfinite"]) == 0.0

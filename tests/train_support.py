@@ -13,7 +13,10 @@ def make_batch(config, stage: int, rng: np.random.Generator, batch_size: int | N
     """One contract batch: documents (or query and candidates) of random tokens; the generator
     sequence is K x (M slots + separator), a question, and an answer copied from the start of
     the first document (so the latents carry what the answer needs); targets are the next
-    tokens, loss_mask marks the answer's targets."""
+    tokens, loss_mask marks the answer's targets. Stages 2-3 with data.text_share > 0 also
+    hold text rows (drawn with that probability; with 0 < share < 1 row 0 is one and row 1 is
+    not, so every batch mixes both): the K documents' tokens (the answer's source first) and a
+    separator each in place of the slots, no slots."""
     fields = batch_fields(config, stage, batch_size)
     d = config.data
     m = config.model.num_memory_tokens
@@ -51,9 +54,25 @@ def make_batch(config, stage: int, rng: np.random.Generator, batch_size: int | N
     tokens = np.zeros((b, t), np.int32)
     slot = np.zeros((b, t), bool)
     loss_mask = np.zeros((b, t), bool)
+    share = float(d.get("text_share", 0.0)) if stage in (2, 3) else 0.0
+    text = np.zeros((b,), bool)
+    if share > 0:
+        text = rng.random(b) < share
+        if share < 1:
+            text[:2] = True, False
     for i in range(b):
         seq, s = [1], [False]  # BOS
-        for _ in range(k):
+        if text[i]:
+            if stage == 2:
+                texts = [out["doc_tokens"][i, j][out["doc_mask"][i, j]] for j in range(k)]
+            else:
+                gold = max(int(out["pos_index"][i]), 0)
+                order = [gold] + [j for j in range(d.num_candidates) if j != gold][:k - 1]
+                texts = [out["cand_tokens"][i, j][out["cand_mask"][i, j]] for j in order]
+            for doc in texts:
+                seq += list(doc[:td - 3]) + [2]  # the text a compressor reads, a separator
+                s += [False] * (len(doc[:td - 3]) + 1)
+        for _ in range(0 if text[i] else k):
             seq += [0] * m + [2]  # M latent slots, then <SEP>
             s += [True] * m + [False]
         q = list(rng.integers(4, v, size=rng.integers(1, d.question_max_len + 1)))

@@ -1,7 +1,12 @@
 """One stored example (a dict as the TFDS sources give it) -> the fixed-shape arrays of the
 batch contract (`clara_jax.data.pipeline`). Kept apart from the grain pipeline so that code
 without grain or TFDS (the pretraining stream of `clara_jax.train.pretrain`) featurizes the same
-way."""
+way.
+
+A stage-2/3 example marked `text_prompt` (the pipeline marks a share data.text_share of the
+training examples, `pipeline.TextChoice`) gets a text row: its K documents' text in the prompt
+in place of their slots (`prompts.text_generator_example`), the same documents (candidates) and
+query as a latent row. An example without the key is a latent row."""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import numpy as np
 
 from clara_jax.data import prompts
 from clara_jax.data.tokenizer import Tokenizer
+
+# The stored-example key that asks for a text row (stages 2-3), set by `pipeline.TextChoice`.
+TEXT_PROMPT_KEY = "text_prompt"
 
 
 def as_text(x) -> str:
@@ -89,7 +97,18 @@ class Featurizer:
             raise ValueError(f"stage-{self.stage} example from line {int(ex['line'])}: {e}") \
                 from None
         tokens, mask = self._docs([docs[i] for i in keep])
-        out = self._generator(question, answer, self.num_docs, self.answer_max_len)
+        if bool(ex.get(TEXT_PROMPT_KEY, False)):
+            # The K documents a latent row would read: stage 2's kept ones, in stage 3 the gold
+            # ones and then the first others among the candidates (retrieval's place at
+            # inference; the row trains the generator only).
+            text_keep = keep if self.stage == 2 else select_docs(len(docs), pos,
+                                                                 self.num_docs)[0]
+            out = prompts.text_generator_example(
+                self.tok, question, answer, [docs[i] for i in text_keep],
+                prompts.text_doc_room(self.doc_len), self.gen_len, self.question_max_len,
+                self.answer_max_len).arrays()
+        else:
+            out = self._generator(question, answer, self.num_docs, self.answer_max_len)
         if self.stage == 2:
             return {"doc_tokens": tokens, "doc_mask": mask, **self._query(question, first), **out}
         return {"cand_tokens": tokens, "cand_mask": mask, **self._query(question, first), **out}

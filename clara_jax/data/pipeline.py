@@ -17,10 +17,17 @@ C = data.num_candidates; M = model.num_memory_tokens):
            unknown; the bundled world lists the subject's document first
 
 Order of operations: seeded shuffle, reshuffled every epoch -> repeat -> (training split,
-`data.swap_answers` > 0: counterfactual answers, `AnswerSwap`) -> per-process shard (strided
-by process index) -> tokenise and pad -> batch (dropping the last partial batch). The
+`data.swap_answers` > 0: counterfactual answers, `AnswerSwap`) -> (training split, stages 2-3,
+`data.text_share` > 0: text rows chosen, `TextChoice`) -> per-process shard (strided by
+process index) -> tokenise and pad -> batch (dropping the last partial batch). The
 iterator is a grain `DatasetIterator`: `get_state()` / `set_state(state)` restore the exact
 position (save the state with the checkpoint).
+
+Text rows (a share data.text_share of the stage-2/3 training rows, each chosen by a draw of
+the seeded pipeline, so a seed fixes them and resume stays exact) have the K documents' text in
+their prompt instead of latent slots, as the text-RAG baseline reads them at inference
+(`prompts.text_generator_example`): slot_mask all False, every other field as in a latent
+row, and T makes room for the text (`prompts.generator_length`).
 
 Rows of stages 2/3 with more documents than K (C) keep their gold documents (`pos_index`) and
 then the first others, in their original order.
@@ -35,8 +42,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from clara_jax.data import tfds_build
-from clara_jax.data.featurize import Featurizer, as_text, as_texts
+from clara_jax.data import prompts, tfds_build
+from clara_jax.data.featurize import TEXT_PROMPT_KEY, Featurizer, as_text, as_texts
 from clara_jax.data.formats import CorpusRow, QARow
 from clara_jax.data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
 
@@ -116,6 +123,32 @@ class _Swap(grain.transforms.RandomMap):
         return self.swap(element, rng)
 
 
+@dataclasses.dataclass
+class TextChoice:
+    """Marks an example for a text row (`featurize.TEXT_PROMPT_KEY`) with probability
+    `share`: the generator then reads its documents' text instead of their latents."""
+
+    share: float
+
+    def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
+        return dict(ex, **{TEXT_PROMPT_KEY: bool(rng.random() < self.share)})
+
+
+class _TextChoice(grain.transforms.RandomMap):
+    def __init__(self, choice: TextChoice):
+        self.choice = choice
+
+    def random_map(self, element, rng: np.random.Generator):
+        return self.choice(element, rng)
+
+
+def text_choice_seed(seed: int) -> int:
+    """The seed of the text-row draws: derived from the run's seed, but not equal to it, so
+    that they are independent of `AnswerSwap`'s draws (grain keys each element's generator by
+    the seed and the element's index)."""
+    return int(np.random.SeedSequence([int(seed), 0x7465_7874]).generate_state(1)[0])
+
+
 class _Featurize(grain.transforms.Map):
     def __init__(self, featurizer: Featurizer):
         self.featurizer = featurizer
@@ -157,12 +190,15 @@ def make_dataset(config, stage: int, data_dir, split: str = "train", seed: int |
     # Every process shuffles the same way and then takes every process_count-th example, so
     # global batch k is always examples [k*B, (k+1)*B) of one stream, whatever the number of
     # processes: a 2-process run sees exactly the batches of a 1-process run.
-    ds = ds.shuffle(seed=int(config.train.seed if seed is None else seed))
+    seed = int(config.train.seed if seed is None else seed)
+    ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     rate = float(config.data.swap_answers)
     if split == "train" and rate > 0:  # before sharding: each swap follows the global index
-        ds = ds.random_map(_Swap(AnswerSwap.from_source(source, rate)),
-                           seed=int(config.train.seed if seed is None else seed))
+        ds = ds.random_map(_Swap(AnswerSwap.from_source(source, rate)), seed=seed)
+    if split == "train" and prompts.has_text_rows(config, stage):  # before sharding, too
+        ds = ds.random_map(_TextChoice(TextChoice(float(config.data.text_share))),
+                           seed=text_choice_seed(seed))
     ds = ds[process_index::process_count]
     ds = ds.map(_Featurize(Featurizer.from_config(tok, config, stage)))
     return ds.batch(batch // process_count, drop_remainder=True)

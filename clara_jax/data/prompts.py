@@ -11,10 +11,17 @@ documents' latents); `slot_mask` marks them. Stage-1 paraphrase rows use PARAPHR
 the question. `tokens[t]` is followed by `targets[t]` (targets are the sequence shifted left by
 one); `loss_mask` marks targets that belong to the answer (its tokens and the EOS).
 
+Text rows (`text_generator_example`; a share data.text_share of the stage-2/3 training rows)
+carry the K documents' text in place of their slots, framed exactly as `text_rag_prompt` frames
+it for the text-RAG baseline at inference, with the same answer and loss mask and no slots:
+    BOS "Background:\\n" K x (text "\\n") "\\n\\nQuestion: " q "\\nAnswer:" " " a EOS
+
 Lengths are fixed per config (`generator_length`): FRAME_BUDGET tokens for the fixed text and
 BOS, K*(M+1) for the slots and separators, data.question_max_len for the question,
 data.answer_max_len for the answer including its EOS; in stage 1, room for the longer of that
-answer and a paraphrase of data.paraphrase_max_len tokens (`answer_room`).
+answer and a paraphrase of data.paraphrase_max_len tokens (`answer_room`). When
+data.text_share > 0, stages 2-3 make room for K documents' text instead of their slots where
+that is longer: K*(text_doc_room + TEXT_SEP_BUDGET).
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ PARAPHRASE_QUESTION = "Paraphrase the background."
 FRAME_BUDGET = 24
 # Framing tokens of a compressor input: <ENC>, BOS, EOS.
 DOC_FRAME = 3
+# Tokens reserved for TEXT_DOC_SEPARATOR after each document of a text prompt (checked in
+# `text_generator_example`, like FRAME_BUDGET in `_frame`).
+TEXT_SEP_BUDGET = 2
 
 
 def template_texts(repeat: int = 100) -> list[str]:
@@ -59,10 +69,25 @@ def answer_room(config, stage: int) -> int:
     return max(room, int(d.paraphrase_max_len)) if stage == 1 else room
 
 
+def text_doc_room(doc_max_len: int) -> int:
+    """Tokens of a document's text in a text-RAG prompt: what the compressor reads of it
+    (data.doc_max_len less the `<ENC> BOS ... EOS` framing)."""
+    return int(doc_max_len) - DOC_FRAME
+
+
+def has_text_rows(config, stage: int) -> bool:
+    """Whether a stage's training batches may hold text rows (data.text_share > 0, stages
+    2-3)."""
+    return stage in (2, 3) and float(config.data.get("text_share", 0.0)) > 0
+
+
 def generator_length(config, stage: int) -> int:
     """T, the fixed generator sequence length of a training batch."""
     k, m = docs_per_example(config, stage), int(config.model.num_memory_tokens)
-    return (FRAME_BUDGET + k * (m + 1) + int(config.data.question_max_len)
+    docs = k * (m + 1)
+    if has_text_rows(config, stage):
+        docs = max(docs, k * (text_doc_room(config.data.doc_max_len) + TEXT_SEP_BUDGET))
+    return (FRAME_BUDGET + docs + int(config.data.question_max_len)
             + answer_room(config, stage))
 
 
@@ -76,6 +101,12 @@ def _frame(tok: Tokenizer) -> tuple[list[int], list[int], list[int]]:
         raise ValueError(f"the prompt framing takes {used} tokens with this tokenizer, more than "
                          f"prompts.FRAME_BUDGET={FRAME_BUDGET}")
     return background, question, answer
+
+
+@lru_cache(maxsize=16)
+def _text_separator(tok: Tokenizer) -> tuple[int, ...]:
+    """TEXT_DOC_SEPARATOR's ids, cached per tokenizer object."""
+    return tuple(tok.encode(TEXT_DOC_SEPARATOR))
 
 
 def frame_document(tok: Tokenizer, ids: list[int], length: int) -> tuple[list[int], bool]:
@@ -126,15 +157,22 @@ def inference_prompt(tok: Tokenizer, question: str, num_docs: int, num_memory: i
 
 def text_rag_prompt(tok: Tokenizer, question: str, docs: list[str], doc_max_len: int,
                     question_max_len: int) -> np.ndarray:
-    """The plain-text RAG baseline prompt: the documents' text (each cut to doc_max_len tokens)
-    instead of latent slots. Returns tokens int32[P]."""
+    """The plain-text RAG baseline prompt: the documents' text (each cut to doc_max_len tokens;
+    the RAG pipeline and text training rows give `text_doc_room(data.doc_max_len)`) instead of
+    latent slots. Returns tokens int32[P]."""
+    return np.asarray(text_prompt_ids(tok, tok.encode(question)[:question_max_len],
+                                      [tok.encode(d) for d in docs], doc_max_len), np.int32)
+
+
+def text_prompt_ids(tok: Tokenizer, question_ids: list[int], doc_ids: list[list[int]],
+                    doc_max_len: int) -> list[int]:
+    """`text_rag_prompt` from token ids (the question's already cut), as a list."""
     background, question_prefix, answer = _frame(tok)
-    sep = tok.encode(TEXT_DOC_SEPARATOR)
+    sep = list(_text_separator(tok))
     ids = list(background)
-    for doc in docs:
-        ids += tok.encode(doc)[:doc_max_len] + sep
-    ids += question_prefix + tok.encode(question)[:question_max_len] + answer
-    return np.asarray(ids, np.int32)
+    for doc in doc_ids:
+        ids += doc[:doc_max_len] + sep
+    return ids + question_prefix + question_ids + answer
 
 
 @dataclass
@@ -168,6 +206,31 @@ def generator_example_ids(tok: Tokenizer, q_ids: list[int], a_ids: list[int], nu
     """`generator_example` from token ids: the question's and the answer's (separator
     included)."""
     prompt, slots = prompt_ids(tok, q_ids[:question_max_len], num_docs, num_memory)
+    return _example(tok, prompt, slots, a_ids, length, answer_max_len,
+                    len(q_ids) > question_max_len)
+
+
+def text_generator_example(tok: Tokenizer, question: str, answer: str, docs: list[str],
+                           doc_max_len: int, length: int, question_max_len: int,
+                           answer_max_len: int) -> GeneratorExample:
+    """`generator_example` with the documents' text in the prompt instead of latent slots,
+    framed as `text_rag_prompt(tok, question, docs, doc_max_len, question_max_len)` frames
+    it at inference (each document cut to doc_max_len tokens); the same answer and loss mask,
+    and slot_mask all False."""
+    sep = _text_separator(tok)
+    if len(sep) > TEXT_SEP_BUDGET:  # generator_length reserved TEXT_SEP_BUDGET per document
+        raise ValueError(f"the text prompt's document separator takes {len(sep)} tokens with "
+                         f"this tokenizer, more than prompts.TEXT_SEP_BUDGET={TEXT_SEP_BUDGET}")
+    q_ids = tok.encode(question)
+    prompt = text_prompt_ids(tok, q_ids[:question_max_len], [tok.encode(d) for d in docs],
+                             doc_max_len)
+    return _example(tok, prompt, [False] * len(prompt), tok.encode(ANSWER_SEPARATOR + answer),
+                    length, answer_max_len, len(q_ids) > question_max_len)
+
+
+def _example(tok: Tokenizer, prompt: list[int], slots: list[bool], a_ids: list[int],
+             length: int, answer_max_len: int, question_truncated: bool) -> GeneratorExample:
+    """A prompt (with its slot flags) + answer ids -> the fixed-length training arrays."""
     a_room = answer_max_len - 1  # the EOS always fits, so the model learns to stop
     seq = prompt + a_ids[:a_room] + [tok.eos_id]
     n = len(seq) - 1  # positions that have a next token
@@ -179,5 +242,5 @@ def generator_example_ids(tok: Tokenizer, q_ids: list[int], a_ids: list[int], nu
     slot_mask[:len(slots)] = slots  # the prompt is never longer than n
     loss_mask = np.zeros((length,), bool)
     loss_mask[len(prompt) - 1:n] = True
-    return GeneratorExample(tokens, mask, slot_mask, targets, loss_mask,
-                            len(q_ids) > question_max_len, len(a_ids) > a_room)
+    return GeneratorExample(tokens, mask, slot_mask, targets, loss_mask, question_truncated,
+                            len(a_ids) > a_room)

@@ -183,7 +183,8 @@ class RagPipeline:
                      for q in questions]
             return [t.tolist() for t, _ in built], [s.tolist() for _, s in built]
         if mode == "text":
-            room = self.doc_max_len - prompts.DOC_FRAME  # what the compressor would have read
+            # What the compressor would have read, as in training's text rows.
+            room = prompts.text_doc_room(self.doc_max_len)
             return [prompts.text_rag_prompt(tok, q, [self.doc_text(d) for d in ids], room,
                                             qmax).tolist()
                     for q, ids in zip(questions, doc_ids)], None

@@ -315,10 +315,13 @@ def evaluate(eval_fn, params, batches: dict[int, list[dict]]) -> dict:
 def pretrain_config(config, batch_size: int, learning_rate: float, lambda_retrieval: float,
                     warmup_steps: int):
     """`config` set up for pretraining: every group trains (base included), a constant
-    learning rate after `warmup_steps` of linear warm-up (the run stops on time, not steps)."""
+    learning rate after `warmup_steps` of linear warm-up (the run stops on time, not steps);
+    stage-2 rows all read latents (data.text_share = 0: this stream trains the channel through
+    the latents, and its T stays that of latent rows)."""
     import copy
 
     c = copy.deepcopy(config)
+    c.data.text_share = 0.0
     t = c.train
     t.batch_size, t.learning_rate = batch_size, learning_rate
     t.lambda_retrieval, t.train_base, t.stage = lambda_retrieval, True, 1

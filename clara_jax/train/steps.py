@@ -5,6 +5,11 @@ Batches follow the shared contract (shape letters as in DESIGN.md; Td = data.doc
              targets/loss_mask [B, T] (K = 1 in stage 1)
   stage 3:   query_tokens int32[B, Tq], query_mask bool[B, Tq], cand_tokens int32[B, C, Td],
              cand_mask bool[B, C, Td], pos_index int32[B], and the generator fields [B, T]
+Stages 2-3 may hold text rows (data.text_share; `clara_jax.data.prompts`): no latent slots,
+the documents' text in the prompt. Their answer CE counts like any row's; in stage 3 the
+retrieval-alignment loss skips them (the generator read no latents there, so it says nothing
+about the candidates' use), and the top-k selection they carry reaches no slot. InfoNCE and
+recall@K, which score the query reasoner against the gold candidate alone, count every row.
 Only the stage's trainable leaves (clara_jax.train.optimizer.trainable_groups) are
 differentiated; the optimizer gives the frozen ones zero updates and keeps no state for them.
 `train.grad_accum` splits the batch into that many microbatches inside the step (a scan), so
@@ -141,8 +146,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
                 lambda s: _gen_ce(cfg, params, batch, s, r_gen), has_aux=True)(selected)
             g_sel = jax.lax.stop_gradient(g_sel)
             utility = -jnp.einsum("bkml,bcml->bc", g_sel, cand.astype(jnp.float32)) / k
+            has_slots = jnp.any(batch["slot_mask"], axis=-1)  # [B]; False: a text row
             align = losses.retrieval_alignment_loss(scores, utility, float(t.tau),
-                                                    float(t.align_tau), valid)
+                                                    float(t.align_tau), valid, has_slots)
         else:
             ce, n = _gen_ce(cfg, params, batch, selected, r_gen)
             align = jnp.zeros((), jnp.float32)
