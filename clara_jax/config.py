@@ -102,7 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0  # global-norm clip; 0 disables
     c.train.grad_accum = 1  # microbatches per step; must divide batch_size
-    c.train.mse_weight = 0.1  # stages 1-2: CE + mse_weight * MSE(doc mean, memory mean)
+    # Stages 1-2: CE + mse_weight * MSE(doc mean, memory mean). Off: the published 0.1 makes
+    # every document's latents one vector from a random start, and from a stop-gradient
+    # document target too (bench/channel.py, projects/channel/README.md).
+    c.train.mse_weight = 0.0
     # Stages 1-2: weight of the bag-of-words loss (losses.bag_of_words_loss): the memory
     # tokens must name the document's tokens.
     c.train.bow_weight = 0.0

@@ -46,6 +46,16 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
                                          for p, q in zip(preds, closed))
     assert 0.0 < vs["sign_test_p"] <= 1.0 and "text_rag" in results["latent_rag_vs"]
     assert "latent_rag vs closed_book: only latent_rag exact on" in out.stdout
+    # By hops and question type: the groups partition the questions, and each group's EM is
+    # the mean over its predictions.
+    by = results["by_question"]["latent_rag"]
+    assert by["single_hop"]["questions"] + by["two_hop"]["questions"] == 12
+    assert sum(c["questions"] for c in by["types"].values()) == 12
+    assert "unknown" not in by["types"] and all("." in t for t in by["types"])
+    single = [p["scores"]["em"] for p in preds if p["hops"] == 1]
+    if single:
+        assert abs(by["single_hop"]["em"] - sum(single) / len(single)) < 1e-4
+    assert "| single_hop |" in out.stdout
     for stage in (1, 2, 3):
         steps = [json.loads(x)["step"] for x in
                  (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]

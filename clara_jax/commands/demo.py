@@ -139,6 +139,15 @@ def _pretrained_tokenizer(config, data_dir: Path):
     return load_tokenizer(src)
 
 
+def _question_types(config) -> dict[str, str]:
+    """Held-out question text -> its type ("kind.attr", "kind.attr>attr" for two hops), from
+    the demo's world, regenerated from its seed and size (the QA files carry no types)."""
+    from clara_jax.data import world
+
+    heldout = world.make_worlds(int(config.demo.world_seed), str(config.demo.world_size))
+    return {q.question: q.qtype for q in heldout["heldout"].questions}
+
+
 def main(argv) -> None:
     del argv
     from clara_jax.data.prepare import prepare_world
@@ -188,6 +197,7 @@ def main(argv) -> None:
     # Is latent RAG's lead over each baseline more than chance? (paired, same questions)
     results["latent_rag_vs"] = {report.MODE_KEYS[b]: report.paired_em(preds, "latent", b)
                                 for b in ("closed_book", "text")}
+    results["by_question"] = report.em_by_question_type(preds, _question_types(config))
     results["questions"] = info["rows"]
     results["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(workdir / "results.json", results)
@@ -197,6 +207,9 @@ def main(argv) -> None:
     print()
     print(f"Held-out world, {info['rows']} questions never seen in training:")
     print(report.table(results))
+    print()
+    print("Exact match by question type (n = questions):")
+    print(report.type_table(results["by_question"]))
     for key, c in results["latent_rag_vs"].items():
         print(f"latent_rag vs {key}: only latent_rag exact on {c['only_latent_rag']} questions, "
               f"only {key} on {c['only_' + key]} (exact sign test p = {c['sign_test_p']:.3g})")

@@ -42,6 +42,47 @@ def paired_em(preds: dict[str, list[dict]], mode: str, baseline: str) -> dict:
             "sign_test_p": float(f"{min(1.0, 2.0 * tail):.6g}")}
 
 
+def em_by_question_type(preds: dict[str, list[dict]], qtype_of: dict[str, str]) -> dict:
+    """Exact match of each mode by hops and by question type.
+
+    preds: per-question predictions by mode (as `clara_jax.eval.job.evaluate` returns them);
+    qtype_of: question text -> its type (the world's `Question.qtype`, "kind.attr", or
+    "kind.attr>attr" for two hops). Returns {mode key: {'single_hop', 'two_hop': {questions,
+    em}, 'types': {qtype: {questions, em}}}}, types sorted by name."""
+    out = {}
+    for mode, rows in preds.items():
+        groups: dict[str, list[float]] = {}
+        hops: dict[str, list[float]] = {"single_hop": [], "two_hop": []}
+        for r in rows:
+            em = float(r["scores"]["em"])
+            groups.setdefault(qtype_of.get(r["question"], "unknown"), []).append(em)
+            hops["two_hop" if r["hops"] >= 2 else "single_hop"].append(em)
+
+        def cell(v: list[float]) -> dict:
+            return {"questions": len(v), "em": round(sum(v) / len(v), 4) if v else None}
+
+        out[MODE_KEYS[mode]] = {**{k: cell(v) for k, v in hops.items()},
+                                "types": {t: cell(groups[t]) for t in sorted(groups)}}
+    return out
+
+
+def type_table(by_type: dict) -> str:
+    """Markdown table of `em_by_question_type`: one row per hop count and question type, one
+    EM column per mode."""
+    modes = list(by_type)
+    first = by_type[modes[0]]
+    lines = ["| questions | n | " + " | ".join(modes) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in modes) + " |"]
+    keys = [("single_hop", None), ("two_hop", None)] + [(t, "types") for t in first["types"]]
+    for key, group in keys:
+        cells = [(by_type[m][group] if group else by_type[m])[key] for m in modes]
+        if not cells[0]["questions"]:
+            continue
+        ems = " | ".join("-" if c["em"] is None else f"{c['em']:.2f}" for c in cells)
+        lines.append(f"| {key} | {cells[0]['questions']} | {ems} |")
+    return "\n".join(lines)
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
