@@ -216,7 +216,7 @@ def test_sharded_equals_unsharded(tmp_path, data):
     for backend in ("exact", "scann"):
         assert reopened.search(queries, 10, backend=backend).ids == \
             whole.search(queries, 10, backend="exact").ids
-    with pytest.raises(KeyError, match="in no shard"):
+    with pytest.raises(KeyError, match=r"is not in the index .*\(3 shards\)"):
         sharded.delete([gone[0]])
     shutil.rmtree(tmp_path / "sharded" / shard_dir_name(1, n))
     with pytest.raises(IndexFileError, match=shard_dir_name(1, n)):
@@ -261,6 +261,21 @@ def test_add_and_delete_without_rebuild(tmp_path, data):
         reopened.doc("doc5")
     with pytest.raises(ValueError, match="already exists"):
         reopened.add(new[:1], ["doc1"])
+
+
+def test_a_chunked_documents_plain_id_names_its_chunks(tmp_path, data):
+    docs, _ = data
+    ids = ["a#0", "a#1", "a#2", "b", "c#0", "c#1", "ab#0"] + [f"doc{i}" for i in range(7, 40)]
+    idx = build(tmp_path / "chunked", docs[:40], ids, scann=False)
+    assert idx.resolve(["b", "a", "c#1"]) == ["b", "a#0", "a#1", "a#2", "c#1"]
+    with pytest.raises(KeyError, match=r"'x' is not in the index .*nor is any chunk x#k"):
+        idx.resolve(["b", "x"])
+    idx.delete(["a", "c#0"])
+    reopened = LatentIndex.open(idx.path)
+    assert reopened.num_docs == 40 - 4
+    assert reopened.resolve(["c", "ab"]) == ["c#1", "ab#0"]
+    with pytest.raises(KeyError, match="'a'"):
+        reopened.delete(["a"])  # its chunks are gone: nothing left to name
 
 
 # ----------------------------------------------------------------------------- safety

@@ -76,6 +76,23 @@ def test_build_info_search_delete(setup):
     victim = res[0]["hits"][0]["id"]
     after = json.loads(_clara("delete", f"--index={root / 'idx'}", f"--ids={victim}").stdout)
     assert after["num_docs"] == built["num_docs"] - 1
+    # A chunked document's plain id deletes all its chunks.
+    from clara_jax.index import LatentIndex
+
+    live = LatentIndex.open(root / "idx").live_ids()
+    doc = next(i.rpartition("#")[0] for i in live if i.endswith("#1"))
+    chunks = [i for i in live if i.rpartition("#")[0] == doc]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "clara_jax.cli", "inspect",
+                        f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}", *common,
+                        f"--doc={doc}", "--max_new_tokens=2", "--neighbors=1",
+                        "--backend=exact"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == chunks
+    again = json.loads(_clara("delete", f"--index={root / 'idx'}", f"--ids={doc}").stdout)
+    assert len(chunks) >= 2 and again["num_docs"] == after["num_docs"] - len(chunks)
+    p = _clara("delete", f"--index={root / 'idx'}", f"--ids={doc}", ok=False)
+    assert p.returncode == 2 and f"nor is any chunk {doc}#k" in p.stderr
 
     p = _clara("build", f"--checkpoint={root / 'run'}", f"--corpus={root / 'missing.jsonl'}",
                f"--out={root / 'idx2'}", *common, ok=False)

@@ -20,7 +20,8 @@ from clara_jax.commands.rag_common import (
 )
 
 define_pipeline_flags()
-flags.DEFINE_multi_string("doc", None, "Document id to inspect (repeatable).")
+flags.DEFINE_multi_string("doc", None, "Document id to inspect (repeatable); a chunked "
+                          "document's plain id inspects each of its chunks ID#k.")
 flags.DEFINE_integer("max_new_tokens", None,
                      "Length cap of the decoded text (default config.data.doc_max_len).")
 flags.DEFINE_integer("neighbors", 5, "How many nearest documents to list.")
@@ -34,7 +35,9 @@ def main(argv) -> None:
         if not fl.doc:
             raise InputError("--doc=ID is required")
         pipeline = build_pipeline(fl, True, no_index_hint="")
-        outs = [pipeline.inspect_document(d, fl.max_new_tokens, fl.neighbors) for d in fl.doc]
+        # A chunked document's plain id inspects each of its chunks.
+        outs = [pipeline.inspect_document(d, fl.max_new_tokens, fl.neighbors)
+                for d in pipeline.index.resolve(fl.doc)]
     except load_errors() as e:
         print(f"clara inspect: {error_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -237,6 +237,32 @@ def _write_scann(path: Path, generation: int, scann: ScannIndex) -> dict:
 
 # ----------------------------------------------------------------------------- reading
 
+def resolve_ids(live_ids, ids, where) -> list[str]:
+    """The stored ids that `ids` name: a stored id (an unchunked document's `ID`, or a chunk
+    `ID#k`) names itself; the plain id of a chunked document names all its live chunks, in
+    chunk order. live_ids: the index's live ids, in order; where: the index, for the error.
+    Raises KeyError naming the first id that names nothing."""
+    live = set(live_ids)
+    chunks: dict[str, list[str]] | None = None
+    out = []
+    for doc_id in ids:
+        if doc_id in live:
+            out.append(doc_id)
+            continue
+        if chunks is None:
+            chunks = {}
+            for i in live_ids:
+                base, sep, k = i.rpartition("#")
+                if sep and k.isdigit():
+                    chunks.setdefault(base, []).append(i)
+        found = sorted(chunks.get(doc_id, ()), key=lambda i: int(i.rpartition("#")[2]))
+        if not found:
+            raise KeyError(f"document id {doc_id!r} is not in the index {where} "
+                           f"(nor is any chunk {doc_id}#k)")
+        out += found
+    return out
+
+
 class LatentIndex:
     """An opened index. Load with `LatentIndex.open(path, identity=...)`."""
 
@@ -323,6 +349,14 @@ class LatentIndex:
     @property
     def num_docs(self) -> int:
         return int((~self.deleted).sum())
+
+    def live_ids(self) -> list[str]:
+        """The ids of the documents not deleted, in row order."""
+        return [i for i, dead in zip(self.ids, self.deleted) if not dead]
+
+    def resolve(self, ids) -> list[str]:
+        """Stored ids for document or chunk ids (`resolve_ids`)."""
+        return resolve_ids(self.live_ids(), list(ids), self.path)
 
     def latents(self, ids) -> np.ndarray:
         """Stored latents of documents by id -> float32[n, M, L] (dequantised)."""
@@ -424,8 +458,9 @@ class LatentIndex:
 
     def delete(self, ids) -> None:
         """Removes documents by id (tombstones in the store, deleted from ScaNN); commits a
-        new generation. Their chunk files stay until a rebuild."""
-        rows = [self._row(i) for i in ids]
+        new generation. A chunked document's plain id removes all its chunks. Their chunk
+        files stay until a rebuild."""
+        rows = [self._row(i) for i in self.resolve(ids)]
         gen = self.meta["generation"] + 1
         self.deleted[rows] = True
         name = f"deleted-{gen}.npy"
@@ -487,14 +522,18 @@ class ShardedIndex:
                for srow, rrow in zip(shard, rows)]
         return SearchResult(ids, rows, scores, shard)
 
+    def live_ids(self) -> list[str]:
+        return [i for s in self.shards for i in s.live_ids()]
+
+    def resolve(self, ids) -> list[str]:
+        """Stored ids for document or chunk ids (`resolve_ids`), over every shard."""
+        return resolve_ids(self.live_ids(), list(ids),
+                           f"{self.shards[0].path.parent} ({len(self.shards)} shards)")
+
     def delete(self, ids) -> None:
         """Deletes documents by id from whichever shards hold them (each shard commits its
-        own new generation)."""
-        ids = list(ids)
-        missing = [i for i in ids if not any(i in s.row_of and not s.deleted[s.row_of[i]]
-                                             for s in self.shards)]
-        if missing:
-            raise KeyError(f"document id {missing[0]!r} is in no shard")
+        own new generation); a chunked document's plain id deletes all its chunks."""
+        ids = self.resolve(ids)
         for s in self.shards:
             mine = [i for i in ids if i in s.row_of]
             if mine:
