@@ -1,11 +1,13 @@
 """One writer per directory: an advisory lock file that names its holder.
 
-`clara train` holds WORKDIR/.clara.lock for the whole run and `clara data build|world` hold
-OUT/.clara.lock while they write, so a second writer into the same directory stops at once
-with one line naming the first (its PID, host and command) instead of interleaving
-checkpoints and metrics. The lock is `fcntl.flock` on that file: the kernel releases it when
-its process dies, however it dies, so a killed run never holds a directory forever. The file
-itself stays (removing it while another process waits on it would let two writers in).
+`clara train` holds WORKDIR/.clara.lock for the whole run, `clara data build|world` hold
+OUT/.clara.lock and `clara index build|add|delete` INDEX/.clara.lock while they write, and
+`clara export` holds PARENT/.NAME.clara.lock beside the bundle it replaces, so a second writer
+into the same directory stops at once with one line naming the first (its PID, host and
+command) instead of interleaving checkpoints, metrics or index generations. The lock is
+`fcntl.flock` on that file: the kernel releases it when its process dies, however it dies, so
+a killed run never holds a directory forever. The file itself stays (removing it while
+another process waits on it would let two writers in).
 
 `clean_stale_builds` removes the `.clara_<name>.building-PID` directories that a killed
 `clara data build` leaves behind (their PID no longer runs).
@@ -37,7 +39,23 @@ def lock(directory, what: str):
     when another process holds it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
+    with _flock(directory / LOCK_FILE, directory, what) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def lock_output(out, what: str):
+    """The same for an output that is replaced whole (a bundle written to a temporary
+    directory, then renamed over OUT): the lock is the sibling file PARENT/.NAME.clara.lock,
+    which the rename cannot remove."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(out.parent / f".{out.name}{LOCK_FILE}", out, what) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _flock(path: Path, directory: Path, what: str):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:

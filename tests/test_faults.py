@@ -47,7 +47,7 @@ def snapshot(root: Path) -> dict:
     """Size and modification time of every file under `root` (what a refusal must not
     touch), but the writers' lock files (`clara_jax.workdir`), which say who last wrote."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".clara.lock"}
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".clara.lock")}
 
 
 def _flip(path: Path, start: int = 64, n: int = 400) -> None:
@@ -250,6 +250,31 @@ def test_one_writer_per_workdir(root):
     with lock(root / "run", "again"):  # released when its holder ends
         pass
     assert snapshot(root / "run") == before
+
+
+def test_one_writer_per_index_and_bundle(root, tmp_path):
+    """`clara index build|delete` and `clara export` stop at once while another process
+    writes the same index or bundle, and change nothing."""
+    from clara_jax.workdir import lock, lock_output
+
+    idx = tmp_path / "idx"
+    with lock(idx, "a test"):
+        rc, _, err = clara("index", "build", f"--checkpoint={root}/run",
+                           f"--corpus={root}/corpus.jsonl", f"--out={idx}")
+        assert rc == 2 and "in use by a test (PID" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in idx.iterdir()] == [".clara.lock"]
+    rc, _, err = clara("index", "build", f"--checkpoint={root}/run",
+                       f"--corpus={root}/corpus.jsonl", f"--out={idx}")
+    assert rc == 0, err
+    before = snapshot(idx)
+    with lock(idx, "a test"):
+        rc, _, err = clara("index", "delete", f"--index={idx}", "--ids=nothing")
+        assert rc == 2 and "in use by a test (PID" in err
+    assert snapshot(idx) == before
+    with lock_output(tmp_path / "bundle", "a test"):
+        rc, _, err = clara("export", f"--checkpoint={root}/run", f"--out={tmp_path}/bundle")
+        assert rc == 2 and "in use by a test (PID" in err
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_flipped_checkpoint_bytes_fall_back_to_the_previous_step(root, tmp_path, capfd):

@@ -30,13 +30,15 @@ def main(argv) -> None:
     from clara_jax.commands.rag_common import check_args, error_line, load_errors
     from clara_jax.convert.hf import ConversionError
     from clara_jax.export.bundle import export_bundle
+    from clara_jax.workdir import lock_output
 
     fl = flags.FLAGS
     try:
         check_args(argv, ("checkpoint", "out"))
-        meta = export_bundle(fl.checkpoint, fl.out, index=fl.index, tokenizer=fl.tokenizer,
-                             overwrite=fl.overwrite, decoder_dtype=fl.decoder_dtype,
-                             progress=fl.progress)
+        with lock_output(fl.out, "clara export"):
+            meta = export_bundle(fl.checkpoint, fl.out, index=fl.index,
+                                 tokenizer=fl.tokenizer, overwrite=fl.overwrite,
+                                 decoder_dtype=fl.decoder_dtype, progress=fl.progress)
     except (ConversionError, FileExistsError, *load_errors()) as e:
         print(f"clara export: {error_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -103,8 +103,8 @@ def _count_lines(path) -> int:
 def build() -> dict:
     from pathlib import Path
 
-    from clara_jax.index import build_index, model_identity, shard_dir_name
-    from clara_jax.index.corpus import make_tokenize
+    from clara_jax.index import model_identity, shard_dir_name
+    from clara_jax.workdir import lock
 
     _require("build", "checkpoint", "corpus", "out")
     import jax
@@ -120,13 +120,21 @@ def build() -> dict:
     if n > 1:
         records = itertools.islice(records, i, None, n)
     identity = model_identity(model.cfg, model.params)
-    index = build_index(
+    with lock(out, "clara index build"):
+        index = _build(out, model, records, identity, i, n)
+    return _summary(index)
+
+
+def _build(out, model, records, identity, i: int, n: int):
+    from clara_jax.index import build_index
+    from clara_jax.index.corpus import make_tokenize
+
+    return build_index(
         out, model.cfg, model.params, records,
         make_tokenize(model.tokenizer, int(model.config.data.doc_max_len)),
         dtype=FLAGS.dtype, key=FLAGS.key, chunk_size=FLAGS.chunk_size,
         batch_size=FLAGS.batch_size, scann=_scann_params(), shard=(i, n), identity=identity,
         extra={"checkpoint": model.source, "step": model.step, "corpus": str(FLAGS.corpus)})
-    return _summary(index)
 
 
 def _summary(index) -> dict:
@@ -205,6 +213,19 @@ def delete() -> dict:
     return _summary(index)
 
 
+def _locked(name: str, action):
+    """Runs `add` and `delete` holding their index directory's lock (clara_jax/workdir.py);
+    `build` locks the (shard) directory it writes itself, `info` and `search` only read."""
+    from pathlib import Path
+
+    from clara_jax.workdir import lock
+
+    if name not in ("add", "delete") or not FLAGS.index or not Path(FLAGS.index).is_dir():
+        return action()  # a missing index is the action's own one-line error
+    with lock(FLAGS.index, f"clara index {name}"):
+        return action()
+
+
 def main(argv) -> None:
     from clara_jax.data.formats import DataError
     from clara_jax.index import IndexFileError, IndexMismatchError
@@ -217,7 +238,7 @@ def main(argv) -> None:
     action = {"build": build, "info": info, "search": search, "add": add,
               "delete": delete}[args[0]]
     try:
-        result = action()
+        result = _locked(args[0], action)
     except (IndexFileError, IndexMismatchError, DataError, KeyError, FileExistsError,
             flags.IllegalFlagValueError) as e:
         print(f"clara index {args[0]}: {e}", file=sys.stderr)
