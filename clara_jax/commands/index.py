@@ -103,7 +103,8 @@ def _count_lines(path) -> int:
 def build() -> dict:
     from pathlib import Path
 
-    from clara_jax.index import model_identity, shard_dir_name
+    from clara_jax.index import build_index, model_identity, shard_dir_name
+    from clara_jax.index.corpus import make_tokenize
     from clara_jax.workdir import lock
 
     _require("build", "checkpoint", "corpus", "out")
@@ -121,20 +122,13 @@ def build() -> dict:
         records = itertools.islice(records, i, None, n)
     identity = model_identity(model.cfg, model.params)
     with lock(out, "clara index build"):
-        index = _build(out, model, records, identity, i, n)
+        index = build_index(
+            out, model.cfg, model.params, records,
+            make_tokenize(model.tokenizer, int(model.config.data.doc_max_len)),
+            dtype=FLAGS.dtype, key=FLAGS.key, chunk_size=FLAGS.chunk_size,
+            batch_size=FLAGS.batch_size, scann=_scann_params(), shard=(i, n), identity=identity,
+            extra={"checkpoint": model.source, "step": model.step, "corpus": str(FLAGS.corpus)})
     return _summary(index)
-
-
-def _build(out, model, records, identity, i: int, n: int):
-    from clara_jax.index import build_index
-    from clara_jax.index.corpus import make_tokenize
-
-    return build_index(
-        out, model.cfg, model.params, records,
-        make_tokenize(model.tokenizer, int(model.config.data.doc_max_len)),
-        dtype=FLAGS.dtype, key=FLAGS.key, chunk_size=FLAGS.chunk_size,
-        batch_size=FLAGS.batch_size, scann=_scann_params(), shard=(i, n), identity=identity,
-        extra={"checkpoint": model.source, "step": model.step, "corpus": str(FLAGS.corpus)})
 
 
 def _summary(index) -> dict:

@@ -115,12 +115,15 @@ class AnswerSwap:
         return out
 
 
-class _Swap(grain.transforms.RandomMap):
-    def __init__(self, swap: AnswerSwap):
-        self.swap = swap
+class _RandomMap(grain.transforms.RandomMap):
+    """A seeded per-example transform `fn(example, rng) -> example` (AnswerSwap, TextChoice)
+    as a grain RandomMap."""
+
+    def __init__(self, fn):
+        self.fn = fn
 
     def random_map(self, element, rng: np.random.Generator):
-        return self.swap(element, rng)
+        return self.fn(element, rng)
 
 
 @dataclasses.dataclass
@@ -132,14 +135,6 @@ class TextChoice:
 
     def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
         return dict(ex, **{TEXT_PROMPT_KEY: bool(rng.random() < self.share)})
-
-
-class _TextChoice(grain.transforms.RandomMap):
-    def __init__(self, choice: TextChoice):
-        self.choice = choice
-
-    def random_map(self, element, rng: np.random.Generator):
-        return self.choice(element, rng)
 
 
 def text_choice_seed(seed: int) -> int:
@@ -195,9 +190,9 @@ def make_dataset(config, stage: int, data_dir, split: str = "train", seed: int |
     ds = ds.repeat(num_epochs)
     rate = float(config.data.swap_answers)
     if split == "train" and rate > 0:  # before sharding: each swap follows the global index
-        ds = ds.random_map(_Swap(AnswerSwap.from_source(source, rate)), seed=seed)
+        ds = ds.random_map(_RandomMap(AnswerSwap.from_source(source, rate)), seed=seed)
     if split == "train" and prompts.has_text_rows(config, stage):  # before sharding, too
-        ds = ds.random_map(_TextChoice(TextChoice(float(config.data.text_share))),
+        ds = ds.random_map(_RandomMap(TextChoice(float(config.data.text_share))),
                            seed=text_choice_seed(seed))
     ds = ds[process_index::process_count]
     ds = ds.map(_Featurize(Featurizer.from_config(tok, config, stage)))
