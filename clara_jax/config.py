@@ -17,7 +17,7 @@ from clara_jax.data.world import WORLD_SIZES
 ADAPTERS = ("compressor", "query", "generator")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MEMORY_LAYOUTS = ("append", "interleave")
+MEMORY_LAYOUTS = ("append", "interleave", "spread")
 LATENT_POSITIONS = ("packed", "spread")
 DTYPES = ("float32", "bfloat16")
 
@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_len = 4096
     m.latent_dim = 0  # L; 0 means L = D (no projection)
     # "append": memory tokens after the document (the published method); "interleave": memory
-    # token j after the document's j-th chunk (clara_jax.model.clara.memory_order).
+    # token j after the document's j-th chunk (clara_jax.model.clara.memory_order); "spread":
+    # appended, at the RoPE position of the end of chunk j (spread_memory_positions).
     m.memory_layout = "append"
     # "packed": latent slots take one RoPE position each (the published method); "spread": each
     # takes data.compression_rate positions, where the text it stands for would sit.

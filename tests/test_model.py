@@ -448,6 +448,29 @@ def test_interleaved_memory_sees_only_the_text_before_it(tiny_cfg, tiny_params):
     assert not np.allclose(a, appended, atol=1e-4)
 
 
+def test_spread_memory_positions_place_each_memory_token_at_its_span():
+    from clara_jax.model.clara import spread_memory_positions
+
+    mask = jnp.asarray([[True] * 8, [True] * 6 + [False] * 2])
+    pos = np.asarray(spread_memory_positions(mask, 4))
+    np.testing.assert_array_equal(pos[0], [0, 1, 2, 3, 4, 5, 6, 7, 2, 4, 6, 8])
+    # Right padding: the valid length 6 sets the spans; padded keys are masked anyway.
+    np.testing.assert_array_equal(pos[1, 8:], [1, 3, 4, 6])
+
+
+def test_spread_memory_tokens_read_the_whole_document(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, memory_layout="spread")
+    t = 16
+    toks = _tokens(cfg, 1, t)
+    changed = toks.at[0, t - 1].set((toks[0, t - 1] + 1) % cfg.vocab_size)
+    a = compress(cfg, tiny_params, toks, jnp.ones((1, t), bool))
+    b = compress(cfg, tiny_params, changed, jnp.ones((1, t), bool))
+    # Still appended in causal order: every memory token sees the last token.
+    assert not np.allclose(a[:, 0], b[:, 0], atol=1e-6)
+    appended = compress(tiny_cfg, tiny_params, toks, jnp.ones((1, t), bool))
+    assert not np.allclose(a, appended, atol=1e-4)
+
+
 def test_kv_cache_with_spread_latent_positions(tiny_cfg, tiny_params):
     cfg = dataclasses.replace(tiny_cfg, latent_span=4)
     p = _with_adapter_b(tiny_params, "generator")

@@ -2,7 +2,8 @@
 
 - `compress(doc_tokens)`: the document (already framed as `<ENC> BOS doc EOS`, right-padded)
   followed by M learned memory embeddings (or with memory token j after the document's j-th
-  chunk, `memory_layout='interleave'`); the latents are the final hidden states at those M
+  chunk, `memory_layout='interleave'`, or appended but at the RoPE position of the end of its
+  chunk, `memory_layout='spread'`); the latents are the final hidden states at those M
   positions, projected to width L when L < D.
 - `encode_query(tokens)`: the same under the `query` adapter.
 - `generate(tokens, slot_mask, latents)`: the generator's prompt with K·M latent slots; the
@@ -39,6 +40,22 @@ def memory_order(t: int, m: int, layout: str) -> np.ndarray:
     for j in range(m):
         order += list(range(min(j * stride, t), min((j + 1) * stride, t))) + [t + j]
     return np.asarray(order)
+
+
+def spread_memory_positions(mask, m: int):
+    """mask: bool[B, T] (the document's valid tokens) -> int32[B, T + M], the RoPE positions of
+    the compressor pass with memory tokens appended but placed where their text sits.
+
+    Document tokens keep their positions 0..n-1 (n valid tokens); memory token j takes
+    (j+1)·n // M, the end of the j-th of M equal spans, so every memory token meets its own
+    span at the same relative offsets (as one token per latent does when appended), while the
+    causal order still lets it read the whole document.
+    """
+    count = jnp.cumsum(mask.astype(jnp.int32), axis=1)
+    doc = jnp.maximum(count - 1, 0)
+    n = count[:, -1:]
+    memory = (jnp.arange(1, m + 1, dtype=jnp.int32)[None] * n) // m
+    return jnp.concatenate([doc, memory], axis=1)
 
 
 class CLaRa(nn.Module):
@@ -83,13 +100,16 @@ class CLaRa(nn.Module):
             [jnp.zeros((b, t, cfg.dim), cfg.compute_dtype),
              jnp.broadcast_to(self.memory_embeddings.astype(cfg.compute_dtype),
                               (b, m, cfg.dim))], axis=1)
-        permuted = cfg.memory_layout != "append"
+        permuted = cfg.memory_layout == "interleave"
         if permuted:
             order = memory_order(t, m, cfg.memory_layout)
             full_tokens, full_mask, inject, slots = (
                 x[:, order] for x in (full_tokens, full_mask, inject, slots))
+        positions = (spread_memory_positions(mask, m) if cfg.memory_layout == "spread"
+                     else None)
         _, hidden, _ = self.decoder(full_tokens, full_mask, inject, slots, adapter=adapter,
-                                    deterministic=deterministic, return_logits=False)
+                                    deterministic=deterministic, return_logits=False,
+                                    positions=positions)
         if permuted:
             hidden = hidden[:, np.argsort(order)]  # back to documents first, then memory
         memory_hidden = hidden[:, t:]

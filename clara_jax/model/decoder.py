@@ -73,7 +73,8 @@ class Decoder(nn.Module):
     """tokens: int32[B, T]; mask: bool[B, T] (False = padding);
     inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
     each injected position takes `inject_span` RoPE positions (a latent standing for that many
-    tokens of text), every other valid token one; cache: from `init_cache` or None.
+    tokens of text), every other valid token one, unless positions: int32[B, T] gives them
+    (no cache); cache: from `init_cache` or None.
     Returns (logits float32[B, T, V] (float32[B, 1, V] with `last_logits_only`) or None,
     hidden float[B, T, D] after the final norm, new cache or None).
     """
@@ -84,7 +85,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens, mask=None, inject=None, inject_mask=None, cache=None,
                  adapter: str | None = None, deterministic: bool = True,
                  return_logits: bool = True, last_logits_only: bool = False,
-                 inject_span: int = 1):
+                 inject_span: int = 1, positions=None):
         cfg = self.cfg
         b, t = tokens.shape
         if mask is None:
@@ -110,7 +111,8 @@ class Decoder(nn.Module):
         if inject_span != 1 and inject_mask is not None:
             width = jnp.where(inject_mask & mask, inject_span, width)
         ends = jnp.cumsum(width, axis=1, dtype=jnp.int32)
-        positions = jnp.maximum(seen[:, None] + ends - width, 0)
+        if positions is None:
+            positions = jnp.maximum(seen[:, None] + ends - width, 0)
         attn_mask = attention_mask(key_valid, write_index, t)
 
         block = _block_class(cfg)
