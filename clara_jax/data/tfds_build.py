@@ -330,11 +330,12 @@ def truncation_warnings(summary: dict) -> list[str]:
         elif summary.get("stage_doc_chunks", "truncate") == "answer":
             para = s.get("paraphrase_docs_truncated", 0)
             out.append(
-                f"{head} stored as one of their chunks (data.stage_doc_chunks=answer): "
-                f"{s.get('docs_chunk_by_answer', 0)} took the chunk holding the answer "
-                f"({s.get('docs_answer_past_first_chunk', 0)} past the first chunk), "
+                f"{head} stored as one of their chunks (data.stage_doc_chunks=answer); of the "
+                "examples' documents that look for the answer, "
+                f"{s.get('docs_chunk_by_answer', 0)} took the chunk holding it "
+                f"({s.get('docs_answer_past_first_chunk', 0)} past the first chunk) and "
                 f"{s.get('docs_answer_not_found', 0)} did not find it and took the first chunk"
-                + (f", {para} paraphrase documents are cut to data.doc_max_len tokens"
+                + (f"; {para} paraphrase documents are cut to data.doc_max_len tokens"
                    if para else "") + " (raise --config.data.doc_max_len)")
         else:
             out.append(f"{head} cut to data.doc_max_len tokens, which may cut off the answer "
