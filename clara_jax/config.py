@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Stage 1-3 documents longer than doc_max_len, at build time (clara data build):
     # "truncate" keeps them whole and the pipeline cuts them to doc_max_len tokens; "answer"
     # replaces each by one of the chunks the corpus build (and so the index) splits it into:
-    # the first chunk that holds the row's answer, else the first (tfds_build._stage_chunker).
+    # the first chunk that holds the row's answer, else the first (tfds_build._StageChunker).
     c.data.stage_doc_chunks = "truncate"
     c.data.question_max_len = 64
     c.data.answer_max_len = 32
