@@ -20,6 +20,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MEMORY_LAYOUTS = ("append", "interleave", "spread")
 LATENT_POSITIONS = ("packed", "spread")
 DTYPES = ("float32", "bfloat16")
+STAGE_DOC_CHUNKS = ("truncate", "answer")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.doc_max_len = 256
     c.data.compression_rate = 16
     c.data.chunk_overlap = 32
+    # Stage 1-3 documents longer than doc_max_len, at build time (clara data build):
+    # "truncate" keeps them whole and the pipeline cuts them to doc_max_len tokens; "answer"
+    # replaces each by one of the chunks the corpus build (and so the index) splits it into:
+    # the first chunk that holds the row's answer, else the first (tfds_build._StageChunker).
+    c.data.stage_doc_chunks = "truncate"
     c.data.question_max_len = 64
     c.data.answer_max_len = 32
     # Stage-1 paraphrase targets (the whole document restated) get their own length: cut to
@@ -215,6 +221,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
               f"must be a positive multiple of data.compression_rate={d.compression_rate}")
     if not 0 <= d.chunk_overlap < d.doc_max_len:
         _fail("data.chunk_overlap", d.chunk_overlap, "must be in [0, data.doc_max_len)")
+    if d.stage_doc_chunks not in STAGE_DOC_CHUNKS:
+        _fail("data.stage_doc_chunks", d.stage_doc_chunks, f"must be one of {STAGE_DOC_CHUNKS}")
     for field in ("question_max_len", "answer_max_len", "paraphrase_max_len"):
         if d[field] < 2:
             _fail(f"data.{field}", d[field], "must be >= 2")

@@ -44,6 +44,7 @@ def _bad(mutate) -> str:
     (lambda c: setattr(c.data, "text_share", -0.1), "config.data.text_share=-0.1"),
     (lambda c: setattr(c.data, "text_share", 1.5), "config.data.text_share=1.5"),
     (lambda c: setattr(c.data, "paraphrase_max_len", 1), "config.data.paraphrase_max_len=1"),
+    (lambda c: setattr(c.data, "stage_doc_chunks", "first"), "config.data.stage_doc_chunks="),
     (lambda c: setattr(c.train, "lambda_retrieval", -1.0), "config.train.lambda_retrieval=-1.0"),
     (lambda c: setattr(c.data, "compression_rate", 0), "config.data.compression_rate=0"),
     (lambda c: setattr(c.model, "n_kv_heads", 5), "config.model.n_kv_heads=5"),

@@ -9,8 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clara_jax.data import formats
-from clara_jax.data.formats import CorpusRow, DataError, QARow, Stage1Row
-from clara_jax.data.tfds_build import chunk_windows
+from clara_jax.data.formats import CorpusRow, DataError, QARow, Stage1Row, chunk_windows
 
 from .conftest import SHARED
 

@@ -269,6 +269,10 @@ def test_cli_world_build_check(tmp_path):
     assert len(lines) == 1 and json.loads(lines[0])["dataset"] == "clara_stage3"
     assert "Downloading" not in res.stderr  # tfds's message for a build that downloads nothing
     assert "Generating splits" not in res.stderr and "Shuffling" not in res.stderr
+    # Tiny documents are longer than doc_max_len: the warning names the option that keeps the
+    # chunk holding the answer.
+    assert "warning: split train:" in res.stderr
+    assert "--config.data.stage_doc_chunks=answer" in res.stderr
     assert (tmp_path / "b" / "tokenizer" / "clara_tokenizer.json").exists()
 
     bad = tmp_path / "bad.jsonl"

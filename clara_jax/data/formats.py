@@ -324,3 +324,16 @@ def chunk_windows(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
     stride = size - overlap
     starts = list(range(0, n - overlap, stride))
     return [(s, min(s + size, n)) for s in starts if s < n and (s == 0 or s + overlap < n)]
+
+
+def document_chunks(text: str, ids, tok, size: int, overlap: int
+                    ) -> list[tuple[tuple[int, int], str]]:
+    """(window, text) of each chunk of a document whose token ids are `ids` (`tok` decodes
+    them): the windows of `chunk_windows(len(ids), size, overlap)`; a document that fits is one
+    chunk holding `text` itself, a longer one's chunk k is `tok.decode(ids[a:b])`. The corpus
+    datasets, the index and chunked stage documents (data.stage_doc_chunks) all split with
+    this, so that their chunks are the same texts."""
+    windows = chunk_windows(len(ids), size, overlap)
+    if len(windows) == 1:
+        return [(windows[0], text)]
+    return [((a, b), tok.decode(ids[a:b])) for a, b in windows]

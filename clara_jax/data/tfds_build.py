@@ -11,6 +11,12 @@ temporary directory and only then moves it into OUT. Layout of OUT:
 Datasets store text; tokenisation happens in the grain pipeline (`clara_jax.data.pipeline`).
 Stage-1 rows are flattened at build time into one example per (document, QA pair) and one per
 paraphrase, so that a batch has a fixed number of generator sequences.
+
+Stage documents longer than data.doc_max_len are stored whole and cut to doc_max_len tokens in
+the pipeline, unless data.stage_doc_chunks="answer": then each is stored as one of the chunks
+the corpus build (and the index) splits it into, the one that holds the example's answer
+(`_StageChunker`), so that a row whose answer lies past the first chunk still trains on a
+document that contains it, as the generator reads the index's chunks at inference.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from clara_jax.data import formats
-from clara_jax.data.formats import DataError, QARow, ReadStats, Stage1Row, chunk_windows
+from clara_jax.data.formats import DataError, QARow, ReadStats, Stage1Row, document_chunks
 from clara_jax.data.prompts import DOC_FRAME, PARAPHRASE_QUESTION, template_texts
 from clara_jax.data.tokenizer import (
     SentencePieceTokenizer,
@@ -120,49 +126,126 @@ def builder_for(fmt: str, data_dir, examples=None) -> _ClaraBuilder:
 # ----------------------------------------------------------------------------- rows -> examples
 
 
-def _stage1_examples(rows: Iterable[tuple[int, Stage1Row]]) -> list[dict]:
+class _StageChunker:
+    """Stage documents as the index's chunks (data.stage_doc_chunks="answer"): a document longer
+    than `room` tokens is split into exactly the windows the corpus build uses
+    (`formats.document_chunks`, data.chunk_overlap) and stands in the example as the text of
+    one chunk; shorter documents are kept as they are. Counts per stored document (an example's
+    document, so a document in several examples is counted in each) go into `counts`, the
+    split's summary keys:
+      docs_chunked                  documents replaced by one of their chunks
+      docs_chunk_by_answer          of those that looked for the answer, the ones that found it
+      docs_answer_past_first_chunk  ... in a chunk after the first (truncation would have lost it)
+      docs_answer_not_found         ... that did not find it and took the first chunk
+      paraphrase_docs_truncated     stage-1 paraphrase documents kept whole (cut in the pipeline)
+    """
+
+    def __init__(self, tok: Tokenizer, room: int, overlap: int, counts: dict):
+        self.tok, self.room, self.overlap, self.counts = tok, room, overlap, counts
+        for key in ("docs_chunked", "docs_chunk_by_answer", "docs_answer_past_first_chunk",
+                    "docs_answer_not_found", "paraphrase_docs_truncated"):
+            counts.setdefault(key, 0)
+        self._chunks: dict[str, list[str]] = {}  # documents recur across rows: encoded once
+
+    def chunks(self, doc: str) -> list[str]:
+        if doc not in self._chunks:
+            self._chunks[doc] = [text for _, text in document_chunks(
+                doc, self.tok.encode(doc), self.tok, self.room, self.overlap)]
+        return self._chunks[doc]
+
+    def first(self, doc: str) -> str:
+        """The first chunk: the same tokens truncation keeps, the text the index holds."""
+        chunks = self.chunks(doc)
+        self.counts["docs_chunked"] += len(chunks) > 1
+        return chunks[0]
+
+    def with_answer(self, doc: str, answers: Iterable[str]) -> str:
+        """The first chunk whose text holds an answer (case-insensitive substring), trying the
+        answers in order (the training answer first), else the first chunk."""
+        chunks = self.chunks(doc)
+        if len(chunks) == 1:
+            return chunks[0]
+        self.counts["docs_chunked"] += 1
+        folded = [c.casefold() for c in chunks]
+        for answer in answers:
+            want = answer.strip().casefold()
+            for k, text in enumerate(folded):
+                if want and want in text:
+                    self.counts["docs_chunk_by_answer"] += 1
+                    self.counts["docs_answer_past_first_chunk"] += k > 0
+                    return chunks[k]
+        self.counts["docs_answer_not_found"] += 1
+        return chunks[0]
+
+    def paraphrase(self, doc: str) -> str:
+        """A paraphrase restates its whole document: kept whole, and so cut in the pipeline."""
+        self.counts["paraphrase_docs_truncated"] += len(self.chunks(doc)) > 1
+        return doc
+
+
+def _stage1_examples(rows: Iterable[tuple[int, Stage1Row]],
+                     chunker: _StageChunker | None = None) -> list[dict]:
+    """One example per (document, QA pair) and one per paraphrase. With a `chunker`, each QA
+    example's document is the chunk holding that pair's answer."""
     out = []
     for line, row in rows:
         doc = row.docs[0]
         if row.data_type == "paraphrase":
             out.append({"data_type": "paraphrase", "question": PARAPHRASE_QUESTION,
-                        "answer": row.answers[0], "doc": doc, "line": line, "pair": 0})
+                        "answer": row.answers[0],
+                        "doc": chunker.paraphrase(doc) if chunker else doc,
+                        "line": line, "pair": 0})
             continue
         for i, (q, a) in enumerate(zip(row.questions, row.answers)):
-            out.append({"data_type": "qa", "question": q, "answer": a, "doc": doc,
+            out.append({"data_type": "qa", "question": q, "answer": a,
+                        "doc": chunker.with_answer(doc, [a]) if chunker else doc,
                         "line": line, "pair": i})
     return out
 
 
-def _qa_examples(rows: Iterable[tuple[int, QARow]]) -> list[dict]:
-    return [{"question": r.question, "docs": list(r.docs), "answer": r.answer,
+def _qa_examples(rows: Iterable[tuple[int, QARow]],
+                 chunker: _StageChunker | None = None) -> list[dict]:
+    """Stage-2/3 examples. With a `chunker`, the gold documents (`pos_index`) are the chunk
+    holding `answer`, else one of `answers`; the other documents (every document of a row
+    without `pos_index`) take their first chunk, the same tokens truncation keeps."""
+    def docs(r: QARow) -> list[str]:
+        if chunker is None:
+            return list(r.docs)
+        answers = list(dict.fromkeys((r.answer, *r.answers)))
+        gold = set(r.pos_index)
+        return [chunker.with_answer(d, answers) if i in gold else chunker.first(d)
+                for i, d in enumerate(r.docs)]
+
+    return [{"question": r.question, "docs": docs(r), "answer": r.answer,
              "answers": list(r.answers), "pos_index": list(r.pos_index), "line": line}
             for line, r in rows]
 
 
 def _corpus_examples(rows, tok: Tokenizer, room: int, overlap: int, counts: dict) -> list[dict]:
     out = []
+    counts.update(docs_split=0, chunks_from_splits=0)
     for line, r in rows:
-        text = r.text
-        ids = tok.encode(text)
-        windows = chunk_windows(len(ids), room, overlap)
-        if len(windows) > 1:
+        chunks = document_chunks(r.text, tok.encode(r.text), tok, room, overlap)
+        if len(chunks) > 1:
             counts["docs_split"] += 1
-            counts["chunks_from_splits"] += len(windows)
-        for k, (a, b) in enumerate(windows):
-            chunk = text if len(windows) == 1 else tok.decode(ids[a:b])
-            out.append({"id": r.id, "title": r.title, "text": chunk, "chunk": k,
-                        "num_chunks": len(windows), "line": line})
+            counts["chunks_from_splits"] += len(chunks)
+        for k, (_, text) in enumerate(chunks):
+            out.append({"id": r.id, "title": r.title, "text": text, "chunk": k,
+                        "num_chunks": len(chunks), "line": line})
     return out
 
 
 def _to_examples(fmt, rows, tok, config, counts) -> list[dict]:
-    if fmt == "stage1":
-        return _stage1_examples(rows)
-    if fmt in ("stage2", "stage3"):
-        return _qa_examples(rows)
+    """The examples of one split's rows; `counts` (the split's) gets the chunking counts."""
     room = int(config.data.doc_max_len) - DOC_FRAME
-    return _corpus_examples(rows, tok, room, int(config.data.chunk_overlap), counts)
+    overlap = int(config.data.chunk_overlap)
+    if fmt == "corpus":
+        return _corpus_examples(rows, tok, room, overlap, counts)
+    chunker = (_StageChunker(tok, room, overlap, counts)
+               if config.data.stage_doc_chunks == "answer" else None)
+    if fmt == "stage1":
+        return _stage1_examples(rows, chunker)
+    return _qa_examples(rows, chunker)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -227,7 +310,9 @@ _TRUNCATIONS = (("questions_truncated", "questions", "data.question_max_len"),
 
 def truncation_warnings(summary: dict) -> list[str]:
     """One line per kind of text a build cuts (or, for a corpus, splits) with the count and
-    the flag to raise, from `build_dataset`'s summary; the summary alone is easy to miss."""
+    the flag to raise, from `build_dataset`'s summary; the summary alone is easy to miss.
+    For stage formats the documents' line names data.stage_doc_chunks too: with "truncate",
+    that "answer" keeps the chunk holding the answer; with "answer", how many found it."""
     out = []
     for split, s in summary["splits"].items():
         for key, what, field in _TRUNCATIONS:
@@ -235,11 +320,28 @@ def truncation_warnings(summary: dict) -> list[str]:
                 out.append(f"split {split}: {s[key]} {what} are longer than {field} and will be "
                            f"cut (raise --config.{field})")
         docs = s.get("docs_over_doc_max_len")
-        if docs:
-            fate = ("split into chunks of data.doc_max_len tokens" if summary["format"] ==
-                    "corpus" else "cut to data.doc_max_len tokens")
-            out.append(f"split {split}: {docs} of {s['unique_docs']} documents are longer than "
-                       f"data.doc_max_len and are {fate} (raise --config.data.doc_max_len)")
+        if not docs:
+            continue
+        head = (f"split {split}: {docs} of {s['unique_docs']} documents are longer than "
+                "data.doc_max_len and are")
+        if summary["format"] == "corpus":
+            out.append(f"{head} split into chunks of data.doc_max_len tokens (raise "
+                       "--config.data.doc_max_len)")
+        elif summary.get("stage_doc_chunks", "truncate") == "answer":
+            para = s.get("paraphrase_docs_truncated", 0)
+            out.append(
+                f"{head} stored as one of their chunks (data.stage_doc_chunks=answer); of the "
+                "examples' documents that look for the answer, "
+                f"{s.get('docs_chunk_by_answer', 0)} took the chunk holding it "
+                f"({s.get('docs_answer_past_first_chunk', 0)} past the first chunk) and "
+                f"{s.get('docs_answer_not_found', 0)} did not find it and took the first chunk"
+                + (f"; {para} paraphrase documents are cut to data.doc_max_len tokens"
+                   if para else "") + " (raise --config.data.doc_max_len)")
+        else:
+            out.append(f"{head} cut to data.doc_max_len tokens, which may cut off the answer "
+                       "(pass --config.data.stage_doc_chunks=answer to keep the chunk that "
+                       "holds it, as the index splits documents, or raise "
+                       "--config.data.doc_max_len)")
     return out
 
 
@@ -342,8 +444,8 @@ def build_dataset(fmt: str, inputs: dict[str, str | os.PathLike], out: str | os.
         trained = True
     check_tokenizer_fits(tokenizer, config)
 
-    counts = {"docs_split": 0, "chunks_from_splits": 0}
-    examples = {s: _to_examples(fmt, rows, tokenizer, config, counts)
+    counts = {s: {} for s in split_rows}
+    examples = {s: _to_examples(fmt, rows, tokenizer, config, counts[s])
                 for s, rows in split_rows.items()}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -394,15 +496,18 @@ def _write_build(fmt, inputs, out: Path, config, tokenizer, progress, examples, 
                        "bad_rows": read_stats[s].bad_rows, "examples": len(examples[s]),
                        "errors": read_stats[s].errors[:5],
                        **token_stats(fmt, split_rows[s], tokenizer, config),
-                       **_doc_count_issues(fmt, split_rows[s], config)}
+                       **_doc_count_issues(fmt, split_rows[s], config),
+                       **(counts[s] if fmt != "corpus" else {})}
                    for s in split_rows},
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
                       "trained_here": trained},
         "build_seconds": round(time.perf_counter() - start, 3),
     }
     if fmt == "corpus":
-        summary["docs_split_into_chunks"] = counts["docs_split"]
-        summary["chunks_from_split_docs"] = counts["chunks_from_splits"]
+        summary["docs_split_into_chunks"] = sum(c["docs_split"] for c in counts.values())
+        summary["chunks_from_split_docs"] = sum(c["chunks_from_splits"] for c in counts.values())
+    else:
+        summary["stage_doc_chunks"] = str(config.data.stage_doc_chunks)
     text = json.dumps(summary, indent=2) + "\n"
     summary_path = out / f"{name}.summary.json"
     tmp_summary = out / f".{name}.summary.json.tmp"

@@ -4,7 +4,7 @@ the compressor (`<ENC> BOS doc EOS`, `clara_jax.data.prompts`).
 
 Documents longer than `doc_max_len - DOC_FRAME` tokens are split into windows with
 `chunk_overlap` tokens of overlap; the chunks get ids `"ID#k"` and their text is the decoded
-window, exactly as the data pipeline's corpus datasets name them (`formats.chunk_windows`,
+window, exactly as the data pipeline's corpus datasets name them (`formats.document_chunks`,
 `pipeline.read_rows`), so ids from the index and from the data agree.
 """
 
@@ -14,9 +14,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from clara_jax.data.formats import chunk_windows, iter_jsonl
+from clara_jax.data.formats import chunk_windows, document_chunks, iter_jsonl
 from clara_jax.data.prompts import DOC_FRAME, frame_document, pad_to
 from clara_jax.data.tokenizer import Tokenizer
+
+__all__ = ["chunk_windows", "corpus_records", "make_tokenize", "read_corpus"]
 
 
 def corpus_records(rows, tok: Tokenizer, doc_max_len: int, chunk_overlap: int
@@ -26,12 +28,10 @@ def corpus_records(rows, tok: Tokenizer, doc_max_len: int, chunk_overlap: int
     room = doc_max_len - DOC_FRAME
     for row in rows:
         ids = tok.encode(row.text)
-        windows = chunk_windows(len(ids), room, chunk_overlap)
-        for k, (a, b) in enumerate(windows):
-            single = len(windows) == 1
-            yield {"id": row.id if single else f"{row.id}#{k}", "title": row.title,
-                   "text": row.text if single else tok.decode(ids[a:b]),
-                   "token_ids": ids[a:b]}
+        chunks = document_chunks(row.text, ids, tok, room, chunk_overlap)
+        for k, ((a, b), text) in enumerate(chunks):
+            yield {"id": row.id if len(chunks) == 1 else f"{row.id}#{k}", "title": row.title,
+                   "text": text, "token_ids": ids[a:b]}
 
 
 def read_corpus(path, tok: Tokenizer, doc_max_len: int, chunk_overlap: int,
