@@ -19,6 +19,7 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MEMORY_LAYOUTS = ("append", "interleave", "spread")
 LATENT_POSITIONS = ("packed", "spread")
+COMPRESSOR_ATTENTION = ("causal", "bidirectional")
 DTYPES = ("float32", "bfloat16")
 STAGE_DOC_CHUNKS = ("truncate", "answer")
 
@@ -49,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     # token j after the document's j-th chunk (clara_jax.model.clara.memory_order); "spread":
     # appended, at the RoPE position of the end of chunk j (spread_memory_positions).
     m.memory_layout = "append"
+    # The compressor pass (documents and queries into latents): "causal" as published, or
+    # "bidirectional" (every token, memory tokens included, sees the whole sequence).
+    m.compressor_attention = "causal"
     # "packed": latent slots take one RoPE position each (the published method); "spread": each
     # takes data.compression_rate positions, where the text it stands for would sit.
     m.latent_positions = "packed"
@@ -195,6 +199,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
     if m.memory_layout not in MEMORY_LAYOUTS:
         _fail("model.memory_layout", m.memory_layout, f"must be one of {MEMORY_LAYOUTS}")
+    if m.compressor_attention not in COMPRESSOR_ATTENTION:
+        _fail("model.compressor_attention", m.compressor_attention,
+              f"must be one of {COMPRESSOR_ATTENTION}")
     if m.latent_positions not in LATENT_POSITIONS:
         _fail("model.latent_positions", m.latent_positions, f"must be one of {LATENT_POSITIONS}")
     if m.dtype not in DTYPES:

@@ -471,6 +471,19 @@ def test_spread_memory_tokens_read_the_whole_document(tiny_cfg, tiny_params):
     assert not np.allclose(a, appended, atol=1e-4)
 
 
+def test_bidirectional_compressor_lets_earlier_memory_tokens_see_later_ones(tiny_cfg,
+                                                                          tiny_params):
+    t, m = 12, tiny_cfg.num_memory_tokens
+    toks, mask = _tokens(tiny_cfg, 1, t), jnp.ones((1, t), bool)
+    moved = dict(tiny_params)
+    moved["memory_embeddings"] = tiny_params["memory_embeddings"].at[m - 1].add(0.5)
+    bidi = dataclasses.replace(tiny_cfg, compressor_attention="bidirectional")
+    for cfg, sees_later in ((tiny_cfg, False), (bidi, True)):
+        a = compress(cfg, tiny_params, toks, mask)
+        b = compress(cfg, moved, toks, mask)
+        assert np.allclose(a[:, 0], b[:, 0], atol=1e-6) != sees_later
+
+
 def test_kv_cache_with_spread_latent_positions(tiny_cfg, tiny_params):
     cfg = dataclasses.replace(tiny_cfg, latent_span=4)
     p = _with_adapter_b(tiny_params, "generator")

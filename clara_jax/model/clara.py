@@ -109,7 +109,8 @@ class CLaRa(nn.Module):
                      else None)
         _, hidden, _ = self.decoder(full_tokens, full_mask, inject, slots, adapter=adapter,
                                     deterministic=deterministic, return_logits=False,
-                                    positions=positions)
+                                    positions=positions,
+                                    causal=cfg.compressor_attention == "causal")
         if permuted:
             hidden = hidden[:, np.argsort(order)]  # back to documents first, then memory
         memory_hidden = hidden[:, t:]

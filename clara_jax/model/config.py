@@ -20,6 +20,7 @@ class ModelConfig:
     num_memory_tokens: int  # M
     latent_dim: int = 0  # L; 0 means L = D (no projection)
     memory_layout: str = "append"  # where the compressor's memory tokens sit (clara.memory_order)
+    compressor_attention: str = "causal"  # or "bidirectional" inside the compressor pass
     latent_span: int = 1  # RoPE positions one latent slot takes in the generator's prompt
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -67,7 +68,7 @@ class ModelConfig:
             vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim,
             num_memory_tokens=m.num_memory_tokens, latent_dim=m.latent_dim,
-            memory_layout=m.memory_layout,
+            memory_layout=m.memory_layout, compressor_attention=m.compressor_attention,
             latent_span=(int(config.data.compression_rate)
                          if m.latent_positions == "spread" else 1),
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,

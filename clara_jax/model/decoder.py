@@ -74,7 +74,8 @@ class Decoder(nn.Module):
     inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
     each injected position takes `inject_span` RoPE positions (a latent standing for that many
     tokens of text), every other valid token one, unless positions: int32[B, T] gives them
-    (no cache); cache: from `init_cache` or None.
+    (no cache); `causal=False` lets every token attend to every valid token (no cache);
+    cache: from `init_cache` or None.
     Returns (logits float32[B, T, V] (float32[B, 1, V] with `last_logits_only`) or None,
     hidden float[B, T, D] after the final norm, new cache or None).
     """
@@ -85,7 +86,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens, mask=None, inject=None, inject_mask=None, cache=None,
                  adapter: str | None = None, deterministic: bool = True,
                  return_logits: bool = True, last_logits_only: bool = False,
-                 inject_span: int = 1, positions=None):
+                 inject_span: int = 1, positions=None, causal: bool = True):
         cfg = self.cfg
         b, t = tokens.shape
         if mask is None:
@@ -114,6 +115,8 @@ class Decoder(nn.Module):
         if positions is None:
             positions = jnp.maximum(seen[:, None] + ends - width, 0)
         attn_mask = attention_mask(key_valid, write_index, t)
+        if not causal:  # every valid token sees every other (no cache)
+            attn_mask = jnp.broadcast_to(key_valid[:, None, :], attn_mask.shape)
 
         block = _block_class(cfg)
         carry = (x, None if cache is None else (cache["k"], cache["v"]))
