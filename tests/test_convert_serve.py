@@ -1,8 +1,9 @@
-"""The zero-step route: a reference CLaRa model (tests/fixtures/clara) converted by `clara convert
-from-clara` goes straight to `clara index build`, `clara eval` and `clara ask` through
---checkpoint=DIR, with no training step, from a working directory that is neither the
-repository nor the converted one. The index holds the converted compressor's latents, records
-its identity, and is refused by another model; bad --checkpoint directories are one line.
+"""The zero-step route: a reference CLaRa model (tests/fixtures/clara) converted by `clara
+convert from-clara` goes straight to `clara index build`, `clara eval`, `clara ask` and `clara
+export` through --checkpoint=DIR, with no training step, from a working directory that is
+neither the repository nor the converted one. The index holds the converted compressor's
+latents, records its identity, and is refused by another model; bad --checkpoint directories
+are one line.
 
 Commands run in this process through `clara_jax.cli.run` (as tests/test_faults.py does)."""
 
@@ -150,6 +151,16 @@ def test_ask_reads_the_converted_model(root):
     assert answer["mode"] == "latent" and isinstance(answer["answer"], str)
     assert len(answer["doc_ids"]) == 2
     assert set(answer["doc_ids"]) <= set(open_index(root / "idx").live_ids())
+
+
+def test_export_bundles_the_converted_model(root):
+    from clara_jax.export.bundle import export_bundle, load_bundle
+
+    meta = export_bundle(root / "ours", root / "bundle", index=root / "idx", progress=False)
+    assert meta["source"] == {"checkpoint": str(root / "ours"), "step": 0}
+    assert meta["identity"] == json.loads((root / "build.json").read_text())["identity"]
+    loaded = load_bundle(root / "bundle")  # checks the params against the identity
+    assert loaded.index_path is not None and loaded.model.config.data.doc_max_len == 40
 
 
 def test_another_model_refuses_the_index(root):
