@@ -1,9 +1,9 @@
 """The zero-step route: a reference CLaRa model (tests/fixtures/clara) converted by `clara
-convert from-clara` goes straight to `clara index build`, `clara eval`, `clara ask` and `clara
-export` through --checkpoint=DIR, with no training step, from a working directory that is
-neither the repository nor the converted one. The index holds the converted compressor's
-latents, records its identity, and is refused by another model; bad --checkpoint directories
-are one line.
+convert from-clara` goes straight to `clara index build`, `clara eval`, `clara ask`, `clara
+inspect` and `clara export` through --checkpoint=DIR, with no training step, from a working
+directory that is neither the repository nor the converted one. The index holds the converted
+compressor's latents, records its identity, and is refused by another model; bad --checkpoint
+directories are one line.
 
 Commands run in this process through `clara_jax.cli.run` (as tests/test_faults.py does)."""
 
@@ -151,6 +151,17 @@ def test_ask_reads_the_converted_model(root):
     assert answer["mode"] == "latent" and isinstance(answer["answer"], str)
     assert len(answer["doc_ids"]) == 2
     assert set(answer["doc_ids"]) <= set(open_index(root / "idx").live_ids())
+
+
+def test_inspect_reads_the_converted_model(root):
+    code, stdout, err = clara("inspect", f"--checkpoint={root / 'ours'}",
+                              f"--index={root / 'idx'}", "--doc=d0", "--max_new_tokens=3",
+                              "--neighbors=2", "--backend=exact", cwd=root / "elsewhere")
+    assert code == 0, err
+    (out,) = [json.loads(line) for line in stdout.strip().splitlines()]
+    assert out["id"] == "d0" and out["stored"]["text"] == DOCS[0]
+    assert len(out["neighbors"]) == 2 and "d0" not in [n["id"] for n in out["neighbors"]]
+    assert isinstance(out["decoded"], str)
 
 
 def test_export_bundles_the_converted_model(root):
