@@ -208,3 +208,21 @@ def test_bad_checkpoint_directories_are_one_line(root, tmp_path):
     (notok / "bundle.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"a serving bundle .* pass --bundle="):
         load_checkpoint_model(notok)
+
+
+def test_a_from_hf_directory_is_served_with_default_lengths(tmp_path):
+    """No reference config: documents of 256 // M * M tokens, the other data fields the
+    defaults; the derived config describes the converted model exactly."""
+    from clara_jax.config import base_config
+    from clara_jax.convert import bundle
+    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.model import ModelConfig
+
+    bundle.from_hf(FIXTURES.parent / "hf" / "llama", tmp_path / "hf", progress=False,
+                   num_memory_tokens=8)
+    loaded = load_checkpoint_model(tmp_path / "hf")
+    d, default = loaded.config.data, base_config().data
+    assert (d.doc_max_len, d.compression_rate, d.chunk_overlap) == (256, 32, 32)
+    assert (d.num_docs, d.answer_max_len) == (default.num_docs, default.answer_max_len)
+    assert ModelConfig.from_config(loaded.config) == loaded.cfg and loaded.step == 0
+    assert loaded.tokenizer.vocab_size <= loaded.cfg.vocab_size
