@@ -1,7 +1,8 @@
 """`clara eval --checkpoint=DIR --index=IDX --data=FILE --mode=latent|text|closed_book
 --out=OUT`: batch offline evaluation (clara_jax.eval.job) of a stage-2 / stage-3 JSONL file or
-a world directory (`clara data world --out DIR`: DIR/<split>/stage3.jsonl). `--bundle=BUNDLE`
-replaces --checkpoint and --index.
+a world directory (`clara data world --out DIR`: DIR/<split>/stage3.jsonl). --checkpoint is a
+training run or a converted model (`clara convert from-clara` / `from-hf` DST, evaluated with
+no training step); `--bundle=BUNDLE` replaces --checkpoint and --index.
 
 Scores EM, F1, cover-EM (SQuAD normalisation) and Recall@1/3/5 of the gold documents
 (pos_index, mapped to index ids through --corpus, default the corpus.jsonl beside the data

@@ -7,9 +7,11 @@
     clara index add    --index=IDX --checkpoint=DIR --corpus=FILE
     clara index delete --index=IDX --ids=a,b,c
 
-`build` encodes the corpus with the checkpoint's compressor (jitted, batch sharded over all
-devices, progress bar) and is resumable: run the same command again after an interruption.
-Every action that takes a checkpoint refuses an index built by another compressor.
+--checkpoint is a training run or a converted model (`clara convert from-clara SRC DIR`: a
+released model, indexed with no training step). `build` encodes the corpus with the
+checkpoint's compressor (jitted, batch sharded over all devices, progress bar) and is
+resumable: run the same command again after an interruption. Every action that takes a
+checkpoint refuses an index built by another compressor.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from absl import flags
 FLAGS = flags.FLAGS
 ACTIONS = ("build", "info", "search", "add", "delete")
 
-flags.DEFINE_string("checkpoint", None, "Training run (WORKDIR or WORKDIR/checkpoints); the "
-                    "latest step is used.")
-flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's "
-                    "train.data_dir/tokenizer).")
+flags.DEFINE_string("checkpoint", None, "Training run (WORKDIR or WORKDIR/checkpoints; the "
+                    "latest step is used), or a converted model (`clara convert from-clara` / "
+                    "`from-hf` DST).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's own copy, else "
+                    "its train.data_dir/tokenizer; a converted model's own).")
 flags.DEFINE_string("corpus", None, "Corpus JSONL: {\"id\", \"title\"?, \"text\"} per line.")
 flags.DEFINE_string("out", None, "build: the index directory to write.")
 flags.DEFINE_string("index", None, "info/search/add/delete: the index directory.")

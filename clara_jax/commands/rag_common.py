@@ -1,5 +1,6 @@
-"""Flags and set-up shared by `clara ask` and `clara inspect`: the checkpoint, its tokenizer,
-the latent index (opened with the checkpoint's identity) and the sampling settings."""
+"""Flags and set-up shared by `clara ask` and `clara inspect`: the checkpoint (a training run or
+a converted model, `clara_jax.index.model_source`), its tokenizer, the latent index (opened
+with the checkpoint's identity) and the sampling settings."""
 
 from __future__ import annotations
 
@@ -60,12 +61,14 @@ def error_line(e: Exception) -> str:
 
 def define_pipeline_flags() -> None:
     """Defines the shared flags (call once, at the importing command's import)."""
-    flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints dir.")
+    flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints dir, "
+                        "or a converted model (`clara convert from-clara` / `from-hf` DST).")
     flags.DEFINE_string("bundle", None, "A serving bundle (`clara export`) instead of "
                         "--checkpoint; its own index unless --index is given.")
     flags.DEFINE_string("index", None, "Latent index directory (`clara index build`).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: DATA_DIR/tokenizer of "
-                        "the checkpoint's config.train.data_dir).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's own copy, "
+                        "else DATA_DIR/tokenizer of its config.train.data_dir; a converted "
+                        "model's own).")
     flags.DEFINE_float("temperature", 0.0, "0: greedy decoding.")
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: off).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")

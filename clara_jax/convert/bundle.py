@@ -9,6 +9,12 @@
       hf_files/             other files of the source kept for `to-hf` (generation_config.json,
                             tokenizer_config.json, special_tokens_map.json, tokenizer.model,
                             chat_template.jinja)
+      clara_config.json     from-clara only: the reference's config.json, the template for
+                            `to-clara` and the source of the data lengths below
+
+Such a directory holds no training run, so no experiment config: `experiment_config` derives
+the one it is served with (`clara index` / `eval` / `ask` / `inspect` / `export
+--checkpoint=DIR`, through `clara_jax.index.model_source.load_checkpoint_model`).
 
 The training code will own a checkpoint module (orbax CheckpointManager); until then this is
 the one place that reads and writes this layout.
@@ -35,6 +41,7 @@ PARAMS_DIR = "params"
 HF_CONFIG_FILE = "hf_config.json"
 HF_FILES_DIR = "hf_files"
 TOKENIZER_FILE = "tokenizer.json"
+REFERENCE_CONFIG_FILE = "clara_config.json"  # from-clara: the source's config.json
 # Files of a Hugging Face directory that are neither weights nor config.json but belong with
 # the model; carried through from-hf and back out by to-hf.
 HF_EXTRA_FILES = ("generation_config.json", "tokenizer_config.json",
@@ -73,6 +80,68 @@ def read_model_config(src: str | os.PathLike) -> ModelConfig:
                   "no such file (not a directory written by `clara convert from-hf`)",
                   "model config")
     return model_config_from_dict(d, str(file))
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """Whether `path` holds this layout (model_config.json and params/). An export bundle
+    (`clara_jax.export.bundle`) holds them too, beside its bundle.json."""
+    path = Path(path)
+    return (path / MODEL_CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def experiment_config(src: str | os.PathLike, cfg: ModelConfig):
+    """The experiment config a converted directory SRC (model config `cfg`) is served with:
+    `base_config()` with every model field from `cfg`, and the data fields from SRC's
+    clara_config.json when there is one (from-clara), else the defaults:
+
+        data.compression_rate  the reference's compr_rate (from-hf: 256 // M, at least 1;
+                               `latent_span` when the latents are spread)
+        data.doc_max_len       M * data.compression_rate (the reference's doc_max_length)
+        data.chunk_overlap     min(32, doc_max_len // 4)
+        data.num_docs          the reference's generation_top_k (default 5)
+        data.answer_max_len    the reference's max_new_tokens (default 32)
+
+    `ModelConfig.from_config` of the result is `cfg` again (an export bundle checks that)."""
+    from clara_jax.config import base_config
+
+    src = Path(src)
+    reference = {}
+    if (src / REFERENCE_CONFIG_FILE).is_file():
+        reference = read_json(src / REFERENCE_CONFIG_FILE, hf.ConversionError,
+                              "no such file", "reference CLaRa config")
+        if not isinstance(reference, dict):
+            raise hf.ConversionError(f"{src / REFERENCE_CONFIG_FILE}: expected a JSON object")
+    c = base_config()
+    m = c.model
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "mlp_dim", "num_memory_tokens", "latent_dim", "memory_layout", "qkv_bias",
+                 "tie_embeddings", "max_len", "scan_layers", "remat", "dtype"):
+        m[name] = getattr(cfg, name)
+    m.rope_theta, m.norm_eps, m.init_std = cfg.rope_theta, cfg.norm_eps, cfg.init_std
+    m.latent_positions = "spread" if cfg.latent_span > 1 else "packed"
+    m.lora.rank, m.lora.alpha, m.lora.dropout = cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout
+    m.lora.targets, m.lora.adapters = tuple(cfg.lora_targets), tuple(cfg.adapters)
+    n = cfg.num_memory_tokens
+    if cfg.latent_span > 1:
+        rate = cfg.latent_span
+    elif isinstance(reference.get("compr_rate"), int) and reference["compr_rate"] > 0:
+        rate = reference["compr_rate"]
+    else:
+        rate = max(1, 256 // n)
+    d = c.data
+    d.compression_rate, d.doc_max_len = rate, n * rate
+    d.chunk_overlap = min(int(d.chunk_overlap), d.doc_max_len // 4)
+    for field, ref_field in (("num_docs", "generation_top_k"),
+                             ("answer_max_len", "max_new_tokens")):
+        value = reference.get(ref_field)
+        if isinstance(value, int) and value > 0:
+            d[field] = value
+    d.num_candidates = max(int(d.num_candidates), int(d.num_docs))
+    back = ModelConfig.from_config(c)
+    if dataclasses.replace(back, kernels_train=cfg.kernels_train) != cfg:  # a bug here
+        raise AssertionError(f"{src}: the derived experiment config describes {back}, not "
+                             f"{cfg}")
+    return c
 
 
 def fresh_tmp(dst: Path, overwrite: bool) -> Path:

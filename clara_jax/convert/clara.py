@@ -55,7 +55,7 @@ ADAPTERS_FILE = "adapters.pth"
 FIRST_LAST_FILE = "decoder_first_last_layers.pth"
 BASE_DIR = "decoder"  # to_clara's base decoder, inside DST
 # In a from-clara directory: the source's config.json, the template for to-clara.
-KEPT_CONFIG_FILE = "clara_config.json"
+KEPT_CONFIG_FILE = bundle.REFERENCE_CONFIG_FILE
 
 ADAPTERS = {"encoder_adapter": "compressor", "query_reasoner_adapter": "query",
             "decoder_adapter": "generator"}
