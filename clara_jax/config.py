@@ -3,6 +3,8 @@
 Every file in `configs/` starts from `base_config()` and changes what it needs. `finalize()`
 validates once and fills the derived fields (the number of memory tokens M); errors name the
 field, e.g. `config.data.doc_max_len`.
+
+Fields: docs/config.md (tests/test_config_reference.py keeps it equal to `base_config()`).
 """
 
 from __future__ import annotations
