@@ -122,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Stages 1-2: weight of the bag-of-words loss (losses.bag_of_words_loss): the memory
     # tokens must name the document's tokens.
     c.train.bow_weight = 0.0
+    # Stages 1-2: weight of the span read-out loss (losses.span_readout_loss): latent j must
+    # name the j-th data.compression_rate tokens of its document, in order. For decoders
+    # trained from scratch, where the channel otherwise opens slowly (bench/channel.py).
+    c.train.span_weight = 0.0
     c.train.tau = 0.02  # stage 3: differentiable top-k temperature on cosine scores
     c.train.lambda_align = 0.0  # stage 3: weight of the retrieval-alignment loss
     c.train.align_tau = 1.0  # stage 3: temperature of the generator-utility target
@@ -260,7 +264,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not 0.0 <= t[field] < 1.0:
             _fail(f"train.{field}", t[field], "must be in [0, 1)")
     for field in ("weight_decay", "grad_clip", "mse_weight", "lambda_align", "lambda_infonce",
-                  "lambda_retrieval", "bow_weight"):
+                  "lambda_retrieval", "bow_weight", "span_weight"):
         if t[field] < 0:
             _fail(f"train.{field}", t[field], "must be >= 0")
     for field in ("tau", "align_tau"):

@@ -76,6 +76,27 @@ def bag_of_words_loss(token_logits, doc_tokens, doc_mask):
     return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def span_readout_loss(span_logits, doc_tokens, doc_mask):
+    """Cross-entropy of each latent's guess of the R framed document tokens it stands for:
+    latent j names tokens j·R .. j·R + R - 1, in order (`model.latent_span_logits`).
+
+    The generator learns to read latents only once they say something, and the compressor
+    learns to write only what the generator reads: from random init the two wait on each other
+    (`bench/channel.py`; each half alone, against a fixed partner, learns several times faster:
+    projects/channel/README.md). This loss gives the compressor a signal of its own, and a
+    span per latent by construction, so that no part of the document is left to no latent.
+
+    span_logits: float[B, M, R, V]; doc_tokens: int32[B, M·R]; doc_mask: bool[B, M·R]
+    -> float32[] (mean over the valid document tokens).
+    """
+    b, m, r, v = span_logits.shape
+    logits = span_logits.reshape(b, m * r, v).astype(jnp.float32)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), doc_tokens[..., None],
+                              axis=-1)[..., 0]
+    w = doc_mask.astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def _normalize(x, eps: float = 1e-6):
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

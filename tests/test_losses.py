@@ -17,6 +17,7 @@ from clara_jax.losses import (
     info_nce,
     mse_alignment,
     retrieval_alignment_loss,
+    span_readout_loss,
     token_cross_entropy,
 )
 
@@ -170,3 +171,27 @@ def test_in_batch_info_nce_skips_copies_of_the_gold_document():
     assert float(recall) == 1.0
     _, recall = in_batch_info_nce(query, docs, tokens, jnp.array([1, 0, -1]), tau)
     assert float(recall) == 0.0
+
+
+def test_span_readout_hand_case_orders_each_latents_tokens_and_skips_padding():
+    # 2 latents x 2 sub-positions over a vocabulary of 3; document tokens [2, 0, 1, x].
+    logits = jnp.full((1, 2, 2, 3), -30.0)
+    logits = logits.at[0, 0, 0, 2].set(0.0).at[0, 0, 1, 0].set(0.0).at[0, 1, 0, 1].set(0.0)
+    doc = jnp.asarray([[2, 0, 1, 1]])
+    mask = jnp.asarray([[True, True, True, False]])
+    assert float(span_readout_loss(logits, doc, mask)) < 1e-6
+    # The same tokens in another order within a latent are wrong: ~30 nats for those two.
+    swapped = jnp.asarray([[0, 2, 1, 1]])
+    assert float(span_readout_loss(logits, swapped, mask)) == pytest.approx(20.0, abs=1e-3)
+
+
+def test_span_permutations_are_fixed_permutations_with_identity_first():
+    from clara_jax.model.api import span_permutations
+
+    p = np.asarray(span_permutations(16, 4))
+    assert p.shape == (4, 16)
+    np.testing.assert_array_equal(p[0], np.arange(16))
+    for row in p[1:]:
+        assert sorted(row.tolist()) == list(range(16))
+        assert not np.array_equal(row, np.arange(16))
+    np.testing.assert_array_equal(p, np.asarray(span_permutations(16, 4)))

@@ -10,6 +10,7 @@ from clara_jax.model.api import (
     forward_logits,
     generate_logits,
     init_params,
+    latent_span_logits,
     latent_token_logits,
     logical_specs,
     param_group,
@@ -22,5 +23,5 @@ __all__ = [
     "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress", "compress_docs",
     "count_params", "decode",
     "encode_query", "forward_logits", "generate_logits", "init_cache", "init_params",
-    "latent_token_logits", "logical_specs", "param_group",
+    "latent_span_logits", "latent_token_logits", "logical_specs", "param_group",
 ]

@@ -91,6 +91,25 @@ def latent_token_logits(cfg: ModelConfig, params, latents):
     return lat @ params["decoder"]["embedding"].astype(jnp.float32).T
 
 
+def span_permutations(dim: int, rate: int) -> jax.Array:
+    """R fixed permutations of the D embedding dimensions (the identity first): int32[R, D].
+    Seeded, so every run and every host binds sub-position r the same way."""
+    key = jax.random.key(0x5BA7)
+    return jnp.stack([jnp.arange(dim)] + [jax.random.permutation(jax.random.fold_in(key, r), dim)
+                                          for r in range(1, rate)])
+
+
+def latent_span_logits(cfg: ModelConfig, params, latents, rate: int):
+    """Each latent's guess of the `rate` tokens it stands for, with no parameters of its own:
+    latent j as the generator receives it (projected back to width D), under the r-th fixed
+    permutation of its dimensions (`span_permutations`), against the token embeddings, for
+    r = 0..R-1; a latent holding its span's tokens as a sum of permuted embeddings scores them.
+    latents: float[B, M, L] -> float32[B, M, R, V]."""
+    lat = _apply(cfg, params, CLaRa.as_inputs, latents).astype(jnp.float32)  # [B, M, D]
+    bound = lat[..., span_permutations(cfg.dim, rate)]  # [B, M, R, D]
+    return bound @ params["decoder"]["embedding"].astype(jnp.float32).T
+
+
 def encode_query(cfg: ModelConfig, params, tokens, mask, rng=None):
     """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""
     return _apply(cfg, params, CLaRa.encode_query, tokens, mask, deterministic=rng is None,

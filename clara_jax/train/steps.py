@@ -34,6 +34,7 @@ from clara_jax.model import (
     compress,
     encode_query,
     generate_logits,
+    latent_span_logits,
     latent_token_logits,
 )
 from clara_jax.model.sharding import DEFAULT_RULES, batch_sharding
@@ -92,6 +93,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
     mse_weight = float(t.mse_weight)
     lambda_retrieval = float(t.lambda_retrieval)
     bow_weight = float(t.bow_weight)
+    span_weight = float(t.span_weight)
     k = config.data.num_docs
 
     def rngs(rng, n):
@@ -114,6 +116,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
                                            doc_mask)
             loss = loss + bow_weight * bow
             metrics.update(loss=loss, bow=bow)
+        if span_weight > 0:
+            span = losses.span_readout_loss(
+                latent_span_logits(cfg, params, flat, td // cfg.num_memory_tokens), doc_tokens,
+                doc_mask)
+            loss = loss + span_weight * span
+            metrics.update(loss=loss, span=span)
         if lambda_retrieval > 0:
             # Questions through the compressor adapter: the stage-3 query reasoner starts as a
             # copy of it, and the index's keys are its latents.

@@ -1,0 +1,176 @@
+"""Probe: which half of the channel is slow, the compressor writing or the generator reading?
+
+`bench/channel.py` trains both halves at once; here each half trains against a fixed partner:
+
+- `encoder`: `compress` of the framed document (the product's compressor pass), then a linear
+  read-out per sub-position r of each latent (latent j -> the framed tokens j*R .. j*R+R-1,
+  R = data.compression_rate): only the compressor's gather is learned, the reading is trivial.
+- `decoder`: the generator reads oracle latents, latent j = sum over r of a fixed random
+  vector per (r, token) (unit RMS), so the writing is given and only the reading is learned,
+  through the product's `generate` (latent_up, slots, the stage-1 copy prompt).
+- `joint`: both, as `bench/channel.py` does, through this probe's own loop (a check that the
+  loop matches the benchmark's curve); with `--aux_weight W`, plus W times the `encoder`
+  mode's read-out loss, so that the compressor has a signal of its own before the generator
+  reads anything.
+
+Same data (random documents over a 200-token alphabet), widths (configs/demo.py), optimizer
+(the config's clip + AdamW, flat lr after 100 warm-up steps), batch and held-out set as the
+benchmark; every weight trains. Prints one JSON line per evaluation and a final summary.
+
+    .venv/bin/python projects/channel/probe_parts.py --mode encoder --n 32 --max_steps 1200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import channel  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from clara_jax.config import load_config_file  # noqa: E402
+from clara_jax.model import ModelConfig, compress, generate_logits  # noqa: E402
+from clara_jax.model.api import CLaRa, _apply  # noqa: E402
+
+
+def as_inputs(cfg, params, latents):
+    return _apply(cfg, params, CLaRa.as_inputs, latents)
+from clara_jax.train.optimizer import make_base_tx  # noqa: E402
+
+
+def framed_docs(batch):
+    """The framed, padded documents int32[B, T] and mask bool[B, T] of a copy batch."""
+    return batch["doc_tokens"][:, 0], batch["doc_mask"][:, 0]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=("encoder", "decoder", "joint"), required=True)
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--max_steps", type=int, default=1200)
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aux_weight", type=float, default=0.0, help="joint: weight of the "
+                   "encoder read-out loss")
+    p.add_argument("--readout", choices=("learned", "perm"), default="learned",
+                   help="learned: R linear heads L -> V; perm: no parameters, the latent as the "
+                   "generator receives it, under a fixed permutation per r, against the "
+                   "token embeddings")
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args()
+    overrides = ["train.lambda_retrieval=0", "train.train_base=true", *channel.COPY_OVERRIDES,
+                 *args.set]
+    config = channel.copy_config(load_config_file(str(REPO / "configs/demo.py"), overrides),
+                                 args.n)
+    cfg = ModelConfig.from_config(config)
+    params, tok = channel.start_params(config, "random", args.seed)
+    m, rate, lw = cfg.num_memory_tokens, int(config.data.compression_rate), cfg.latent_width
+    td = int(config.data.doc_max_len)
+    alphabet = channel.alphabet_ids(tok)
+    rng = np.random.default_rng(args.seed)
+    key = jax.random.key(args.seed + 1)
+    # Encoder read-out: R heads of L -> V; oracle table: [R, V, L] fixed unit-RMS vectors.
+    trainable = {"model": params,
+                 "readout": jax.random.normal(key, (rate, lw, cfg.vocab_size)) * lw ** -0.5}
+    oracle = jax.random.normal(jax.random.fold_in(key, 1), (rate, cfg.vocab_size, lw))
+
+    def make(docs):
+        return jax.tree.map(jnp.asarray, channel.copy_batch(tok, docs, m, td))
+
+    def oracle_latents(doc_tokens):  # [B, T] -> [B, M, L]
+        per = oracle[jnp.arange(td) % rate, doc_tokens]  # [B, T, L]
+        return per.reshape(doc_tokens.shape[0], m, rate, lw).sum(2) * rate ** -0.5
+
+    perms = jnp.stack([jnp.arange(cfg.dim)] + [
+        jax.random.permutation(jax.random.fold_in(key, 2 + r), cfg.dim) for r in range(1, rate)])
+
+    def encoder_logits(tr, doc_tokens, doc_mask):  # -> [B, T, V] logits for each framed token
+        lat = compress(cfg, tr["model"], doc_tokens, doc_mask)  # [B, M, L]
+        if args.readout == "perm":
+            up = as_inputs(cfg, tr["model"], lat).astype(jnp.float32)  # [B, M, D]
+            emb = tr["model"]["decoder"]["embedding"].astype(jnp.float32)
+            logits = jnp.einsum("bmrd,vd->bmrv", up[:, :, perms], emb)
+        else:
+            logits = jnp.einsum("bml,rlv->bmrv", lat, tr["readout"])
+        return logits.reshape(doc_tokens.shape[0], td, -1)
+
+    def generator_logits(tr, batch):
+        doc_tokens, doc_mask = framed_docs(batch)
+        lat = (oracle_latents(doc_tokens) if args.mode == "decoder"
+               else compress(cfg, tr["model"], doc_tokens, doc_mask))
+        logits, _ = generate_logits(cfg, tr["model"], batch["tokens"], batch["mask"],
+                                    batch["slot_mask"], lat[:, None])
+        return logits
+
+    doc_slice = slice(2, 2 + args.n)  # framed: <ENC> BOS doc EOS
+
+    def readout_loss(tr, batch):
+        doc_tokens, doc_mask = framed_docs(batch)
+        logits = encoder_logits(tr, doc_tokens, doc_mask)[:, doc_slice]
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, doc_tokens[:, doc_slice]).mean()
+
+    def loss_fn(tr, batch):
+        if args.mode == "encoder":
+            return readout_loss(tr, batch)
+        logits = generator_logits(tr, batch)
+        w = batch["loss_mask"].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        loss = jnp.sum(ce * w) / jnp.sum(w)
+        if args.mode == "joint" and args.aux_weight:
+            loss = loss + args.aux_weight * readout_loss(tr, batch)
+        return loss
+
+    tx = make_base_tx(config)
+    opt = tx.init(trainable)
+
+    @jax.jit
+    def step(tr, opt, batch):
+        loss, g = jax.value_and_grad(loss_fn)(tr, batch)
+        updates, opt = tx.update(g, opt, tr)
+        return optax.apply_updates(tr, updates), opt, loss
+
+    held = make(alphabet[rng.integers(0, channel.ALPHABET, (channel.HELDOUT, args.n))])
+    held_pos = jnp.asarray(channel.doc_positions(jax.tree.map(np.asarray, held), args.n))
+
+    @jax.jit
+    def accuracy(tr):
+        if args.mode == "encoder":
+            doc_tokens, doc_mask = framed_docs(held)
+            pred = jnp.argmax(encoder_logits(tr, doc_tokens, doc_mask), -1)[:, doc_slice]
+            return jnp.mean((pred == doc_tokens[:, doc_slice]).astype(jnp.float32), 0)
+        pred = jnp.take_along_axis(jnp.argmax(generator_logits(tr, held), -1), held_pos, 1)
+        gold = jnp.take_along_axis(held["targets"], held_pos, 1)
+        return jnp.mean((pred == gold).astype(jnp.float32), 0)
+
+    b = int(config.train.batch_size)
+    start, curve = time.perf_counter(), []
+    for i in range(args.max_steps + 1):
+        if i % args.eval_every == 0:
+            by_pos = np.asarray(accuracy(trainable))
+            curve.append({"step": i, "seconds": round(time.perf_counter() - start, 1),
+                          "token_accuracy": round(float(by_pos.mean()), 4)})
+            print(json.dumps({"mode": args.mode, "n": args.n, **curve[-1]}), flush=True)
+        if i == args.max_steps:
+            break
+        batch = make(alphabet[rng.integers(0, channel.ALPHABET, (b, args.n))])
+        trainable, opt, _ = step(trainable, opt, batch)
+    print(json.dumps({"mode": args.mode, "n": args.n, "aux_weight": args.aux_weight,
+                      "readout": args.readout,
+                      "overrides": overrides,
+                      "final": curve[-1], "accuracy_by_position":
+                      [round(float(a), 3) for a in by_pos], "curve": curve}))
+
+
+if __name__ == "__main__":
+    main()
