@@ -40,6 +40,12 @@ def get_config(arg: str = ""):
     # 0.095 -> 0.38 alone), and answers are swapped in the documents so that the generator
     # cannot learn the train world by heart (see projects/demo/README.md).
     c.train.lambda_retrieval = 1.0
+    # The latent channel, from random init (bench/channel.py, 32 tokens through 8 latents):
+    # a latent slot takes the RoPE positions of the text it stands for, so the generator finds
+    # latent j and its sub-position r by relative offset, and the span read-out loss gives the
+    # compressor a signal before the generator reads anything (projects/channel/README.md).
+    c.model.latent_positions = "spread"
+    c.train.span_weight = 1.0
     c.data.swap_answers = 1.0
     # A quarter of the stage-2/3 examples give the documents as text, so that the evaluation's
     # text-RAG baseline reads a generator that has read text (issue 22).
