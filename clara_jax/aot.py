@@ -195,7 +195,7 @@ def default_generate_shape(config: ml_collections.ConfigDict) -> tuple[int, int,
     return int(config.train.batch_size), int(prompt_len), int(config.data.answer_max_len)
 
 
-def _round_to_mesh(n: int, mesh) -> int:
+def round_to_mesh(n: int, mesh) -> int:
     per = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
     return -(-n // per) * per
 
@@ -218,7 +218,7 @@ def compile_generate(config: ml_collections.ConfigDict, mesh, batch: int, prompt
     if prompt_len + new_tokens > cfg.max_len:
         raise UserError(f"--prompt_len={prompt_len} + --new_tokens={new_tokens} exceeds "
                         f"model.max_len={cfg.max_len} (the KV cache holds both)")
-    b = _round_to_mesh(batch, mesh)
+    b = round_to_mesh(batch, mesh)
     params, param_sh = _params_in(cfg, mesh)
     k = int(config.data.num_docs)
     lat = jax.eval_shape(lambda p, t, m: compress(cfg, p, t, m), params,
@@ -255,7 +255,7 @@ def compile_encode(config: ml_collections.ConfigDict, mesh, batch: int) -> Compi
     from clara_jax.index.encode import encode_fn
 
     cfg = ModelConfig.from_config(config)
-    b = _round_to_mesh(batch, mesh)
+    b = round_to_mesh(batch, mesh)
     params, _ = _params_in(cfg, mesh)
     fn, param_sh, tok_sh = encode_fn(cfg, mesh)
     tokens = jax.ShapeDtypeStruct((b, int(config.data.doc_max_len)), jnp.int32, sharding=tok_sh)

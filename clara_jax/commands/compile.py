@@ -92,12 +92,12 @@ def main(argv) -> None:
         prompt_len = FLAGS.prompt_len or prompt_len
         new_tokens = FLAGS.new_tokens or new_tokens
         result = aot.compile_generate(config, mesh, batch, prompt_len, new_tokens)
-        info.update(batch=aot._round_to_mesh(batch, mesh), prompt_len=prompt_len,
+        info.update(batch=aot.round_to_mesh(batch, mesh), prompt_len=prompt_len,
                     new_tokens=new_tokens, num_docs=int(config.data.num_docs))
     else:
         batch = FLAGS.batch or 64
         result = aot.compile_encode(config, mesh, batch)
-        info.update(batch=aot._round_to_mesh(batch, mesh), doc_len=int(config.data.doc_max_len))
+        info.update(batch=aot.round_to_mesh(batch, mesh), doc_len=int(config.data.doc_max_len))
     device = mesh.devices.flat[0]
     mem = aot.memory(result.compiled)
     hbm, source = aot.hbm_per_chip(device, FLAGS.hbm_gib, mesh.devices.size)
