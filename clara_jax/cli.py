@@ -22,6 +22,8 @@ from clara_jax import distributed
 
 COMMANDS = {
     "ask": "Answer questions from a latent index (latent / text / closed-book RAG) as JSONL.",
+    "compile": "Compile train / generate / encode ahead of time for a mesh or TPU topology "
+               "and report per-chip memory, without allocating params.",
     "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
     "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST); "
                "reference CLaRa models in (from-clara) and out (to-clara).",

@@ -22,6 +22,18 @@ from clara_jax.model import ModelConfig, compress, encode_query, logical_specs
 from clara_jax.model.sharding import batch_sharding, logical_to_shardings, make_mesh
 
 
+def encode_fn(cfg: ModelConfig, mesh, query: bool = False):
+    """The jitted encoder on `mesh`: (fn(params, tokens, mask) -> latents, the params'
+    shardings, the tokens' and mask's sharding). `clara compile --what=encode` lowers the same
+    function ahead of time."""
+    param_sh = logical_to_shardings(logical_specs(cfg), mesh)
+    tok_sh = batch_sharding(mesh, 2)
+    fn = encode_query if query else compress
+    jitted = jax.jit(lambda p, t, m: fn(cfg, p, t, m), in_shardings=(param_sh, tok_sh, tok_sh),
+                     out_shardings=batch_sharding(mesh, 3))
+    return jitted, param_sh, tok_sh
+
+
 class LatentEncoder:
     """`compress` under jit on a mesh (default: all local devices): params placed by their
     logical shardings, the batch axis of tokens/mask/latents sharded over (data, fsdp).
@@ -38,13 +50,8 @@ class LatentEncoder:
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
         n_batch = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // n_batch) * n_batch
-        param_sh = logical_to_shardings(logical_specs(cfg), self.mesh)
+        self._fn, param_sh, _ = encode_fn(cfg, self.mesh, query)
         self.params = jax.device_put(params, param_sh)
-        tok_sh = batch_sharding(self.mesh, 2)
-        fn = encode_query if query else compress
-        self._fn = jax.jit(lambda p, t, m: fn(cfg, p, t, m),
-                           in_shardings=(param_sh, tok_sh, tok_sh),
-                           out_shardings=batch_sharding(self.mesh, 3))
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """tokens int32[n, Td], mask bool[n, Td] (any n) -> latents float32[n, M, L]."""

@@ -75,9 +75,12 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def make_mesh_from_config(config: ml_collections.ConfigDict):
+def make_mesh_from_config(config: ml_collections.ConfigDict, devices=None):
+    """config.mesh over `devices` (default: all of them; `clara compile --topology` passes a
+    TPU topology's compile-only devices). ConfigError when it does not fit them or the batch
+    does not split over its batch axes."""
     try:
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     except ValueError as e:  # the config's mesh does not fit this host's devices
         raise ConfigError(f"config.mesh: {e}") from None
     check_batch_fits_mesh(config, int(mesh.shape["data"]) * int(mesh.shape["fsdp"]))
