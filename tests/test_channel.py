@@ -19,8 +19,9 @@ import pytest
 from tests import eval_support as es
 
 DOC_TOKENS = 8
-# bench/channel.py at these widths (projects/channel/README.md): without the MSE term 82% token
-# accuracy at 300 steps with shared 0.59; with it shared 0.999 from step 100 on.
+# bench/channel.py at these widths (projects/channel/README.md): configs/demo.py as shipped, 51%
+# token accuracy at 300 steps with shared 0.65 (chance is 0.5%); the published design (MSE 0.1,
+# packed slots, no span read-out) shared 0.999 from step 100 on.
 COLLAPSED = 0.95
 APART = 0.8
 
@@ -60,12 +61,14 @@ def copy_run(channel, tok, steps: int, *overrides) -> dict:
 
 def test_product_losses_keep_documents_apart_and_the_mse_term_collapses_them(channel, tok):
     ours = copy_run(channel, tok, 300)
-    published = copy_run(channel, tok, 100, "train.mse_weight=0.1")
+    # The published design: the MSE term, packed slots, no span read-out.
+    published = copy_run(channel, tok, 100, "train.mse_weight=0.1", "train.span_weight=0",
+                         "model.latent_positions=packed")
     assert ours["steps"] == 300 and published["steps"] == 100
     assert published["shared"] > COLLAPSED, published["curve"]
     assert published["final_token_accuracy"] < 0.05, published["curve"]
     assert ours["shared"] < APART, ours["curve"]
-    assert ours["final_token_accuracy"] > 0.5, ours["curve"]
+    assert ours["final_token_accuracy"] > 0.3, ours["curve"]
     assert len(ours["accuracy_by_position"]) == DOC_TOKENS
 
 
