@@ -4,7 +4,9 @@ benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -84,3 +86,23 @@ def clara(*args, launcher=None, timeout=300):
     cmd = [sys.executable, "-m", "clara_jax.cli", *args]
     return subprocess.run((launcher or []) + cmd, capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=REPO)
+
+
+def clara_in_process(*args, cwd=None) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `clara ARGS` run in this process (from `cwd` if given)."""
+    from clara_jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.run(["clara", *map(str, args)])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(old)
+    return code, out.getvalue(), err.getvalue()

@@ -9,15 +9,14 @@ Commands run in this process through `clara_jax.cli.run` (as tests/test_faults.p
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import eval_support as es
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "clara"
 SRC, BASE = FIXTURES / "clara", FIXTURES / "base"
@@ -37,23 +36,7 @@ QUESTIONS = [  # (question, index of its gold document, answer)
 ]
 
 
-def clara(*args, cwd) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `clara ARGS` run in this process from `cwd`."""
-    from clara_jax import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    try:
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.run(["clara", *map(str, args)])
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        os.chdir(old)
-    return code, out.getvalue(), err.getvalue()
+clara = es.clara_in_process
 
 
 @pytest.fixture(scope="module")

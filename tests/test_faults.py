@@ -9,8 +9,6 @@ imports per case); the model is trained once, for two steps, for the whole modul
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -23,24 +21,7 @@ from tests import eval_support as es
 TINY = "--config=configs/tiny.py"
 
 
-def clara(*args, cwd=None) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `clara ARGS` run in this process."""
-    from clara_jax import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.run(["clara", *map(str, args)])
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        os.chdir(old)
-    return code, out.getvalue(), err.getvalue()
+clara = es.clara_in_process
 
 
 def snapshot(root: Path) -> dict:

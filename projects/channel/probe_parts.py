@@ -39,12 +39,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from clara_jax.config import load_config_file  # noqa: E402
-from clara_jax.model import ModelConfig, compress, generate_logits  # noqa: E402
-from clara_jax.model.api import CLaRa, _apply  # noqa: E402
-
-
-def as_inputs(cfg, params, latents):
-    return _apply(cfg, params, CLaRa.as_inputs, latents)
+from clara_jax.model import (  # noqa: E402
+    ModelConfig,
+    compress,
+    generate_logits,
+    latent_span_logits,
+)
 from clara_jax.train.optimizer import make_base_tx  # noqa: E402
 
 
@@ -91,15 +91,10 @@ def main():
         per = oracle[jnp.arange(td) % rate, doc_tokens]  # [B, T, L]
         return per.reshape(doc_tokens.shape[0], m, rate, lw).sum(2) * rate ** -0.5
 
-    perms = jnp.stack([jnp.arange(cfg.dim)] + [
-        jax.random.permutation(jax.random.fold_in(key, 2 + r), cfg.dim) for r in range(1, rate)])
-
     def encoder_logits(tr, doc_tokens, doc_mask):  # -> [B, T, V] logits for each framed token
         lat = compress(cfg, tr["model"], doc_tokens, doc_mask)  # [B, M, L]
-        if args.readout == "perm":
-            up = as_inputs(cfg, tr["model"], lat).astype(jnp.float32)  # [B, M, D]
-            emb = tr["model"]["decoder"]["embedding"].astype(jnp.float32)
-            logits = jnp.einsum("bmrd,vd->bmrv", up[:, :, perms], emb)
+        if args.readout == "perm":  # the product's read-out (train.span_weight)
+            logits = latent_span_logits(cfg, tr["model"], lat, rate)
         else:
             logits = jnp.einsum("bml,rlv->bmrv", lat, tr["readout"])
         return logits.reshape(doc_tokens.shape[0], td, -1)
