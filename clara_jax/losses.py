@@ -1,5 +1,5 @@
 """Losses of the three CLaRa training stages. Pure functions of arrays; shape letters as in
-DESIGN.md (B batch, T positions, V vocabulary, D width, C candidates, K documents used,
+docs/design.md (B batch, T positions, V vocabulary, D width, C candidates, K documents used,
 M memory tokens, L latent width).
 
 - `token_cross_entropy`: masked next-token CE of the generator's answer.

@@ -14,7 +14,7 @@ step); it exists as the reference for the cache and as the benchmark's baseline.
 `Generator` is the host-side entry point: it pads a list of prompts up to a (batch, length)
 bucket, so the device function compiles once per bucket and never per call.
 
-Shape letters as in DESIGN.md; N = max_new_tokens.
+Shape letters as in docs/design.md; N = max_new_tokens.
 """
 
 from __future__ import annotations

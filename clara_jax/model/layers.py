@@ -1,5 +1,5 @@
 """Decoder building blocks: RMSNorm, RoPE, LoRA linear layers, grouped-query attention over a
-KV cache, and the SwiGLU MLP. Shape letters as in DESIGN.md."""
+KV cache, and the SwiGLU MLP. Shape letters as in docs/design.md."""
 
 from __future__ import annotations
 

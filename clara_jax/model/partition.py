@@ -10,7 +10,7 @@ import optax
 
 from clara_jax.model.api import param_group
 
-# What each training stage updates (DESIGN.md): the compressor side and the generator in
+# What each training stage updates (docs/design.md): the compressor side and the generator in
 # stages 1-2; the query reasoner and the generator in stage 3, the compressor frozen.
 STAGE_TRAINABLE = {
     1: frozenset({"adapter:compressor", "adapter:generator", "memory", "latent_up"}),

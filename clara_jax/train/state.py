@@ -49,7 +49,7 @@ def merge_trainable(labels, train, frozen):
 
 def init_query_adapter(params):
     """Stage-3 start: the query reasoner's LoRA factors copied from the compressor's
-    (DESIGN.md: the query adapter is initialised from the compressor adapter). Copies, not
+    (docs/design.md: the query adapter is initialised from the compressor adapter). Copies, not
     aliases, so a donated state never holds one buffer twice."""
     def walk(tree):
         if not isinstance(tree, dict):

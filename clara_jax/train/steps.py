@@ -1,6 +1,6 @@
 """Step functions of the three CLaRa stages: pure `(state, batch, rng) -> (state, metrics)`.
 
-Batches follow the shared contract (shape letters as in DESIGN.md; Td = data.doc_max_len):
+Batches follow the shared contract (shape letters as in docs/design.md; Td = data.doc_max_len):
   stage 1/2: doc_tokens int32[B, K, Td], doc_mask bool[B, K, Td], tokens/mask/slot_mask/
              targets/loss_mask [B, T] (K = 1 in stage 1)
   stage 3:   query_tokens int32[B, Tq], query_mask bool[B, Tq], cand_tokens int32[B, C, Td],
