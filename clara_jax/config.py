@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ml_collections
 
+from clara_jax.data.prompts import DOC_FRAME
 from clara_jax.data.world import WORLD_SIZES
 
 ADAPTERS = ("compressor", "query", "generator")
@@ -232,8 +233,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if d.doc_max_len <= 0 or d.doc_max_len % d.compression_rate:
         _fail("data.doc_max_len", d.doc_max_len,
               f"must be a positive multiple of data.compression_rate={d.compression_rate}")
-    if not 0 <= d.chunk_overlap < d.doc_max_len:
-        _fail("data.chunk_overlap", d.chunk_overlap, "must be in [0, data.doc_max_len)")
+    # Chunks are cut from the document's room inside the <ENC> BOS ... EOS frame.
+    if not 0 <= d.chunk_overlap < d.doc_max_len - DOC_FRAME:
+        _fail("data.chunk_overlap", d.chunk_overlap,
+              f"must be in [0, data.doc_max_len - {DOC_FRAME}) (the document's room inside its "
+              f"<ENC> BOS ... EOS frame, {d.doc_max_len - DOC_FRAME} tokens)")
     if d.stage_doc_chunks not in STAGE_DOC_CHUNKS:
         _fail("data.stage_doc_chunks", d.stage_doc_chunks, f"must be one of {STAGE_DOC_CHUNKS}")
     for field in ("question_max_len", "answer_max_len", "paraphrase_max_len"):
@@ -327,6 +331,26 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def _cast_override(current, value: str):
+    """A "a.b=value" override's text as the type of the field's current value: booleans from
+    1/true/yes, tuples and lists from a Python literal or comma-separated items (each item cast
+    like the first element), anything else by the type's constructor."""
+    import ast
+
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(current, (tuple, list)):
+        try:
+            items = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        items = list(items) if isinstance(items, (tuple, list)) else [items]
+        if current:
+            items = [_cast_override(current[0], str(v)) for v in items]
+        return type(current)(items)
+    return type(current)(value)
+
+
 def load_config_file(path: str, overrides=()) -> ml_collections.ConfigDict:
     """The finalized config of a config file, "FILE" or "FILE:ARG" (its get_config(ARG)), with
     "a.b=value" overrides (cast to the field's type), for scripts that do not use absl flags."""
@@ -345,7 +369,6 @@ def load_config_file(path: str, overrides=()) -> ml_collections.ConfigDict:
         *parents, leaf = key.split(".")
         for name in parents:
             node = node[name]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
-            value.lower() in ("1", "true", "yes"))
+        node[leaf] = _cast_override(node[leaf], value)
     return finalize(config)
 

@@ -45,6 +45,9 @@ def _bad(mutate) -> str:
     (lambda c: setattr(c.data, "text_share", 1.5), "config.data.text_share=1.5"),
     (lambda c: setattr(c.data, "paraphrase_max_len", 1), "config.data.paraphrase_max_len=1"),
     (lambda c: setattr(c.data, "stage_doc_chunks", "first"), "config.data.stage_doc_chunks="),
+    # 128 - 3 framing tokens leave a 125-token room: an overlap of 125 cannot chunk.
+    (lambda c: (setattr(c.data, "doc_max_len", 128), setattr(c.data, "chunk_overlap", 125)),
+     "config.data.chunk_overlap=125"),
     (lambda c: setattr(c.train, "lambda_retrieval", -1.0), "config.train.lambda_retrieval=-1.0"),
     (lambda c: setattr(c.data, "compression_rate", 0), "config.data.compression_rate=0"),
     (lambda c: setattr(c.model, "n_kv_heads", 5), "config.model.n_kv_heads=5"),
@@ -110,3 +113,15 @@ def test_saved_config_fills_fields_added_since_and_keeps_the_rest():
     assert restored.train.lambda_retrieval == base_config().train.lambda_retrieval
     assert restored.data.answer_max_len == 7  # saved values win
     assert restored.model.num_memory_tokens == tiny.get_config().model.num_memory_tokens
+
+
+def test_file_overrides_cast_tuples_item_by_item():
+    from clara_jax.config import load_config_file
+
+    c = load_config_file(str(REPO / "configs" / "demo.py"),
+                         ["demo.stage_steps=10,20,30", "demo.stage_lr=(1e-3, 1e-4, 1e-5)",
+                          "model.lora.targets=q,v", "train.span_weight=0.5"])
+    assert tuple(c.demo.stage_steps) == (10, 20, 30)
+    assert tuple(c.demo.stage_lr) == (1e-3, 1e-4, 1e-5)
+    assert tuple(c.model.lora.targets) == ("q", "v")
+    assert c.train.span_weight == 0.5
