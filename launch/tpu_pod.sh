@@ -116,27 +116,35 @@ where=(--zone "$zone")
 dry_node=READY  # the dry run's stand-in for the slice's state
 [[ $can_create -eq 1 ]] && dry_node=MISSING
 
-# The slice as one word: READY, MISSING, PREEMPTED (the node was preempted, or its queued
-# resource was suspended or failed), QUEUED (waiting for or being provisioned), or the node's
-# own state (CREATING, REPAIRING, ...).
+# A describe query (ask's arguments): the state it prints; MISSING when gcloud says not found;
+# UNKNOWN when it failed otherwise (its error on stderr), so that a network hiccup is never
+# taken for a lost slice and a working one deleted.
+query_state() {
+  local out
+  if out=$(ask "$@" 2> /dev/null); then echo "$out"; return; fi
+  if [[ $dry_run -eq 1 ]]; then echo MISSING; return; fi
+  out=$(ask "$@" 2>&1 > /dev/null) || true
+  if grep -qiE 'not.?found' <<< "$out"; then echo MISSING; else echo "$out" >&2; echo UNKNOWN; fi
+}
+
+# The slice as one word: READY, MISSING, UNKNOWN, the queued resource's state while it is not
+# ACTIVE (WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDED, FAILED, ...), else the node's state
+# (PREEMPTED, CREATING, REPAIRING, ...).
 slice_state() {
   local st canned=$dry_node
   if [[ $queued -eq 1 ]]; then
     case "$dry_node" in MISSING) canned="!fail" ;; PREEMPTED) canned=SUSPENDED ;; *) canned=ACTIVE ;; esac
-    st=$(ask "$canned" "${qr[@]}" describe "$name" "${where[@]}" --format='value(state.state)' \
-      2> /dev/null) || { echo MISSING; return; }
-    case "$st" in
-      ACTIVE) ;;
-      SUSPENDING|SUSPENDED|FAILED) echo PREEMPTED; return ;;
-      *) echo QUEUED; return ;;
-    esac
+    st=$(query_state "$canned" "${qr[@]}" describe "$name" "${where[@]}" \
+      --format='value(state.state)')
+    [[ "$st" == ACTIVE ]] || { echo "$st"; return; }
     canned=$dry_node
   fi
   [[ "$canned" == MISSING ]] && canned="!fail"
-  st=$(ask "$canned" "${gc[@]}" describe "$name" "${where[@]}" --format='value(state)' \
-    2> /dev/null) || { echo MISSING; return; }
-  echo "$st"
+  query_state "$canned" "${gc[@]}" describe "$name" "${where[@]}" --format='value(state)'
 }
+
+# States in which the slice will not run the job again: it must be deleted and re-created.
+gone() { [[ "$1" =~ ^(MISSING|PREEMPTED|TERMINATED|SUSPENDING|SUSPENDED|FAILED)$ ]]; }
 
 create_slice() {
   local extra=()
@@ -165,8 +173,8 @@ ensure_slice() {
   local st last=""
   fresh=0
   st=$(slice_state)
-  if [[ "$st" == PREEMPTED ]]; then
-    [[ $can_create -eq 1 ]] || die "TPU VM '$name' is preempted (pass --create or --queued to re-create it)"
+  if gone "$st" && [[ "$st" != MISSING ]]; then
+    [[ $can_create -eq 1 ]] || die "TPU VM '$name' is $st (pass --create or --queued to re-create it)"
     delete_slice
     st=MISSING
   fi
@@ -177,7 +185,8 @@ ensure_slice() {
     st=$(slice_state)
   fi
   while [[ "$st" != READY ]]; do
-    [[ "$st" != PREEMPTED && "$st" != MISSING ]] || die "TPU VM '$name' became $st while waiting for it"
+    [[ "$st" != UNKNOWN ]] || die "gcloud could not describe TPU VM '$name' (its error is above)"
+    ! gone "$st" || die "TPU VM '$name' became $st while waiting for it to be ready (gcloud compute tpus $([[ $queued -eq 1 ]] && echo queued-resources || echo tpu-vm) describe $name says why)"
     [[ "$st" == "$last" ]] || echo "TPU VM $name: $st, waiting (every ${poll_s}s)"
     last=$st
     pause
@@ -213,7 +222,7 @@ start_job() {
   local cmd
   printf -v cmd '%q ' "$@"
   act "${gc[@]}" ssh "$name" "${where[@]}" --worker=all --command \
-    "cd $remote_dir && mkdir -p logs && rm -f logs/exit_code logs/stop_requested && { setsid nohup bash launch/tpu_job.sh ${cmd}> /dev/null 2>&1 < /dev/null & } && echo \$! > logs/pid && echo \"started on \$(hostname)\""
+    "cd $remote_dir && mkdir -p logs && if [ -e logs/pid ] && [ ! -e logs/exit_code ] && kill -0 \$(cat logs/pid) 2> /dev/null; then echo \"a job is still running on \$(hostname) (tpu_pod.sh stop ends it)\" >&2; exit 1; fi && rm -f logs/exit_code logs/stop_requested && { setsid nohup bash launch/tpu_job.sh ${cmd}> /dev/null 2>&1 < /dev/null & } && echo \$! > logs/pid && echo \"started on \$(hostname)\""
 }
 
 launch() {
@@ -281,7 +290,7 @@ while true; do
   if [[ "$st" == READY ]]; then
     job=$(job_status)
     fetch_logs "$logdir/attempt_$retries" || true  # the next poll tries again
-  elif [[ "$st" != PREEMPTED && "$st" != MISSING ]]; then
+  elif ! gone "$st"; then
     echo "TPU VM $name: $st"
     continue
   fi
@@ -290,7 +299,7 @@ while true; do
     done) echo "done on every worker; logs in $logdir/attempt_$retries"; exit 0 ;;
     stopped) echo "stopped (tpu_pod.sh stop); logs in $logdir/attempt_$retries"; exit 0 ;;
     failed:*)
-      echo "a worker exited with status ${job#failed:}; logs in $logdir/attempt_$retries" >&2
+      echo "a worker exited with status ${job#failed:}; logs in $logdir/attempt_$retries (others may still be running: $(words launch/tpu_pod.sh stop --name "$name" "${where[@]}" --remote_dir "$remote_dir"))" >&2
       [[ "${job#failed:}" =~ ^[0-9]+$ ]] && exit "${job#failed:}"
       exit 1 ;;
   esac

@@ -342,6 +342,8 @@ def test_tpu_stop_signals_the_job_which_still_records_its_status(stub_path, code
     while "worker up cluster" not in _worker_log(code_dir):
         assert time.time() < deadline, "the job did not start"
         time.sleep(0.05)  # its SIGTERM handler is installed before it says so
+    second = subprocess.run(["bash", "-c", start], capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1 and "a job is still running on" in second.stderr
     _sh(stop)
     assert _status(probe) == "clara-exit=stopped"
     exit_code = code_dir / "logs" / "exit_code"
