@@ -141,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.nan_policy = "stop"  # 'stop' or 'skip' (skip the update of a non-finite step)
     c.train.train_base = False  # stages 1-2: also train the base decoder (from-scratch models)
     c.train.data_dir = ""  # where the data pipeline's prepared files live
+    # Steps to record with the JAX profiler (process 0), starting after the run's first step
+    # (which carries one-time costs); the trace lands in WORKDIR/tb/plugins/profile. 0: off.
+    c.train.profile_steps = 0
 
     # What `clara demo` runs: steps and peak learning rate per stage, the world, the evaluation.
     c.demo = ml_collections.ConfigDict()
@@ -280,6 +283,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if t.batch_size % t.grad_accum:
         _fail("train.grad_accum", t.grad_accum,
               f"must divide train.batch_size={t.batch_size}")
+    if t.profile_steps < 0:
+        _fail("train.profile_steps", t.profile_steps,
+              "must be >= 0 (steps to trace; 0 disables the profiler)")
     if t.eval_every < 0:
         _fail("train.eval_every", t.eval_every, "must be >= 0 (0 disables evaluation)")
     if t.train_base and t.stage == 3:

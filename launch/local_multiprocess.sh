@@ -4,7 +4,7 @@
 # every process also logs to LOGDIR/process_<i>.log. Exits non-zero if any process fails.
 #
 # Usage: launch/local_multiprocess.sh N [--devices_per_process D] [--port P] [--logdir DIR] \
-#          -- <command and its flags>
+#          [--dry_run] -- <command and its flags>
 #   e.g. launch/local_multiprocess.sh 2 --devices_per_process 4 -- \
 #          clara train --config=configs/tiny.py --workdir=runs/mp
 #
@@ -12,9 +12,22 @@
 #   --devices_per_process  simulated CPU devices per process (default 1)
 #   --port                 coordinator port on 127.0.0.1 (default: a free port)
 #   --logdir               per-process logs (default runs/multiprocess_logs)
+#   --dry_run              print each process's environment, command and log, run nothing
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+# One command per line, each word quoted only when the shell needs it, so that a dry run's
+# output can be pasted back into a shell.
+quote() {
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
+  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+show() {
+  local out="+" word
+  for word in "$@"; do out+=" $(quote "$word")"; done
+  echo "$out"
+}
 
 [[ $# -ge 1 ]] || usage
 num="$1"; shift
@@ -22,11 +35,13 @@ num="$1"; shift
 devices=1
 port=""
 logdir="runs/multiprocess_logs"
+dry_run=0
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
     --devices_per_process) devices="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --logdir) logdir="$2"; shift 2 ;;
+    --dry_run) dry_run=1; shift ;;
     *) echo "unknown option '$1'" >&2; usage ;;
   esac
 done
@@ -34,6 +49,18 @@ done
 shift
 if [[ -z "$port" ]]; then
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+
+if [[ $dry_run -eq 1 ]]; then
+  show mkdir -p "$logdir"
+  for ((i = 0; i < num; i++)); do
+    line=$(show env CLARA_COORDINATOR="127.0.0.1:$port" CLARA_NUM_PROCESSES="$num" \
+      CLARA_PROCESS_ID="$i" JAX_PLATFORMS=cpu \
+      XLA_FLAGS="--xla_force_host_platform_device_count=$devices" "$@")
+    log=$(quote "$logdir/process_$i.log")
+    if [[ $i -eq 0 ]]; then echo "$line 2>&1 | tee $log &"; else echo "$line > $log 2>&1 &"; fi
+  done
+  exit 0
 fi
 mkdir -p "$logdir"
 

@@ -60,6 +60,7 @@ def _bad(mutate) -> str:
     (lambda c: setattr(c.model.lora, "dropout", 1.5), "config.model.lora.dropout=1.5"),
     (lambda c: setattr(c.data, "num_docs", 30), "config.data.num_docs=30"),
     (lambda c: setattr(c.train, "stage", 4), "config.train.stage=4"),
+    (lambda c: setattr(c.train, "profile_steps", -2), "config.train.profile_steps=-2"),
     (lambda c: setattr(c.train, "schedule", "linear"), "config.train.schedule='linear'"),
     (lambda c: (setattr(c.mesh, "fsdp", -1)), "config.mesh.fsdp=-1"),
     (lambda c: setattr(c.mesh, "tensor", 0), "config.mesh.tensor=0"),

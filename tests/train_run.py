@@ -6,6 +6,7 @@ usage: python tests/train_run.py WORKDIR STAGE STEPS [--kill_at=N] [--sigterm_at
   --sigterm_at=N  the process sends itself SIGTERM when asked for batch N
   --nan_at=N      batch N has out-of-vocabulary targets, so its loss is NaN
   --nan_policy=P  train.nan_policy
+  --profile_steps=N  train.profile_steps
 Prints one JSON line: the run's status and step.
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
     config.train.log_every = 1
     config.train.checkpoint_every = 5
     config.train.nan_policy = opts.get("nan_policy", "stop")
+    config.train.profile_steps = int(opts.get("profile_steps", 0))
     config.model.lora.dropout = 0.1  # so resume must also restore the dropout keys
 
     def factory(cfg, st, split):

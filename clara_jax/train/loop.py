@@ -7,7 +7,8 @@ Outputs under WORKDIR:
   metrics.jsonl         one JSON object per logged step: step, stage, loss and its terms,
                         grad_norm, lr, tokens_per_s
   eval_metrics.jsonl    one JSON object per evaluation (train.eval_every)
-  tb/                   TensorBoard event files (the same numbers)
+  tb/                   TensorBoard event files (the same numbers); with train.profile_steps,
+                        the profiler trace in tb/plugins/profile/<run>/<host>.xplane.pb
 
 Exact resume: the state holds the step and the run's base key, each step's dropout key is
 `fold_in(base key, step)`, and the data iterator's state is saved with every checkpoint; on
@@ -171,6 +172,50 @@ class _Preemption:
             signal.signal(s, old)
 
 
+class _StepProfiler:
+    """Traces train.profile_steps steps with the JAX profiler on process 0, starting after the
+    run's first step (its one-time costs would swamp the trace), into WORKDIR/tb, where
+    TensorBoard's profile tab reads it (tb/plugins/profile/<run>/<host>.xplane.pb). Steps are
+    counted as completed steps: tracing covers steps first + 1 .. last."""
+
+    def __init__(self, count: int, start: int, end: int, logdir: Path):
+        self.first = start + 1
+        self.last = min(start + 1 + count, end)
+        self.logdir = logdir
+        self.on = count > 0 and _is_main() and self.first < self.last
+        self.tracing = False
+        if count > 0 and not self.on:
+            _say(f"train.profile_steps={count}: no step after this run's first to trace "
+                 f"(steps {start + 1}..{end} left)")
+
+    def before(self, step: int, state) -> None:
+        if self.on and not self.tracing and step == self.first:
+            jax.block_until_ready(state)  # the first step's work stays out of the trace
+            jax.profiler.start_trace(str(self.logdir))
+            self.tracing = True
+
+    def annotate(self, step: int):
+        """Marks one step for the trace viewer's step view (step = the step being run)."""
+        if not self.tracing:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def after(self, step: int, state) -> None:
+        if self.tracing and step == self.last:
+            self.stop(step, state)
+
+    def stop(self, step: int, state=None) -> None:
+        """Ends the trace (at the last traced step, or early on preemption or an error)."""
+        if not self.tracing:
+            return
+        if state is not None:
+            jax.block_until_ready(state)  # dispatched steps finish inside the trace
+        jax.profiler.stop_trace()
+        self.tracing = False
+        _say(f"profiler: traced steps {self.first + 1}-{step} into "
+             f"{self.logdir / 'plugins' / 'profile'}")
+
+
 def _global_batch(batch: dict, shardings: dict) -> dict:
     """This process's rows -> global jax arrays sharded on the batch axis."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
@@ -309,16 +354,20 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
     window_start = time.perf_counter()
     status = "done"
     batch = first
+    profiler = _StepProfiler(int(t.profile_steps), start, int(t.steps), workdir / "tb")
     try:
         with _Preemption() as preempt:
             while step < t.steps:
+                profiler.before(step, state)  # a traced step's batch loading is traced too
                 if batch is None:
                     batch = next(loader)
-                with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+                with (jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES),
+                      profiler.annotate(step + 1)):
                     state, metrics = compiled(state, _global_batch(batch, batch_sh),
                                               fold(state.rng, step))
                 batch = None
                 step += 1
+                profiler.after(step, state)
                 pending.append(metrics)
                 log_now = step % t.log_every == 0 or step == t.steps
                 save_now = step % t.checkpoint_every == 0 or step == t.steps
@@ -375,6 +424,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                          f"{ckpt.checkpoint_dir(workdir)}; exiting")
                     break
     finally:
+        profiler.stop(step)
         ckpt.finish(manager)
         if bar is not None:
             bar.close()
