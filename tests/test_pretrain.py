@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from clara_jax import param_store
 from clara_jax.config import load_config_file
 from clara_jax.data import prepare, prompts, world
 from clara_jax.data.featurize import Featurizer
@@ -51,7 +52,7 @@ def test_pretrain_trains_on_fresh_worlds_and_writes_its_outputs(pretrained, tiny
                  "decoder/layers_1/mlp/up/lora_compressor_b",
                  "decoder/layers_1/mlp/up/lora_generator_b", "memory_embeddings",
                  "latent_down/kernel", "latent_up/kernel"):
-        a, b = pretrain.flatten(params)[name], pretrain.flatten(start)[name]
+        a, b = param_store.flatten(params)[name], param_store.flatten(start)[name]
         assert not np.allclose(a, b), name
 
 
@@ -98,8 +99,8 @@ def test_the_start_state_holds_the_pretrained_params(pretrained, tiny_config, ti
     target = one_device_target(tiny_config, tiny_cfg)
     restored, meta = ckpt.restore_params(tmp_path / "start", target)
     assert meta["step"] == 0 and meta["stage"] == 1 and meta["pretrained"] == str(out)
-    want = pretrain.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg))
-    got = pretrain.flatten(restored)
+    want = param_store.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg))
+    got = param_store.flatten(restored)
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -108,7 +109,7 @@ def test_the_start_state_holds_the_pretrained_params(pretrained, tiny_config, ti
 def test_load_params_names_the_tensor_that_does_not_fit(pretrained, tiny_config, tmp_path):
     out, _ = pretrained
     cfg = ModelConfig.from_config(tiny_config)
-    flat = pretrain.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, cfg))
+    flat = param_store.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, cfg))
     from safetensors.numpy import save_file
 
     wrong = dict(flat, **{"latent_up/kernel": np.zeros((3, 3), np.float32)})
@@ -201,7 +202,7 @@ def test_pretraining_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
     a = load_file(str(tmp_path / "one" / pretrain.PARAMS_FILE))
     b = load_file(str(tmp_path / "eight" / pretrain.PARAMS_FILE))
     assert set(a) == set(b)
-    start = pretrain.flatten(init_params(ModelConfig.from_config(tiny_config),
+    start = param_store.flatten(init_params(ModelConfig.from_config(tiny_config),
                                          jax.random.key(int(tiny_config.train.seed))))
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-5, rtol=1e-3, err_msg=k)
@@ -213,8 +214,8 @@ def test_int8_params_load_close_to_the_float_ones(pretrained, tiny_cfg, tmp_path
     src = out / pretrain.PARAMS_FILE
     info = pretrain.quantize_file(src, tmp_path / "q.safetensors")
     assert info["bytes"] < 0.4 * src.stat().st_size
-    full = pretrain.flatten(pretrain.load_params(src, tiny_cfg))
-    small = pretrain.flatten(pretrain.load_params(tmp_path / "q.safetensors", tiny_cfg))
+    full = param_store.flatten(pretrain.load_params(src, tiny_cfg))
+    small = param_store.flatten(pretrain.load_params(tmp_path / "q.safetensors", tiny_cfg))
     assert set(full) == set(small)
     for k in full:
         rows = full[k].reshape(full[k].shape[0], -1) if full[k].ndim > 1 else full[k][None]

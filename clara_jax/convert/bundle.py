@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-
+from clara_jax import param_store
 from clara_jax.convert import hf
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params
@@ -151,37 +150,15 @@ def fresh_tmp(dst: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
 
 
-def _save_params(directory: Path, params) -> None:
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory.absolute(), params)
-        ckptr.wait_until_finished()
-
-
 def load_params(src: str | os.PathLike, cfg: ModelConfig | None = None, shardings=None):
     """(cfg, params) from a from-hf directory, restored onto `shardings` (a tree matching the
     params) or the host CPU."""
-    import orbax.checkpoint as ocp
-
     src = Path(src)
     cfg = read_model_config(src) if cfg is None else cfg
-    abstract = abstract_params(cfg)
-    if shardings is None:
-        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        shardings = jax.tree.map(lambda _: cpu, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    params_dir = (src / PARAMS_DIR).absolute()
-    if not params_dir.exists():
-        raise hf.ConversionError(f"{params_dir}: no such directory")
-    with ocp.StandardCheckpointer() as ckptr:
-        # The stored dtypes win (the base may have been written as bfloat16).
-        stored = ckptr.metadata(params_dir).item_metadata.tree
-        target = jax.tree.map(
-            lambda t, m: jax.ShapeDtypeStruct(t.shape, m.dtype, sharding=t.sharding),
-            target, stored)
-        params = ckptr.restore(params_dir, target)
+    try:
+        params = param_store.load_orbax(src / PARAMS_DIR, abstract_params(cfg), shardings)
+    except FileNotFoundError as e:
+        raise hf.ConversionError(str(e)) from None
     return cfg, params
 
 
@@ -189,7 +166,7 @@ def write_contents(directory: Path, cfg: ModelConfig, params, hf_config: dict, t
                    extra_dirs: list[Path]) -> None:
     """Writes a converted directory's files (layout in the module doc) into `directory`.
     HF_EXTRA_FILES are copied from the first of `extra_dirs` that holds each."""
-    _save_params(directory / PARAMS_DIR, params)
+    param_store.save_orbax(directory / PARAMS_DIR, params)
     (directory / MODEL_CONFIG_FILE).write_text(
         json.dumps(model_config_to_dict(cfg), indent=2) + "\n")
     (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")

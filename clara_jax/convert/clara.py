@@ -49,6 +49,7 @@ from clara_jax.convert import bundle, hf
 from clara_jax.convert.pth import PthError, read_pth, write_pth
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params
+from clara_jax.param_store import path_keys
 
 CLARA_CONFIG_FILE = "config.json"
 ADAPTERS_FILE = "adapters.pth"
@@ -249,6 +250,79 @@ def _with_rows(x: np.ndarray, rows: int, dtype) -> np.ndarray:
     return out
 
 
+def _reference_tokenizer_and_rows(src: Path, base: Path, config: dict, probe, first_last: dict,
+                                  copies: list):
+    """The reference's tokenizer (SRC's tokenizer.json, else the base's) with its added
+    tokens, and its effective embedding rows checked against it and the base width. Returns
+    (tokenizer, its directory, {EMBED, LM_HEAD: [V', D] or None}, memory token ids, V')."""
+    from tokenizers import Tokenizer as RawTokenizer
+
+    from clara_jax.data.tokenizer import HFTokenizer
+
+    tok_dir = src if (src / bundle.TOKENIZER_FILE).exists() else base
+    tok_file = tok_dir / bundle.TOKENIZER_FILE
+    if not tok_file.exists():
+        raise hf.ConversionError(f"{tok_file}: no such file (nor in {src}); the token ids of "
+                                 "the memory and special tokens come from the tokenizer")
+    try:
+        raw = RawTokenizer.from_file(str(tok_file))
+    except Exception as e:  # the tokenizers package raises a bare Exception
+        raise hf.ConversionError(f"{tok_file}: not a Hugging Face tokenizer.json: {e}") from e
+    raw, mem_ids = reference_tokenizer(raw, config)
+    ref_vocab = raw.get_vocab_size(with_added_tokens=True)
+    # The reference's effective embedding: first_last, then each adapter's PEFT copy as
+    # `load_adapter` loads them in file order (they are equal when saved together).
+    rows = {EMBED: first_last[EMBED], LM_HEAD: first_last.get(LM_HEAD)}
+    for key, x in copies:
+        rows[key] = x
+    for key, x in rows.items():
+        if x is not None and (x.ndim != 2 or x.shape != (ref_vocab, probe.dim)):
+            raise hf.ConversionError(
+                f"{src / FIRST_LAST_FILE}: tensor {key!r} has shape {list(x.shape)}, but the "
+                f"tokenizer ({tok_file} with the reference's added tokens) has {ref_vocab} "
+                f"ids and the base decoder width {probe.dim}")
+    tok_config_file = tok_dir / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.exists() else {}
+    tok = HFTokenizer.from_raw(raw, tok_config, probe.num_memory_tokens, where=tok_file)
+    return tok, tok_dir, rows, mem_ids, ref_vocab
+
+
+def _with_reference_weights(cfg: ModelConfig, params, rows: dict, mem_ids, factors: dict):
+    """`params` (from `hf.load`) with the reference's embedding rows, memory embeddings and
+    adapter factors in place of the fresh ones."""
+    flat = {path_keys(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    base_dtype = flat[("decoder", "embedding")].dtype
+    flat[("decoder", "embedding")] = _with_rows(rows[EMBED], cfg.vocab_size, base_dtype)
+    if not cfg.tie_embeddings:
+        flat[("decoder", "unembed")] = _with_rows(rows[LM_HEAD], cfg.vocab_size,
+                                                  base_dtype).T
+    flat[("memory_embeddings",)] = rows[EMBED][mem_ids].astype(np.float32)
+    for ref_name, ours in ADAPTERS.items():
+        if ref_name not in factors:
+            continue
+        staged: dict[tuple, np.ndarray] = {}
+        for (layer, target, ab), x in factors[ref_name].items():
+            key, index = _layer_leaf(cfg, layer, target, ours, ab)
+            y = _to_ours(x, ab, target, cfg)
+            if index is None:
+                staged[key] = y
+            else:
+                staged.setdefault(key, np.empty((cfg.n_layers,) + y.shape, np.float32))
+                staged[key][index] = y
+        flat.update(staged)
+    abstract = abstract_params(cfg)
+    leaves = []
+    for p, a in jax.tree_util.tree_leaves_with_path(abstract):
+        x = flat.pop(path_keys(p))
+        if tuple(x.shape) != tuple(a.shape):  # a bug here: shapes were checked above
+            raise AssertionError(f"{jax.tree_util.keystr(p)}: built {x.shape}, want "
+                                 f"{a.shape}")
+        # Leaves hf.load placed stay as they are; the replaced ones go to the host CPU.
+        leaves.append(jax.device_put(x, hf._cpu_device()) if isinstance(x, np.ndarray)
+                      else x)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
 def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, seed: int = 0,
                param_dtype: str = "float32", overwrite: bool = False, progress: bool = True,
                **overrides) -> dict:
@@ -257,10 +331,6 @@ def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, see
     (clara_jax/convert/bundle.py) plus clara_config.json. Adapters the source lacks are left
     fresh from `seed` (B = 0) and reported. `overrides`: ModelConfig fields neither checkpoint
     sets (max_len, scan_layers, remat, dtype, lora_dropout, ...). Returns a summary dict."""
-    from tokenizers import Tokenizer as RawTokenizer
-
-    from clara_jax.data.tokenizer import HFTokenizer
-
     start = time.perf_counter()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     config = read_clara_config(src)
@@ -287,31 +357,8 @@ def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, see
                                  f"expected {need}")
     factors, targets, copies = _read_adapters(src / ADAPTERS_FILE, config, probe)
 
-    tok_dir = src if (src / bundle.TOKENIZER_FILE).exists() else base
-    tok_file = tok_dir / bundle.TOKENIZER_FILE
-    if not tok_file.exists():
-        raise hf.ConversionError(f"{tok_file}: no such file (nor in {src}); the token ids of "
-                                 "the memory and special tokens come from the tokenizer")
-    try:
-        raw = RawTokenizer.from_file(str(tok_file))
-    except Exception as e:  # the tokenizers package raises a bare Exception
-        raise hf.ConversionError(f"{tok_file}: not a Hugging Face tokenizer.json: {e}") from e
-    raw, mem_ids = reference_tokenizer(raw, config)
-    ref_vocab = raw.get_vocab_size(with_added_tokens=True)
-    # The reference's effective embedding: first_last, then each adapter's PEFT copy as
-    # `load_adapter` loads them in file order (they are equal when saved together).
-    rows = {EMBED: first_last[EMBED], LM_HEAD: first_last.get(LM_HEAD)}
-    for key, x in copies:
-        rows[key] = x
-    for key, x in rows.items():
-        if x is not None and (x.ndim != 2 or x.shape != (ref_vocab, probe.dim)):
-            raise hf.ConversionError(
-                f"{src / FIRST_LAST_FILE}: tensor {key!r} has shape {list(x.shape)}, but the "
-                f"tokenizer ({tok_file} with the reference's added tokens) has {ref_vocab} "
-                f"ids and the base decoder width {probe.dim}")
-    tok_config_file = tok_dir / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.exists() else {}
-    tok = HFTokenizer.from_raw(raw, tok_config, m, where=tok_file)
+    tok, tok_dir, rows, mem_ids, ref_vocab = _reference_tokenizer_and_rows(
+        src, base, config, probe, first_last, copies)
 
     fields = {"lora_dropout": REFERENCE_LORA_DROPOUT, **overrides, "num_memory_tokens": m,
               "latent_dim": 0, "lora_rank": r, "lora_alpha": float(2 * r),
@@ -321,39 +368,7 @@ def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, see
         cfg, params = hf.load(base, seed=seed, param_dtype=param_dtype, progress=progress,
                               **fields)
         cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
-        flat = {hf._path_keys(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-        del params
-        base_dtype = flat[("decoder", "embedding")].dtype
-        flat[("decoder", "embedding")] = _with_rows(rows[EMBED], cfg.vocab_size, base_dtype)
-        if not cfg.tie_embeddings:
-            flat[("decoder", "unembed")] = _with_rows(rows[LM_HEAD], cfg.vocab_size,
-                                                      base_dtype).T
-        flat[("memory_embeddings",)] = rows[EMBED][mem_ids].astype(np.float32)
-        for ref_name, ours in ADAPTERS.items():
-            if ref_name not in factors:
-                continue
-            staged: dict[tuple, np.ndarray] = {}
-            for (layer, target, ab), x in factors[ref_name].items():
-                key, index = _layer_leaf(cfg, layer, target, ours, ab)
-                y = _to_ours(x, ab, target, cfg)
-                if index is None:
-                    staged[key] = y
-                else:
-                    staged.setdefault(key, np.empty((cfg.n_layers,) + y.shape, np.float32))
-                    staged[key][index] = y
-            flat.update(staged)
-        abstract = abstract_params(cfg)
-        leaves = []
-        for p, a in jax.tree_util.tree_leaves_with_path(abstract):
-            x = flat.pop(hf._path_keys(p))
-            if tuple(x.shape) != tuple(a.shape):  # a bug here: shapes were checked above
-                raise AssertionError(f"{jax.tree_util.keystr(p)}: built {x.shape}, want "
-                                     f"{a.shape}")
-            # Leaves hf.load placed stay as they are; the replaced ones go to the host CPU.
-            leaves.append(jax.device_put(x, hf._cpu_device()) if isinstance(x, np.ndarray)
-                          else x)
-        params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
-        del leaves
+        params = _with_reference_weights(cfg, params, rows, mem_ids, factors)
         bundle.write_contents(tmp, cfg, params, hf_config, tok, [tok_dir, base])
         del params
         (tmp / KEPT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -407,20 +422,8 @@ def _default_clara_config(doc_max_length: int) -> dict:
                          "AutoModel": "modeling_clara.CLaRa"}}
 
 
-def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float32",
-             doc_max_length: int | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict:
-    """Writes a converted directory SRC (from-clara, from-hf or an export bundle) in the
-    reference's layout (module doc): config.json, adapters.pth, decoder_first_last_layers.pth
-    and decoder/. SRC's clara_config.json, when present, is the config's template.
-    doc_max_length: the reference's document length (default the template's, else 256); it
-    must be a multiple of M."""
-    from clara_jax.data.tokenizer import HF_FILE
-
-    start = time.perf_counter()
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    cfg = bundle.read_model_config(src)  # checked before the params are read
-    where = src / bundle.MODEL_CONFIG_FILE
+def _check_reference_layout(cfg: ModelConfig, where: Path) -> None:
+    """ConversionError naming the model config field the reference's layout cannot hold."""
     if cfg.projects_latents:
         raise hf.ConversionError(f"{where}: field 'latent_dim'={cfg.latent_dim}: the reference "
                                  "has no latent projection (latents are D-wide)")
@@ -436,6 +439,76 @@ def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "fl
         raise hf.ConversionError(f"{where}: field 'adapters'={list(cfg.adapters)}: the "
                                  f"reference holds {list(ours)} (compressor and generator "
                                  "required)")
+
+
+def _reference_weights(cfg: ModelConfig, get, memory, mem_ids, ref_vocab: int, np_dtype):
+    """The reference's decoder_first_last_layers (embedding rows with the memory tokens'
+    rows, lm_head) and its PEFT adapter state dicts, from our leaves (`get`: path -> array).
+    Returns (first_last, {reference adapter name: state dict})."""
+
+    def rows(x):  # [V, D] -> the reference's [V', D]
+        return _with_rows(np.asarray(x), ref_vocab, np.float32)
+
+    embedding = rows(get(("decoder", "embedding")))
+    embedding[mem_ids] = memory  # the reference's compressor reads these rows
+    first_last = {EMBED: embedding.astype(np_dtype)}
+    if not cfg.tie_embeddings:
+        first_last[LM_HEAD] = rows(np.asarray(get(("decoder", "unembed"))).T).astype(np_dtype)
+    adapters = {}
+    for ref_name in ("decoder_adapter", "encoder_adapter", "query_reasoner_adapter"):
+        if ADAPTERS[ref_name] not in cfg.adapters:
+            continue
+        state = {}
+        for i in range(cfg.n_layers):
+            for module, target in MODULES.items():
+                if target not in cfg.lora_targets:
+                    continue
+                for ab in "AB":
+                    key, index = _layer_leaf(cfg, i, target, ADAPTERS[ref_name], ab)
+                    x = np.asarray(get(key) if index is None else get(key)[index], np.float32)
+                    state[f"model.layers.{i}.{module}.lora_{ab}.weight"] = \
+                        np.ascontiguousarray(_to_peft(x, ab)).astype(np_dtype)
+        adapters[ref_name] = state
+    return first_last, adapters
+
+
+def _write_reference_tokenizer(src: Path, raw, tok, base_tmp: Path) -> dict[str, Path]:
+    """Writes the reference's tokenizer.json and tokenizer_config.json into `base_tmp` (a new
+    directory); returns {file name: path} of every file the decoder directory gets besides the
+    weights (those two and SRC's generation / special-token / chat-template files)."""
+    from clara_jax.data.tokenizer import HF_FILE
+
+    base_tmp.mkdir()
+    raw.save(str(base_tmp / HF_FILE))
+    tok_config_file = src / bundle.HF_FILES_DIR / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.exists() \
+        else {}
+    names = tok._names
+    tok_config.update(bos_token=names["bos"], eos_token=names["eos"],
+                      pad_token=names["pad"])
+    tok_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    tok_config.pop("added_tokens_decoder", None)  # tokenizer.json lists them all
+    (base_tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    extra = {p.name: p for p in sorted(base_tmp.iterdir())}
+    for name in ("generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (src / bundle.HF_FILES_DIR / name).exists():
+            extra[name] = src / bundle.HF_FILES_DIR / name
+    return extra
+
+
+def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float32",
+             doc_max_length: int | None = None, overwrite: bool = False,
+             progress: bool = True) -> dict:
+    """Writes a converted directory SRC (from-clara, from-hf or an export bundle) in the
+    reference's layout (module doc): config.json, adapters.pth, decoder_first_last_layers.pth
+    and decoder/. SRC's clara_config.json, when present, is the config's template.
+    doc_max_length: the reference's document length (default the template's, else 256); it
+    must be a multiple of M."""
+
+    start = time.perf_counter()
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    cfg = bundle.read_model_config(src)  # checked before the params are read
+    _check_reference_layout(cfg, src / bundle.MODEL_CONFIG_FILE)
     tok, tok_dir = _load_tokenizer(src)
     cfg, params = bundle.load_params(src, cfg)
     if tok.kind != "hf":
@@ -467,48 +540,12 @@ def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "fl
     np_dtype = {"float32": np.float32, "bfloat16": np.dtype(hf._ST_DTYPES["BF16"]),
                 "float16": np.float16}[dtype]
 
-    def rows(x):  # [V, D] -> the reference's [V', D]
-        return _with_rows(np.asarray(x), ref_vocab, np.float32)
-
-    embedding = rows(get(("decoder", "embedding")))
-    embedding[mem_ids] = memory  # the reference's compressor reads these rows
-    first_last = {EMBED: embedding.astype(np_dtype)}
-    if not cfg.tie_embeddings:
-        first_last[LM_HEAD] = rows(np.asarray(get(("decoder", "unembed"))).T).astype(np_dtype)
-    adapters = {}
-    for ref_name in ("decoder_adapter", "encoder_adapter", "query_reasoner_adapter"):
-        if ADAPTERS[ref_name] not in cfg.adapters:
-            continue
-        state = {}
-        for i in range(cfg.n_layers):
-            for module, target in MODULES.items():
-                if target not in cfg.lora_targets:
-                    continue
-                for ab in "AB":
-                    key, index = _layer_leaf(cfg, i, target, ADAPTERS[ref_name], ab)
-                    x = np.asarray(get(key) if index is None else get(key)[index], np.float32)
-                    state[f"model.layers.{i}.{module}.lora_{ab}.weight"] = \
-                        np.ascontiguousarray(_to_peft(x, ab)).astype(np_dtype)
-        adapters[ref_name] = state
+    first_last, adapters = _reference_weights(cfg, get, memory, mem_ids, ref_vocab, np_dtype)
 
     tmp = bundle.fresh_tmp(dst, overwrite)
     try:
         base_tmp = tmp / ".tok"
-        base_tmp.mkdir()
-        raw.save(str(base_tmp / HF_FILE))
-        tok_config_file = src / bundle.HF_FILES_DIR / "tokenizer_config.json"
-        tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.exists() \
-            else {}
-        names = tok._names
-        tok_config.update(bos_token=names["bos"], eos_token=names["eos"],
-                          pad_token=names["pad"])
-        tok_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        tok_config.pop("added_tokens_decoder", None)  # tokenizer.json lists them all
-        (base_tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        extra = {p.name: p for p in sorted(base_tmp.iterdir())}
-        for name in ("generation_config.json", "special_tokens_map.json", "chat_template.jinja"):
-            if (src / bundle.HF_FILES_DIR / name).exists():
-                extra[name] = src / bundle.HF_FILES_DIR / name
+        extra = _write_reference_tokenizer(src, raw, tok, base_tmp)
         template = None
         if (src / bundle.HF_CONFIG_FILE).exists():
             template = json.loads((src / bundle.HF_CONFIG_FILE).read_text())

@@ -42,6 +42,7 @@ import numpy as np
 
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_group
+from clara_jax.param_store import path_keys, path_name
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -318,10 +319,6 @@ def _leaf_key(t: _Tensor, scan_layers: bool) -> tuple[str, ...]:
     return ("decoder", "layers" if scan_layers else f"layers_{t.layer}") + t.path
 
 
-def _path_keys(path) -> tuple[str, ...]:
-    return tuple(getattr(k, "key", str(k)) for k in path)
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -426,7 +423,7 @@ def _non_base_init(init_cfg: ModelConfig):
     """
     def init(key):
         leaves = jax.tree_util.tree_leaves_with_path(init_params(init_cfg, key))
-        return {"/".join(_path_keys(p)): x for p, x in leaves if param_group(p) != "base"}
+        return {path_name(p): x for p, x in leaves if param_group(p) != "base"}
 
     return jax.jit(init)
 
@@ -497,10 +494,10 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
             + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
 
     abstract = abstract_params(cfg)
-    flat_abstract = {_path_keys(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+    flat_abstract = {path_keys(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
     flat_shardings = None
     if shardings is not None:
-        flat_shardings = {_path_keys(p): s
+        flat_shardings = {path_keys(p): s
                           for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
     out: dict[tuple[str, ...], jax.Array] = {}
 
@@ -548,7 +545,7 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
         place(key, x)
     leaves = []
     for p, a in jax.tree_util.tree_leaves_with_path(abstract):
-        key = _path_keys(p)
+        key = path_keys(p)
         if out[key].shape != a.shape:  # a bug here, not bad input: shapes were checked above
             raise AssertionError(f"{'/'.join(key)}: built {out[key].shape}, want {a.shape}")
         leaves.append(out.pop(key))
@@ -585,7 +582,7 @@ def _write_safetensors(file: Path, entries: list[tuple[str, tuple[int, ...], np.
 
 
 def _leaf_getter(params) -> Callable[[tuple[str, ...]], object]:
-    flat = {_path_keys(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {path_keys(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
     return flat.__getitem__
 
 
@@ -614,7 +611,7 @@ def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict |
         raise ConversionError(f"{path}: exists and is not empty (pass overwrite=True)")
     config = hf_config_from_model_config(cfg, hf_config, model_type, dtype)
     get = _leaf_getter(params)
-    want = {_path_keys(p): a.shape
+    want = {path_keys(p): a.shape
             for p, a in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
 
     entries = []

@@ -40,6 +40,7 @@ import numpy as np
 
 from clara_jax.config import saved_config
 from clara_jax.fileio import file_manifest, manifest_problem, read_json, replace_dir
+from clara_jax.param_store import path_name, save_orbax
 
 FORMAT = "clara_jax.serving_bundle"
 FORMAT_VERSION = 1
@@ -80,10 +81,6 @@ def _versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def non_base_arrays(params) -> dict[str, np.ndarray]:
     """Adapters, memory embeddings and latent projections (everything `param_group` does not
     call 'base') as host arrays by '/'-joined params path. Float arrays of other widths are
@@ -97,16 +94,8 @@ def non_base_arrays(params) -> dict[str, np.ndarray]:
         x = np.asarray(jax.device_get(leaf))
         if x.dtype != np.float32 and (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
             x = x.astype(np.float32)
-        out[_path_name(path)] = np.ascontiguousarray(x)
+        out[path_name(path)] = np.ascontiguousarray(x)
     return out
-
-
-def _save_orbax(directory: Path, params) -> None:
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory.absolute(), params)
-        ckptr.wait_until_finished()
 
 
 def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool = False,
@@ -141,7 +130,7 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        _save_orbax(tmp / PARAMS_DIR, params)
+        save_orbax(tmp / PARAMS_DIR, params)
         (tmp / MODEL_CONFIG_FILE).write_text(
             json.dumps(model_config_to_dict(cfg), indent=2) + "\n")
         (tmp / EXPERIMENT_CONFIG_FILE).write_text(loaded.config.to_json(indent=2) + "\n")

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from clara_jax.model import ModelConfig, param_group
+from clara_jax.param_store import path_keys
 
 COMPRESSOR_GROUPS = frozenset({"base", "adapter:compressor", "memory"})
 # ModelConfig fields that do not change the latents `compress` returns.
@@ -58,7 +59,7 @@ def _canonical_leaves(params):
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if param_group(path) not in COMPRESSOR_GROUPS:
             continue
-        keys = [str(getattr(k, "key", k)) for k in path]
+        keys = path_keys(path)
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             # Params sharded across hosts: every host hashes the same gathered bytes.
             from jax.experimental import multihost_utils

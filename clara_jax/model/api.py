@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from clara_jax.model.clara import CLaRa
 from clara_jax.model.config import ModelConfig
+from clara_jax.param_store import path_keys
 
 
 def _init_inputs(cfg: ModelConfig):
@@ -128,7 +129,7 @@ def param_group(path) -> str:
     """Which part of the model a parameter belongs to, from its tree path:
     'base' (the pretrained decoder), 'adapter:<name>', 'memory' (memory embeddings and the
     down-projection to latents: the compressor side) or 'latent_up' (the generator side)."""
-    keys = [getattr(k, "key", str(k)) for k in path]
+    keys = path_keys(path)
     leaf = keys[-1]
     if leaf.startswith("lora_"):
         return "adapter:" + leaf[len("lora_"):].rsplit("_", 1)[0]

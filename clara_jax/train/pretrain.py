@@ -40,7 +40,6 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
-import os
 import queue
 import shutil
 import time
@@ -50,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clara_jax import param_store
 from clara_jax.data import world
 from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
@@ -132,96 +132,23 @@ def world_batches(seed: int, size: str = "medium", focus: bool = False, qa_only:
 # ----------------------------------------------------------------------------- parameters
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """{"decoder/layers_0/attn/q/kernel": array, ...}."""
-    out = {}
-    for k, v in params.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, name + "/"))
-        else:
-            out[name] = np.asarray(v)
-    return out
-
-
 def save_params(params: dict, path, metadata: dict | None = None) -> None:
-    """Writes `params` as one safetensors file, atomically (a temporary file, then rename)."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flatten(params), str(tmp),
-              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-
-
-SCALE_SUFFIX = ".scale"
+    """Writes `params` as one safetensors file (`param_store` names), atomically."""
+    param_store.save_safetensors(param_store.flatten(params), path, metadata)
 
 
 def quantize_file(src, dst) -> dict:
-    """Rewrites a `save_params` file with int8 weights: each tensor of 2+ axes becomes int8
-    with one float32 scale per index of its first axis (a row of the embedding, an input
-    feature of a kernel), `name` + SCALE_SUFFIX; norms and biases stay float32. A quarter of
+    """Rewrites a `save_params` file with int8 rows (`param_store.quantize_int8`): a quarter of
     the bytes, for shipping a start in the repository; `load_params` reads either form.
     Returns {"bytes", "max_abs_error"}."""
-    from safetensors.numpy import load_file, save_file
-
-    flat, out, worst = load_file(str(src)), {}, 0.0
-    for name, x in flat.items():
-        if x.ndim < 2:
-            out[name] = x
-            continue
-        rows = x.reshape(x.shape[0], -1)
-        scale = np.maximum(np.abs(rows).max(axis=1), 1e-12).astype(np.float32) / 127.0
-        q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
-        out[name], out[name + SCALE_SUFFIX] = q.reshape(x.shape), scale
-        worst = max(worst, float(np.abs(q * scale[:, None] - rows).max()))
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file(out, str(tmp), metadata={"format": json.dumps("int8 rows")})
-    os.replace(tmp, dst)
-    return {"bytes": dst.stat().st_size, "max_abs_error": worst}
-
-
-def _dequantized(flat: dict) -> dict:
-    out = {}
-    for name, x in flat.items():
-        if name.endswith(SCALE_SUFFIX):
-            continue
-        scale = flat.get(name + SCALE_SUFFIX)
-        if scale is not None:
-            x = (x.reshape(x.shape[0], -1).astype(np.float32) * scale[:, None]).reshape(x.shape)
-        out[name] = x
-    return out
+    return param_store.save_safetensors(param_store.load_safetensors(src), dst, int8=True)
 
 
 def load_params(path, cfg: ModelConfig) -> dict:
     """The tree `init_params(cfg)` has, filled from a `save_params` file; every leaf must be
     there with its shape, or a ValueError names the first that is not."""
-    from safetensors.numpy import load_file
-
-    flat = _dequantized(load_file(str(path)))
     like = jax.eval_shape(lambda: init_params_of(cfg, jax.random.key(0)))
-
-    def fill(tree, prefix=""):
-        out = {}
-        for k, v in tree.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, dict):
-                out[k] = fill(v, name + "/")
-                continue
-            if name not in flat:
-                raise ValueError(f"{path}: no tensor {name!r} (the model needs {v.shape})")
-            if tuple(flat[name].shape) != tuple(v.shape):
-                raise ValueError(f"{path}: tensor {name!r} has shape {flat[name].shape}, "
-                                 f"the model needs {v.shape}")
-            out[k] = jnp.asarray(flat[name], v.dtype)
-        return out
-
-    extra = set(flat) - set(flatten(jax.tree.map(lambda s: np.zeros(()), like)))
-    if extra:
-        raise ValueError(f"{path}: tensors the model does not have: {sorted(extra)[:5]}")
-    return fill(like)
+    return param_store.unflatten_like(param_store.load_safetensors(path), like, path)
 
 
 def find_pretrained(path) -> Path:
