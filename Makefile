@@ -24,7 +24,7 @@ demo: $(STAMP)
 # Two workers: the suite is mostly single-threaded XLA compiles, so a 2-core machine runs two
 # test files at once; --dist loadfile keeps each file's module fixtures in one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests projects
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -21,7 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_bench(name: str):
     """bench/<name>.py as a module (bench/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    return load_script(f"bench/{name}.py")
+
+
+def load_script(path: str):
+    """A script of the repository (`bench/x.py`, `projects/demo/x.py`) as a module."""
+    path = REPO / path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,7 +1,8 @@
 """Are a document's facts in its latents? Linear probes on a checkpoint's document latents.
 
-    .venv/bin/python bench/latent_probe.py --checkpoint runs/demo/stage2 --data runs/demo/data
-        [--attrs person.hobby,person.occupation,organisation.industry] [--steps 300]
+    .venv/bin/python projects/demo/latent_probe.py --checkpoint runs/demo/stage2 \
+        --data runs/demo/data [--attrs person.hobby,person.occupation,organisation.industry]
+        [--steps 300]
 
 For each KIND.ATTR (an attribute with a small closed set of values), every document of that
 kind in the bundled world of `--data` (regenerated from its world.json) is compressed by the
@@ -26,7 +27,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402

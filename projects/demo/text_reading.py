@@ -1,7 +1,7 @@
 """Does a from-scratch base learn to read its context? Held-out text-QA during a next-token
 warm-up, on the train world or on a stream of fresh worlds.
 
-    .venv/bin/python bench/text_reading.py --data runs/demo/data [--config configs/demo.py]
+    .venv/bin/python projects/demo/text_reading.py --data runs/demo/data [--config configs/demo.py]
         [--steps 1200] [--eval_every 300] [--lr 1e-3] [--worlds fixed|fresh]
         [--size medium] [--questions 256]
 
@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402

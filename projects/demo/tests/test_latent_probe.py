@@ -1,4 +1,4 @@
-"""bench/latent_probe.py: the probe separates what is linearly there and not noise, and on a
+"""projects/demo/latent_probe.py: the probe separates what is linearly there and not noise, and on a
 tiny checkpoint it labels the very documents of the prepared world."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests import eval_support as es
 
 @pytest.fixture(scope="module")
 def bench():
-    return es.load_bench("latent_probe")
+    return es.load_script("projects/demo/latent_probe.py")
 
 
 def test_probe_finds_a_linear_code_and_not_noise(bench):

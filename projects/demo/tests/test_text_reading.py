@@ -1,5 +1,5 @@
-"""bench/text_reading.py: its exact-answer score lines answers up with the logits that predict
-them, and a short run on the prepared small world reports a curve for both streams."""
+"""projects/demo/text_reading.py: its exact-answer score lines answers up with the logits that
+predict them, and a short run on the prepared small world reports a curve for both streams."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests import eval_support as es
 
 @pytest.fixture(scope="module")
 def bench():
-    return es.load_bench("text_reading")
+    return es.load_script("projects/demo/text_reading.py")
 
 
 def _next_token_oracle(vocab: int, wrong_rows=()):

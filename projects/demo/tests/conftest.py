@@ -1,0 +1,4 @@
+"""The project's tests use the library suite's session fixtures (the tiny config and model,
+the shared XLA compilation cache)."""
+
+from tests.conftest import tiny_cfg, tiny_config, tiny_params  # noqa: F401
