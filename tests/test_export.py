@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from clara_jax import param_store
 from clara_jax.export import bundle as B
 from tests import eval_support as es
 
@@ -42,8 +43,7 @@ def setup(tmp_path_factory):
 
 
 def _leaves(params):
-    return {B._path_name(p): np.asarray(x) for p, x in
-            jax.tree_util.tree_leaves_with_path(params)}
+    return param_store.flatten(params)
 
 
 # Runs first: the test after it deletes the workdir, the data and the index.
