@@ -75,7 +75,7 @@ def measure(checkpoint, data_dir, stage: int = 2, split: str = "heldout",
             batches: int = 8) -> dict:
     from clara_jax.data.pipeline import make_loader
     from clara_jax.data.world import question_type
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint)
     score = make_scorer(model.cfg)

@@ -308,7 +308,7 @@ def main(argv=None) -> dict:
     )
     from clara_jax.data.prepare import prepare_world
     from clara_jax.eval.job import evaluate, load_items
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
     from clara_jax.train.state import init_query_adapter
 
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -169,7 +169,7 @@ def test_another_model_refuses_the_index(root):
 
 
 def test_bad_checkpoint_directories_are_one_line(root, tmp_path):
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
     from clara_jax.train.checkpoint import CheckpointError
 
     (tmp_path / "empty").mkdir()
@@ -198,7 +198,7 @@ def test_a_from_hf_directory_is_served_with_default_lengths(tmp_path):
     defaults; the derived config describes the converted model exactly."""
     from clara_jax.config import base_config
     from clara_jax.convert import bundle
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
     from clara_jax.model import ModelConfig
 
     bundle.from_hf(FIXTURES.parent / "hf" / "llama", tmp_path / "hf", progress=False,

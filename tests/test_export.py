@@ -22,7 +22,7 @@ QUESTIONS = ["What is the capital of Mochakora?", "Who founded the Ordo Lumen?"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from clara_jax.data.tokenizer import load_tokenizer
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
     from clara_jax.train.loop import train
     from tests.train_support import SyntheticLoader
 

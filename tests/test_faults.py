@@ -262,7 +262,7 @@ def test_flipped_checkpoint_bytes_fall_back_to_the_previous_step(root, tmp_path,
     """400 flipped bytes in the newest step (same size): the step is reported in one line and
     moved aside, the run resumes from the step before and logs the same losses again; readers
     (ask, index, export) skip it too. With every step damaged, nothing is restored."""
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
     from clara_jax.train import checkpoint as ckpt
 
     work = tmp_path / "run"
@@ -379,7 +379,7 @@ def test_checkpoint_reads_its_own_tokenizer_from_any_directory(root, tmp_path):
     """The run keeps its data's tokenizer in WORKDIR/tokenizer: moved elsewhere and read from
     another working directory, the checkpoint still has it."""
     from clara_jax.data.tokenizer import saved_digest, tokenizer_digest
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
 
     shutil.copytree(root / "run", tmp_path / "moved")
     old = os.getcwd()

@@ -108,13 +108,12 @@ def main(argv) -> None:
         check_out(fl.out, fl.overwrite, directory=False)
         start = time.perf_counter()
 
-        def settings_for(c):
-            return dict(mode=fl.mode, num_docs=fl.num_docs or int(c.data.num_docs),
-                        max_new_tokens=fl.max_new_tokens or int(c.data.answer_max_len),
-                        refine_threshold=fl.refine_threshold, refine_docs=fl.refine_docs,
-                        refine_tokens=fl.refine_tokens)
-
-        pipeline = build_pipeline(fl, fl.mode != "closed_book", settings_for)
+        settings = dict(mode=fl.mode, refine_threshold=fl.refine_threshold,
+                        refine_docs=fl.refine_docs, refine_tokens=fl.refine_tokens)
+        # Unset: the config's data.num_docs / data.answer_max_len (serving.load_pipeline).
+        settings.update({name: getattr(fl, name) for name in ("num_docs", "max_new_tokens")
+                         if getattr(fl, name)})
+        pipeline = build_pipeline(fl, fl.mode != "closed_book", settings)
         warn_long_questions([r["question"] for r in rows], pipeline)
         lines, refined = [], 0
         step = fl.batch_size
@@ -141,5 +140,7 @@ def main(argv) -> None:
         for line in lines:
             print(line)
     print(json.dumps({"questions": len(rows), "refined": refined, "mode": fl.mode,
-                      "seconds": round(time.perf_counter() - start, 3)}), file=sys.stderr)
+                      "seconds": round(time.perf_counter() - start, 3),
+                      "mesh": {k: int(v) for k, v in pipeline.mesh.shape.items()}}),
+          file=sys.stderr)
 

@@ -95,7 +95,7 @@ def _build_index(checkpoint: Path, data_dir: Path, out: Path, model=None):
     `checkpoint` (or of an already loaded `model`, a LoadedModel)."""
     from clara_jax.index import build_index, open_index
     from clara_jax.index.corpus import make_tokenize, read_corpus
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
 
     if (out / "meta.json").exists():
         return open_index(out)

@@ -20,6 +20,7 @@ from absl import flags
 
 from clara_jax.commands.rag_common import (
     InputError,
+    build_pipeline,
     check_args,
     check_out,
     check_positive,
@@ -51,8 +52,7 @@ flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier evaluat
 
 def main(argv) -> None:
     from clara_jax.data.formats import DataError
-    from clara_jax.eval.job import evaluate, load_items, load_pipeline, resolve_data
-    from clara_jax.infer.generation import Sampling
+    from clara_jax.eval.job import evaluate, load_items, resolve_data
 
     fl = flags.FLAGS
     try:
@@ -68,14 +68,9 @@ def main(argv) -> None:
         data_file, _ = resolve_data(fl.data, fl.split, fl.format)
         if not data_file.is_file():  # before loading the model
             raise InputError(f"--data: {data_file}: no such file")
-        settings = dict(sampling=Sampling(fl.temperature, fl.top_k, fl.top_p),
-                        backend=fl.backend, batch_size=fl.batch_size)
-        if fl.num_docs:
-            settings["num_docs"] = fl.num_docs
-        if fl.max_new_tokens:
-            settings["max_new_tokens"] = fl.max_new_tokens
-        pipeline = load_pipeline(checkpoint=fl.checkpoint, index=fl.index, bundle=fl.bundle,
-                                 tokenizer=fl.tokenizer, **settings)
+        settings = {name: getattr(fl, name) for name in ("num_docs", "max_new_tokens")
+                    if getattr(fl, name)}
+        pipeline = build_pipeline(fl, False, settings)
         if fl.mode != "closed_book" and pipeline.index is None:
             raise InputError(f"{fl.bundle}: the bundle has no index; pass --index")
         items, info = load_items(fl.data, pipeline.index, fl.corpus, fl.format, fl.split,

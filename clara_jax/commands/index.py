@@ -76,9 +76,12 @@ def _scann_params():
 
 
 def _model():
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
 
-    return load_checkpoint_model(FLAGS.checkpoint, FLAGS.tokenizer)
+    # One data axis over this host's devices, whatever config.mesh says: the encoder
+    # (index.encode.LatentEncoder) runs on that mesh, one index shard per host.
+    return load_checkpoint_model(FLAGS.checkpoint, FLAGS.tokenizer,
+                                 mesh={"data": -1, "fsdp": 1, "tensor": 1})
 
 
 def _records(model):

@@ -1,6 +1,7 @@
-"""Flags and set-up shared by `clara ask` and `clara inspect`: the checkpoint (a training run or
-a converted model, `clara_jax.index.model_source`), its tokenizer, the latent index (opened
-with the checkpoint's identity) and the sampling settings."""
+"""Flags and set-up shared by `clara ask`, `clara inspect` and `clara eval`: the checkpoint (a
+training run or a converted model) or bundle, its tokenizer, the latent index (opened with the
+model's identity), the serving mesh and the sampling settings; the loading itself is
+`clara_jax.infer.serving`."""
 
 from __future__ import annotations
 
@@ -75,34 +76,37 @@ def define_pipeline_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_enum("backend", "auto", ["auto", "scann", "exact"], "Index search backend.")
     flags.DEFINE_integer("batch_size", 32, "Rows per generation batch.")
+    flags.DEFINE_string("mesh", None, "Device mesh to serve on, e.g. fsdp=2,tensor=4: the "
+                        "params are split by the sharding rules and each batch over data x "
+                        "fsdp (axes not named keep the checkpoint's config.mesh; default: "
+                        "config.mesh over this host's devices).")
 
 
-def build_pipeline(fl, need_index: bool, settings_for=lambda config: {},
+def mesh_override(fl):
+    """--mesh as {axis: size} (None when not given), for `clara_jax.infer.serving`."""
+    from clara_jax.aot import parse_mesh
+
+    return parse_mesh(fl.mesh) or None
+
+
+def build_pipeline(fl, need_index: bool, settings: dict | None = None,
                    no_index_hint: str = " (or use --mode=closed_book)"):
-    """A RagPipeline from the common flags (checkpoint, tokenizer, index, sampling, backend,
-    batch size); settings_for(config) gives the rest of its RagSettings."""
-    from clara_jax.index import model_identity, open_index
-    from clara_jax.index.model_source import load_checkpoint_model
+    """A RagPipeline (`clara_jax.infer.serving.load_pipeline`) from the common flags
+    (checkpoint or bundle, tokenizer, index, mesh, sampling, backend, batch size); `settings`
+    gives the rest of its RagSettings (num_docs and max_new_tokens default to the config's).
+    InputError before loading anything when the flags cannot work."""
     from clara_jax.infer.generation import Sampling
-    from clara_jax.infer.rag import RagPipeline, RagSettings
+    from clara_jax.infer.serving import load_pipeline
 
     if bool(fl.checkpoint) == bool(fl.bundle):
         raise InputError("give --checkpoint (a training run) or --bundle (`clara export`)")
-    index_path = fl.index
-    if fl.bundle:
-        from clara_jax.export.bundle import load_bundle
-
-        bundle = load_bundle(fl.bundle, tokenizer_dir=fl.tokenizer)
-        loaded, index_path = bundle.model, fl.index or bundle.index_path
-    if need_index and not index_path:
+    if need_index and fl.checkpoint and not fl.index:
         raise InputError(f"--index is required{no_index_hint}")
-    if fl.checkpoint:
-        loaded = load_checkpoint_model(fl.checkpoint, fl.tokenizer)
-    config, cfg, params, tok = loaded.config, loaded.cfg, loaded.params, loaded.tokenizer
-    index = None
-    if index_path:
-        index = open_index(index_path, identity=model_identity(cfg, params))
-    sampling = Sampling(fl.temperature, fl.top_k, fl.top_p)
-    rag = RagSettings(sampling=sampling, backend=fl.backend, batch_size=fl.batch_size,
-                      **settings_for(config))
-    return RagPipeline(config, cfg, params, tok, index, rag)
+    pipeline = load_pipeline(
+        checkpoint=fl.checkpoint or None, index=fl.index or None, bundle=fl.bundle or None,
+        tokenizer=fl.tokenizer, mesh=mesh_override(fl),
+        sampling=Sampling(fl.temperature, fl.top_k, fl.top_p), backend=fl.backend,
+        batch_size=fl.batch_size, **(settings or {}))
+    if need_index and pipeline.index is None:  # a bundle exported without one
+        raise InputError(f"--index is required{no_index_hint}")
+    return pipeline

@@ -14,7 +14,7 @@
 
 Such a directory holds no training run, so no experiment config: `experiment_config` derives
 the one it is served with (`clara index` / `eval` / `ask` / `inspect` / `export
---checkpoint=DIR`, through `clara_jax.index.model_source.load_checkpoint_model`).
+--checkpoint=DIR`, through `clara_jax.infer.serving.load_checkpoint_model`).
 
 The training code will own a checkpoint module (orbax CheckpointManager); until then this is
 the one place that reads and writes this layout.

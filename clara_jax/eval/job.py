@@ -17,11 +17,12 @@ then cannot match). Recall@k = 1 when any relevant id is among the first k retri
 whose gold documents map to no index id are left out of the recall means (their count is in
 the summary as `recall_unmapped`).
 
-Timing. Per batch: query encoding (the query reasoner, `RagPipeline.query_latents`), search
-(`index.search`), generation (prompts, stored latents or text, the jitted generator, decoding
-to text). The first batch, and the last one when it is shorter, are run once untimed
-(`warmup`) so that compilation is not counted; a batch whose prompts need a new length bucket
-still includes that compilation.
+Timing. Per batch, as `RagPipeline.run` (the path `clara ask` takes) measures it: query
+encoding (the query reasoner, `RagPipeline.query_latents`), search (`index.search`),
+generation (prompts, stored latents or text, the jitted generator, decoding to text). The
+first batch, and the last one when it is shorter, are run once untimed (`warmup`) so that
+compilation is not counted; a batch whose prompts need a new length bucket still includes
+that compilation.
 `ms_per_answer` is the timed wall time over the questions answered.
 
 Processes. With several JAX processes (`clara_jax.distributed`), process p evaluates rows
@@ -49,6 +50,7 @@ from clara_jax.data.formats import DataError, iter_jsonl
 from clara_jax.eval import metrics
 from clara_jax.fileio import atomic_write_text
 from clara_jax.infer.generation import trace_count
+from clara_jax.infer.serving import load_pipeline  # noqa: F401  (the job's loader, re-exported)
 
 RECALL_KS = (1, 3, 5)
 MODES = ("latent", "text", "closed_book")
@@ -203,41 +205,21 @@ def _score_row(item: EvalItem, prediction: str, retrieved: list[str] | None) -> 
 
 def _run_batch(pipeline, items: Sequence[EvalItem], mode: str, k: int, depth: int, rng
                ) -> tuple[list[dict], dict]:
-    """Answers one batch; returns (per-row records without scores, stage milliseconds)."""
-    questions = [it.question for it in items]
-    ms = {"query_encoding": 0.0, "search": 0.0, "generation": 0.0}
-    res, ids, scores = None, [[] for _ in items], None
-    if mode != "closed_book":
-        t = time.perf_counter()
-        qlat = pipeline.query_latents(questions)
-        ms["query_encoding"] = 1e3 * (time.perf_counter() - t)
-        t = time.perf_counter()
-        res = pipeline.index.search(qlat, depth, pipeline.settings.backend)
-        ms["search"] = 1e3 * (time.perf_counter() - t)
-        if any(d is None for row in res.ids for d in row[:k]):
-            raise ValueError(f"the index holds {pipeline.index.num_docs} documents, fewer than "
-                             f"num_docs={k}")
-        ids = [[d for d in row if d is not None] for row in res.ids]
-        scores = np.asarray(res.scores, np.float32)  # host copy: no device ops per row
-    t = time.perf_counter()
-    toks, slots = pipeline.prompts(questions, [row[:k] for row in ids], mode)
-    latents = pipeline.doc_latents(res, k) if mode == "latent" else None
-    gen = pipeline.generator()(toks, slots=slots, latents=latents,
-                               sampling=pipeline.settings.sampling, rng=rng)
-    texts = [pipeline.tok.decode(tk[:n].tolist()).strip()
-             for tk, n in zip(gen.tokens, gen.lengths)]
-    ms["generation"] = 1e3 * (time.perf_counter() - t)
+    """Answers one batch (`RagPipeline.run`, the path `clara ask` takes too); returns (per-row
+    records without scores, stage milliseconds)."""
+    out = pipeline.run([it.question for it in items], mode, k, depth, rng=rng)
     records = []
     for i, it in enumerate(items):
         rec = {"line": it.line, "question": it.question, "golds": list(it.golds),
-               "prediction": texts[i], "mode": mode, "hops": it.hops,
+               "prediction": out.texts[i], "mode": mode, "hops": it.hops,
                "relevant": list(it.relevant)}
         if mode != "closed_book":
-            rec["retrieved"] = ids[i]
-            rec["retrieved_scores"] = [round(float(s), 6) for s in scores[i, :len(ids[i])]]
+            rec["retrieved"] = out.ids[i]
+            rec["retrieved_scores"] = [round(float(s), 6)
+                                       for s in out.scores[i, :len(out.ids[i])]]
             rec["used_docs"] = k
         records.append(rec)
-    return records, ms
+    return records, out.ms
 
 
 def _gather(obj) -> list:
@@ -309,9 +291,11 @@ def markdown_table(summaries: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _environment() -> dict:
+def _environment(mesh) -> dict:
+    """Versions and devices; mesh: the pipeline's serving mesh (None: not given one)."""
     return {"jax": jax.__version__, "backend": jax.default_backend(),
-            "devices_per_process": jax.local_device_count(), "python": platform.python_version()}
+            "devices_per_process": jax.local_device_count(), "python": platform.python_version(),
+            "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}}
 
 
 def _generator_traces() -> int:
@@ -396,7 +380,7 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
     summary.update(num_docs=k if mode != "closed_book" else 0, search_depth=depth,
                    batch_size=bs, backend=pipeline.settings.backend, processes=nproc,
                    max_new_tokens=pipeline.settings.max_new_tokens, warmup=warmup,
-                   environment=_environment(), **(extra or {}))
+                   environment=_environment(pipeline.mesh), **(extra or {}))
     if out_dir is not None and proc == 0:
         write_outputs(out_dir, all_records, summary)
     return (summary, all_records) if return_predictions else summary
@@ -409,33 +393,3 @@ def write_outputs(out_dir, records: list[dict], summary: dict) -> None:
                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "summary.md", markdown_table([summary]))
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_pipeline(checkpoint=None, index=None, bundle=None, tokenizer=None, **settings):
-    """A RagPipeline from a training checkpoint (+ index) or a serving bundle (its own index
-    unless `index` is given). settings: RagSettings fields; num_docs and max_new_tokens
-    default to the config's data.num_docs and data.answer_max_len."""
-    from clara_jax.index import model_identity, open_index
-    from clara_jax.infer.rag import RagPipeline, RagSettings
-
-    if (checkpoint is None) == (bundle is None):
-        raise ValueError("give exactly one of checkpoint and bundle")
-    if bundle is not None:
-        from clara_jax.export.bundle import load_bundle
-
-        b = load_bundle(bundle, tokenizer_dir=tokenizer)
-        loaded, index = b.model, index if index is not None else b.index_path
-    else:
-        from clara_jax.index.model_source import load_checkpoint_model
-
-        loaded = load_checkpoint_model(checkpoint, tokenizer)
-    config = loaded.config
-    opened = None
-    if index is not None:
-        opened = open_index(index, identity=model_identity(loaded.cfg, loaded.params))
-    settings.setdefault("num_docs", int(config.data.num_docs))
-    settings.setdefault("max_new_tokens", int(config.data.answer_max_len))
-    return RagPipeline(config, loaded.cfg, loaded.params, loaded.tokenizer, opened,
-                       RagSettings(**settings))

@@ -12,7 +12,7 @@
                                `clara convert to-hf BUNDLE OUT` read it too)
       experiment_config.json   the run's full experiment config (data lengths, prompts)
       params/                  the full params tree, orbax (StandardCheckpointer): what
-                               `load_bundle` restores
+                               `load_bundle` (clara_jax/infer/serving.py) restores
       decoder/                 the base decoder as a Hugging Face checkpoint (config.json +
                                model.safetensors, `clara_jax.convert.hf.save`)
       clara_params.safetensors the rest: LoRA adapters, memory embeddings, latent
@@ -26,7 +26,6 @@ complete, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -38,34 +37,27 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from clara_jax.config import saved_config
-from clara_jax.fileio import file_manifest, manifest_problem, read_json, replace_dir
+from clara_jax.fileio import file_manifest, replace_dir
+
+# The layout, its error and its reader live with the other loaders (clara_jax/infer/serving.py:
+# reading a bundle is serving, and the index and infer packages must not import export); they
+# keep their names here for the writer and for callers of `clara_jax.export`.
+from clara_jax.infer.serving import BUNDLE_CLARA_PARAMS_FILE as CLARA_PARAMS_FILE
+from clara_jax.infer.serving import BUNDLE_DECODER_DIR as DECODER_DIR
+from clara_jax.infer.serving import BUNDLE_EXPERIMENT_CONFIG_FILE as EXPERIMENT_CONFIG_FILE
+from clara_jax.infer.serving import BUNDLE_FORMAT as FORMAT
+from clara_jax.infer.serving import BUNDLE_FORMAT_VERSION as FORMAT_VERSION
+from clara_jax.infer.serving import BUNDLE_INDEX_DIR as INDEX_DIR
+from clara_jax.infer.serving import BUNDLE_META_FILE as META_FILE
+from clara_jax.infer.serving import BUNDLE_PARAMS_DIR as PARAMS_DIR
+from clara_jax.infer.serving import BUNDLE_TOKENIZER_DIR as TOKENIZER_DIR
+from clara_jax.infer.serving import Bundle, BundleError, load_bundle
+from clara_jax.infer.serving import read_bundle_meta as read_meta
 from clara_jax.param_store import path_name, save_orbax
 
-FORMAT = "clara_jax.serving_bundle"
-FORMAT_VERSION = 1
-META_FILE = "bundle.json"
-EXPERIMENT_CONFIG_FILE = "experiment_config.json"
-PARAMS_DIR = "params"
-DECODER_DIR = "decoder"
-CLARA_PARAMS_FILE = "clara_params.safetensors"
-TOKENIZER_DIR = "tokenizer"
-INDEX_DIR = "index"
-
-
-class BundleError(ValueError):
-    """A bundle is missing, incomplete or does not match; the message names the file."""
-
-
-@dataclasses.dataclass
-class Bundle:
-    """A loaded bundle: model (an `index.model_source.LoadedModel`: config, cfg, params,
-    tokenizer, source, step), index_path (None when exported without an index), meta."""
-
-    path: Path
-    model: object
-    index_path: Path | None
-    meta: dict
+__all__ = ["CLARA_PARAMS_FILE", "DECODER_DIR", "EXPERIMENT_CONFIG_FILE", "FORMAT",
+           "FORMAT_VERSION", "INDEX_DIR", "META_FILE", "PARAMS_DIR", "TOKENIZER_DIR", "Bundle",
+           "BundleError", "export_bundle", "load_bundle", "non_base_arrays", "read_meta"]
 
 
 def _versions() -> dict:
@@ -110,7 +102,7 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
     from clara_jax.convert import hf
     from clara_jax.convert.bundle import MODEL_CONFIG_FILE, model_config_to_dict
     from clara_jax.index import model_identity, open_index
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
 
     if jax.process_count() > 1:
         raise BundleError("clara export runs as one process (it gathers the params on this "
@@ -118,7 +110,10 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BundleError(f"{out}: exists and is not empty (pass --overwrite)")
-    loaded = load_checkpoint_model(checkpoint, tokenizer)
+    # One data axis over this host's devices, whatever config.mesh says: the params are only
+    # gathered to this host and written, so a run trained on a larger mesh exports anywhere.
+    loaded = load_checkpoint_model(checkpoint, tokenizer,
+                                   mesh={"data": -1, "fsdp": 1, "tensor": 1})
     cfg, params = loaded.cfg, loaded.params
     identity = model_identity(cfg, params)
     index_meta = None
@@ -163,71 +158,3 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-
-
-def read_meta(path, verify: bool = True) -> dict:
-    """bundle.json of the bundle at `path`, checked for format and (with `verify`) every file
-    listed against its size and sha256."""
-    path = Path(path)
-    meta_path = path / META_FILE
-    meta = read_json(meta_path, BundleError,
-                     "no such file (not a bundle written by `clara export`)", "bundle metadata")
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected "
-                          f"{FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{meta_path}: field 'format_version' is "
-                          f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    # Bundles written before params/ was listed name the size "size" and leave params/ out;
-    # they are checked as far as they list.
-    files = {name: {"bytes": rec.get("bytes", rec.get("size")), "sha256": rec["sha256"]}
-             for name, rec in (meta.get("files") or {}).items()}
-    if verify:
-        excluded = (INDEX_DIR, META_FILE) + (() if any(
-            n.startswith(PARAMS_DIR + "/") for n in files) else (PARAMS_DIR,))
-        problem = manifest_problem(path, files, *excluded)
-        if problem:
-            raise BundleError(f"{problem} (checked against {meta_path}; export the bundle "
-                              "again)")
-    return meta
-
-
-def load_bundle(path, mesh=None, tokenizer_dir=None, check_identity: bool = True) -> Bundle:
-    """Loads a bundle: experiment config, model config, params (onto `mesh`, default this
-    host's devices, by the logical sharding rules) and tokenizer. With `check_identity` the
-    restored params must have the identity recorded at export (catches a replaced params/).
-    Raises BundleError naming the file."""
-    from clara_jax.convert.bundle import load_params, read_model_config
-    from clara_jax.data.tokenizer import load_tokenizer
-    from clara_jax.index import model_identity
-    from clara_jax.index.model_source import LoadedModel
-    from clara_jax.model import ModelConfig, logical_specs
-    from clara_jax.model.sharding import logical_to_shardings, make_mesh
-
-    path = Path(path)
-    meta = read_meta(path)
-    cfg_path = path / EXPERIMENT_CONFIG_FILE
-    try:
-        config = saved_config(json.loads(cfg_path.read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{cfg_path}: unreadable experiment config: {e}") from None
-    cfg = read_model_config(path)
-    if cfg != ModelConfig.from_config(config):
-        raise BundleError(f"{path}: model_config.json and {EXPERIMENT_CONFIG_FILE} describe "
-                          "different models")
-    mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
-    shardings = logical_to_shardings(logical_specs(cfg), mesh)
-    if not (path / PARAMS_DIR).is_dir():
-        raise BundleError(f"{path / PARAMS_DIR}: missing")
-    cfg, params = load_params(path, cfg, shardings)
-    if check_identity:
-        got = model_identity(cfg, params)
-        bad = [k for k in ("config_hash", "params_checksum") if got.get(k) !=
-               meta["identity"].get(k)]
-        if bad:
-            raise BundleError(f"{path / PARAMS_DIR}: restored params differ from the export's "
-                              f"identity ({', '.join(bad)}) in {path / META_FILE}")
-    tok = load_tokenizer(tokenizer_dir or path / TOKENIZER_DIR)
-    index_path = path / INDEX_DIR if (path / INDEX_DIR).is_dir() else None
-    model = LoadedModel(config, cfg, params, tok, str(path), int(meta["source"]["step"]))
-    return Bundle(path, model, index_path, meta)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 
 import jax
@@ -81,6 +82,25 @@ class Answer:
                 "entropy": round(self.entropy, 6), "refined": self.refined}
 
 
+STAGES = ("query_encoding", "search", "generation")
+
+
+@dataclasses.dataclass
+class Batch:
+    """One batch through `RagPipeline.run`. res: the SearchResult (None in closed-book mode);
+    ids: per question the retrieved ids, best first (up to depth; the first k were read);
+    scores: float32[Q, depth] cosine scores on the host ([Q, 0] closed-book); gen: the numpy
+    Generation; texts: the decoded answers; ms: wall milliseconds per stage (STAGES: query
+    encoding, search, generation = prompts + latents or text + the generator + decoding)."""
+
+    res: SearchResult | None
+    ids: list[list[str]]
+    scores: np.ndarray
+    gen: Generation
+    texts: list[str]
+    ms: dict[str, float]
+
+
 def _batch_buckets(batch_size: int) -> tuple[int, ...]:
     out = [1]
     while out[-1] < batch_size:
@@ -94,7 +114,10 @@ class RagPipeline:
     config: the finalized experiment config (data.doc_max_len and data.question_max_len frame
     questions and text documents as in training); cfg, params: the model; tok: its tokenizer;
     index: a `LatentIndex` or `ShardedIndex` (None allows closed-book only), opened with the
-    model's identity so a mismatched compressor is refused; mesh: for the query encoder.
+    model's identity so a mismatched compressor is refused; mesh: the mesh the params were
+    placed on (`clara_jax.infer.serving` loads them onto config.mesh); the query encoder and
+    the generator then split every batch over its (data, fsdp) axes. None: one data axis over
+    this host's devices for the encoder, the batch wherever the params are for the generator.
     """
 
     def __init__(self, config, cfg: ModelConfig, params, tok: Tokenizer, index=None,
@@ -141,13 +164,17 @@ class RagPipeline:
 
     def retrieve(self, questions: Sequence[str], k: int) -> SearchResult:
         """The top-k documents per question (ids, store rows, cosine scores)."""
+        return self._search(self.query_latents(questions), k, k)
+
+    def _search(self, qlat: np.ndarray, depth: int, need: int) -> SearchResult:
+        """The top-`depth` documents of query latents float32[Q, M, L]; ValueError unless
+        every question has its first `need` of them (a short index would leave holes)."""
         if self.index is None:
             raise ValueError("retrieval needs an index (open one, or use mode='closed_book')")
-        res = self.index.search(self.query_latents(questions), k, self.settings.backend)
-        missing = [i for i, ids in enumerate(res.ids) if any(d is None for d in ids)]
-        if missing:
+        res = self.index.search(qlat, depth, self.settings.backend)
+        if any(d is None for ids in res.ids for d in ids[:need]):
             raise ValueError(f"the index holds {self.index.num_docs} documents, fewer than the "
-                             f"{k} asked for per question (lower num_docs / refine_docs)")
+                             f"{need} asked for per question (lower num_docs / refine_docs)")
         return res
 
     def doc_latents(self, res: SearchResult, k: int) -> np.ndarray:
@@ -202,6 +229,36 @@ class RagPipeline:
                                                                         gen.lengths)]
 
     # -- the pipeline
+    def run(self, questions: Sequence[str], mode: str, k: int, depth: int | None = None,
+            need: int | None = None, rng=None) -> Batch:
+        """One batch of questions through retrieve -> generate -> decode, the path both
+        `answer` and the evaluation job (clara_jax/eval/job.py) take, timed per stage.
+
+        k: documents the generator reads; depth: documents retrieved (default k; evaluation
+        retrieves more for Recall@5, refinement for its second pass); need: how many of them
+        every question must get (default k). Closed-book mode retrieves nothing. rng: the
+        sampling key (default key(0)). Returns a `Batch`."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: must be one of {MODES}")
+        rng = jax.random.key(0) if rng is None else rng
+        ms = dict.fromkeys(STAGES, 0.0)
+        res, ids = None, [[] for _ in questions]
+        scores = np.zeros((len(questions), 0), np.float32)
+        if mode != "closed_book":
+            t = time.perf_counter()
+            qlat = self.query_latents(questions)
+            ms["query_encoding"] = 1e3 * (time.perf_counter() - t)
+            t = time.perf_counter()
+            res = self._search(qlat, depth or k, need or k)
+            ms["search"] = 1e3 * (time.perf_counter() - t)
+            ids = [[d for d in row if d is not None] for row in res.ids]
+            scores = np.asarray(res.scores, np.float32)  # host copy: no device ops per row
+        t = time.perf_counter()
+        gen = self._generate(questions, [row[:k] for row in ids], mode, res, k, rng)
+        texts = self._texts(gen)
+        ms["generation"] = 1e3 * (time.perf_counter() - t)
+        return Batch(res, ids, scores, gen, texts, ms)
+
     def answer(self, questions: Sequence[str], mode: str | None = None, rng=None
                ) -> tuple[list[Answer], dict]:
         """Answers `questions` (strings). Returns (answers, stats) with stats {'questions',
@@ -217,14 +274,10 @@ class RagPipeline:
         rng = jax.random.key(0) if rng is None else rng
         refine = s.refine_threshold is not None and mode != "closed_book"
         k, k_more = s.num_docs, s.num_docs + (s.refine_docs if refine else 0)
-        res = None
-        ids = [[] for _ in questions]
-        scores = np.zeros((len(questions), 0), np.float32)
-        if mode != "closed_book":
-            res = self.retrieve(questions, k_more)
-            ids, scores = [row[:k] for row in res.ids], res.scores
-        gen = self._generate(questions, ids, mode, res, k, rng)
-        texts = self._texts(gen)
+        # Retrieves the refinement's documents up front (one search), and needs them all.
+        first = self.run(questions, mode, k, depth=k_more, need=k_more, rng=rng)
+        res, gen, texts, scores = first.res, first.gen, first.texts, first.scores
+        ids = [row[:k] for row in first.ids]
         entropy = answer_entropy(gen, s.refine_tokens)
         refined = np.zeros(len(questions), bool)
         if refine:

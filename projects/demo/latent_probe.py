@@ -88,7 +88,7 @@ def _world_of(data_dir: Path) -> dict[str, world.World]:
 
 
 def measure(checkpoint, data_dir, attrs: str = DEFAULT_ATTRS, steps: int = 300) -> dict:
-    from clara_jax.index.model_source import load_checkpoint_model
+    from clara_jax.infer.serving import load_checkpoint_model
 
     data_dir = Path(data_dir)
     model = load_checkpoint_model(checkpoint)
