@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
@@ -144,27 +145,66 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 class _Preemption:
-    """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves and exits cleanly at the next
-    step boundary. A second Ctrl-C interrupts at once (no save)."""
+    """SIGTERM or SIGINT (Ctrl-C) asks the loop to save and exit cleanly at a step boundary;
+    `stop(step)` says whether to do that after `step`. A second Ctrl-C interrupts at once (no
+    save).
+
+    With several processes the decision must be the same on all of them, at the same step:
+    each step and each save is a collective, so a process that stops alone leaves the others
+    waiting in their next step for ever (and one that keeps going waits for the one that
+    left). A scheduler may signal one process, or all of them moments apart. So:
+      - with JAX's preemption service (started by jax.distributed.initialize), SIGTERM stays
+        with its notifier, which tells the coordinator and through it every process;
+        `stop(step)` is the service's sync point, True on every process at the same step.
+        A Python SIGTERM handler would replace the notifier's and the news would stay in one
+        process, so none is installed; Ctrl-C is passed on to the notifier as a SIGTERM.
+      - without the service (jax_enable_preemption_service off), every process's flag is
+        gathered at every step, which costs a host-device round trip per step but agrees.
+      - one process: its own flag.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.requested = None  # the name of the signal received
+    def __init__(self, start_step: int):
+        self.requested = None  # the name of the signal this process received
         self._old = {}
+        self._mode = "local"
+        if jax.process_count() > 1:
+            try:  # registers the starting step with the service; raises when there is none
+                multihost_utils.reached_preemption_sync_point(start_step)
+                self._mode = "service"
+            except RuntimeError:
+                self._mode = "gather"
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            handled = (signal.SIGINT,) if self._mode == "service" else self.SIGNALS
+            self._old = {s: signal.signal(s, self._handle) for s in handled}
         return self
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        if _is_main():
-            print(f"{self.requested}: saving a checkpoint at the end of this step (Ctrl-C "
-                  "again to stop without saving)", file=sys.stderr, flush=True)
+        print(f"{self.requested}: saving a checkpoint at the end of this step"
+              + (" on every process" if self._mode != "local" else "")
+              + " (Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)
+        if self._mode == "service":
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which tells every process
+
+    def stop(self, step: int) -> bool:
+        """Whether every process saves and exits after `step` (called by every process at
+        every step, in step order)."""
+        if self._mode == "service":
+            return multihost_utils.reached_preemption_sync_point(step)
+        if self._mode == "gather":
+            flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+            return bool(np.max(flags))
+        return self.requested is not None
+
+    @property
+    def reason(self) -> str:
+        return self.requested or "preemption notice (a signal to one of the processes)"
 
     def __exit__(self, *exc):
         for s, old in self._old.items():
@@ -310,7 +350,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
     status = "done"
     batch = first
     try:
-        with _Preemption() as preempt:
+        with _Preemption(start) as preempt:
             while step < t.steps:
                 if batch is None:
                     batch = next(loader)
@@ -319,10 +359,11 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                                               fold(state.rng, step))
                 batch = None
                 step += 1
+                stop = preempt.stop(step)  # the same on every process
                 pending.append(metrics)
                 log_now = step % t.log_every == 0 or step == t.steps
                 save_now = step % t.checkpoint_every == 0 or step == t.steps
-                if log_now or save_now or preempt.requested:
+                if log_now or save_now or stop:
                     host = jax.device_get(pending)
                     pending = []
                     bad = [start_i for start_i, m in enumerate(host) if m["nonfinite"]]
@@ -367,11 +408,11 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                                           out_shardings=NamedSharding(mesh, PartitionSpec()))
                     _evaluate(config, stage, step, state, eval_fn, loader_factory, batch_sh,
                               mesh, workdir, writer)
-                if save_now or preempt.requested:
+                if save_now or stop:
                     ckpt.save(manager, state, loader.get_state(), {**meta, "step": step})
-                if preempt.requested:
+                if stop:
                     status = "preempted"
-                    _say(f"{preempt.requested}: saved step {step} to "
+                    _say(f"{preempt.reason}: saved step {step} to "
                          f"{ckpt.checkpoint_dir(workdir)}; exiting")
                     break
     finally:
