@@ -8,6 +8,10 @@ Outputs under WORKDIR:
                         grad_norm, lr, tokens_per_s
   eval_metrics.jsonl    one JSON object per evaluation (train.eval_every)
   tb/                   TensorBoard event files (the same numbers)
+WORKDIR may be a URL (gs://bucket/run): every one of these goes to that filesystem
+(`clara_jax.fileio.as_path`), the workdir lock becomes a lease (`clara_jax.workdir`), and the
+JSONL files and event files, which object storage cannot append to, are rewritten whole now
+and then (`_JsonlLog`, `_ObjectEventFile`).
 
 Exact resume: the state holds the step and the run's base key, each step's dropout key is
 `fold_in(base key, step)`, and the data iterator's state is saved with every checkpoint; on
@@ -38,6 +42,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
+from clara_jax.fileio import as_path, atomic_write_bytes, atomic_write_text, is_url
 from clara_jax.model import ModelConfig, init_params, logical_specs
 from clara_jax.model.sharding import DEFAULT_RULES, logical_to_shardings, make_mesh
 from clara_jax.train import checkpoint as ckpt
@@ -131,17 +136,102 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
                    out_shardings=shardings)(params)
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keeps the records of steps <= last_step (a resumed run rewrites the rest)."""
+def _kept_lines(path, last_step: int) -> tuple[list[str], bool]:
+    """The records of steps <= last_step in the JSONL file (a resumed run rewrites the rest),
+    and whether any were left out."""
     if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= last_step:
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+        return [], False
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    return kept, len(kept) < len(lines)
+
+
+class _JsonlLog:
+    """WORKDIR/metrics.jsonl or eval_metrics.jsonl, cut back to the steps <= `last_step` and
+    then appended to (process 0 only).
+
+    A local file is appended to line by line. Object storage cannot append, and rewriting the
+    file at every logged step would upload the run's whole history each time; there the lines
+    are kept here and the file is rewritten whole at most every FLUSH_S, and by `flush()`,
+    which the loop calls before every checkpoint save and at the end. So the file always
+    reaches at least the newest checkpoint's step, and what a crash loses is only what a
+    resume cuts away and logs again."""
+
+    FLUSH_S = 30.0
+
+    def __init__(self, path, last_step: int):
+        self.path = path
+        self.remote = is_url(path)
+        self.lines, self._dirty = _kept_lines(path, last_step)
+        self.flush()
+        if not self.remote:
+            self.lines = []
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record)
+        if not self.remote:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+            return
+        self.lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._flushed >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            atomic_write_text(self.path, "".join(x + "\n" for x in self.lines))
+            self._dirty = False
+        self._flushed = time.monotonic()
+
+
+class _ObjectEventFile:
+    """A TensorBoard event file on object storage, through epath (tensorboardX's own gs://
+    and s3:// writers use the cloud SDKs directly, and know no other scheme). The store has no
+    append, so each flush (tensorboardX's, every flush_secs, and at close) uploads the file
+    whole, as tensorboardX's GCS writer does; past ROLL_BYTES the writer goes on in a new file
+    (`NAME.1`, ...), which TensorBoard reads as part of the same run, so the uploads stay
+    small."""
+
+    ROLL_BYTES = 8 << 20
+
+    def __init__(self, path: str):
+        self.path, self.part, self.buffer = path, 0, bytearray()
+
+    def _name(self) -> str:
+        return self.path if self.part == 0 else f"{self.path}.{self.part}"
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def flush(self) -> None:
+        if self.part and not self.buffer:
+            return  # nothing since the last part was finished
+        atomic_write_bytes(self._name(), bytes(self.buffer))
+        if len(self.buffer) > self.ROLL_BYTES:
+            self.part, self.buffer = self.part + 1, bytearray()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventFiles:
+    """tensorboardX's writer factory interface for `_ObjectEventFile`."""
+
+    def open(self, path: str) -> _ObjectEventFile:
+        return _ObjectEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(logdir):
+    from tensorboardX import SummaryWriter, record_writer
+
+    if is_url(logdir):  # for this scheme, event files go through epath (above)
+        record_writer.register_writer_factory(os.fspath(logdir).split(":")[0],
+                                              _ObjectEventFiles())
+    return SummaryWriter(os.fspath(logdir))
 
 
 class _Preemption:
@@ -257,7 +347,8 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
     t = config.train
     stage = int(t.stage)
     cfg = ModelConfig.from_config(config)
-    workdir = Path(workdir)
+    ckpt.check_storage(workdir)
+    workdir = as_path(workdir)  # a URL stays a URL (see the module docstring)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh_from_config(config)
     abstract = abstract_state(config, cfg, stage)
@@ -283,7 +374,6 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
            abstract, shardings, manager, loader, meta) -> RunResult:
     t = config.train
     stage = int(t.stage)
-    metrics_path = workdir / "metrics.jsonl"
     latest = manager.latest_step()
     if latest is not None:
         saved_meta = ckpt.read_meta(manager, latest)
@@ -297,15 +387,12 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
         state, data_state, _ = ckpt.restore(manager, abstract, shardings, latest)
         if data_state:
             loader.set_state(data_state)
-        _truncate_jsonl(metrics_path, latest)
-        _truncate_jsonl(workdir / "eval_metrics.jsonl", latest)
         _say(f"resumed from {ckpt.checkpoint_dir(workdir)}/{latest}")
     else:
         if init_from and init_from_hf:
             raise ValueError("give at most one of --init_from and --init_from_hf")
         state = _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from,
                                init_from_hf)
-        _truncate_jsonl(metrics_path, 0)
 
     start = int(jax.device_get(state.step))
     if start >= t.steps:
@@ -331,10 +418,12 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
     fold = jax.jit(lambda key, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(key), s)))
     eval_fn = None
-    writer = None
+    writer = logs = None
     if _is_main():
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(workdir / "tb"))
+        # A resumed run logs the steps after its checkpoint again (a fresh one: from 1).
+        logs = {name: _JsonlLog(workdir / f"{name}.jsonl", latest or 0)
+                for name in ("metrics", "eval_metrics")}
+        writer = _summary_writer(workdir / "tb")
     bar = None
     # A bar only on a terminal; a log file gets one plain line per train.log_every instead.
     plain = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
@@ -388,8 +477,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                         # Strict JSON: a non-finite value (a skipped step's loss) is null.
                         record = {k: v if math.isfinite(v) else None
                                   for k, v in record.items()}
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
+                        logs["metrics"].append(record)
                         for k, v in record.items():
                             if k not in ("step", "stage") and v is not None:
                                 writer.add_scalar(f"train/{k}", v, step)
@@ -407,8 +495,10 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                                           in_shardings=(shardings.params, batch_sh),
                                           out_shardings=NamedSharding(mesh, PartitionSpec()))
                     _evaluate(config, stage, step, state, eval_fn, loader_factory, batch_sh,
-                              mesh, workdir, writer)
+                              mesh, logs, writer)
                 if save_now or stop:
+                    for log in (logs or {}).values():  # they reach at least the saved step
+                        log.flush()
                     ckpt.save(manager, state, loader.get_state(), {**meta, "step": step})
                 if stop:
                     status = "preempted"
@@ -417,6 +507,8 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                     break
     finally:
         ckpt.finish(manager)
+        for log in (logs or {}).values():
+            log.flush()
         if bar is not None:
             bar.close()
         if writer is not None:
@@ -425,7 +517,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
 
 
 def _evaluate(config, stage, step, state: TrainState, eval_fn, loader_factory, batch_sh, mesh,
-              workdir: Path, writer) -> dict:
+              logs: dict | None, writer) -> dict:
     """Mean metrics over train.eval_batches batches of the eval split (a fresh, seeded
     iterator each time, so every evaluation sees the same batches)."""
     loader = loader_factory(config, stage, str(config.train.eval_split))
@@ -445,8 +537,7 @@ def _evaluate(config, stage, step, state: TrainState, eval_fn, loader_factory, b
     if _is_main() and n:
         record = {"step": step, "stage": stage, "split": str(config.train.eval_split),
                   "batches": n, **out}
-        with open(workdir / "eval_metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        logs["eval_metrics"].append(record)
         for k, v in out.items():
             writer.add_scalar(f"eval/{k}", v, step)
         print(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in out.items()),
