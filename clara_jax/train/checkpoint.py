@@ -186,9 +186,11 @@ def _move_tree(src, dst) -> None:
     if not is_url(src):
         shutil.move(str(src), str(dst))
         return
-    # Object storage has no directory rename: copy every object, then delete the source.
+    # Object storage has no directory rename: copy every object (inside the store, not
+    # through this host: a step's files can be gigabytes), then delete the source.
     for rel in files_under(src):
-        atomic_write_bytes(dst / rel, (src / rel).read_bytes())
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).copy(dst / rel, overwrite=True)
     src.rmtree()
 
 
