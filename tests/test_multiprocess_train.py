@@ -73,7 +73,7 @@ def test_two_processes_log_the_losses_of_one_and_their_checkpoint_restores_in_on
         assert resumed[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4)
 
 
-def _start_two(workdir, data_dir, logdir, steps):
+def _start_two(workdir, data_dir, logdir, steps, **env_vars):
     """Two `clara train` processes x 4 devices joined through a local coordinator (as
     launch/local_multiprocess.sh does), each logging to its own file."""
     with socket.socket() as s:
@@ -84,7 +84,7 @@ def _start_two(workdir, data_dir, logdir, steps):
     for i in range(2):
         env = dict(os.environ, CLARA_COORDINATOR=f"127.0.0.1:{port}", CLARA_NUM_PROCESSES="2",
                    CLARA_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4", **env_vars)
         with open(logdir / f"process_{i}.log", "w") as log:
             args = _train_args(workdir, data_dir, steps, checkpoint_every=steps)
             procs.append(subprocess.Popen(args, cwd=REPO,
@@ -99,10 +99,11 @@ def _stop_at_the_same_step(procs, logdir, workdir, signal_to, *, after_rows, gap
     kills both on any failure so no process outlives the test."""
     metrics = workdir / "metrics.jsonl"
     try:
-        deadline = time.monotonic() + 300
+        # Start-up and compilation take most of it (minutes on a loaded 2-core machine).
+        deadline = time.monotonic() + 600
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_rows):
             assert all(p.poll() is None for p in procs), _logs(logdir)
-            assert time.monotonic() < deadline, "no training progress in 300 s\n" + _logs(logdir)
+            assert time.monotonic() < deadline, "no training progress in 600 s\n" + _logs(logdir)
             time.sleep(0.2)
         for n, i in enumerate(signal_to):
             if n:
@@ -155,7 +156,16 @@ def test_sigterm_to_one_or_both_processes_saves_the_same_step_on_both(tmp_path, 
     assert f"resumed from {work / 'checkpoints' / str(first)}" in _logs(tmp_path / "logs2")
     assert second > first and max(_saved_steps(work)) == second
 
+    # Without JAX's preemption service the loop gathers the flags at every step instead.
+    procs = _start_two(work, data_dir, tmp_path / "logs3", forever,
+                       JAX_ENABLE_PREEMPTION_SERVICE="false")
+    third = _stop_at_the_same_step(procs, tmp_path / "logs3", work, signal_to=[0],
+                                   after_rows=second + 2)
+    assert "SIGTERM: saving a checkpoint at the end of this step on every process" in _logs(
+        tmp_path / "logs3")
+    assert third > second and max(_saved_steps(work)) == third
+
     # One process continues from the agreed step.
-    _one_process(work, data_dir, second + 1, devices=1)
-    assert max(_saved_steps(work)) == second + 1
-    assert sorted(_losses(work)) == list(range(1, second + 2))
+    _one_process(work, data_dir, third + 1, devices=1)
+    assert max(_saved_steps(work)) == third + 1
+    assert sorted(_losses(work)) == list(range(1, third + 2))
