@@ -5,6 +5,13 @@ checkpoints, bundles and indexes are verified against.
 Files get the permissions a plain `open()` would give (0666 less the umask), not the
 owner-only mode of `tempfile.mkstemp`, so indexes, bundles and reports stay readable by the
 other users of a shared cluster filesystem.
+
+Paths may also be URLs of the filesystems `etils.epath` reaches (`gs://bucket/run`, s3://,
+az://): `as_path` gives an `epath.Path` for those and a plain `pathlib.Path` otherwise, so a
+URL is never read as a local relative directory (`./gs:/bucket/run`). On object storage a
+file is written whole in one upload: the store publishes an object only when its upload
+completes, which is what the temporary name and rename give on a local disk (a "rename"
+there is a copy and a delete, so it is not used).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -27,9 +34,38 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def is_url(path) -> bool:
+    """Whether `path` names a file on another filesystem (`scheme://...`)."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path):
+    """`path` as an `etils.epath.Path` when it is a URL (gs://, s3://, az://), else as a
+    `pathlib.Path`. ValueError naming the path for a scheme epath does not know."""
+    if not is_url(path):
+        return Path(path)
+    from etils import epath
+
+    try:
+        return epath.Path(os.fspath(path))
+    except KeyError:  # epath's registry of URL schemes
+        raise ValueError(f"{os.fspath(path)}: unsupported URL scheme (use a local path, gs://, "
+                         "s3:// or az://)") from None
+
+
+def absolute(path):
+    """`path` made absolute; a URL is already (pathlib would put the working directory before
+    `gs:`)."""
+    return as_path(path) if is_url(path) else Path(path).absolute()
+
+
 def atomic_write(path, write: Callable[[Path], None]) -> None:
     """Calls `write(tmp_path)` for a temporary file beside `path`, then renames it onto
-    `path`. The temporary file is removed if `write` fails."""
+    `path`. The temporary file is removed if `write` fails. For a URL the temporary file is
+    local and is then uploaded whole (see the module docstring)."""
+    if is_url(path):
+        _upload_whole(as_path(path), write)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -41,6 +77,18 @@ def atomic_write(path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _upload_whole(path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        data = Path(tmp).read_bytes()  # all of it first: a failed write uploads nothing
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -58,7 +106,7 @@ def atomic_write_json(path, obj, indent: int = 2, sort_keys: bool = False) -> No
 def read_json(path, error: type[Exception], missing: str, what: str = "file"):
     """The parsed JSON file at `path`. Every failure raises `error` with a message that names
     the file: `{path}: {missing}` when it is absent, and the line and column of bad JSON."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise error(f"{path}: {missing}")
     try:
@@ -84,37 +132,69 @@ def replace_dir(src, dst) -> None:
         os.replace(src, dst)
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+def _digest(path, bufsize: int = 1 << 22) -> tuple[str, int]:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    n = 0
+    with as_path(path).open("rb") as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
-    return h.hexdigest()
+            n += len(chunk)
+    return h.hexdigest(), n
 
 
-def file_record(path: Path) -> dict:
+def sha256_file(path, bufsize: int = 1 << 22) -> str:
+    return _digest(path, bufsize)[0]
+
+
+def file_size(path) -> int:
+    """Bytes in the file (epath's stat has no st_size)."""
+    return Path(path).stat().st_size if not is_url(path) else as_path(path).stat().length
+
+
+def file_record(path) -> dict:
     """{'bytes', 'sha256'} of a file, as stored in manifests."""
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    sha, n = _digest(path)
+    return {"bytes": n, "sha256": sha}
+
+
+def files_under(directory) -> Iterator[str]:
+    """The relative POSIX paths of the files under `directory`, sorted. (epath's walk gives
+    fsspec's protocol-less names for a URL, so the tree is listed with iterdir.)"""
+    directory = as_path(directory)
+    if not is_url(directory):
+        yield from (p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*"))
+                    if p.is_file())
+        return
+    pending = [("", directory)]
+    found = []
+    while pending:
+        rel, d = pending.pop()
+        for p in d.iterdir():
+            r = f"{rel}{p.name}"
+            if p.is_dir():
+                pending.append((r + "/", p))
+            else:
+                found.append(r)
+    yield from sorted(found)
 
 
 def file_manifest(directory, *exclude: str) -> dict[str, dict]:
     """{relative path: file_record} of every file under `directory`, except the top-level
     names in `exclude` (the manifest itself)."""
-    directory = Path(directory)
-    return {str(p.relative_to(directory)): file_record(p)
-            for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.relative_to(directory).parts[0] not in exclude}
+    directory = as_path(directory)
+    return {rel: file_record(directory / rel) for rel in files_under(directory)
+            if rel.split("/")[0] not in exclude}
 
 
 def manifest_problem(directory, manifest: dict[str, dict], *exclude: str) -> str | None:
     """None when the files under `directory` are exactly `manifest` (from `file_manifest`),
     else the first difference in words, naming the file."""
-    directory = Path(directory)
+    directory = as_path(directory)
     for rel, rec in manifest.items():
         f = directory / rel
         if not f.is_file():
             return f"{f}: missing"
-        size = f.stat().st_size
+        size = file_size(f)
         if size != rec["bytes"]:
             return f"{f}: {size} bytes, its manifest says {rec['bytes']} (truncated or replaced)"
         if sha256_file(f) != rec["sha256"]:

@@ -1,12 +1,16 @@
 """Scaling out on this machine: 2 processes x 4 CPU devices train like 1 process x 8 devices,
-and a checkpoint written by the 2-process run restores in 1 process."""
+a checkpoint written by the 2-process run restores in 1 process, and SIGTERM to one process
+(or to both, moments apart) stops both at the same saved step."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,11 +28,11 @@ def data_dir(tmp_path_factory, tiny_config):
     return out
 
 
-def _train_args(workdir, data_dir, steps):
+def _train_args(workdir, data_dir, steps, checkpoint_every=STEPS):
     return [sys.executable, "-m", "clara_jax.cli", "train", "--config=configs/tiny.py",
             f"--workdir={workdir}", f"--data_dir={data_dir}", "--progress=false",
             f"--config.train.steps={steps}", "--config.train.log_every=1",
-            f"--config.train.checkpoint_every={STEPS}", "--config.mesh.data=-1",
+            f"--config.train.checkpoint_every={checkpoint_every}", "--config.mesh.data=-1",
             "--config.train.batch_size=8"]
 
 
@@ -67,3 +71,101 @@ def test_two_processes_log_the_losses_of_one_and_their_checkpoint_restores_in_on
     resumed = _losses(multi)
     for step in (STEPS + 1, STEPS + 2):
         assert resumed[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4)
+
+
+def _start_two(workdir, data_dir, logdir, steps, **env_vars):
+    """Two `clara train` processes x 4 devices joined through a local coordinator (as
+    launch/local_multiprocess.sh does), each logging to its own file."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logdir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, CLARA_COORDINATOR=f"127.0.0.1:{port}", CLARA_NUM_PROCESSES="2",
+                   CLARA_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4", **env_vars)
+        with open(logdir / f"process_{i}.log", "w") as log:
+            args = _train_args(workdir, data_dir, steps, checkpoint_every=steps)
+            procs.append(subprocess.Popen(args, cwd=REPO,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          text=True))
+    return procs
+
+
+def _stop_at_the_same_step(procs, logdir, workdir, signal_to, *, after_rows, gap_s=0.5):
+    """Waits until metrics.jsonl has `after_rows` rows, sends SIGTERM to the processes in
+    `signal_to`, `gap_s` apart, and returns the step both saved (asserting they agree);
+    kills both on any failure so no process outlives the test."""
+    metrics = workdir / "metrics.jsonl"
+    try:
+        # Start-up and compilation take most of it (minutes on a loaded 2-core machine).
+        deadline = time.monotonic() + 600
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_rows):
+            assert all(p.poll() is None for p in procs), _logs(logdir)
+            assert time.monotonic() < deadline, "no training progress in 600 s\n" + _logs(logdir)
+            time.sleep(0.2)
+        for n, i in enumerate(signal_to):
+            if n:
+                time.sleep(gap_s)
+            procs[i].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=180)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], _logs(logdir)
+    results = [_result(logdir / f"process_{i}.log") for i in range(2)]
+    assert [r["status"] for r in results] == ["preempted", "preempted"], results
+    assert results[0]["step"] == results[1]["step"], results
+    return results[0]["step"]
+
+
+def _result(log):
+    """The JSON line `clara train` prints last (the runtime may log after it)."""
+    lines = [x for x in log.read_text().splitlines() if x.startswith('{"status"')]
+    assert lines, log.read_text()[-2500:]
+    return json.loads(lines[-1])
+
+
+def _logs(logdir) -> str:
+    return "\n".join(f"--- {p.name}\n" + p.read_text()[-2500:]
+                     for p in sorted(logdir.glob("process_*.log")))
+
+
+def _saved_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_sigterm_to_one_or_both_processes_saves_the_same_step_on_both(tmp_path, data_dir):
+    """Each process used to check only its own flag: the signalled one left the collective
+    step and the other waited in it for ever, with no checkpoint. Now the stop is agreed."""
+    work = tmp_path / "run"
+    forever = 100_000  # checkpoint_every too: only the preemption saves
+    procs = _start_two(work, data_dir, tmp_path / "logs1", forever)
+    first = _stop_at_the_same_step(procs, tmp_path / "logs1", work, signal_to=[1],
+                                   after_rows=2)
+    assert first in _saved_steps(work) and max(_saved_steps(work)) == first
+
+    # Resumed by both, then both signalled 0.5 s apart (process 0 first): one save, one step.
+    procs = _start_two(work, data_dir, tmp_path / "logs2", forever)
+    second = _stop_at_the_same_step(procs, tmp_path / "logs2", work, signal_to=[0, 1],
+                                    after_rows=first + 2)
+    assert f"resumed from {work / 'checkpoints' / str(first)}" in _logs(tmp_path / "logs2")
+    assert second > first and max(_saved_steps(work)) == second
+
+    # Without JAX's preemption service the loop gathers the flags at every step instead.
+    procs = _start_two(work, data_dir, tmp_path / "logs3", forever,
+                       JAX_ENABLE_PREEMPTION_SERVICE="false")
+    third = _stop_at_the_same_step(procs, tmp_path / "logs3", work, signal_to=[0],
+                                   after_rows=second + 2)
+    assert "SIGTERM: saving a checkpoint at the end of this step on every process" in _logs(
+        tmp_path / "logs3")
+    assert third > second and max(_saved_steps(work)) == third
+
+    # One process continues from the agreed step.
+    _one_process(work, data_dir, third + 1, devices=1)
+    assert max(_saved_steps(work)) == third + 1
+    assert sorted(_losses(work)) == list(range(1, third + 2))

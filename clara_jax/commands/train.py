@@ -17,7 +17,8 @@ from absl import flags
 from clara_jax.commands.common import define_config_flag, load_config
 
 define_config_flag()
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/.")
+flags.DEFINE_string("workdir", None, "Run directory, a local path or gs://bucket/...: "
+                    "checkpoints, metrics.jsonl, tb/.")
 flags.DEFINE_string("data_dir", None,
                     "Built data directory (default: config.train.data_dir), as written by "
                     "`clara data build` / `clara data world`.")

@@ -12,6 +12,11 @@ file of the step), last. Every restore verifies the step it reads against its ma
 while other steps have one (it was cut off before sealing) is reported in one line and the
 previous intact step is used instead. Steps written before manifests existed (no step has
 one) are read unverified.
+
+Workdirs on object storage (`gs://bucket/run`): orbax writes the arrays through tensorstore's
+GCS driver and, having no rename there, writes each step in place and marks it finished with
+a commit file; the manifests, the tokenizer copy and the moves of corrupt steps go through
+`clara_jax.fileio`'s URL paths. Orbax's arrays reach only local paths and gs://.
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from clara_jax.fileio import atomic_write_json, file_manifest, manifest_problem
+from clara_jax.fileio import (
+    absolute,
+    as_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_manifest,
+    files_under,
+    is_url,
+    manifest_problem,
+)
 from clara_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -46,14 +60,23 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir) -> Path:
-    """Where a run in WORKDIR keeps its checkpoints: WORKDIR/checkpoints."""
-    return (Path(workdir) / CHECKPOINT_DIR).absolute()
+    """Where a run in WORKDIR keeps its checkpoints: WORKDIR/checkpoints (an epath.Path for a
+    URL workdir)."""
+    return absolute(as_path(workdir) / CHECKPOINT_DIR)
 
 
 def source_dir(source) -> Path:
     """The checkpoints directory of `source`: a run's workdir or its checkpoints dir."""
-    source = Path(source)
-    return checkpoint_dir(source) if (source / CHECKPOINT_DIR).is_dir() else source.absolute()
+    source = as_path(source)
+    return checkpoint_dir(source) if (source / CHECKPOINT_DIR).is_dir() else absolute(source)
+
+
+def check_storage(workdir) -> None:
+    """CheckpointError for a URL workdir that orbax cannot write arrays to (tensorstore is
+    given local paths and gs:// only)."""
+    if is_url(workdir) and not os.fspath(workdir).startswith("gs://"):
+        raise CheckpointError(f"--workdir={os.fspath(workdir)}: orbax checkpoints go to a local "
+                              "path or gs://bucket/... only")
 
 
 def make_manager(workdir, keep: int = 3, async_save: bool = True, read_only: bool = False,
@@ -104,7 +127,7 @@ def seal(manager: ocp.CheckpointManager) -> None:
         return
     if jax.process_index() == 0:
         for step in sorted(pending):
-            step_dir = Path(manager.directory) / str(step)
+            step_dir = as_path(os.fspath(manager.directory)) / str(step)
             if step_dir.is_dir():  # not already removed by max_to_keep
                 atomic_write_json(step_dir / MANIFEST_FILE,
                                   {"step": step, "files": file_manifest(step_dir,
@@ -131,7 +154,7 @@ def intact_step(directory, move_bad_to=None) -> int | None:
     when there is no step. Each newer step that fails is reported in one line on stderr
     (and moved into `move_bad_to` when given, so that a resumed run neither restores nor
     overwrites it). Raises CheckpointError when no step is intact."""
-    directory = Path(directory)
+    directory = as_path(directory)
     steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()
                     and p.is_dir()), reverse=True) if directory.is_dir() else []
     expected = any((directory / str(s) / MANIFEST_FILE).is_file() for s in steps)
@@ -145,18 +168,30 @@ def intact_step(directory, move_bad_to=None) -> int | None:
             return step
         where = ""
         if move_bad_to is not None and jax.process_index() == 0:
-            target = Path(move_bad_to) / str(step)
+            target = as_path(move_bad_to) / str(step)
             n = 1
             while target.exists():
-                target, n = Path(move_bad_to) / f"{step}.{n}", n + 1
+                target, n = as_path(move_bad_to) / f"{step}.{n}", n + 1
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(directory / str(step)), str(target))
+            _move_tree(directory / str(step), target)
             where = f", moved to {target}"
         bad.append(f"step {step} is corrupt or partial ({problem}{where})")
     if bad:
         raise CheckpointError(f"{directory}: no intact checkpoint: " + "; ".join(bad)
                               + " (start over in a new --workdir)")
     return None
+
+
+def _move_tree(src, dst) -> None:
+    if not is_url(src):
+        shutil.move(str(src), str(dst))
+        return
+    # Object storage has no directory rename: copy every object (inside the store, not
+    # through this host: a step's files can be gigabytes), then delete the source.
+    for rel in files_under(src):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).copy(dst / rel, overwrite=True)
+    src.rmtree()
 
 
 # The model fields that decide the parameters' shapes and tree structure.
@@ -220,7 +255,7 @@ def restore_params(source, target_for_stage, step: int | None = None) -> tuple[d
     state, shardings) for the run that wrote the checkpoint, from its metadata (its optimizer
     state's structure depends on the stage). Returns (params on the target shardings, the
     source's meta). `step`: default the newest intact step."""
-    if not os.path.isdir(source):
+    if not as_path(source).is_dir():
         raise CheckpointError(f"--init_from={source}: no such directory")
     step = intact_step(source_dir(source)) if step is None else step
     if step is None:
@@ -245,7 +280,10 @@ def pin_tokenizer(workdir, tokenizer_dir) -> None:
     from clara_jax.data.tokenizer import saved_digest
     from clara_jax.fileio import replace_dir
 
-    pinned = Path(workdir) / TOKENIZER_DIR
+    pinned = as_path(workdir) / TOKENIZER_DIR
+    if is_url(pinned):
+        _pin_by_upload(workdir, pinned, tokenizer_dir, saved_digest)
+        return
     if pinned.is_dir():
         if saved_digest(pinned) != saved_digest(tokenizer_dir):
             raise CheckpointError(
@@ -256,3 +294,23 @@ def pin_tokenizer(workdir, tokenizer_dir) -> None:
     tmp = Path(tempfile.mkdtemp(dir=workdir, prefix=f".{TOKENIZER_DIR}.tmp-"))
     shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
     replace_dir(tmp, pinned)
+
+
+def _pin_by_upload(workdir, pinned, tokenizer_dir, saved_digest) -> None:
+    """pin_tokenizer on object storage, which has no directory rename: the files are uploaded
+    one by one with the tokenizer's metadata file last, so a copy cut off before it is seen
+    as no copy (and made again) rather than as another tokenizer."""
+    from clara_jax.data.tokenizer import META_FILE
+
+    if (pinned / META_FILE).is_file():
+        if saved_digest(pinned) != saved_digest(tokenizer_dir):
+            raise CheckpointError(
+                f"{workdir} was trained with the tokenizer in {pinned}, but {tokenizer_dir} is "
+                "another one (data built with another tokenizer): use the data this run "
+                "started with, or a new --workdir")
+        return
+    if pinned.exists():
+        pinned.rmtree()  # an unfinished copy
+    files = sorted(files_under(tokenizer_dir), key=lambda rel: rel == META_FILE)
+    for rel in files:
+        atomic_write_bytes(pinned / rel, (Path(tokenizer_dir) / rel).read_bytes())

@@ -9,6 +9,10 @@ Outputs under WORKDIR:
   eval_metrics.jsonl    one JSON object per evaluation (train.eval_every)
   tb/                   TensorBoard event files (the same numbers); with train.profile_steps,
                         the profiler trace in tb/plugins/profile/<run>/<host>.xplane.pb
+WORKDIR may be a URL (gs://bucket/run): every one of these goes to that filesystem
+(`clara_jax.fileio.as_path`), the workdir lock becomes a lease (`clara_jax.workdir`), and the
+JSONL files and event files, which object storage cannot append to, are rewritten whole now
+and then (`_JsonlLog`, `_ObjectEventFile`).
 
 Exact resume: the state holds the step and the run's base key, each step's dropout key is
 `fold_in(base key, step)`, and the data iterator's state is saved with every checkpoint; on
@@ -35,9 +39,11 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
+from clara_jax.fileio import as_path, atomic_write_bytes, atomic_write_text, is_url
 from clara_jax.model import ModelConfig, init_params, logical_specs
 from clara_jax.model.sharding import DEFAULT_RULES, logical_to_shardings, make_mesh
 from clara_jax.train import checkpoint as ckpt
@@ -131,41 +137,165 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
                    out_shardings=shardings)(params)
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keeps the records of steps <= last_step (a resumed run rewrites the rest)."""
+def _kept_lines(path, last_step: int) -> tuple[list[str], bool]:
+    """The records of steps <= last_step in the JSONL file (a resumed run rewrites the rest),
+    and whether any were left out."""
     if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= last_step:
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+        return [], False
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    return kept, len(kept) < len(lines)
+
+
+class _JsonlLog:
+    """WORKDIR/metrics.jsonl or eval_metrics.jsonl, cut back to the steps <= `last_step` and
+    then appended to (process 0 only).
+
+    A local file is appended to line by line. Object storage cannot append, and rewriting the
+    file at every logged step would upload the run's whole history each time; there the lines
+    are kept here and the file is rewritten whole at most every FLUSH_S, and by `flush()`,
+    which the loop calls before every checkpoint save and at the end. So the file always
+    reaches at least the newest checkpoint's step, and what a crash loses is only what a
+    resume cuts away and logs again."""
+
+    FLUSH_S = 30.0
+
+    def __init__(self, path, last_step: int):
+        self.path = path
+        self.remote = is_url(path)
+        self.lines, self._dirty = _kept_lines(path, last_step)
+        self.flush()
+        if not self.remote:
+            self.lines = []
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record)
+        if not self.remote:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+            return
+        self.lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._flushed >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            atomic_write_text(self.path, "".join(x + "\n" for x in self.lines))
+            self._dirty = False
+        self._flushed = time.monotonic()
+
+
+class _ObjectEventFile:
+    """A TensorBoard event file on object storage, through epath (tensorboardX's own gs://
+    and s3:// writers use the cloud SDKs directly, and know no other scheme). The store has no
+    append, so each flush (tensorboardX's, every flush_secs, and at close) uploads the file
+    whole, as tensorboardX's GCS writer does; past ROLL_BYTES the writer goes on in a new file
+    (`NAME.1`, ...), which TensorBoard reads as part of the same run, so the uploads stay
+    small."""
+
+    ROLL_BYTES = 8 << 20
+
+    def __init__(self, path: str):
+        self.path, self.part, self.buffer = path, 0, bytearray()
+
+    def _name(self) -> str:
+        return self.path if self.part == 0 else f"{self.path}.{self.part}"
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def flush(self) -> None:
+        if self.part and not self.buffer:
+            return  # nothing since the last part was finished
+        atomic_write_bytes(self._name(), bytes(self.buffer))
+        if len(self.buffer) > self.ROLL_BYTES:
+            self.part, self.buffer = self.part + 1, bytearray()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventFiles:
+    """tensorboardX's writer factory interface for `_ObjectEventFile`."""
+
+    def open(self, path: str) -> _ObjectEventFile:
+        return _ObjectEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(logdir):
+    from tensorboardX import SummaryWriter, record_writer
+
+    if is_url(logdir):  # for this scheme, event files go through epath (above)
+        record_writer.register_writer_factory(os.fspath(logdir).split(":")[0],
+                                              _ObjectEventFiles())
+    return SummaryWriter(os.fspath(logdir))
 
 
 class _Preemption:
-    """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves and exits cleanly at the next
-    step boundary. A second Ctrl-C interrupts at once (no save)."""
+    """SIGTERM or SIGINT (Ctrl-C) asks the loop to save and exit cleanly at a step boundary;
+    `stop(step)` says whether to do that after `step`. A second Ctrl-C interrupts at once (no
+    save).
+
+    With several processes the decision must be the same on all of them, at the same step:
+    each step and each save is a collective, so a process that stops alone leaves the others
+    waiting in their next step for ever (and one that keeps going waits for the one that
+    left). A scheduler may signal one process, or all of them moments apart. So:
+      - with JAX's preemption service (started by jax.distributed.initialize), SIGTERM stays
+        with its notifier, which tells the coordinator and through it every process;
+        `stop(step)` is the service's sync point, True on every process at the same step.
+        A Python SIGTERM handler would replace the notifier's and the news would stay in one
+        process, so none is installed; Ctrl-C is passed on to the notifier as a SIGTERM.
+      - without the service (jax_enable_preemption_service off), every process's flag is
+        gathered at every step, which costs a host-device round trip per step but agrees.
+      - one process: its own flag.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.requested = None  # the name of the signal received
+    def __init__(self, start_step: int):
+        self.requested = None  # the name of the signal this process received
         self._old = {}
+        self._mode = "local"
+        if jax.process_count() > 1:
+            try:  # registers the starting step with the service; raises when there is none
+                multihost_utils.reached_preemption_sync_point(start_step)
+                self._mode = "service"
+            except RuntimeError:
+                self._mode = "gather"
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            handled = (signal.SIGINT,) if self._mode == "service" else self.SIGNALS
+            self._old = {s: signal.signal(s, self._handle) for s in handled}
         return self
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        if _is_main():
-            print(f"{self.requested}: saving a checkpoint at the end of this step (Ctrl-C "
-                  "again to stop without saving)", file=sys.stderr, flush=True)
+        print(f"{self.requested}: saving a checkpoint at the end of this step"
+              + (" on every process" if self._mode != "local" else "")
+              + " (Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)
+        if self._mode == "service":
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which tells every process
+
+    def stop(self, step: int) -> bool:
+        """Whether every process saves and exits after `step` (called by every process at
+        every step, in step order)."""
+        if self._mode == "service":
+            return multihost_utils.reached_preemption_sync_point(step)
+        if self._mode == "gather":
+            flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+            return bool(np.max(flags))
+        return self.requested is not None
+
+    @property
+    def reason(self) -> str:
+        return self.requested or "preemption notice (a signal to one of the processes)"
 
     def __exit__(self, *exc):
         for s, old in self._old.items():
@@ -262,7 +392,8 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
     t = config.train
     stage = int(t.stage)
     cfg = ModelConfig.from_config(config)
-    workdir = Path(workdir)
+    ckpt.check_storage(workdir)
+    workdir = as_path(workdir)  # a URL stays a URL (see the module docstring)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh_from_config(config)
     abstract = abstract_state(config, cfg, stage)
@@ -288,7 +419,6 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
            abstract, shardings, manager, loader, meta) -> RunResult:
     t = config.train
     stage = int(t.stage)
-    metrics_path = workdir / "metrics.jsonl"
     latest = manager.latest_step()
     if latest is not None:
         saved_meta = ckpt.read_meta(manager, latest)
@@ -302,15 +432,12 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
         state, data_state, _ = ckpt.restore(manager, abstract, shardings, latest)
         if data_state:
             loader.set_state(data_state)
-        _truncate_jsonl(metrics_path, latest)
-        _truncate_jsonl(workdir / "eval_metrics.jsonl", latest)
         _say(f"resumed from {ckpt.checkpoint_dir(workdir)}/{latest}")
     else:
         if init_from and init_from_hf:
             raise ValueError("give at most one of --init_from and --init_from_hf")
         state = _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from,
                                init_from_hf)
-        _truncate_jsonl(metrics_path, 0)
 
     start = int(jax.device_get(state.step))
     if start >= t.steps:
@@ -336,10 +463,12 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
     fold = jax.jit(lambda key, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(key), s)))
     eval_fn = None
-    writer = None
+    writer = logs = None
     if _is_main():
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(workdir / "tb"))
+        # A resumed run logs the steps after its checkpoint again (a fresh one: from 1).
+        logs = {name: _JsonlLog(workdir / f"{name}.jsonl", latest or 0)
+                for name in ("metrics", "eval_metrics")}
+        writer = _summary_writer(workdir / "tb")
     bar = None
     # A bar only on a terminal; a log file gets one plain line per train.log_every instead.
     plain = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
@@ -356,7 +485,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
     batch = first
     profiler = _StepProfiler(int(t.profile_steps), start, int(t.steps), workdir / "tb")
     try:
-        with _Preemption() as preempt:
+        with _Preemption(start) as preempt:
             while step < t.steps:
                 profiler.before(step, state)  # a traced step's batch loading is traced too
                 if batch is None:
@@ -368,10 +497,11 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                 batch = None
                 step += 1
                 profiler.after(step, state)
+                stop = preempt.stop(step)  # the same on every process
                 pending.append(metrics)
                 log_now = step % t.log_every == 0 or step == t.steps
                 save_now = step % t.checkpoint_every == 0 or step == t.steps
-                if log_now or save_now or preempt.requested:
+                if log_now or save_now or stop:
                     host = jax.device_get(pending)
                     pending = []
                     bad = [start_i for start_i, m in enumerate(host) if m["nonfinite"]]
@@ -396,8 +526,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                         # Strict JSON: a non-finite value (a skipped step's loss) is null.
                         record = {k: v if math.isfinite(v) else None
                                   for k, v in record.items()}
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
+                        logs["metrics"].append(record)
                         for k, v in record.items():
                             if k not in ("step", "stage") and v is not None:
                                 writer.add_scalar(f"train/{k}", v, step)
@@ -415,17 +544,21 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                                           in_shardings=(shardings.params, batch_sh),
                                           out_shardings=NamedSharding(mesh, PartitionSpec()))
                     _evaluate(config, stage, step, state, eval_fn, loader_factory, batch_sh,
-                              mesh, workdir, writer)
-                if save_now or preempt.requested:
+                              mesh, logs, writer)
+                if save_now or stop:
+                    for log in (logs or {}).values():  # they reach at least the saved step
+                        log.flush()
                     ckpt.save(manager, state, loader.get_state(), {**meta, "step": step})
-                if preempt.requested:
+                if stop:
                     status = "preempted"
-                    _say(f"{preempt.requested}: saved step {step} to "
+                    _say(f"{preempt.reason}: saved step {step} to "
                          f"{ckpt.checkpoint_dir(workdir)}; exiting")
                     break
     finally:
         profiler.stop(step)
         ckpt.finish(manager)
+        for log in (logs or {}).values():
+            log.flush()
         if bar is not None:
             bar.close()
         if writer is not None:
@@ -434,7 +567,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
 
 
 def _evaluate(config, stage, step, state: TrainState, eval_fn, loader_factory, batch_sh, mesh,
-              workdir: Path, writer) -> dict:
+              logs: dict | None, writer) -> dict:
     """Mean metrics over train.eval_batches batches of the eval split (a fresh, seeded
     iterator each time, so every evaluation sees the same batches)."""
     loader = loader_factory(config, stage, str(config.train.eval_split))
@@ -454,8 +587,7 @@ def _evaluate(config, stage, step, state: TrainState, eval_fn, loader_factory, b
     if _is_main() and n:
         record = {"step": step, "stage": stage, "split": str(config.train.eval_split),
                   "batches": n, **out}
-        with open(workdir / "eval_metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        logs["eval_metrics"].append(record)
         for k, v in out.items():
             writer.add_scalar(f"eval/{k}", v, step)
         print(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in out.items()),
