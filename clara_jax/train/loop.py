@@ -415,40 +415,37 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
             manager.close()
 
 
-def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, cfg, mesh,
-           abstract, shardings, manager, loader, meta) -> RunResult:
-    t = config.train
-    stage = int(t.stage)
+def _resume_or_init(config, workdir, manager, abstract, shardings, loader, meta, cfg, mesh,
+                    init_from, init_from_hf) -> tuple[TrainState, int | None]:
+    """The latest checkpoint of `workdir` (with the loader's position), else the initial
+    state; returns (state, the step resumed from or None)."""
     latest = manager.latest_step()
-    if latest is not None:
-        saved_meta = ckpt.read_meta(manager, latest)
-        ckpt.check_model(saved_meta, config, str(ckpt.checkpoint_dir(workdir)))
-        for key in ("stage", "train_base"):
-            if saved_meta.get(key, meta[key]) != meta[key]:
-                raise ckpt.CheckpointError(
-                    f"{ckpt.checkpoint_dir(workdir)} holds a run with {key}="
-                    f"{saved_meta[key]}; this config has train.{key}={meta[key]} (use a new "
-                    "--workdir, and --init_from to start from that run)")
-        state, data_state, _ = ckpt.restore(manager, abstract, shardings, latest)
-        if data_state:
-            loader.set_state(data_state)
-        _say(f"resumed from {ckpt.checkpoint_dir(workdir)}/{latest}")
-    else:
+    if latest is None:
         if init_from and init_from_hf:
             raise ValueError("give at most one of --init_from and --init_from_hf")
-        state = _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from,
-                               init_from_hf)
+        return _initial_state(config, cfg, int(config.train.stage), mesh, abstract, shardings,
+                              init_from, init_from_hf), None
+    saved_meta = ckpt.read_meta(manager, latest)
+    ckpt.check_model(saved_meta, config, str(ckpt.checkpoint_dir(workdir)))
+    for key in ("stage", "train_base"):
+        if saved_meta.get(key, meta[key]) != meta[key]:
+            raise ckpt.CheckpointError(
+                f"{ckpt.checkpoint_dir(workdir)} holds a run with {key}="
+                f"{saved_meta[key]}; this config has train.{key}={meta[key]} (use a new "
+                "--workdir, and --init_from to start from that run)")
+    state, data_state, _ = ckpt.restore(manager, abstract, shardings, latest)
+    if data_state:
+        loader.set_state(data_state)
+    _say(f"resumed from {ckpt.checkpoint_dir(workdir)}/{latest}")
+    return state, latest
 
-    start = int(jax.device_get(state.step))
-    if start >= t.steps:
-        _say(f"nothing to do: step {start} >= train.steps={t.steps}")
-        return RunResult("done", start, {}, str(ckpt.checkpoint_dir(workdir)))
 
-    first = next(loader)
-    fields = _fields(first)
+def _compile_step(config, cfg, stage: int, mesh, abstract, shardings, first: dict):
+    """The jitted train step for batches shaped like `first`, and the batch shardings; says
+    what one device holds."""
     step_fn = make_train_step(config, cfg, stage, abstract.params)
     t0 = time.perf_counter()
-    compiled, batch_sh = compile_train_step(step_fn, mesh, shardings, abstract, fields)
+    compiled, batch_sh = compile_train_step(step_fn, mesh, shardings, abstract, _fields(first))
     mem = compiled.memory_analysis()
     _say(f"compiled stage-{stage} step in {time.perf_counter() - t0:.1f}s on mesh "
          f"{dict(mesh.shape)}; per device: params "
@@ -459,30 +456,97 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
             f"{mem.output_size_in_bytes / 2**20:.2f} MiB, aliased "
             f"{mem.alias_size_in_bytes / 2**20:.2f} MiB, temporaries "
             f"{mem.temp_size_in_bytes / 2**20:.2f} MiB"))
+    return compiled, batch_sh
 
+
+class _Reporter:
+    """Where a run's step metrics go: metrics.jsonl, eval_metrics.jsonl and TensorBoard on
+    process 0, and a progress bar (on a terminal) or one plain line per train.log_every."""
+
+    def __init__(self, config, workdir, start: int, latest: int | None, progress: bool):
+        t = config.train
+        self.stage, self.steps = int(t.stage), int(t.steps)
+        self.logs = self.writer = self.bar = None
+        if _is_main():
+            # A resumed run logs the steps after its checkpoint again (a fresh one: from 1).
+            self.logs = {name: _JsonlLog(workdir / f"{name}.jsonl", latest or 0)
+                         for name in ("metrics", "eval_metrics")}
+            self.writer = _summary_writer(workdir / "tb")
+        self.plain = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
+        if progress and not self.plain and _is_main():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.steps, initial=start, desc=f"stage {self.stage}",
+                            unit="step", dynamic_ncols=True)
+        self.window_start = time.perf_counter()
+
+    def window(self, step: int, host: list[dict], log_now: bool) -> dict:
+        """Reports the steps since the last window (their metrics fetched to the host);
+        returns the last step's metrics as floats."""
+        now = time.perf_counter()
+        rate = float(sum(m["tokens"] for m in host)) / max(now - self.window_start, 1e-9)
+        self.window_start = now
+        last = {k: float(v) for k, v in host[-1].items()}
+        if log_now and self.logs is not None:
+            record = {"step": step, "stage": self.stage, **last, "tokens_per_s": rate}
+            # Strict JSON: a non-finite value (a skipped step's loss) is null.
+            record = {k: v if math.isfinite(v) else None for k, v in record.items()}
+            self.logs["metrics"].append(record)
+            for k, v in record.items():
+                if k not in ("step", "stage") and v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate:,.0f}")
+        elif self.plain and log_now:
+            _say(f"stage {self.stage} step {step}/{self.steps}: loss {last['loss']:.4f}, "
+                 f"{rate:,.0f} tokens/s")
+        return last
+
+    def flush(self) -> None:
+        for log in (self.logs or {}).values():
+            log.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _check_finite(host: list[dict], step: int, nan_policy: str, manager, workdir) -> None:
+    """Raises NonFiniteLossError (nan_policy 'stop') or warns ('skip') when a step of the
+    window `host` ending at `step` had a non-finite loss or gradient."""
+    bad = [i for i, m in enumerate(host) if m["nonfinite"]]
+    if not bad:
+        return
+    first_bad = step - len(host) + bad[0] + 1
+    where = manager.latest_step()
+    msg = (f"non-finite loss or gradient at step {first_bad} ({len(bad)} step(s) since the "
+           f"last check; those updates were skipped); last good checkpoint: "
+           + (f"{ckpt.checkpoint_dir(workdir)}/{where}" if where is not None else "none"))
+    if nan_policy == "stop":
+        raise NonFiniteLossError(msg)
+    _say("warning: " + msg)
+
+
+def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, cfg, mesh,
+           abstract, shardings, manager, loader, meta) -> RunResult:
+    t = config.train
+    stage = int(t.stage)
+    state, latest = _resume_or_init(config, workdir, manager, abstract, shardings, loader, meta,
+                                    cfg, mesh, init_from, init_from_hf)
+    start = int(jax.device_get(state.step))
+    if start >= t.steps:
+        _say(f"nothing to do: step {start} >= train.steps={t.steps}")
+        return RunResult("done", start, {}, str(ckpt.checkpoint_dir(workdir)))
+
+    batch = next(loader)
+    compiled, batch_sh = _compile_step(config, cfg, stage, mesh, abstract, shardings, batch)
     fold = jax.jit(lambda key, s: jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(key), s)))
     eval_fn = None
-    writer = logs = None
-    if _is_main():
-        # A resumed run logs the steps after its checkpoint again (a fresh one: from 1).
-        logs = {name: _JsonlLog(workdir / f"{name}.jsonl", latest or 0)
-                for name in ("metrics", "eval_metrics")}
-        writer = _summary_writer(workdir / "tb")
-    bar = None
-    # A bar only on a terminal; a log file gets one plain line per train.log_every instead.
-    plain = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
-    if progress and not plain and _is_main():
-        from tqdm import tqdm
-        bar = tqdm(total=int(t.steps), initial=start, desc=f"stage {stage}", unit="step",
-                   dynamic_ncols=True)
-
-    step = start
-    pending: list[dict] = []
-    last: dict = {}
-    window_start = time.perf_counter()
-    status = "done"
-    batch = first
+    report = _Reporter(config, workdir, start, latest, progress)
+    step, pending, last, status = start, [], {}, "done"
     profiler = _StepProfiler(int(t.profile_steps), start, int(t.steps), workdir / "tb")
     try:
         with _Preemption(start) as preempt:
@@ -502,52 +566,21 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
                 log_now = step % t.log_every == 0 or step == t.steps
                 save_now = step % t.checkpoint_every == 0 or step == t.steps
                 if log_now or save_now or stop:
-                    host = jax.device_get(pending)
-                    pending = []
-                    bad = [start_i for start_i, m in enumerate(host) if m["nonfinite"]]
-                    if bad:
-                        first_bad = step - len(host) + bad[0] + 1
-                        where = manager.latest_step()
-                        msg = (f"non-finite loss or gradient at step {first_bad} ({len(bad)} "
-                               f"step(s) since the last check; those updates were skipped); "
-                               f"last good checkpoint: "
-                               + (f"{ckpt.checkpoint_dir(workdir)}/{where}"
-                                  if where is not None else "none"))
-                        if t.nan_policy == "stop":
-                            raise NonFiniteLossError(msg)
-                        _say("warning: " + msg)
-                    now = time.perf_counter()
-                    tokens = sum(m["tokens"] for m in host)
-                    rate = float(tokens) / max(now - window_start, 1e-9)
-                    window_start = now
-                    last = {k: float(v) for k, v in host[-1].items()}
-                    if log_now and _is_main():
-                        record = {"step": step, "stage": stage, **last, "tokens_per_s": rate}
-                        # Strict JSON: a non-finite value (a skipped step's loss) is null.
-                        record = {k: v if math.isfinite(v) else None
-                                  for k, v in record.items()}
-                        logs["metrics"].append(record)
-                        for k, v in record.items():
-                            if k not in ("step", "stage") and v is not None:
-                                writer.add_scalar(f"train/{k}", v, step)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate:,.0f}")
-                    elif plain and log_now:
-                        _say(f"stage {stage} step {step}/{t.steps}: loss {last['loss']:.4f}, "
-                             f"{rate:,.0f} tokens/s")
+                    host, pending = jax.device_get(pending), []
+                    _check_finite(host, step, t.nan_policy, manager, workdir)
+                    last = report.window(step, host, log_now)
                     ckpt.seal(manager)  # the previous save's manifest, once orbax is done
-                if bar is not None:
-                    bar.update(1)
+                if report.bar is not None:
+                    report.bar.update(1)
                 if t.eval_every and step % t.eval_every == 0:
                     if eval_fn is None:
                         eval_fn = jax.jit(make_eval_step(config, cfg, stage),
                                           in_shardings=(shardings.params, batch_sh),
                                           out_shardings=NamedSharding(mesh, PartitionSpec()))
                     _evaluate(config, stage, step, state, eval_fn, loader_factory, batch_sh,
-                              mesh, logs, writer)
+                              mesh, report.logs, report.writer)
                 if save_now or stop:
-                    for log in (logs or {}).values():  # they reach at least the saved step
-                        log.flush()
+                    report.flush()  # the logs reach at least the saved step
                     ckpt.save(manager, state, loader.get_state(), {**meta, "step": step})
                 if stop:
                     status = "preempted"
@@ -557,12 +590,7 @@ def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, c
     finally:
         profiler.stop(step)
         ckpt.finish(manager)
-        for log in (logs or {}).values():
-            log.flush()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
+        report.close()
     return RunResult(status, step, last, str(ckpt.checkpoint_dir(workdir)))
 
 
