@@ -212,8 +212,8 @@ def load_bundle(path, mesh=None, tokenizer_dir=None, check_identity: bool = True
     from clara_jax.data.tokenizer import load_tokenizer
     from clara_jax.index import model_identity
     from clara_jax.index.model_source import LoadedModel
-    from clara_jax.model import ModelConfig, logical_specs
-    from clara_jax.model.sharding import logical_to_shardings, make_mesh
+    from clara_jax.model import ModelConfig, param_shardings
+    from clara_jax.model.sharding import make_mesh
 
     path = Path(path)
     meta = read_meta(path)
@@ -227,7 +227,7 @@ def load_bundle(path, mesh=None, tokenizer_dir=None, check_identity: bool = True
         raise BundleError(f"{path}: model_config.json and {EXPERIMENT_CONFIG_FILE} describe "
                           "different models")
     mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
-    shardings = logical_to_shardings(logical_specs(cfg), mesh)
+    shardings = param_shardings(cfg, mesh)
     if not (path / PARAMS_DIR).is_dir():
         raise BundleError(f"{path / PARAMS_DIR}: missing")
     cfg, params = load_params(path, cfg, shardings)

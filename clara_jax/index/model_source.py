@@ -99,8 +99,7 @@ def _load_converted(path: Path, tokenizer_dir, mesh) -> LoadedModel:
     from clara_jax.convert import bundle
     from clara_jax.data.tokenizer import META_FILE, load_tokenizer
     from clara_jax.export.bundle import META_FILE as BUNDLE_META_FILE
-    from clara_jax.model import logical_specs
-    from clara_jax.model.sharding import logical_to_shardings
+    from clara_jax.model import param_shardings
     from clara_jax.train.checkpoint import CheckpointError
 
     if (path / BUNDLE_META_FILE).is_file():
@@ -112,6 +111,6 @@ def _load_converted(path: Path, tokenizer_dir, mesh) -> LoadedModel:
                               "--tokenizer=DIR")
     cfg = bundle.read_model_config(path)
     config = bundle.experiment_config(path, cfg)
-    cfg, params = bundle.load_params(path, cfg, logical_to_shardings(logical_specs(cfg), mesh))
+    cfg, params = bundle.load_params(path, cfg, param_shardings(cfg, mesh))
     tok = load_tokenizer(tokenizer_dir or path)
     return LoadedModel(config, cfg, params, tok, str(path), 0)
