@@ -14,6 +14,12 @@ fsdp=16). Each row is compiled at every `--layers` depth; the temporaries' growt
 is what a policy saves for the backward pass (XLA:CPU's totals also hold the work space of
 one layer's recompute, which depends on the backend). Prints one JSON object per compile and
 a markdown table on stderr.
+
+`--residuals` compiles nothing: it traces the stage's loss with abstract inputs and sums what
+each policy saves for the backward pass (`jax.ad_checkpoint`'s saved residuals, less the
+params and the batch), exactly and for any backend, so it runs on the full-size config too
+(`--config configs/mistral_7b.py --residuals --layers 32`); the batch-sized residuals are
+divided over the mesh's batch devices (`--fsdp`) for the per-device figure.
 """
 
 from __future__ import annotations
@@ -39,6 +45,38 @@ def _shape_7b_small(c) -> None:
     d.paraphrase_max_len = 256
 
 
+def saved_bytes(config, stage: int, batch_devices: int) -> dict:
+    """Bytes of the activations the stage's loss saves for its backward pass under the
+    config's remat policy (params and batch excluded: they are held anyway), in total, per
+    device with the batch split over `batch_devices`, and the float32 part."""
+    import jax
+    import numpy as np
+    from jax._src.ad_checkpoint import saved_residuals  # jax.ad_checkpoint prints only
+
+    from clara_jax.model import ModelConfig, abstract_params
+    from clara_jax.train.steps import batch_fields, make_loss_fn
+
+    cfg = ModelConfig.from_config(config)
+    loss_fn = make_loss_fn(config, cfg, stage)
+    residuals = saved_residuals(lambda p, b: loss_fn(p, b, jax.random.key(0))[0],
+                                abstract_params(cfg), batch_fields(config, stage))
+    total = per_device = f32 = 0
+    batch = int(config.train.batch_size)
+    for aval, source in residuals:
+        if source.startswith("from the argument"):
+            continue
+        n = int(np.prod(aval.shape)) * aval.dtype.itemsize  # dropout keys included
+        total += n
+        f32 += n if aval.dtype == np.float32 else 0
+        # A scanned residual is [layers, batch rows, ...]; the compressor's rows are
+        # batch x K documents. Either way the rows split over the batch devices.
+        rows = aval.shape[1] if len(aval.shape) > 1 and aval.shape[0] == cfg.n_layers \
+            else (aval.shape[0] if aval.shape else 0)
+        per_device += n // batch_devices if rows and rows % batch == 0 else n
+    return {"saved_bytes": total, "saved_bytes_per_device": per_device,
+            "saved_float32_bytes": f32}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/tiny.py")
@@ -50,6 +88,8 @@ def main() -> None:
     ap.add_argument("--policies", default="dots_no_batch,full,projections")
     ap.add_argument("--base_dtypes", default="float32,bfloat16")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--residuals", action="store_true",
+                    help="count the saved residuals instead of compiling")
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flag = f"--xla_force_host_platform_device_count={args.fsdp}"
@@ -73,6 +113,13 @@ def main() -> None:
                 if args.shape == "7b_small":  # then validated again, M derived again
                     _shape_7b_small(config)
                     finalize(config)
+                if args.residuals:
+                    row = {"config": args.config, "shape": args.shape, "stage": args.stage,
+                           "layers": layers, "remat": policy, "base_dtype": base_dtype,
+                           **saved_bytes(config, args.stage, args.fsdp)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
                 result = aot.compile_train(config, mesh, args.stage)
                 mem = aot.memory(result.compiled)
                 row = {"config": args.config, "shape": args.shape, "stage": args.stage,
@@ -82,6 +129,15 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     mib = 2**20
+    if args.residuals:
+        print("| remat | layers | saved GiB (global) | saved GiB per device | float32 share |",
+              file=sys.stderr)
+        print("| --- | --- | --- | --- | --- |", file=sys.stderr)
+        for r in rows:
+            print(f"| {r['remat']} | {r['layers']} | {r['saved_bytes'] / 2**30:.3f} | "
+                  f"{r['saved_bytes_per_device'] / 2**30:.3f} | "
+                  f"{r['saved_float32_bytes'] / max(r['saved_bytes'], 1):.2f} |", file=sys.stderr)
+        return
     print("| base | remat | layers | params MiB | arguments MiB | temporaries MiB | "
           "temporaries per layer MiB |", file=sys.stderr)
     print("| --- | --- | --- | --- | --- | --- | --- |", file=sys.stderr)
