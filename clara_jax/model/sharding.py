@@ -54,7 +54,9 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     (LAYERS, None),
     (LORA_RANK, None),  # r is small (16): its factors shard on their other axis
     (LORA_HEAD_DIM, "fsdp"),
-    (LORA_MLP, ("fsdp", "tensor")),
+    # tensor major: each tensor shard's block of F is then contiguous, so gathering over fsdp
+    # gives the activations' tensor layout (fsdp major would need an all-to-all).
+    (LORA_MLP, ("tensor", "fsdp")),
     (LATENT, None),
     (MEMORY, None),
 )
