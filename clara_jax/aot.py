@@ -21,8 +21,8 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.errors import UserError
-from clara_jax.model import ModelConfig, abstract_params, compress, logical_specs
-from clara_jax.model.sharding import MESH_AXES, batch_sharding, logical_to_shardings
+from clara_jax.model import ModelConfig, abstract_params, compress, param_shardings
+from clara_jax.model.sharding import MESH_AXES, batch_sharding
 
 WHAT = ("train", "generate", "encode")
 TPU_AOT_INSTALL = "pip install -e .[tpu-aot]"
@@ -202,7 +202,7 @@ def round_to_mesh(n: int, mesh) -> int:
 
 def _params_in(cfg: ModelConfig, mesh):
     params = abstract_params(cfg)
-    param_sh = logical_to_shardings(logical_specs(cfg), mesh)
+    param_sh = param_shardings(cfg, mesh)
     return params, param_sh
 
 
@@ -270,7 +270,8 @@ def compile_encode(config: ml_collections.ConfigDict, mesh, batch: int) -> Compi
 
 
 def param_bytes_per_chip(config: ml_collections.ConfigDict, mesh) -> int:
-    """Bytes of float32 params one chip holds under the logical rules."""
+    """Bytes of params one chip holds under the logical rules (the base in
+    `model.base_dtype`, the rest float32)."""
     cfg = ModelConfig.from_config(config)
     params, param_sh = _params_in(cfg, mesh)
     return sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize

@@ -19,7 +19,7 @@ from clara_jax.data.world import WORLD_SIZES
 
 ADAPTERS = ("compressor", "query", "generator")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "projections")
 MEMORY_LAYOUTS = ("append", "interleave", "spread")
 LATENT_POSITIONS = ("packed", "spread")
 COMPRESSOR_ATTENTION = ("causal", "bidirectional")
@@ -61,7 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.latent_positions = "packed"
     m.scan_layers = False
     m.remat = "none"
-    m.dtype = "float32"  # compute dtype; params stay float32 (master weights)
+    m.dtype = "float32"  # compute dtype; trainable params stay float32 (master weights)
+    # Storage dtype of the frozen base decoder's weights (embeddings, kernels, norms). The
+    # adapters, memory embeddings and latent projections stay float32 for the optimizer;
+    # "bfloat16" halves a 7B base's memory and checkpoints, and needs train.train_base=False.
+    m.base_dtype = "float32"
     m.init_std = 0.02
     # Derived by finalize() from data.doc_max_len // data.compression_rate.
     m.num_memory_tokens = -1  # M
@@ -216,6 +220,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("model.latent_positions", m.latent_positions, f"must be one of {LATENT_POSITIONS}")
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"must be one of {DTYPES}")
+    if m.base_dtype not in DTYPES:
+        _fail("model.base_dtype", m.base_dtype, f"must be one of {DTYPES}")
     lo = m.lora
     if lo.rank < 0:
         _fail("model.lora.rank", lo.rank, "must be >= 0")
@@ -291,6 +297,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if t.train_base and t.stage == 3:
         _fail("train.train_base", t.train_base,
               "must be False in stage 3 (the compressor, which shares the base, is frozen)")
+    if t.train_base and m.base_dtype != "float32":
+        check_base_trainable(c)
     if t.nan_policy not in ("stop", "skip"):
         _fail("train.nan_policy", t.nan_policy, "must be 'stop' or 'skip'")
 
@@ -313,6 +321,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail(f"mesh.{fills[1]}", -1, f"only one mesh axis may be -1 (mesh.{fills[0]} is too)")
     if c.mesh.data != -1 and c.mesh.fsdp != -1:
         check_batch_fits_mesh(c, int(c.mesh.data) * int(c.mesh.fsdp))
+
+
+def check_base_trainable(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError unless the base decoder can be trained: AdamW steps on bfloat16
+    weights round most updates away, so a trained base must be stored in float32. Called by
+    `validate` for train.train_base, and by `trainable_groups` for the runs that set it
+    themselves (the demo's stages 1-2, world pretraining, the LM warm-up)."""
+    if c.model.base_dtype != "float32":
+        _fail("model.base_dtype", c.model.base_dtype,
+              "must be 'float32' when the base decoder trains (train.train_base, "
+              "demo.train_base, clara pretrain, demo.warmup_steps): AdamW updates on "
+              "bfloat16 weights round away")
 
 
 def check_batch_fits_mesh(c: ml_collections.ConfigDict, batch_shards: int) -> None:

@@ -31,8 +31,15 @@ def get_config(arg: str = ""):
     m.max_len = 32768
     m.tie_embeddings = False
     m.scan_layers = True
-    m.remat = "dots_no_batch"
+    # Compiled for a v5e-16 slice (fsdp=16, 16 GiB a chip), stage 2 fits with "full" (5.3 GiB
+    # of temporaries) and not with "dots_no_batch" (18.96 GiB: it saves every matmul's float32
+    # result, the adapters' separate ones included). "projections" saves less than the dots
+    # policies and recomputes less than "full" (docs/user_guide.md, "Sizing a pod job").
+    m.remat = "full"
     m.dtype = "bfloat16"
+    # The base is frozen (demo.train_base below): stored in bfloat16 it takes 13.5 GiB, not
+    # 27 (per device 0.85 GiB at fsdp=16), and so does every checkpoint.
+    m.base_dtype = "bfloat16"
     m.lora.rank = 16
     m.lora.alpha = 32.0
     m.lora.dropout = 0.1

@@ -221,8 +221,11 @@ def test_bfloat16_export_and_base(tmp_path):
     want = np.asarray(params["decoder"]["embedding"]).astype(jnp.bfloat16)
     np.testing.assert_array_equal(emb, want)
     cfg2, p32 = hf.load(out, progress=False)
-    _, p16 = hf.load(out, param_dtype="bfloat16", progress=False)
-    assert cfg2 == cfg
+    cfg16, p16 = hf.load(out, param_dtype="bfloat16", progress=False)
+    assert cfg2 == cfg and cfg16.base_dtype == "bfloat16"
+    # Without param_dtype the config's base_dtype (e.g. from --config) decides.
+    cfg_b, p_b = hf.load(out, base_dtype="bfloat16", progress=False)
+    assert cfg_b == cfg16 and p_b["decoder"]["embedding"].dtype == jnp.bfloat16
     assert p32["decoder"]["embedding"].dtype == jnp.float32
     assert p16["decoder"]["embedding"].dtype == jnp.bfloat16
     assert p16["memory_embeddings"].dtype == jnp.float32  # only the frozen base is bfloat16
@@ -241,6 +244,7 @@ def test_bundle_with_bfloat16_base(tmp_path):
     assert summary["vocab_size"] == 128  # 120 + <pad>, <ENC>, <SEP>, 4 memory tokens fit
     cfg, params = bundle.load_params(tmp_path / "a")
     assert cfg.num_memory_tokens == 4 and cfg.tie_embeddings
+    assert cfg.base_dtype == "bfloat16"  # model_config.json says how the base is stored
     assert params["decoder"]["layers_0"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
     assert params["decoder"]["layers_0"]["attn"]["q"]["lora_generator_a"].dtype == jnp.float32
     assert params["memory_embeddings"].dtype == jnp.float32

@@ -358,7 +358,7 @@ def _stack_layers(params, n):
     return {**params, "decoder": dec}
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch", "projections"])
 def test_scan_over_layers_and_remat_match_the_loop(tiny_cfg, tiny_params, remat):
     scfg = dataclasses.replace(tiny_cfg, scan_layers=True, remat=remat)
     sparams = _stack_layers(_with_adapter_b(tiny_params, "compressor"), tiny_cfg.n_layers)

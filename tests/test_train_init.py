@@ -73,6 +73,32 @@ def test_init_from_hf_accepts_a_converted_bundle(tiny_config, tmp_path):
                                np.asarray(ref["decoder"]["embedding"]), rtol=1e-2, atol=1e-3)
 
 
+def test_init_from_hf_keeps_a_bfloat16_base(tiny_config, tmp_path):
+    """A bfloat16-base run starts from float32 weights (a checkpoint directory or a float32
+    bundle) with its base rounded to bfloat16 and the rest float32."""
+    from clara_jax.convert import bundle, hf
+    from clara_jax.model import param_group
+
+    c = _llama_config(tiny_config)
+    c.model.base_dtype = "bfloat16"
+    config = finalize(c)
+    cfg = ModelConfig.from_config(config)
+    overrides = {f: getattr(cfg, f) for f in hf.OVERRIDABLE}
+    bundle.from_hf(LLAMA, tmp_path / "b", tokenizer=False, param_dtype="float32",
+                   progress=False, **overrides)
+    sh = logical_to_shardings(logical_specs(cfg), make_mesh())
+    _, ref = hf.load(LLAMA, progress=False, **{**overrides, "base_dtype": "float32"})
+    for src in (str(LLAMA), str(tmp_path / "b")):
+        params = _hf_params(config, src, cfg, sh)
+        for (path, x), r in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(ref)):
+            base = param_group(path) == "base"
+            assert x.dtype == (np.dtype("bfloat16") if base else np.float32), (src, path)
+            if base:
+                np.testing.assert_array_equal(np.asarray(x),
+                                              np.asarray(r.astype(x.dtype)), err_msg=str(path))
+
+
 def test_checkpoint_of_another_model_is_named_field_by_field(tiny_config):
     """Resuming or --init_from a run of another model shape fails with the differing fields,
     not orbax's tree mismatch; fields that do not shape the parameters may differ."""

@@ -42,8 +42,9 @@ flags.DEFINE_multi_string("set", [], "ModelConfig override field=value for from-
                           "--set num_memory_tokens=8 --set scan_layers=True (repeatable).")
 flags.DEFINE_integer("seed", 0, "from-hf, from-clara: RNG seed of the parts the source lacks "
                      "(adapters, memory embeddings, latent projections).")
-flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
-                  "from-hf, from-clara: dtype of the stored base decoder weights.")
+flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                  "from-hf, from-clara: dtype of the stored base decoder weights (default: "
+                  "--config's model.base_dtype, else float32).")
 flags.DEFINE_bool("tokenizer", True, "from-hf: convert SRC/tokenizer.json too (required "
                   "unless --notokenizer).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],

@@ -114,7 +114,7 @@ def experiment_config(src: str | os.PathLike, cfg: ModelConfig):
     m = c.model
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                  "mlp_dim", "num_memory_tokens", "latent_dim", "memory_layout", "qkv_bias",
-                 "tie_embeddings", "max_len", "scan_layers", "remat", "dtype"):
+                 "tie_embeddings", "max_len", "scan_layers", "remat", "dtype", "base_dtype"):
         m[name] = getattr(cfg, name)
     m.rope_theta, m.norm_eps, m.init_std = cfg.rope_theta, cfg.norm_eps, cfg.init_std
     m.latent_positions = "spread" if cfg.latent_span > 1 else "packed"
@@ -180,7 +180,7 @@ def write_contents(directory: Path, cfg: ModelConfig, params, hf_config: dict, t
 
 
 def from_hf(src: str | os.PathLike, dst: str | os.PathLike, *, tokenizer: bool = True,
-            seed: int = 0, param_dtype: str = "float32", overwrite: bool = False,
+            seed: int = 0, param_dtype: str | None = None, overwrite: bool = False,
             progress: bool = True, **overrides) -> dict:
     """Converts a Hugging Face checkpoint directory into DST (layout in the module doc).
 

@@ -324,7 +324,7 @@ def _with_reference_weights(cfg: ModelConfig, params, rows: dict, mem_ids, facto
 
 
 def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, seed: int = 0,
-               param_dtype: str = "float32", overwrite: bool = False, progress: bool = True,
+               param_dtype: str | None = None, overwrite: bool = False, progress: bool = True,
                **overrides) -> dict:
     """Converts a reference CLaRa directory SRC (with its base decoder: `base`, else config's
     decoder_model_name as a local directory) into DST, the layout of `clara convert from-hf`

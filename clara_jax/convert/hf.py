@@ -57,7 +57,8 @@ HF_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim
              "rope_theta", "norm_eps", "qkv_bias", "tie_embeddings")
 # Fields the checkpoint does not know; `load` takes them from keyword overrides.
 OVERRIDABLE = ("num_memory_tokens", "latent_dim", "max_len", "scan_layers", "remat", "dtype",
-               "init_std", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapters")
+               "base_dtype", "init_std", "lora_rank", "lora_alpha", "lora_dropout",
+               "lora_targets", "adapters")
 DEFAULT_NUM_MEMORY_TOKENS = 16  # 256-token documents at 16x compression, as in the paper
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 
@@ -183,7 +184,7 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
     defaults = dict(
         num_memory_tokens=DEFAULT_NUM_MEMORY_TOKENS, latent_dim=c.model.latent_dim,
         scan_layers=c.model.scan_layers, remat=c.model.remat, dtype=c.model.dtype,
-        init_std=c.model.init_std, lora_rank=c.model.lora.rank,
+        base_dtype=c.model.base_dtype, init_std=c.model.init_std, lora_rank=c.model.lora.rank,
         lora_alpha=float(c.model.lora.alpha), lora_dropout=float(c.model.lora.dropout),
         lora_targets=tuple(c.model.lora.targets), adapters=tuple(c.model.lora.adapters))
     fields = {**defaults, **overrides, "max_len": max_len}
@@ -410,7 +411,7 @@ def _round_up(x: int, multiple: int) -> int:
 # `load` initialises: fixing them lets every checkpoint of one width share a compiled init.
 _INIT_NEUTRAL = dict(vocab_size=8, rope_theta=10000.0, norm_eps=1e-5, qkv_bias=False,
                      tie_embeddings=False, max_len=8, scan_layers=True, remat="none",
-                     dtype="float32", lora_dropout=0.0)
+                     dtype="float32", base_dtype="float32", lora_dropout=0.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -446,7 +447,7 @@ def _fresh_non_base(cfg: ModelConfig, seed: int) -> dict[tuple[str, ...], jax.Ar
 
 
 def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
-         vocab_multiple: int = 64, seed: int = 0, param_dtype: str = "float32",
+         vocab_multiple: int = 64, seed: int = 0, param_dtype: str | None = None,
          shardings=None, progress: bool = True, **overrides) -> tuple[ModelConfig, dict]:
     """Reads a Llama / Mistral / Qwen2 checkpoint directory into (ModelConfig, params).
 
@@ -459,7 +460,8 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
       never prefers them.
     seed: the RNG seed for the parts the checkpoint does not have.
     param_dtype: 'float32' (master weights) or 'bfloat16' for the base decoder (it is frozen
-      during CLaRa training; halves host memory for 7B). Other params are float32.
+      during CLaRa training; halves host memory for 7B); None: the `base_dtype` override,
+      else float32. The returned config's `base_dtype` says which. Other params are float32.
     shardings: optional tree matching `abstract_params(cfg)` of jax Shardings; each leaf is
       placed as soon as it is complete (e.g. straight onto a mesh).
     overrides: ModelConfig fields the checkpoint lacks (num_memory_tokens, latent_dim, max_len,
@@ -470,9 +472,14 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
     path = Path(path)
     hf_config = read_hf_config(path)
     cfg = model_config_from_hf(hf_config, where=str(path / CONFIG_FILE), **overrides)
+    if param_dtype is None:
+        param_dtype = cfg.base_dtype
     if param_dtype not in ("float32", "bfloat16"):
         raise ConversionError(f"param_dtype={param_dtype!r}: must be 'float32' or 'bfloat16'")
-    base_dtype = np.dtype(jnp.bfloat16 if param_dtype == "bfloat16" else np.float32)
+    # The stored dtype and the config agree, so that a restore against `abstract_params(cfg)`
+    # (checkpoints, `clara train --init_from_hf`) keeps it.
+    cfg = dataclasses.replace(cfg, base_dtype=param_dtype)
+    base_dtype = np.dtype(cfg.base_param_dtype)
     hf_vocab = cfg.vocab_size
     if min_vocab_size is not None and min_vocab_size > hf_vocab:
         cfg = dataclasses.replace(cfg, vocab_size=_round_up(min_vocab_size, vocab_multiple))

@@ -18,15 +18,15 @@ import numpy as np
 from clara_jax.index.identity import model_identity
 from clara_jax.index.index import IndexBuilder, LatentIndex, progress
 from clara_jax.index.scann_index import ScannParams
-from clara_jax.model import ModelConfig, compress, encode_query, logical_specs
-from clara_jax.model.sharding import batch_sharding, logical_to_shardings, make_mesh
+from clara_jax.model import ModelConfig, compress, encode_query, param_shardings
+from clara_jax.model.sharding import batch_sharding, make_mesh
 
 
 def encode_fn(cfg: ModelConfig, mesh, query: bool = False):
     """The jitted encoder on `mesh`: (fn(params, tokens, mask) -> latents, the params'
     shardings, the tokens' and mask's sharding). `clara compile --what=encode` lowers the same
     function ahead of time."""
-    param_sh = logical_to_shardings(logical_specs(cfg), mesh)
+    param_sh = param_shardings(cfg, mesh)
     tok_sh = batch_sharding(mesh, 2)
     fn = encode_query if query else compress
     jitted = jax.jit(lambda p, t, m: fn(cfg, p, t, m), in_shardings=(param_sh, tok_sh, tok_sh),

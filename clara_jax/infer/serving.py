@@ -34,7 +34,7 @@ import ml_collections
 
 from clara_jax.config import ConfigError, saved_config
 from clara_jax.fileio import manifest_problem, read_json
-from clara_jax.model import ModelConfig
+from clara_jax.model import ModelConfig, param_shardings
 
 # The serving bundle's layout (see clara_jax/export/bundle.py for what each holds).
 BUNDLE_FORMAT = "clara_jax.serving_bundle"
@@ -156,13 +156,6 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
     return LoadedModel(config, cfg, params, tok, str(path), int(step), mesh)
 
 
-def _param_shardings(cfg: ModelConfig, mesh):
-    from clara_jax.model import logical_specs
-    from clara_jax.model.sharding import logical_to_shardings
-
-    return logical_to_shardings(logical_specs(cfg), mesh)
-
-
 def _load_converted(path: Path, tokenizer_dir, mesh) -> LoadedModel:
     """A converted directory (clara_jax/convert/bundle.py) as a LoadedModel at step 0: its
     model config, params restored onto the serving mesh by the logical sharding rules, its own
@@ -183,7 +176,7 @@ def _load_converted(path: Path, tokenizer_dir, mesh) -> LoadedModel:
     cfg = converted.read_model_config(path)
     config = converted.experiment_config(path, cfg)
     mesh = serving_mesh(config, mesh)
-    cfg, params = converted.load_params(path, cfg, _param_shardings(cfg, mesh))
+    cfg, params = converted.load_params(path, cfg, param_shardings(cfg, mesh))
     tok = load_tokenizer(tokenizer_dir or path)
     return LoadedModel(config, cfg, params, tok, str(path), 0, mesh)
 
@@ -239,7 +232,7 @@ def load_bundle(path, mesh=None, tokenizer_dir=None, check_identity: bool = True
     mesh = serving_mesh(config, mesh)
     if not (path / BUNDLE_PARAMS_DIR).is_dir():
         raise BundleError(f"{path / BUNDLE_PARAMS_DIR}: missing")
-    cfg, params = load_params(path, cfg, _param_shardings(cfg, mesh))
+    cfg, params = load_params(path, cfg, param_shardings(cfg, mesh))
     if check_identity:
         got = model_identity(cfg, params)
         bad = [k for k in ("config_hash", "params_checksum") if got.get(k) !=

@@ -14,6 +14,7 @@ from clara_jax.model.api import (
     latent_token_logits,
     logical_specs,
     param_group,
+    param_shardings,
 )
 from clara_jax.model.clara import CLaRa
 from clara_jax.model.config import ModelConfig
@@ -24,4 +25,5 @@ __all__ = [
     "count_params", "decode",
     "encode_query", "forward_logits", "generate_logits", "init_cache", "init_params",
     "latent_span_logits", "latent_token_logits", "logical_specs", "param_group",
+    "param_shardings",
 ]

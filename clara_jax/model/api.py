@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from clara_jax.model import sharding as sh
 from clara_jax.model.clara import CLaRa
 from clara_jax.model.config import ModelConfig
 from clara_jax.param_store import path_keys
@@ -42,6 +43,14 @@ def abstract_params(cfg: ModelConfig):
 def logical_specs(cfg: ModelConfig):
     """The tree of logical PartitionSpecs matching `abstract_params(cfg)`."""
     return nn.get_partition_spec(_boxed_abstract(cfg))
+
+
+def param_shardings(cfg: ModelConfig, mesh):
+    """NamedShardings on `mesh` matching `abstract_params(cfg)`: the logical rules
+    (model/sharding.py), with a LoRA factor's axis left whole where the mesh does not divide
+    it (`sharding.fit_specs`)."""
+    specs = sh.fit_specs(logical_specs(cfg), abstract_params(cfg), mesh)
+    return sh.logical_to_shardings(specs, mesh)
 
 
 @functools.partial(jax.jit, static_argnums=0)

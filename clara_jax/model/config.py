@@ -30,6 +30,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"
     dtype: str = "float32"
+    base_dtype: str = "float32"  # storage dtype of the frozen base's params (param_group 'base')
     init_std: float = 0.02
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -58,6 +59,11 @@ class ModelConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
+    @property
+    def base_param_dtype(self):
+        """The dtype the base decoder's params are created and stored in."""
+        return jnp.dtype(self.base_dtype)
+
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
         """From a finalized experiment config (`clara_jax.config.finalize`)."""
@@ -73,7 +79,7 @@ class ModelConfig:
                          if m.latent_positions == "spread" else 1),
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
             tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
-            remat=m.remat, dtype=m.dtype, init_std=float(m.init_std),
+            remat=m.remat, dtype=m.dtype, base_dtype=m.base_dtype, init_std=float(m.init_std),
             lora_rank=m.lora.rank, lora_alpha=float(m.lora.alpha),
             lora_dropout=float(m.lora.dropout), lora_targets=tuple(m.lora.targets),
             adapters=tuple(m.lora.adapters),

@@ -15,12 +15,24 @@ from jax import lax
 
 from clara_jax.model import sharding as sh
 from clara_jax.model.config import ModelConfig
-from clara_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, contract_last
+from clara_jax.model.layers import (
+    MLP,
+    PROJECTION,
+    Attention,
+    RMSNorm,
+    attention_mask,
+    base_init,
+    contract_last,
+)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # The q/k/v/o/gate/up/down outputs in the compute dtype (bfloat16 for 7B), adapters added;
+    # norms, RoPE, attention, SwiGLU and the adapters' thin matmuls are recomputed. The dots
+    # policies save every matmul's float32 result instead, the LoRA ones included.
+    "projections": jax.checkpoint_policies.save_only_these_names(PROJECTION),
 }
 
 
@@ -41,11 +53,11 @@ class Block(nn.Module):
         cfg = self.cfg
         x, cache = carry
         x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
-        h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x)
+        h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.base_param_dtype, name="attn_norm")(x)
         h, cache = Attention(cfg, name="attn")(h, positions, mask, cache, layer, write_index,
                                                self.adapter, self.deterministic)
         x = x + h
-        h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x)
+        h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.base_param_dtype, name="mlp_norm")(x)
         x = x + MLP(cfg, name="mlp")(h, self.adapter, self.deterministic)
         return (x, cache), None
 
@@ -93,9 +105,9 @@ class Decoder(nn.Module):
             mask = jnp.ones((b, t), bool)
         embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+            nn.with_logical_partitioning(base_init(nn.initializers.normal(cfg.init_std)),
                                          (sh.VOCAB, sh.EMBED)),
-            (cfg.vocab_size, cfg.dim), jnp.float32)
+            (cfg.vocab_size, cfg.dim), cfg.base_param_dtype)
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
         if inject is not None:
             x = jnp.where(inject_mask[..., None], inject.astype(x.dtype), x)
@@ -133,7 +145,8 @@ class Decoder(nn.Module):
                     carry, i, positions, attn_mask, write_index)
         x, kv = carry
 
-        hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
+        hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.base_param_dtype,
+                         name="final_norm")(x)
         new_cache = None
         if cache is not None:
             new_cache = {"k": kv[0], "v": kv[1], "valid": key_valid, "index": write_index + t,
@@ -147,8 +160,8 @@ class Decoder(nn.Module):
         else:
             unembed = self.param(
                 "unembed",
-                nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                nn.with_logical_partitioning(base_init(nn.initializers.normal(cfg.init_std)),
                                              (sh.EMBED, sh.VOCAB)),
-                (cfg.dim, cfg.vocab_size), jnp.float32)
+                (cfg.dim, cfg.vocab_size), cfg.base_param_dtype)
             logits = contract_last(h, unembed.astype(h.dtype), 1, jnp.float32)
         return logits, hidden, new_cache

@@ -10,23 +10,38 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from clara_jax.model import sharding as sh
 from clara_jax.model.config import ModelConfig
 
 NEG_INF = -1e30
+PROJECTION = "projection"  # checkpoint_name of every LoRALinear output
+
+
+def base_init(init):
+    """`init` drawn in float32, then rounded to the requested dtype: a bfloat16 base
+    (`model.base_dtype`) is the float32 one of the same seed rounded, where drawing in
+    bfloat16 would give another model."""
+    def draw(key, shape, dtype=jnp.float32):
+        return init(key, shape, jnp.float32).astype(dtype)
+
+    return draw
 
 
 class RMSNorm(nn.Module):
-    """x: float[..., D] -> float[..., D], normalised in float32."""
+    """x: float[..., D] -> float[..., D], normalised in float32; the scale is stored in
+    `param_dtype` (the base's)."""
 
     eps: float
     dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (sh.EMBED,)),
-                           (x.shape[-1],), jnp.float32)
+        scale = self.param("scale", nn.with_logical_partitioning(base_init(nn.initializers.ones),
+                                                                 (sh.EMBED,)),
+                           (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * scale).astype(self.dtype)
@@ -158,6 +173,16 @@ def _merged_lora_bwd(scale, kernels_train, res, g):
 _merged_lora.defvjp(_merged_lora_fwd, _merged_lora_bwd)
 
 
+_LORA_AXES = {sh.HEAD_DIM: sh.LORA_HEAD_DIM, sh.MLP: sh.LORA_MLP}
+
+
+def _lora_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """A kernel's logical axis names as its LoRA factors take them: every factor then has an
+    axis that shards over fsdp (see sharding.LORA_HEAD_DIM), whichever side of the kernel its
+    embed axis is on."""
+    return tuple(_LORA_AXES.get(n, n) for n in names)
+
+
 class LoRALinear(nn.Module):
     """A linear layer with one low-rank adapter per name, the adapter chosen per call.
 
@@ -182,20 +207,22 @@ class LoRALinear(nn.Module):
         n_in = len(self.in_shape)
         fan_in_axes = tuple(range(n_in))
         fan_out_axes = tuple(range(n_in, n_in + len(self.out_shape)))
+        # The kernel and bias belong to the base (cfg.base_dtype); the adapters stay float32.
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(
-                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                 in_axis=fan_in_axes, out_axis=fan_out_axes),
+                base_init(nn.initializers.variance_scaling(
+                    1.0, "fan_in", "truncated_normal", in_axis=fan_in_axes,
+                    out_axis=fan_out_axes)),
                 self.in_names + self.out_names),
-            self.in_shape + self.out_shape, jnp.float32)
+            self.in_shape + self.out_shape, cfg.base_param_dtype)
         dtype = cfg.compute_dtype
         x = x.astype(dtype)
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.out_names),
-                              self.out_shape, jnp.float32).astype(dtype)
+                              self.out_shape, cfg.base_param_dtype).astype(dtype)
         factors = self._adapters(fan_in_axes) if self.lora and cfg.lora_rank else {}
         if adapter is not None and adapter not in cfg.adapters:
             raise ValueError(f"unknown adapter {adapter!r}; known: {cfg.adapters}")
@@ -217,11 +244,16 @@ class LoRALinear(nn.Module):
                 h = nn.Dropout(cfg.lora_dropout)(x, deterministic=no_dropout)
                 y = (contract_last(x, kernel, n_in)
                      + contract_last(contract_last(h, a, n_in), b, 1) * cfg.lora_scale)
-        return y if bias is None else y + bias
+        y = y if bias is None else y + bias
+        # Named for model.remat='projections', which saves this output (in the compute dtype,
+        # adapter included) and recomputes what leads to it: the thin LoRA matmuls' float32
+        # results, which 'dots_no_batch' saves, are never kept.
+        return checkpoint_name(y, PROJECTION)
 
     def _adapters(self, fan_in_axes) -> dict:
         """{adapter name: (A float[*in, r], B float[r, *out])}, declared for every adapter."""
         r, n_in = self.cfg.lora_rank, len(self.in_shape)
+        in_names, out_names = _lora_names(self.in_names), _lora_names(self.out_names)
         factors = {}
         for name in self.cfg.adapters:
             a = self.param(
@@ -229,12 +261,12 @@ class LoRALinear(nn.Module):
                 nn.with_logical_partitioning(
                     nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                                      in_axis=fan_in_axes, out_axis=n_in),
-                    self.in_names + (sh.LORA_RANK,)),
+                    in_names + (sh.LORA_RANK,)),
                 self.in_shape + (r,), jnp.float32)
             b = self.param(
                 f"lora_{name}_b",
                 nn.with_logical_partitioning(nn.initializers.zeros,
-                                             (sh.LORA_RANK,) + self.out_names),
+                                             (sh.LORA_RANK,) + out_names),
                 (r,) + self.out_shape, jnp.float32)
             factors[name] = (a, b)
         return factors

@@ -44,8 +44,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
 from clara_jax.fileio import as_path, atomic_write_bytes, atomic_write_text, is_url
-from clara_jax.model import ModelConfig, init_params, logical_specs
-from clara_jax.model.sharding import DEFAULT_RULES, logical_to_shardings, make_mesh
+from clara_jax.model import ModelConfig, abstract_params, init_params, param_shardings
+from clara_jax.model.sharding import DEFAULT_RULES, make_mesh
 from clara_jax.train import checkpoint as ckpt
 from clara_jax.train.state import (
     TrainState,
@@ -106,7 +106,8 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
     """Params from Hugging Face weights: a checkpoint directory (config.json + safetensors,
     converted on the fly) or a `clara convert from-hf` directory (model_config.json +
     params/). The architecture must be the config's (the error names every field to set);
-    the params come back float32 (master weights) on `shardings`."""
+    the params come back on `shardings` in the dtypes of `abstract_params(cfg)` (float32
+    master weights, the base in `model.base_dtype` whatever dtype it was stored in)."""
     from clara_jax.convert import bundle, hf
 
     overrides = {f: getattr(cfg, f) for f in hf.OVERRIDABLE}
@@ -117,7 +118,8 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
         theirs = hf.model_config_from_hf(hf.read_hf_config(path), **overrides)
         if theirs.vocab_size < cfg.vocab_size:  # load() grows the embedding to the config's
             theirs = dataclasses.replace(theirs, vocab_size=cfg.vocab_size)
-    keep = () if is_bundle else hf.OVERRIDABLE
+    # The storage dtype is not architecture: the params are cast to the run's below.
+    keep = ("base_dtype",) if is_bundle else hf.OVERRIDABLE
     diff = [f.name for f in dataclasses.fields(ModelConfig)
             if f.name not in keep and getattr(theirs, f.name) != getattr(cfg, f.name)]
     if diff:
@@ -133,7 +135,8 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
             raise ValueError(f"--init_from_hf={path}: converted config {loaded_cfg} differs "
                              f"from the run's {cfg} (a grown vocabulary is rounded up to a "
                              "multiple of 64: set --config.model.vocab_size to that)")
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype("float32"), p),
+    want = abstract_params(cfg)
+    return jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, want),
                    out_shardings=shardings)(params)
 
 
@@ -359,7 +362,7 @@ def _fields(batch: dict) -> dict:
 
 
 def _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from, init_from_hf):
-    param_sh = logical_to_shardings(logical_specs(cfg), mesh)
+    param_sh = param_shardings(cfg, mesh)
     from_stage3 = False
     if init_from:
         def target(src_meta):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+from clara_jax.config import check_base_trainable
 from clara_jax.model.partition import STAGE_TRAINABLE, partition
 
 
@@ -43,6 +44,7 @@ def trainable_groups(config: ml_collections.ConfigDict, stage: int) -> frozenset
     for models trained from scratch such as the bundled demo)."""
     groups = STAGE_TRAINABLE[stage]
     if config.train.get("train_base", False) and stage in (1, 2):
+        check_base_trainable(config)
         groups = groups | {"base"}
     return frozenset(groups)
 

@@ -14,9 +14,8 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from clara_jax.model import ModelConfig, abstract_params, logical_specs
+from clara_jax.model import ModelConfig, abstract_params, param_shardings
 from clara_jax.model.partition import param_labels
-from clara_jax.model.sharding import logical_to_shardings
 from clara_jax.train.optimizer import make_optimizer, trainable_groups
 
 
@@ -93,7 +92,7 @@ def _param_path(path) -> tuple[str, ...]:
 def state_shardings(cfg: ModelConfig, mesh, state: TrainState):
     """NamedShardings for every leaf of `state` (arrays or ShapeDtypeStructs): params by the
     logical rules; optimizer moments like the parameter they belong to; scalars replicated."""
-    param_sh = logical_to_shardings(logical_specs(cfg), mesh)
+    param_sh = param_shardings(cfg, mesh)
     by_path = {_param_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
     replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from clara_jax.config import check_base_trainable
 from clara_jax.data import prompts
 from clara_jax.data.tokenizer import Tokenizer
 from clara_jax.fileio import atomic_write_json
@@ -146,6 +147,7 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
     done = out / "warmup.json"
     if done.exists():
         return json.loads(done.read_text())
+    check_base_trainable(config)  # before the steps, not when the state is saved after them
     cfg = ModelConfig.from_config(config)
     d = config.data
     tokens, lengths = pack_rows(warmup_rows(data_dir, tok, int(d.doc_max_len),
