@@ -203,3 +203,13 @@ def manifest_problem(directory, manifest: dict[str, dict], *exclude: str) -> str
     if extra:
         return f"{directory / extra[0]}: not in its manifest (a file was added)"
     return None
+
+
+def check_format(meta: dict, where, fmt: str, version: int, error=ValueError) -> None:
+    """Raises `error` naming `where` unless meta's 'format' is `fmt` and its 'format_version'
+    is `version` (a file another tool, or another version of this one, wrote)."""
+    if meta.get("format") != fmt:
+        raise error(f"{where}: field 'format' is {meta.get('format')!r}, expected {fmt!r}")
+    if meta.get("format_version") != version:
+        raise error(f"{where}: field 'format_version' is {meta.get('format_version')!r}, "
+                    f"this code reads {version}")

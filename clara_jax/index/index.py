@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from clara_jax.fileio import check_format
 from clara_jax.index.scann_index import ScannIndex, ScannParams, replace_dir
 from clara_jax.index.search import KEY_TYPES, ExactSearcher, key_width, merge_topk, retrieval_keys
 from clara_jax.index.store import (
@@ -291,13 +292,7 @@ class LatentIndex:
             raise IndexFileError(f"{meta_path}: missing; {path} holds an unfinished build "
                                  "(run the build again to resume it)")
         meta = read_json(meta_path, "index metadata")
-        if meta.get("format") != FORMAT:
-            raise IndexFileError(f"{meta_path}: field 'format' is {meta.get('format')!r}, "
-                                 f"expected {FORMAT!r}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise IndexFileError(f"{meta_path}: field 'format_version' is "
-                                 f"{meta.get('format_version')!r}, this code reads "
-                                 f"{FORMAT_VERSION}")
+        check_format(meta, meta_path, FORMAT, FORMAT_VERSION, IndexFileError)
         ident = require_field(meta, "identity", meta_path, dict)
         for f in IDENTITY_FIELDS:
             require_field(ident, f, meta_path)

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 
 from clara_jax.config import ConfigError, saved_config
-from clara_jax.fileio import manifest_problem, read_json
+from clara_jax.fileio import check_format, manifest_problem, read_json
 from clara_jax.model import ModelConfig, param_shardings
 
 # The serving bundle's layout (see clara_jax/export/bundle.py for what each holds).
@@ -188,13 +188,7 @@ def read_bundle_meta(path, verify: bool = True) -> dict:
     meta_path = path / BUNDLE_META_FILE
     meta = read_json(meta_path, BundleError,
                      "no such file (not a bundle written by `clara export`)", "bundle metadata")
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected "
-                          f"{BUNDLE_FORMAT!r}")
-    if meta.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{meta_path}: field 'format_version' is "
-                          f"{meta.get('format_version')!r}, this code reads "
-                          f"{BUNDLE_FORMAT_VERSION}")
+    check_format(meta, meta_path, BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError)
     # Bundles written before params/ was listed name the size "size" and leave params/ out;
     # they are checked as far as they list.
     files = {name: {"bytes": rec.get("bytes", rec.get("size")), "sha256": rec["sha256"]}

@@ -285,15 +285,19 @@ def pin_tokenizer(workdir, tokenizer_dir) -> None:
         _pin_by_upload(workdir, pinned, tokenizer_dir, saved_digest)
         return
     if pinned.is_dir():
-        if saved_digest(pinned) != saved_digest(tokenizer_dir):
-            raise CheckpointError(
-                f"{workdir} was trained with the tokenizer in {pinned}, but {tokenizer_dir} is "
-                "another one (data built with another tokenizer): use the data this run "
-                "started with, or a new --workdir")
+        _check_same_tokenizer(workdir, pinned, tokenizer_dir, saved_digest)
         return
     tmp = Path(tempfile.mkdtemp(dir=workdir, prefix=f".{TOKENIZER_DIR}.tmp-"))
     shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
     replace_dir(tmp, pinned)
+
+
+def _check_same_tokenizer(workdir, pinned, tokenizer_dir, saved_digest) -> None:
+    if saved_digest(pinned) != saved_digest(tokenizer_dir):
+        raise CheckpointError(
+            f"{workdir} was trained with the tokenizer in {pinned}, but {tokenizer_dir} is "
+            "another one (data built with another tokenizer): use the data this run "
+            "started with, or a new --workdir")
 
 
 def _pin_by_upload(workdir, pinned, tokenizer_dir, saved_digest) -> None:
@@ -303,11 +307,7 @@ def _pin_by_upload(workdir, pinned, tokenizer_dir, saved_digest) -> None:
     from clara_jax.data.tokenizer import META_FILE
 
     if (pinned / META_FILE).is_file():
-        if saved_digest(pinned) != saved_digest(tokenizer_dir):
-            raise CheckpointError(
-                f"{workdir} was trained with the tokenizer in {pinned}, but {tokenizer_dir} is "
-                "another one (data built with another tokenizer): use the data this run "
-                "started with, or a new --workdir")
+        _check_same_tokenizer(workdir, pinned, tokenizer_dir, saved_digest)
         return
     if pinned.exists():
         pinned.rmtree()  # an unfinished copy
