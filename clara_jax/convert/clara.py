@@ -47,6 +47,7 @@ import numpy as np
 
 from clara_jax.convert import bundle, hf
 from clara_jax.convert.pth import PthError, read_pth, write_pth
+from clara_jax.data.tokenizer import HF_FILE, META_FILE, HFTokenizer, load_tokenizer
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params
 
@@ -259,8 +260,6 @@ def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, see
     sets (max_len, scan_layers, remat, dtype, lora_dropout, ...). Returns a summary dict."""
     from tokenizers import Tokenizer as RawTokenizer
 
-    from clara_jax.data.tokenizer import HFTokenizer
-
     start = time.perf_counter()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     config = read_clara_config(src)
@@ -387,8 +386,6 @@ def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, see
 
 
 def _load_tokenizer(src: Path):
-    from clara_jax.data.tokenizer import META_FILE, load_tokenizer
-
     for d in (src, src / "tokenizer"):  # a from-hf / from-clara directory, an export bundle
         if (d / META_FILE).exists():
             return load_tokenizer(d), d
@@ -415,8 +412,6 @@ def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "fl
     and decoder/. SRC's clara_config.json, when present, is the config's template.
     doc_max_length: the reference's document length (default the template's, else 256); it
     must be a multiple of M."""
-    from clara_jax.data.tokenizer import HF_FILE
-
     start = time.perf_counter()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     cfg = bundle.read_model_config(src)  # checked before the params are read

@@ -21,13 +21,15 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-from clara_jax.fileio import atomic_write_json, file_manifest, manifest_problem
+from clara_jax.data.tokenizer import saved_digest
+from clara_jax.fileio import atomic_write_json, file_manifest, manifest_problem, replace_dir
 from clara_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -240,11 +242,6 @@ def pin_tokenizer(workdir, tokenizer_dir) -> None:
     """Keeps a copy of the data's tokenizer in WORKDIR/tokenizer, so the run's checkpoints
     are read with it from any directory; CheckpointError when WORKDIR already holds another
     tokenizer (its checkpoints were trained on other token ids)."""
-    import tempfile
-
-    from clara_jax.data.tokenizer import saved_digest
-    from clara_jax.fileio import replace_dir
-
     pinned = Path(workdir) / TOKENIZER_DIR
     if pinned.is_dir():
         if saved_digest(pinned) != saved_digest(tokenizer_dir):

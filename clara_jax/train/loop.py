@@ -37,6 +37,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
+from clara_jax.convert import bundle, hf
 from clara_jax.model import ModelConfig, init_params, logical_specs
 from clara_jax.model.sharding import DEFAULT_RULES, logical_to_shardings, make_mesh
 from clara_jax.train import checkpoint as ckpt
@@ -100,8 +101,6 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
     converted on the fly) or a `clara convert from-hf` directory (model_config.json +
     params/). The architecture must be the config's (the error names every field to set);
     the params come back float32 (master weights) on `shardings`."""
-    from clara_jax.convert import bundle, hf
-
     overrides = {f: getattr(cfg, f) for f in hf.OVERRIDABLE}
     is_bundle = (Path(path) / bundle.MODEL_CONFIG_FILE).exists()
     if is_bundle:
