@@ -67,8 +67,8 @@ FORBIDDEN_ROOTS = ("projects", "bench", "tests")
 # Each entry must still exist (test_known_exceptions_are_current), so the list cannot go stale:
 # delete an entry when its import goes.
 KNOWN_EXCEPTIONS = {
-    # load_model() tells a bundle from a checkpoint by the bundle's meta file name
-    # (export.bundle.META_FILE); index -> export.
+    # _load_converted() refuses a serving bundle passed as --checkpoint, found by the
+    # bundle's meta file name (export.bundle.META_FILE); index -> export.
     ("clara_jax.index.model_source", "clara_jax.export.bundle"),
     # load_pipeline() opens a serving bundle (export.bundle.load_bundle); eval -> export.
     ("clara_jax.eval.job", "clara_jax.export.bundle"),
