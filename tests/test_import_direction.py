@@ -38,6 +38,8 @@ ROOMS = ("base", "config", "data", "model", "convert", "train", "index", "infer"
          "export", "aot", "commands")
 
 # Module (or package) name -> room; a module takes the room of its longest listed prefix.
+# The package itself ("clara_jax", its __init__) is matched exactly, never as a prefix, so a
+# new top-level module has no room until it is listed here.
 ROOM_OF = {
     "clara_jax": "base",
     "clara_jax.fileio": "base",
@@ -84,11 +86,11 @@ def module_name(path: Path) -> str:
 
 def room_of(module: str) -> str | None:
     parts = module.split(".")
-    for n in range(len(parts), 0, -1):
+    for n in range(len(parts), 1, -1):
         room = ROOM_OF.get(".".join(parts[:n]))
         if room is not None:
             return room
-    return None
+    return ROOM_OF["clara_jax"] if module == "clara_jax" else None
 
 
 def is_module(name: str) -> bool:
@@ -187,3 +189,4 @@ def test_the_scanner_sees_every_kind_of_import(tmp_path, monkeypatch):
                    (3, "clara_jax.data.world"), (4, "clara_jax.errors"),
                    (6, "clara_jax.commands"), (7, "tests.conftest")]
     assert [room_of(m) for _, m in got[:5]] == ["export", "data", "data", "base", "commands"]
+    assert room_of("clara_jax") == "base" and room_of("clara_jax.unlisted") is None
