@@ -20,9 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clara_jax.data import prompts
 from clara_jax.errors import UserError
+from clara_jax.index.encode import encode_fn
+from clara_jax.infer.generation import GREEDY, generate_padded
 from clara_jax.model import ModelConfig, abstract_params, compress, param_shardings
 from clara_jax.model.sharding import MESH_AXES, batch_sharding
+from clara_jax.train.state import abstract_state, state_shardings
+from clara_jax.train.steps import batch_fields, compile_train_step, make_train_step
 
 WHAT = ("train", "generate", "encode")
 TPU_AOT_INSTALL = "pip install -e .[tpu-aot]"
@@ -168,9 +173,6 @@ def _with_sharding(tree, shardings):
 def compile_train(config: ml_collections.ConfigDict, mesh, stage: int) -> Compiled:
     """The trainer's step for `stage` (`make_train_step` under `compile_train_step`, as
     `clara train` compiles it) on the contract's batch fields."""
-    from clara_jax.train.state import abstract_state, state_shardings
-    from clara_jax.train.steps import batch_fields, compile_train_step, make_train_step
-
     cfg = ModelConfig.from_config(config)
     abstract = abstract_state(config, cfg, stage)
     shardings = state_shardings(cfg, mesh, abstract)
@@ -189,8 +191,6 @@ def default_generate_shape(config: ml_collections.ConfigDict) -> tuple[int, int,
     """(batch, prompt_len, new_tokens) of an inference batch: train.batch_size prompts of the
     stage-3 generator prompt (K documents' latent slots + question + framing), answers of
     data.answer_max_len tokens."""
-    from clara_jax.data import prompts
-
     prompt_len = prompts.generator_length(config, 3) - prompts.answer_room(config, 3)
     return int(config.train.batch_size), int(prompt_len), int(config.data.answer_max_len)
 
@@ -212,8 +212,6 @@ def compile_generate(config: ml_collections.ConfigDict, mesh, batch: int, prompt
     calls it: the K = data.num_docs documents' latents in the prompt's slots, params on their
     logical shardings, the batch split over (data, fsdp). `batch` is rounded up to a multiple
     of data x fsdp, as `Generator` rounds its buckets."""
-    from clara_jax.infer.generation import GREEDY, generate_padded
-
     cfg = ModelConfig.from_config(config)
     if prompt_len + new_tokens > cfg.max_len:
         raise UserError(f"--prompt_len={prompt_len} + --new_tokens={new_tokens} exceeds "
@@ -252,8 +250,6 @@ def compile_generate(config: ml_collections.ConfigDict, mesh, batch: int, prompt
 def compile_encode(config: ml_collections.ConfigDict, mesh, batch: int) -> Compiled:
     """The index build's compressor call (`LatentEncoder`'s jitted `compress`) on a corpus
     batch of `batch` documents of data.doc_max_len tokens, rounded up to data x fsdp."""
-    from clara_jax.index.encode import encode_fn
-
     cfg = ModelConfig.from_config(config)
     b = round_to_mesh(batch, mesh)
     params, _ = _params_in(cfg, mesh)

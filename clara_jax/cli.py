@@ -12,13 +12,17 @@ can fix ends with one line on stderr, `clara <command>: <message>`, and exit sta
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from clara_jax import distributed
+from clara_jax.commands.common import check_config_args
+from clara_jax.errors import UserError
 
 COMMANDS = {
     "ask": "Answer questions from a latent index (latent / text / closed-book RAG) as JSONL.",
@@ -36,6 +40,82 @@ COMMANDS = {
     "pretrain": "Pretrain the whole model on freshly generated worlds (the demo's start).",
     "train": "Train a CLaRa stage (train.stage) with checkpoints that resume exactly.",
 }
+
+
+# ----------------------------------------------------------------------------- user errors
+# Which exceptions mean a bad input (or a fault the user can fix) and how they are reported:
+# `clara <command>: <message>` on stderr, exit status 2; `--debug` shows the traceback instead.
+# The messages already name the file, line and field, or the flag and its allowed values;
+# these functions only keep them to one line.
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a bad input or a fixable fault (reported in one line)."""
+    # Imported when an error is classified, not with this module: most of these load flax,
+    # optax or orbax, which `clara --help` and a command's --help never need.
+    from clara_jax.config import ConfigError
+    from clara_jax.convert.hf import ConversionError
+    from clara_jax.data.formats import DataError
+    from clara_jax.data.tokenizer import TokenizerError
+    from clara_jax.export.bundle import BundleError
+    from clara_jax.index import IndexFileError, IndexMismatchError
+    from clara_jax.train.checkpoint import CheckpointError
+    from clara_jax.workdir import LockError
+
+    return (UserError, ConfigError, ConversionError, DataError, TokenizerError, BundleError,
+            IndexFileError, IndexMismatchError, CheckpointError, LockError, flags.Error,
+            FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError, RecursionError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of `e` on one line (a KeyError's message is its first argument)."""
+    if isinstance(e, RecursionError):
+        return "input nested too deeply to read (a JSON value nested thousands of levels)"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"{e.filename or 'disk'}: no space left on device (free space and rerun)"
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip()) or repr(e)
+
+
+def report(prefix: str, e: BaseException, debug: bool) -> None:
+    """Prints `prefix: message` to stderr and exits 2; re-raises when `debug`."""
+    if debug:
+        raise e
+    print(f"{prefix}: {one_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether `e` is reported in one line: a listed error, or a full disk (any OSError)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, user_errors())
+
+
+def set_quiet(quiet: bool) -> None:
+    """Library INFO logs (orbax logs every save, restore and directory it opens; absl's
+    verbosity is raised to INFO by app.run) shown only when not `quiet`."""
+    level = logging.WARNING if quiet else logging.INFO
+    absl_logging.set_verbosity(absl_logging.WARNING if quiet else absl_logging.INFO)
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(level)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with its errors in one line (exit status 2, not absl's 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # a config file's own finalize() runs while its flag is parsed
+        if not is_user_error(e):
+            raise
+        report(argv[0] if argv else "clara", e, "--debug" in argv)
+        raise  # report exits
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 def _usage() -> str:
@@ -90,15 +170,14 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(2)
     # JAX logs each accelerator backend it fails to find; on a CPU host that is only noise.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    from clara_jax import errors
 
     debug = "--debug" in argv[2:]
     try:
-        rest = errors.check_config_args(argv[2:])
+        rest = check_config_args(argv[2:])
     except Exception as e:
-        if not errors.is_user_error(e):
+        if not is_user_error(e):
             raise
-        errors.report(f"clara {name}", e, debug)
+        report(f"clara {name}", e, debug)
     _forget_commands()
     flags.FLAGS.unparse_flags()  # a value from an earlier in-process run must not carry over
     module = importlib.import_module(f"clara_jax.commands.{name}")
@@ -111,8 +190,6 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def _run_command(name: str, module, rest: list[str]) -> None:
-    from clara_jax import errors
-
     distributed.define_flags()
     _define_global_flags()
     if any(a in ("-h", "--help", "--helpshort") for a in rest):
@@ -122,20 +199,20 @@ def _run_command(name: str, module, rest: list[str]) -> None:
         sys.exit(0)
 
     def main(command_argv):
-        errors.set_quiet(not flags.FLAGS.verbose)
+        set_quiet(not flags.FLAGS.verbose)
         try:
             distributed.initialize()
             return module.main(command_argv)
         except Exception as e:
-            if not errors.is_user_error(e):
+            if not is_user_error(e):
                 raise
-            errors.report(f"clara {name}", e, flags.FLAGS.debug)
+            report(f"clara {name}", e, flags.FLAGS.debug)
 
     # ml_collections finds the --config.FIELD overrides in sys.argv, not in the argv parsed.
     command_argv, saved = [f"clara {name}"] + rest, sys.argv
     sys.argv = command_argv
     try:
-        app.run(main, argv=command_argv, flags_parser=errors.parse_flags)
+        app.run(main, argv=command_argv, flags_parser=parse_flags)
     finally:
         sys.argv = saved
 

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import ml_collections
 
-from clara_jax.data.prompts import DOC_FRAME
-from clara_jax.data.world import WORLD_SIZES
-
 ADAPTERS = ("compressor", "query", "generator")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "projections")
@@ -25,6 +22,17 @@ LATENT_POSITIONS = ("packed", "spread")
 COMPRESSOR_ATTENTION = ("causal", "bidirectional")
 DTYPES = ("float32", "bfloat16")
 STAGE_DOC_CHUNKS = ("truncate", "answer")
+
+# Two facts of the data package that validation needs live here, because config sits left of
+# data (docs/design.md) and clara_jax.data imports them from this module.
+# Framing tokens of a compressor input: <ENC>, BOS, EOS (clara_jax.data.prompts).
+DOC_FRAME = 3
+# The generated world's sizes (clara_jax.data.world.SIZES says what each holds). A world size
+# names both worlds' size, or the train world's and the held-out world's: "medium/small"
+# trains on ten times the documents and still evaluates on the small world.
+WORLD_SIZE_NAMES = ("small", "medium")
+WORLD_SIZES = (*WORLD_SIZE_NAMES, *(f"{a}/{b}" for a in WORLD_SIZE_NAMES
+                                    for b in WORLD_SIZE_NAMES))
 
 
 class ConfigError(ValueError):

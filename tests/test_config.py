@@ -69,6 +69,17 @@ def test_validation_names_the_bad_field(mutate, field):
     assert field in _bad(mutate)
 
 
+def test_world_sizes_config_checks_are_the_worlds_data_builds():
+    # config.py holds the world-size names for demo.world_size's check (config sits left of
+    # data); the world generator must know exactly those sizes, and no others.
+    from clara_jax.config import WORLD_SIZE_NAMES, WORLD_SIZES
+    from clara_jax.data import world
+
+    assert tuple(world.SIZES) == WORLD_SIZE_NAMES
+    assert world.split_sizes("medium/small") == {"train": "medium", "heldout": "small"}
+    assert "medium/small" in WORLD_SIZES and world.WORLD_SIZES is WORLD_SIZES
+
+
 def test_divisibility_message_names_both_fields():
     msg = _bad(lambda c: setattr(c.data, "doc_max_len", 250))
     assert "data.compression_rate=16" in msg

@@ -22,6 +22,7 @@ import sys
 from absl import flags
 
 from clara_jax.commands.common import define_config_flag, load_config
+from clara_jax.config import ConfigError, finalize
 from clara_jax.errors import UserError
 
 define_config_flag()
@@ -60,7 +61,6 @@ def _mib(n) -> str:
 
 def main(argv) -> None:
     from clara_jax import aot
-    from clara_jax.config import finalize
     from clara_jax.train.loop import make_mesh_from_config
 
     if len(argv) > 1:
@@ -114,7 +114,6 @@ def main(argv) -> None:
 
 def _mesh(config, devices):
     """generate / encode: config.mesh over the devices, without the training batch check."""
-    from clara_jax.config import ConfigError
     from clara_jax.model.sharding import make_mesh
 
     try:

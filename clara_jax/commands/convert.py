@@ -30,11 +30,13 @@ import ast
 import json
 import re
 
-from absl import flags
+from absl import flags, logging
 
 from clara_jax.commands.common import define_config_flag
 from clara_jax.config import finalize
-from clara_jax.convert import bundle, hf
+from clara_jax.convert import bundle, clara, hf
+from clara_jax.convert.pth import PthError
+from clara_jax.data.tokenizer import TokenizerError
 from clara_jax.model import ModelConfig
 
 define_config_flag()
@@ -100,11 +102,6 @@ def main(argv) -> None:
     if len(args) != 3 or args[0] not in DIRECTIONS:
         raise SystemExit(f"{USAGE}\n(got {args})")
     direction, src, dst = args
-    from absl import logging
-
-    from clara_jax.convert.pth import PthError
-    from clara_jax.data.tokenizer import TokenizerError
-
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it closes at INFO
 
@@ -130,8 +127,6 @@ def _run(direction: str, src: str, dst: str) -> dict:
             summary["note"] = (f"the converted vocabulary has {summary['vocab_size']} ids; train "
                                f"with --config.model.vocab_size={summary['vocab_size']}")
     elif direction == "from-clara":
-        from clara_jax.convert import clara
-
         overrides = {}
         if FLAGS.config is not None:  # its run settings; the shapes come from the checkpoint
             overrides, _ = overrides_from_config(FLAGS.config)
@@ -141,8 +136,6 @@ def _run(direction: str, src: str, dst: str) -> dict:
                                    param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
                                    progress=FLAGS.progress, **overrides)
     elif direction == "to-clara":
-        from clara_jax.convert import clara
-
         summary = clara.to_clara(src, dst, dtype=FLAGS.dtype,
                                  doc_max_length=FLAGS.doc_max_length,
                                  overwrite=FLAGS.overwrite, progress=FLAGS.progress)

@@ -15,14 +15,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 from absl import flags
 
 from clara_jax.commands.common import define_config_flag
 from clara_jax.config import ConfigError, finalize
-from clara_jax.data.tokenizer import TokenizerError
+from clara_jax.data import formats, world
+from clara_jax.data.tokenizer import TokenizerError, load_or_import_tokenizer, load_tokenizer
 from clara_jax.data.world import WORLD_SIZES
+from clara_jax.workdir import lock
 
 define_config_flag()
 flags.DEFINE_string("out", None, "Output directory (world, build).")
@@ -85,9 +89,6 @@ _WORLD_DERIVED = ("clara_*", "tokenizer", "prepare.json")
 
 
 def _clear_world_out(out, dry_run: bool = False) -> None:
-    import shutil
-    from pathlib import Path
-
     out = Path(out)
     if not out.is_dir() or not any(p for p in out.iterdir() if p.name != ".clara.lock"):
         return
@@ -102,8 +103,6 @@ def _clear_world_out(out, dry_run: bool = False) -> None:
 
 
 def _world() -> int:
-    from clara_jax.workdir import lock
-
     out = _require("out")
     config = _config(required=FLAGS.build)
     _clear_world_out(out, dry_run=True)  # refused before the lock creates --out
@@ -115,7 +114,7 @@ def _world() -> int:
 
 
 def _write_world(out, config) -> dict:
-    from clara_jax.data import prepare, world
+    from clara_jax.data import prepare
 
     if FLAGS.build:
         summary = prepare.prepare_world(out, config, FLAGS.seed, FLAGS.size,
@@ -131,8 +130,7 @@ def _write_world(out, config) -> dict:
 
 def _build() -> int:
     from clara_jax.data import tfds_build
-    from clara_jax.data.formats import DataError
-    from clara_jax.data.tokenizer import load_or_import_tokenizer
+
     config = _config(required=True)
     fmt, inputs, out = _require("format"), parse_inputs(_require("input")), _require("out")
     tok = (load_or_import_tokenizer(FLAGS.tokenizer, config.model.num_memory_tokens)
@@ -141,7 +139,7 @@ def _build() -> int:
         summary = tfds_build.build_dataset(fmt, inputs, out, config, tok, FLAGS.skip_bad_rows,
                                            FLAGS.progress,
                                            replace_tokenizer=FLAGS.replace_tokenizer)
-    except DataError as e:
+    except formats.DataError as e:
         print(f"clara data build: {e}", file=sys.stderr)
         return 1
     for line in tfds_build.truncation_warnings(summary):
@@ -151,8 +149,7 @@ def _build() -> int:
 
 
 def _check(argv: list[str]) -> int:
-    from clara_jax.data import formats, tfds_build
-    from clara_jax.data.tokenizer import load_tokenizer
+    from clara_jax.data import tfds_build
 
     if len(argv) != 1:
         raise flags.IllegalFlagValueError("check takes exactly one FILE")

@@ -24,6 +24,9 @@ from pathlib import Path
 from absl import flags, logging
 
 from clara_jax.commands.common import define_config_flag, load_config
+from clara_jax.data import world
+from clara_jax.data.tokenizer import load_tokenizer
+from clara_jax.eval import report
 from clara_jax.fileio import atomic_write_json
 
 define_config_flag()
@@ -47,7 +50,6 @@ def _train_stage(c, run: Path, data_dir: Path, init_from: Path | None = None,
                  progress: bool = True) -> Path:
     """Trains (or resumes, or skips when finished) stage `c.train.stage` into `run`."""
     from clara_jax.data.pipeline import make_loader
-    from clara_jax.eval import report
     from clara_jax.train.loop import train
 
     def loader_factory(cfg, stage, split):
@@ -77,7 +79,6 @@ def _train_stages(config, workdir: Path, data_dir: Path, progress: bool = True) 
         write_start_state(_stage_config(config, 1), config.demo.pretrained, start)
         dirs.append(start)
     elif int(config.demo.warmup_steps) > 0:
-        from clara_jax.data.tokenizer import load_tokenizer
         from clara_jax.train.warmup import lm_warmup
 
         warm = workdir / "warmup"
@@ -128,7 +129,6 @@ def _pretrained_tokenizer(config, data_dir: Path):
     in the workdir with another tokenizer is refused: its ids would mean other words."""
     if not config.demo.pretrained:
         return None
-    from clara_jax.data.tokenizer import load_tokenizer
     from clara_jax.train.pretrain import TOKENIZER_DIR, find_pretrained
 
     src = find_pretrained(config.demo.pretrained) / TOKENIZER_DIR
@@ -142,8 +142,6 @@ def _pretrained_tokenizer(config, data_dir: Path):
 def _question_types(config) -> dict[str, str]:
     """Held-out question text -> its type ("kind.attr", "kind.attr>attr" for two hops), from
     the demo's world, regenerated from its seed and size (the QA files carry no types)."""
-    from clara_jax.data import world
-
     heldout = world.make_worlds(int(config.demo.world_seed), str(config.demo.world_size))
     return {q.question: q.qtype for q in heldout["heldout"].questions}
 
@@ -151,7 +149,6 @@ def _question_types(config) -> dict[str, str]:
 def main(argv) -> None:
     del argv
     from clara_jax.data.prepare import prepare_world
-    from clara_jax.eval import report
     from clara_jax.eval.job import evaluate, load_items, load_pipeline
 
     logging.set_verbosity(logging.WARNING)

@@ -28,6 +28,7 @@ from clara_jax.commands.rag_common import (
     error_line,
     load_errors,
 )
+from clara_jax.data.formats import DataError
 
 define_pipeline_flags()
 flags.DEFINE_string("data", None, "Stage-2/3 JSONL file, or a world directory.")
@@ -51,7 +52,6 @@ flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier evaluat
 
 
 def main(argv) -> None:
-    from clara_jax.data.formats import DataError
     from clara_jax.eval.job import evaluate, load_items, resolve_data
 
     fl = flags.FLAGS

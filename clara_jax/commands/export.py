@@ -13,6 +13,9 @@ import sys
 
 from absl import flags
 
+from clara_jax.commands.rag_common import check_args, error_line, load_errors
+from clara_jax.workdir import lock_output
+
 flags.DEFINE_string("checkpoint", None, "Training run (WORKDIR or WORKDIR/checkpoints); the "
                     "latest step is exported.")
 flags.DEFINE_string("index", None, "Latent index built by this checkpoint (copied into the "
@@ -27,10 +30,8 @@ flags.DEFINE_bool("progress", True, "Show a progress bar while writing tensors."
 
 
 def main(argv) -> None:
-    from clara_jax.commands.rag_common import check_args, error_line, load_errors
     from clara_jax.convert.hf import ConversionError
     from clara_jax.export.bundle import export_bundle
-    from clara_jax.workdir import lock_output
 
     fl = flags.FLAGS
     try:

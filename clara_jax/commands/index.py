@@ -19,8 +19,13 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from pathlib import Path
 
+import jax
 from absl import flags
+
+from clara_jax.data.formats import DataError, check_unique_ids, iter_jsonl
+from clara_jax.workdir import lock
 
 FLAGS = flags.FLAGS
 ACTIONS = ("build", "info", "search", "add", "delete")
@@ -95,8 +100,6 @@ def _records(model):
 def _check_corpus() -> None:
     """Reads the whole corpus once before the model is loaded, so a bad row or a duplicate
     id is refused before any document is encoded."""
-    from clara_jax.data.formats import check_unique_ids, iter_jsonl
-
     check_unique_ids(iter_jsonl(FLAGS.corpus, "corpus", skip_bad_rows=FLAGS.skip_bad_rows),
                      FLAGS.corpus)
 
@@ -107,15 +110,10 @@ def _count_lines(path) -> int:
 
 
 def build() -> dict:
-    from pathlib import Path
-
     from clara_jax.index import build_index, model_identity, shard_dir_name
     from clara_jax.index.corpus import make_tokenize
-    from clara_jax.workdir import lock
 
     _require("build", "checkpoint", "corpus", "out")
-    import jax
-
     n = jax.process_count() if FLAGS.num_shards is None else FLAGS.num_shards
     i = jax.process_index() if FLAGS.shard_index is None else FLAGS.shard_index
     if not 0 <= i < n:
@@ -216,10 +214,6 @@ def delete() -> dict:
 def _locked(name: str, action):
     """Runs `add` and `delete` holding their index directory's lock (clara_jax/workdir.py);
     `build` locks the (shard) directory it writes itself, `info` and `search` only read."""
-    from pathlib import Path
-
-    from clara_jax.workdir import lock
-
     if name not in ("add", "delete") or not FLAGS.index or not Path(FLAGS.index).is_dir():
         return action()  # a missing index is the action's own one-line error
     with lock(FLAGS.index, f"clara index {name}"):
@@ -227,7 +221,6 @@ def _locked(name: str, action):
 
 
 def main(argv) -> None:
-    from clara_jax.data.formats import DataError
     from clara_jax.index import IndexFileError, IndexMismatchError
 
     args = argv[1:]

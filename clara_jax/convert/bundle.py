@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 from clara_jax import param_store
+from clara_jax.config import base_config
 from clara_jax.convert import hf
+from clara_jax.data.tokenizer import HFTokenizer
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params
 
@@ -101,8 +103,6 @@ def experiment_config(src: str | os.PathLike, cfg: ModelConfig):
         data.answer_max_len    the reference's max_new_tokens (default 32)
 
     `ModelConfig.from_config` of the result is `cfg` again (an export bundle checks that)."""
-    from clara_jax.config import base_config
-
     src = Path(src)
     reference = {}
     if (src / REFERENCE_CONFIG_FILE).is_file():
@@ -195,8 +195,6 @@ def from_hf(src: str | os.PathLike, dst: str | os.PathLike, *, tokenizer: bool =
     tok = None
     min_vocab = None
     if tokenizer:
-        from clara_jax.data.tokenizer import HFTokenizer
-
         if not (src / TOKENIZER_FILE).exists():
             raise hf.ConversionError(f"{src / TOKENIZER_FILE}: no such file (pass "
                                      "--notokenizer to convert the weights alone)")

@@ -47,6 +47,7 @@ import numpy as np
 
 from clara_jax.convert import bundle, hf
 from clara_jax.convert.pth import PthError, read_pth, write_pth
+from clara_jax.data.tokenizer import HF_FILE, META_FILE, HFTokenizer, load_tokenizer
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params
 from clara_jax.param_store import path_keys
@@ -257,8 +258,6 @@ def _reference_tokenizer_and_rows(src: Path, base: Path, config: dict, probe, fi
     (tokenizer, its directory, {EMBED, LM_HEAD: [V', D] or None}, memory token ids, V')."""
     from tokenizers import Tokenizer as RawTokenizer
 
-    from clara_jax.data.tokenizer import HFTokenizer
-
     tok_dir = src if (src / bundle.TOKENIZER_FILE).exists() else base
     tok_file = tok_dir / bundle.TOKENIZER_FILE
     if not tok_file.exists():
@@ -402,8 +401,6 @@ def from_clara(src: str | os.PathLike, dst: str | os.PathLike, *, base=None, see
 
 
 def _load_tokenizer(src: Path):
-    from clara_jax.data.tokenizer import META_FILE, load_tokenizer
-
     for d in (src, src / "tokenizer"):  # a from-hf / from-clara directory, an export bundle
         if (d / META_FILE).exists():
             return load_tokenizer(d), d
@@ -476,8 +473,6 @@ def _write_reference_tokenizer(src: Path, raw, tok, base_tmp: Path) -> dict[str,
     """Writes the reference's tokenizer.json and tokenizer_config.json into `base_tmp` (a new
     directory); returns {file name: path} of every file the decoder directory gets besides the
     weights (those two and SRC's generation / special-token / chat-template files)."""
-    from clara_jax.data.tokenizer import HF_FILE
-
     base_tmp.mkdir()
     raw.save(str(base_tmp / HF_FILE))
     tok_config_file = src / bundle.HF_FILES_DIR / "tokenizer_config.json"

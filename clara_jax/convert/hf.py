@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clara_jax.config import base_config
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_group
 from clara_jax.param_store import path_keys, path_name
@@ -122,8 +123,6 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
     SiLU, RoPE scaling, sliding-window attention that would be in use within `max_len`,
     attention or MLP biases Llama allows, attention dropout, quantized weights.
     """
-    from clara_jax.config import base_config
-
     def refuse(field, why):
         raise ConversionError(f"{where}: field '{field}'={hf.get(field)!r}: {why}")
 

@@ -31,6 +31,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from clara_jax.config import DOC_FRAME
 from clara_jax.data.tokenizer import Tokenizer
 
 BACKGROUND = "Background:\n"
@@ -42,8 +43,8 @@ PARAPHRASE_QUESTION = "Paraphrase the background."
 # Tokens reserved for BOS, BACKGROUND, QUESTION_PREFIX and ANSWER_PREFIX. A tokenizer that
 # needs more (checked in `_frame`) gets a clear error rather than silently longer sequences.
 FRAME_BUDGET = 24
-# Framing tokens of a compressor input: <ENC>, BOS, EOS.
-DOC_FRAME = 3
+# DOC_FRAME, the framing tokens of a compressor input (<ENC>, BOS, EOS), is defined in
+# clara_jax.config, whose validation of data.chunk_overlap needs it.
 # Tokens reserved for TEXT_DOC_SEPARATOR after each document of a text prompt (checked in
 # `text_generator_example`, like FRAME_BUDGET in `_frame`).
 TEXT_SEP_BUDGET = 2

@@ -14,13 +14,15 @@ next to every checkpoint:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from clara_jax.fileio import atomic_write_bytes, read_json
+from clara_jax.fileio import atomic_write_bytes, file_manifest, read_json
 
 META_FILE = "clara_tokenizer.json"
 SP_FILE = "tokenizer.model"
@@ -319,10 +321,6 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
 def saved_digest(directory: str | os.PathLike) -> str:
     """sha256 over the files of a saved tokenizer directory (names and contents): equal for
     two saves of the same tokenizer, so data dirs and workdirs can refuse another one."""
-    import hashlib
-
-    from clara_jax.fileio import file_manifest
-
     files = file_manifest(directory)
     return hashlib.sha256(json.dumps({k: v["sha256"] for k, v in files.items()},
                                      sort_keys=True).encode()).hexdigest()
@@ -330,8 +328,6 @@ def saved_digest(directory: str | os.PathLike) -> str:
 
 def tokenizer_digest(tok: Tokenizer) -> str:
     """`saved_digest` of `tok` as `tok.save` would write it."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         tok.save(d)
         return saved_digest(d)

@@ -29,6 +29,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+# WORLD_SIZES ("small", "medium/small", ...) is defined in clara_jax.config, whose validation
+# of demo.world_size needs it; SIZES holds exactly config.WORLD_SIZE_NAMES (tests/test_config).
+from clara_jax.config import WORLD_SIZES
+
 SIZES = {
     # entities per world: countries, cities, people, organisations, works
     "small": dict(country=8, city=30, person=80, organisation=30, work=40),
@@ -402,11 +406,6 @@ def make_world(seed: int = 0, size: str = "small", split: str = "train",
             questions.append(Question(template.format(s=e.name), bridge.facts[second],
                                       f"{kind}.{first}>{second}", (e.doc_id, bridge.doc_id), 2))
     return World(split, seed, entities, docs, paraphrases, dict(mentions), questions)
-
-
-# A world size names both worlds' size, or the train world's and the held-out world's:
-# "medium/small" trains on ten times the documents and still evaluates on the small world.
-WORLD_SIZES = (*SIZES, *(f"{a}/{b}" for a in SIZES for b in SIZES))
 
 
 def split_sizes(size: str) -> dict[str, str]:

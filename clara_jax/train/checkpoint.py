@@ -26,12 +26,14 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from clara_jax.data.tokenizer import saved_digest
 from clara_jax.fileio import (
     absolute,
     as_path,
@@ -41,6 +43,7 @@ from clara_jax.fileio import (
     files_under,
     is_url,
     manifest_problem,
+    replace_dir,
 )
 from clara_jax.train.state import TrainState
 
@@ -275,11 +278,6 @@ def pin_tokenizer(workdir, tokenizer_dir) -> None:
     """Keeps a copy of the data's tokenizer in WORKDIR/tokenizer, so the run's checkpoints
     are read with it from any directory; CheckpointError when WORKDIR already holds another
     tokenizer (its checkpoints were trained on other token ids)."""
-    import tempfile
-
-    from clara_jax.data.tokenizer import saved_digest
-    from clara_jax.fileio import replace_dir
-
     pinned = as_path(workdir) / TOKENIZER_DIR
     if is_url(pinned):
         _pin_by_upload(workdir, pinned, tokenizer_dir, saved_digest)

@@ -43,6 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
+from clara_jax.convert import bundle, hf
 from clara_jax.fileio import as_path, atomic_write_bytes, atomic_write_text, is_url
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_shardings
 from clara_jax.model.sharding import DEFAULT_RULES, make_mesh
@@ -108,8 +109,6 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
     params/). The architecture must be the config's (the error names every field to set);
     the params come back on `shardings` in the dtypes of `abstract_params(cfg)` (float32
     master weights, the base in `model.base_dtype` whatever dtype it was stored in)."""
-    from clara_jax.convert import bundle, hf
-
     overrides = {f: getattr(cfg, f) for f in hf.OVERRIDABLE}
     is_bundle = (Path(path) / bundle.MODEL_CONFIG_FILE).exists()
     if is_bundle:

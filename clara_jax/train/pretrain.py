@@ -56,6 +56,7 @@ from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.fileio import atomic_write_json
 from clara_jax.model import ModelConfig, compress_docs, generate_logits
 from clara_jax.model import init_params as init_params_of
+from clara_jax.model.sharding import make_mesh
 
 FIRST_SEED = 1000
 EVAL_SEED = 999
@@ -168,6 +169,8 @@ def find_pretrained(path) -> Path:
 def write_start_state(config, pretrained, out) -> dict:
     """Saves the pretrained params as a stage-1 train state at step 0 in `out` (what
     `clara train --init_from=OUT` starts from), once; returns {"pretrained", "params"}."""
+    # Lazy, like the imports in pretrain(): every spawned world worker imports this module,
+    # and none of them needs orbax (train.checkpoint, through warmup).
     from clara_jax.train.warmup import save_start_state
 
     out = Path(out)
@@ -269,7 +272,8 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
     sooner; `stages`: the stages whose steps take turns; `focus`, `qa_only`: see
     `world_batches` (the curriculum that opened the channel for hobbies,
     projects/demo/README.md). Returns the summary written to OUT/pretrain.json."""
-    from clara_jax.model.sharding import make_mesh
+    # Here, not at the top: each spawned world worker imports this module to run
+    # _init_worker, and the train state and steps (optax) would only slow its start.
     from clara_jax.train.state import abstract_state, create_state, state_shardings
     from clara_jax.train.steps import (
         batch_fields,
