@@ -68,7 +68,7 @@ def _canonical_leaves(params):
         if len(keys) > 1 and keys[0] == "decoder" and keys[1] == "layers":
             # scan_layers stacks every layer's leaf on axis 0.
             for i in range(arr.shape[0]):
-                out.append(("/".join(["decoder", f"layers_{i}"] + keys[2:]), arr[i]))
+                out.append(("/".join(("decoder", f"layers_{i}") + keys[2:]), arr[i]))
         else:
             out.append(("/".join(keys), arr))
     out.sort(key=lambda kv: kv[0])
