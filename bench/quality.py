@@ -134,14 +134,14 @@ def latent_usage():
 FALLBACK_WARMUP_STEPS = 150
 
 
-def rate_config(config, rate: int):
+def rate_config(config, rate: int, warmup_steps: int = FALLBACK_WARMUP_STEPS):
     """`config` at data.compression_rate=rate, finalized again so that M is recomputed. The
     pretrained start (demo.pretrained) has the memory tokens of the config's own rate; other
     rates start from the language-model warm-up instead."""
     c = copy.deepcopy(config)
     if c.demo.pretrained and int(rate) != int(c.data.compression_rate):
         c.demo.pretrained = ""
-        c.demo.warmup_steps = FALLBACK_WARMUP_STEPS
+        c.demo.warmup_steps = int(warmup_steps)
     c.data.compression_rate = int(rate)
     try:
         return finalize(c)
@@ -293,6 +293,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--world", choices=WORLD_SIZES, default=None,
                     help="default: config.demo.world_size (TRAIN/HELDOUT sizes allowed)")
     ap.add_argument("--baseline_rate", type=int, default=16)
+    ap.add_argument("--warmup_steps", type=int, default=FALLBACK_WARMUP_STEPS,
+                    help="language-model warm-up steps of the rates the pretrained start "
+                         "does not serve")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, repeatable, e.g. train.batch_size=32")
     ap.add_argument("--progress", choices=("true", "false"), default="true")
@@ -340,7 +343,7 @@ def main(argv=None) -> dict:
 
     rows, retrievers, usage, starts, preds = {}, None, {}, {}, {}
     for rate in rates:
-        config = rate_config(base, rate)
+        config = rate_config(base, rate, args.warmup_steps)
         m = int(config.model.num_memory_tokens)
         data_dir = workdir / "data" / f"m{m}"
         tokenizer = _pretrained_tokenizer(config, data_dir)

@@ -30,14 +30,15 @@ def test_quality_bench_writes_both_tables(tmp_path, tiny_config):
     work = tmp_path / "work"
     cmd = [sys.executable, "bench/quality.py", "--config=configs/tiny.py",
            f"--workdir={work}", "--rates=8,16", "--baseline_rate=8", "--steps=2,2,2",
-           "--questions=8", "--set=demo.eval_batch_size=4", "--set=train.log_every=1",
+           "--questions=8", "--warmup_steps=3", "--set=demo.eval_batch_size=4",
+           "--set=train.log_every=1",
            f"--set=demo.pretrained={tmp_path / 'pt'}", "--progress=false"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last == json.loads((work / "quality.json").read_text())
-    assert last["starts"] == {"8": f"pretrained {tmp_path / 'pt'}", "16": "150-step warm-up"}
+    assert last["starts"] == {"8": f"pretrained {tmp_path / 'pt'}", "16": "3-step warm-up"}
     assert (work / "data" / "m4" / "tokenizer" / "tokenizer.model").read_bytes() == (
         tmp_path / "pt" / "tokenizer" / "tokenizer.model").read_bytes()
     assert [r["row"] for r in last["rows"]] == list(ROWS)
