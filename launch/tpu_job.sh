@@ -22,7 +22,8 @@ trap '' TERM
 mkdir -p logs
 log="logs/worker_$(hostname).log"
 rm -f logs/exit_code
-echo "$$" > logs/pid
+# Renamed into place: a poll reading the file mid-write would see no pid and call the job lost.
+echo "$$" > logs/pid.tmp && mv logs/pid.tmp logs/pid
 export PATH="$PWD/.venv/bin:$PATH" CLARA_DISTRIBUTED=cluster
 echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) $*" >> "$log"
 env --default-signal=TERM "$@" >> "$log" 2>&1 < /dev/null
