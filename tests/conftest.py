@@ -62,16 +62,3 @@ def one_device_target(config, cfg):
         return a, state_shardings(cfg, make_mesh(-1, 1, 1), a)
     return target
 
-
-# The files that take minutes, longest first (`make test --durations`): they are handed out
-# first, so that on two xdist workers (--dist loadfile hands out whole files in collection
-# order) none of them starts near the end while the other worker sits idle.
-LONGEST_FIRST = ("test_channel.py", "test_quality_bench.py", "test_multiprocess_train.py",
-                 "test_pretrain.py", "test_train_loop.py", "test_demo.py", "test_faults.py",
-                 "test_compile.py", "test_generate.py", "test_serving.py", "test_eval_job.py",
-                 "test_cloud_workdir.py", "test_train_steps.py", "test_model.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
