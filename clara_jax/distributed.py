@@ -13,17 +13,25 @@ Settings come from flags or, for launchers, the environment (flags win):
 `auto` initializes when a coordinator and more than one process are given. `cluster` lets JAX
 detect everything itself (Cloud TPU pod slices, SLURM, Open MPI); the TPU and SLURM launchers
 use it or pass the explicit settings. `off` never initializes.
+
+Exchanges between host programs (`allgather_bytes`, `allgather_json`, `allgather_arrays`):
+every process gives its own value, of any size, and gets every process's, in process order.
+Each is a collective (every process must call it, in the same order) and so also a barrier;
+with one process they return `[value]` and touch no device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
 import socket
 import sys
 import time
 
 import jax
+import numpy as np
 from absl import flags
 
 _MODES = ("auto", "cluster", "off")
@@ -154,3 +162,41 @@ def _wait_for_coordinator(s: Settings, where: str) -> None:
 def is_main_process() -> bool:
     """Only process 0 writes logs, metrics and exports."""
     return jax.process_index() == 0
+
+
+def allgather_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data` (any length), in process order, on every process."""
+    if jax.process_count() == 1:
+        return [bytes(data)]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(data, np.uint8)
+    # Two rounds: the sizes, then the bytes padded to the largest (the gather needs one
+    # shape). Bytes, not typed arrays, so int64 and float values cross exactly whatever
+    # jax_enable_x64 says.
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32)))
+    padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    padded[:blob.size] = blob
+    everyone = np.asarray(multihost_utils.process_allgather(padded))
+    return [everyone[p, :int(sizes[p][0])].tobytes() for p in range(len(sizes))]
+
+
+def allgather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order, on every process."""
+    if jax.process_count() == 1:
+        return [obj]
+    return [json.loads(b.decode()) for b in allgather_bytes(json.dumps(obj).encode())]
+
+
+def allgather_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Every process's {name: array} (its own shapes and dtypes, bit-exact), in process
+    order, on every process."""
+    if jax.process_count() == 1:
+        return [dict(arrays)]
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    out = []
+    for b in allgather_bytes(buf.getvalue()):
+        with np.load(io.BytesIO(b), allow_pickle=False) as z:
+            out.append({name: z[name] for name in z.files})
+    return out

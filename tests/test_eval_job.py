@@ -131,30 +131,74 @@ def test_three_modes_score_the_pipelines_answers(setup, pipeline):
     assert summaries["latent"]["recall_at_5"] == summaries["text"]["recall_at_5"]
 
 
-def test_cli_two_processes_merge_to_the_single_process_result(setup, tmp_path):
-    root = setup
-    common = [f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}",
-              f"--data={root / 'world'}", "--limit=7", "--batch_size=3", "--backend=exact",
-              "--noprogress"]
-    one = es.clara("eval", *common, f"--out={tmp_path / 'one'}")
+COMMON = ["--limit=7", "--batch_size=3", "--backend=exact", "--noprogress"]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    """`clara eval` of the plain index as one process: (its stdout, OUT)."""
+    root, out = setup, tmp_path_factory.mktemp("one_process") / "one"
+    one = es.clara("eval", f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}",
+                   f"--data={root / 'world'}", *COMMON, f"--out={out}")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = es.clara("eval", *common, f"--out={tmp_path / 'two'}",
-                   launcher=[str(es.REPO / "launch" / "local_multiprocess.sh"), "2",
-                             "--logdir", str(tmp_path / "logs"), "--"])
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    return one.stdout, out
+
+
+def _two_processes(setup, index, out, logs):
+    root = setup
+    return es.clara("eval", f"--checkpoint={root / 'run'}", f"--index={index}",
+                    f"--data={root / 'world'}", *COMMON, f"--out={out}",
+                    launcher=[str(es.REPO / "launch" / "local_multiprocess.sh"), "2",
+                              "--logdir", str(logs), "--"])
+
+
+def _same_evaluation(one_dir, two_dir):
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one_dir, two_dir))
     assert (a["processes"], b["processes"]) == (1, 2)
-    assert json.loads(one.stdout.strip().splitlines()[-1]) == a
-    assert _jsonl(tmp_path / "one" / "predictions.jsonl") == \
-        _jsonl(tmp_path / "two" / "predictions.jsonl")
+    assert _jsonl(one_dir / "predictions.jsonl") == _jsonl(two_dir / "predictions.jsonl")
     for key in ("questions", "em", "f1", "cover_em", "recall_at_1", "recall_at_3",
                 "recall_at_5", "by_hops"):
         assert a[key] == b[key]
+    return a
+
+
+def test_cli_two_processes_merge_to_the_single_process_result(setup, one_process, tmp_path):
+    root = setup
+    # 7 rows over 2 processes in batches of 3: process 0 runs 2 batches (3 + 1 rows), process
+    # 1 one batch and one empty batch, in lockstep.
+    two = _two_processes(setup, root / "idx", tmp_path / "two", tmp_path / "logs")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    stdout, one_dir = one_process
+    a = _same_evaluation(one_dir, tmp_path / "two")
+    assert json.loads(stdout.strip().splitlines()[-1]) == a
     # Bad input: exit status 2 and the reason in one line.
     bad = es.clara("eval", f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}",
                    f"--data={tmp_path / 'missing.jsonl'}", f"--out={tmp_path / 'x'}")
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_two_processes_on_a_sharded_index_each_searching_its_own_shard(
+        setup, one_process, tmp_path):
+    """The index split into 2 shards (rows in order: the first half, then the second, so the
+    index order and its ties are the plain index's), evaluated by 2 processes, each opening
+    only its own shard (clara_jax/index/multihost.py): every prediction, retrieved id and
+    score is the one process's over the plain index."""
+    from clara_jax.index import IndexBuilder, LatentIndex, shard_dir_name
+
+    whole = LatentIndex.open(setup / "idx")
+    sharded = tmp_path / "idx_sharded"
+    n = whole.store.num_rows
+    for s, rows in enumerate((np.arange(n // 2), np.arange(n // 2, n))):
+        b = IndexBuilder(sharded / shard_dir_name(s, 2), whole.identity, dtype=whole.store.dtype,
+                         key=whole.key, chunk_size=len(rows))
+        recs = [whole.store.doc(int(r)) for r in rows]
+        b.write_chunk(0, whole.store.read_rows(rows), [r["id"] for r in recs],
+                      [r.get("title") for r in recs], [r.get("text") for r in recs])
+        b.finalize(1, scann=False)
+    two = _two_processes(setup, sharded, tmp_path / "two", tmp_path / "logs")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    _same_evaluation(one_process[1], tmp_path / "two")
 
 
 def test_a_batch_that_compiles_is_timed_again(setup, pipeline, monkeypatch):

@@ -27,9 +27,13 @@ that compilation.
 
 Processes. With several JAX processes (`clara_jax.distributed`), process p evaluates rows
 p, p + P, p + 2P, ...; the per-row records are gathered to process 0
-(`multihost_utils.process_allgather`, which is also the barrier) and only process 0 writes:
+(`distributed.allgather_json`, which is also the barrier) and only process 0 writes:
 OUT/predictions.jsonl (in input order), OUT/summary.json and OUT/summary.md, each to a temp
-file then renamed. No shared file system is needed.
+file then renamed. No shared file system is needed. The processes go in lockstep: the
+search of a sharded index is a collective (each process holds its own shards,
+`clara_jax.index.multihost`), so every process runs the same number of batches (one out of
+rows runs empty ones, which only search) and the same warm-ups, and a batch is timed again
+when it compiled on any process.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clara_jax.data.formats import DataError, iter_jsonl
+from clara_jax.distributed import allgather_json
 from clara_jax.eval import metrics
 from clara_jax.fileio import atomic_write_text
 from clara_jax.infer.generation import trace_count
@@ -89,21 +94,10 @@ def _text_to_ids_from_corpus(corpus: Path) -> dict[str, list[str]]:
     return out
 
 
-def _index_shards(index) -> list:
-    return list(index.shards) if hasattr(index, "shards") else [index]
-
-
-def _live_ids(index) -> list[str]:
-    ids = []
-    for s in _index_shards(index):
-        ids += [i for r, i in enumerate(s.ids) if not s.deleted[r]]
-    return ids
-
-
-def _text_to_ids_from_index(index) -> dict[str, list[str]]:
+def _text_to_ids_from_index(index, live: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for doc_id in _live_ids(index):
-        text = index.doc(doc_id).get("text")
+    for doc_id, rec in zip(live, index.docs(live)):
+        text = rec.get("text")
         if text:
             out.setdefault(text, []).append(doc_id)
     return out
@@ -111,8 +105,10 @@ def _text_to_ids_from_index(index) -> dict[str, list[str]]:
 
 def gold_id_mapper(index, corpus: str | os.PathLike | None = None):
     """A function gold document text -> tuple of index ids (empty when not found); see the
-    module doc for the rule. `source` attribute: 'corpus:<path>' or 'index_text'."""
-    live = _live_ids(index)
+    module doc for the rule. `source` attribute: 'corpus:<path>' or 'index_text'. With a
+    multi-process index (`clara_jax.index.multihost`) a collective: the ids, and without a
+    corpus the stored texts, of every process's shards are gathered."""
+    live = index.live_ids()
     if corpus is not None:
         by_text = _text_to_ids_from_corpus(Path(corpus))
         chunks: dict[str, list[str]] = {}
@@ -129,7 +125,7 @@ def gold_id_mapper(index, corpus: str | os.PathLike | None = None):
 
         to_ids.source = f"corpus:{corpus}"
         return to_ids
-    by_text = _text_to_ids_from_index(index)
+    by_text = _text_to_ids_from_index(index, live)
 
     def to_ids(text: str) -> tuple[str, ...]:
         return tuple(by_text.get(text, ()))
@@ -222,19 +218,28 @@ def _run_batch(pipeline, items: Sequence[EvalItem], mode: str, k: int, depth: in
     return records, out.ms
 
 
-def _gather(obj) -> list:
-    """Every process's JSON-able `obj`, in process order (on every process); also a barrier."""
-    if jax.process_count() == 1:
-        return [obj]
-    from jax.experimental import multihost_utils
+def _schedule(n_items: int, proc: int, nproc: int, bs: int, warmup: bool
+              ) -> tuple[list[list[int]], list[list[int]]]:
+    """(warm-up batches, batches) of process `proc`: its rows proc, proc + P, ... in batches
+    of `bs`; the warm-ups are the first batch and a shorter last one."""
+    mine = list(range(proc, n_items, nproc))
+    batches = [mine[lo:lo + bs] for lo in range(0, len(mine), bs)]
+    warm = (list({len(b): b for b in (batches[0], batches[-1])}.values())
+            if warmup and batches else [])
+    return warm, batches
 
-    blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64))
-    padded = np.zeros(int(np.max(sizes)), np.uint8)
-    padded[:blob.size] = blob
-    allb = multihost_utils.process_allgather(padded)
-    return [json.loads(allb[p, :int(sizes[p][0])].tobytes().decode())
-            for p in range(jax.process_count())]
+
+def _lockstep(n_items: int, proc: int, nproc: int, bs: int, warmup: bool
+              ) -> tuple[list[list[int]], list[list[int]]]:
+    """`_schedule` of this process, padded with empty batches to the longest schedule of any
+    process, so that every process searches as often (the search may be a collective). Every
+    process computes every schedule itself: nothing is exchanged."""
+    warm, batches = _schedule(n_items, proc, nproc, bs, warmup)
+    if nproc > 1:
+        every = [_schedule(n_items, p, nproc, bs, warmup) for p in range(nproc)]
+        warm += [[]] * (max(len(w) for w, _ in every) - len(warm))
+        batches += [[]] * (max(len(b) for _, b in every) - len(batches))
+    return warm, batches
 
 
 def _mean(values: list[float]) -> float | None:
@@ -339,30 +344,33 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
                              "documents")
     bs = int(batch_size or pipeline.settings.batch_size)
     proc, nproc = jax.process_index(), jax.process_count()
-    mine = list(range(proc, len(items), nproc))
-    batches = [mine[lo:lo + bs] for lo in range(0, len(mine), bs)]
+    # Compile outside the timed pass: the full batch's shapes and the shorter last one's.
+    warm, batches = _lockstep(len(items), proc, nproc, bs, warmup)
     base_key = jax.random.key(seed)
-    if warmup and batches:
-        # Compile outside the timed pass: the full batch's shapes and the shorter last one's.
-        for rows_b in {len(b): b for b in (batches[0], batches[-1])}.values():
-            _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth,
-                       jax.random.fold_in(base_key, rows_b[0]))
+    # Keyed by the batch's first global row (sampling only; greedy decoding ignores it).
+    key_of = lambda rows_b: jax.random.fold_in(base_key, rows_b[0] if rows_b else 0)
+    for rows_b in warm:
+        _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth, key_of(rows_b))
     timing = {"query_encoding": 0.0, "search": 0.0, "generation": 0.0, "wall": 0.0,
               "timed_questions": 0}
     records = []
-    bar = tqdm(total=len(mine), unit="q", desc=f"eval {mode}", dynamic_ncols=True,
+    bar = tqdm(total=sum(map(len, batches)), unit="q", desc=f"eval {mode}", dynamic_ncols=True,
                disable=not progress or proc != 0, mininterval=1.0)
     for rows_b in batches:
-        # Keyed by the batch's first global row (sampling only; greedy decoding ignores it).
-        rng = jax.random.fold_in(base_key, rows_b[0])
+        rng = key_of(rows_b)
         traced = _generator_traces()
         t = time.perf_counter()
         recs, ms = _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth, rng)
-        if warmup and _generator_traces() != traced:
+        compiled = warmup and _generator_traces() != traced
+        if nproc > 1:  # again on every process, or the searches would no longer pair up
+            compiled = any(allgather_json(compiled))
+        if compiled:
             # The warm-up covers batch sizes, not every prompt-length bucket: a batch that had
             # to compile the generator is timed again, compiled (same key, same answers).
             t = time.perf_counter()
             recs, ms = _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth, rng)
+        if not rows_b:  # an empty batch of the lockstep: nothing answered, nothing timed
+            continue
         timing["wall"] += 1e3 * (time.perf_counter() - t)
         for stage, v in ms.items():
             timing[stage] += v
@@ -372,7 +380,7 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
             records.append((i, rec))
         bar.update(len(rows_b))
     bar.close()
-    parts = _gather({"records": records, "timing": timing})
+    parts = allgather_json({"records": records, "timing": timing})
     merged = sorted((tuple(r) for p in parts for r in p["records"]), key=lambda r: r[0])
     all_records = [r for _, r in merged]
     total = {key: sum(p["timing"][key] for p in parts) for key in timing}

@@ -15,7 +15,9 @@ meta.json; the previous generation's files are removed only after it, so a crash
 last committed index readable.
 
 Sharded indexes are directories `shard-{i:05d}-of-{n:05d}/`, each a complete index built on
-its own (one per host); `ShardedIndex` searches all and merges them into one top-k.
+its own (one per host); `ShardedIndex` searches all and merges them into one top-k. With
+several JAX processes, `open_index` gives each process only its own shards instead
+(`clara_jax.index.multihost`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -76,15 +79,87 @@ def check_identity(index_identity: dict, model_identity: dict, where: str) -> No
             "index with this checkpoint, or open it with the checkpoint that built it.")
 
 
+FETCH = ("latents", "docs")
+
+
 @dataclass
 class SearchResult:
     """ids: list[list[str | None]] [Q][k]; rows: int64[Q, k] (-1: no result);
     scores: float32[Q, k] cosine similarities of the keys (-inf: no result);
-    shards: int64[Q, k] (which shard, for sharded indexes; zeros otherwise)."""
+    shards: int64[Q, k] (which shard, for sharded indexes; zeros otherwise);
+    latents: float32[Q, k, M, L], the results' stored latents (zeros where no result), and
+    docs: [Q][k] their audit records (None where no result) — each only when the search was
+    asked to fetch it (`fetch=`), else None."""
     ids: list
     rows: np.ndarray
     scores: np.ndarray
     shards: np.ndarray
+    latents: np.ndarray | None = None
+    docs: list | None = None
+
+    def take(self, queries) -> SearchResult:
+        """The results of the given query positions (int[n]), in that order."""
+        q = [int(i) for i in queries]
+        return SearchResult([self.ids[i] for i in q], self.rows[q], self.scores[q],
+                            self.shards[q], None if self.latents is None else self.latents[q],
+                            None if self.docs is None else [self.docs[i] for i in q])
+
+
+def check_fetch(fetch) -> tuple[str, ...]:
+    fetch = tuple(fetch)
+    bad = [f for f in fetch if f not in FETCH]
+    if bad:
+        raise ValueError(f"fetch={fetch}: {bad[0]!r} is not one of {FETCH}")
+    return fetch
+
+
+def read_results(shards: dict, shard: np.ndarray, rows: np.ndarray, fetch, m: int,
+                 latent_width: int):
+    """What `fetch` asks for of results held by `shards` ({shard number: LatentIndex}).
+    shard, rows: int64[n] (every entry a result of one of `shards`). Returns (latents
+    float32[n, M, L] or None, records [n] or None)."""
+    fetch = check_fetch(fetch)
+    latents = docs = None
+    if "latents" in fetch:
+        latents = np.zeros((len(rows), m, latent_width), np.float32)
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            latents[sel] = shards[int(s)].store.read_rows(rows[sel])
+    if "docs" in fetch:
+        docs = [shards[int(s)].store.doc(int(r)) for s, r in zip(shard, rows)]
+    return latents, docs
+
+
+def _with_fetched(res: SearchResult, shards: dict, fetch, m: int, latent_width: int
+                  ) -> SearchResult:
+    """`res` with what `fetch` asks for read from the stores of `shards`."""
+    if not check_fetch(fetch):
+        return res
+    q, k = res.rows.shape
+    found = np.nonzero(res.rows.reshape(-1) >= 0)[0]
+    lat, docs = read_results(shards, res.shards.reshape(-1)[found], res.rows.reshape(-1)[found],
+                             fetch, m, latent_width)
+    if lat is not None:
+        res.latents = np.zeros((q * k, m, latent_width), np.float32)
+        res.latents[found] = lat
+        res.latents = res.latents.reshape(q, k, m, latent_width)
+    if docs is not None:
+        flat = [None] * (q * k)
+        for i, d in zip(found, docs):
+            flat[i] = d
+        res.docs = [flat[i * k:(i + 1) * k] for i in range(q)]
+    return res
+
+
+def query_keys(latents, m: int, latent_width: int, key: str, where) -> np.ndarray:
+    """Query latents float[Q, M, L] (or [M, L]) -> keys float32[Q, K]; IndexMismatchError
+    (naming `where`) for latents of another shape."""
+    q = np.asarray(latents, np.float32)
+    q = q[None] if q.ndim == 2 else q
+    if q.shape[1:] != (m, latent_width):
+        raise IndexMismatchError(f"{where}: query latents have shape {q.shape[1:]}, the index "
+                                 f"holds [M={m}, L={latent_width}]")
+    return retrieval_keys(q, key)
 
 
 # ----------------------------------------------------------------------------- building
@@ -361,6 +436,10 @@ class LatentIndex:
         """The audit record {'id', 'title'?, 'text'?} (never needed to answer)."""
         return self.store.doc(self._row(doc_id))
 
+    def docs(self, ids) -> list[dict]:
+        """The audit records of documents by id."""
+        return [self.doc(i) for i in ids]
+
     def _row(self, doc_id: str) -> int:
         row = self.row_of.get(doc_id)
         if row is None or self.deleted[row]:
@@ -370,12 +449,7 @@ class LatentIndex:
     # -- search
     def keys(self, latents) -> np.ndarray:
         """Query latents float[Q, M, L] (or [M, L]) -> keys float32[Q, K]."""
-        q = np.asarray(latents, np.float32)
-        q = q[None] if q.ndim == 2 else q
-        if q.shape[1:] != (self.m, self.latent_width):
-            raise IndexMismatchError(f"{self.path}: query latents have shape {q.shape[1:]}, "
-                                     f"the index holds [M={self.m}, L={self.latent_width}]")
-        return retrieval_keys(q, self.key)
+        return query_keys(latents, self.m, self.latent_width, self.key, self.path)
 
     def exact_searcher(self) -> ExactSearcher:
         if self._exact is None:
@@ -386,6 +460,8 @@ class LatentIndex:
                     leaves_to_search: int | None = None, reorder: int | None = None):
         """keys float32[Q, K] -> (rows int64[Q, k], scores float32[Q, k]).
         backend: 'scann', 'exact', or 'auto' (ScaNN when built, else exact)."""
+        if len(keys) == 0:  # e.g. a process's empty batch in a multi-process search
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         if backend == "auto":
             backend = "scann" if self.scann is not None else "exact"
         if backend == "scann":
@@ -397,11 +473,14 @@ class LatentIndex:
             return self.exact_searcher().search(keys, k)
         raise ValueError(f"backend={backend!r}: must be 'auto', 'scann' or 'exact'")
 
-    def search(self, latents, k: int = 10, backend: str = "auto", **kw) -> SearchResult:
-        """Query latents float[Q, M, L] (or one query [M, L]) -> the top-k documents."""
+    def search(self, latents, k: int = 10, backend: str = "auto", fetch=(), **kw
+               ) -> SearchResult:
+        """Query latents float[Q, M, L] (or one query [M, L]) -> the top-k documents, with
+        their stored latents and / or audit records when `fetch` names them (FETCH)."""
         rows, scores = self.search_keys(self.keys(latents), k, backend, **kw)
         ids = [[self.ids[r] if r >= 0 else None for r in row] for row in rows]
-        return SearchResult(ids, rows, scores, np.zeros_like(rows))
+        res = SearchResult(ids, rows, scores, np.zeros_like(rows))
+        return _with_fetched(res, {0: self}, fetch, self.m, self.latent_width)
 
     # -- updates
     def _commit(self, meta: dict, old_files: list[Path]) -> None:
@@ -508,14 +587,17 @@ class ShardedIndex:
     def keys(self, latents) -> np.ndarray:
         return self.shards[0].keys(latents)
 
-    def search(self, latents, k: int = 10, backend: str = "auto", **kw) -> SearchResult:
-        """Every shard's top-k, merged into one top-k by score."""
+    def search(self, latents, k: int = 10, backend: str = "auto", fetch=(), **kw
+               ) -> SearchResult:
+        """Every shard's top-k, merged into one top-k by score (`merge_topk`); `fetch` as
+        for `LatentIndex.search`."""
         keys = self.keys(latents)
         parts = [s.search_keys(keys, k, backend, **kw) for s in self.shards]
         shard, rows, scores = merge_topk(parts, k)
         ids = [[self.shards[sh].ids[r] if r >= 0 else None for sh, r in zip(srow, rrow)]
                for srow, rrow in zip(shard, rows)]
-        return SearchResult(ids, rows, scores, shard)
+        return _with_fetched(SearchResult(ids, rows, scores, shard), dict(enumerate(self.shards)),
+                             fetch, self.m, self.latent_width)
 
     def live_ids(self) -> list[str]:
         return [i for s in self.shards for i in s.live_ids()]
@@ -534,17 +616,39 @@ class ShardedIndex:
             if mine:
                 s.delete(mine)
 
-    def doc(self, doc_id: str) -> dict:
+    def _holder(self, doc_id: str) -> LatentIndex:
         for s in self.shards:
             if doc_id in s.row_of:
-                return s.doc(doc_id)
+                return s
         raise KeyError(f"document id {doc_id!r} is in no shard")
+
+    def doc(self, doc_id: str) -> dict:
+        return self._holder(doc_id).doc(doc_id)
+
+    def docs(self, ids) -> list[dict]:
+        """The audit records of documents by id."""
+        return [self.doc(i) for i in ids]
+
+    def latents(self, ids) -> np.ndarray:
+        """Stored latents of documents by id -> float32[n, M, L] (dequantised)."""
+        out = np.zeros((len(ids), self.m, self.latent_width), np.float32)
+        for n, i in enumerate(ids):
+            out[n] = self._holder(i).latents([i])[0]
+        return out
 
 
 def open_index(path, identity: dict | None = None):
     """A LatentIndex (directory with meta.json) or a ShardedIndex (directory of
-    `shard-*-of-*` indexes, all of them present)."""
+    `shard-*-of-*` indexes, all of them present).
+
+    With more than one JAX process this is a collective (every process opens the index):
+    a sharded directory gives each process a `ProcessShardedIndex` of its own shards, a
+    plain one a whole LatentIndex on every process (`clara_jax.index.multihost`)."""
     path = Path(path)
+    if jax.process_count() > 1:
+        from clara_jax.index.multihost import open_on_processes
+
+        return open_on_processes(path, identity)
     if (path / META).exists() or (path / BUILD).exists():
         return LatentIndex.open(path, identity)
     shard_dirs = sorted(path.glob("shard-*-of-*"))

@@ -30,7 +30,7 @@ def retrieval_keys(latents, key: str = "flat") -> np.ndarray:
     if x.ndim != 3:
         raise ValueError(f"latents must be float[n, M, L], got shape {x.shape}")
     if key == "flat":
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], x.shape[1] * x.shape[2])  # also for no rows
     elif key == "mean":
         x = x.mean(axis=1)
     else:
@@ -112,13 +112,34 @@ class ExactSearcher:
 def merge_topk(parts, k: int):
     """Merges per-shard results into one top-k.
 
-    parts: list of (rows int64[Q, k_i], scores float32[Q, k_i]) — one per shard.
-    Returns (shard int64[Q, k], rows int64[Q, k], scores float32[Q, k]); ties go to the lower
-    shard, then the earlier rank, so the merge is deterministic."""
-    shard = np.concatenate([np.full(r.shape, i, np.int64) for i, (r, _) in enumerate(parts)], 1)
+    parts: list of (rows int64[Q, k_i], scores float32[Q, k_i]) — one per shard, shard i
+    being parts[i]. Returns (shard int64[Q, k], rows int64[Q, k], scores float32[Q, k]), in
+    `merge_ranked`'s order: ties go to the lower shard, then the earlier rank."""
+    shard = np.concatenate([np.full(np.shape(r), i, np.int64) for i, (r, _) in enumerate(parts)],
+                           1)
     rows = np.concatenate([r for r, _ in parts], axis=1)
-    scores = np.concatenate([s for _, s in parts], axis=1).astype(np.float32)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    scores = np.concatenate([s for _, s in parts], axis=1)
+    return merge_ranked(shard, rows, scores, k)
+
+
+def merge_ranked(shard, rows, scores, k: int):
+    """The top-k of candidate lists, by score, then lower shard, then position.
+
+    shard, rows: int64[Q, C]; scores: float32[Q, C] (-inf: no candidate). Each shard's
+    candidates must appear in the shard's own rank order (they may be interleaved with other
+    shards'). Returns (shard int64[Q, k], rows int64[Q, k], scores float32[Q, k]); -1 / -1 /
+    -inf where fewer than k candidates exist.
+
+    The order is total, so merging in two levels (each host merges its shards, then the
+    hosts' lists are merged; `clara_jax.index.multihost`) gives what one merge of every
+    shard gives: a candidate of the overall top-k is in its host's top-k under the same
+    order."""
+    shard = np.asarray(shard, np.int64)
+    rows = np.asarray(rows, np.int64)
+    scores = np.asarray(scores, np.float32)
+    # lexsort is stable and sorts by its last key first: score descending, then shard; equal
+    # (score, shard) keep their given order, which is the shard's rank order.
+    order = np.lexsort((shard, -scores), axis=1)[:, :k]
     take = lambda a: np.take_along_axis(a, order, axis=1)
     s, r, sh = take(scores), take(rows), take(shard)
     missing = ~np.isfinite(s)

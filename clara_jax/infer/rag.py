@@ -83,6 +83,9 @@ class Answer:
 
 
 STAGES = ("query_encoding", "search", "generation")
+# What a search fetches with its results for each mode (the generator reads nothing else of
+# the index, so a multi-process index sends it with the results: clara_jax.index.multihost).
+FETCH = {"latent": ("latents",), "text": ("docs",), "closed_book": ()}
 
 
 @dataclasses.dataclass
@@ -90,13 +93,14 @@ class Batch:
     """One batch through `RagPipeline.run`. res: the SearchResult (None in closed-book mode);
     ids: per question the retrieved ids, best first (up to depth; the first k were read);
     scores: float32[Q, depth] cosine scores on the host ([Q, 0] closed-book); gen: the numpy
-    Generation; texts: the decoded answers; ms: wall milliseconds per stage (STAGES: query
-    encoding, search, generation = prompts + latents or text + the generator + decoding)."""
+    Generation (None for no questions); texts: the decoded answers; ms: wall milliseconds per
+    stage (STAGES: query encoding, search (with the results' latents or text), generation =
+    prompts + the generator + decoding)."""
 
     res: SearchResult | None
     ids: list[list[str]]
     scores: np.ndarray
-    gen: Generation
+    gen: Generation | None
     texts: list[str]
     ms: dict[str, float]
 
@@ -113,8 +117,10 @@ class RagPipeline:
 
     config: the finalized experiment config (data.doc_max_len and data.question_max_len frame
     questions and text documents as in training); cfg, params: the model; tok: its tokenizer;
-    index: a `LatentIndex` or `ShardedIndex` (None allows closed-book only), opened with the
-    model's identity so a mismatched compressor is refused; mesh: the mesh the params were
+    index: a `LatentIndex`, `ShardedIndex` or `ProcessShardedIndex` (None allows closed-book
+    only), opened with the model's identity so a mismatched compressor is refused; with a
+    ProcessShardedIndex every search is a collective, so every process calls `run` / `answer`
+    alike (the evaluation job runs in lockstep); mesh: the mesh the params were
     placed on (`clara_jax.infer.serving` loads them onto config.mesh); the query encoder and
     the generator then split every batch over its (data, fsdp) axes. None: one data axis over
     this host's devices for the encoder, the batch wherever the params are for the generator.
@@ -153,6 +159,8 @@ class RagPipeline:
     def query_latents(self, questions: Sequence[str]) -> np.ndarray:
         """Questions -> query-reasoner latents float32[Q, M, L] (questions framed like
         documents, cut to data.question_max_len tokens, as in stage-3 training)."""
+        if not len(questions):
+            return np.zeros((0, self.cfg.num_memory_tokens, self.cfg.latent_width), np.float32)
         if self._encoder is None:
             from clara_jax.index.encode import LatentEncoder
 
@@ -163,46 +171,52 @@ class RagPipeline:
         return self._encoder(np.stack([t for t, _ in enc]), np.stack([m for _, m in enc]))
 
     def retrieve(self, questions: Sequence[str], k: int) -> SearchResult:
-        """The top-k documents per question (ids, store rows, cosine scores)."""
-        return self._search(self.query_latents(questions), k, k)
+        """The top-k documents per question (ids, store rows, cosine scores, stored latents)."""
+        return self._search(self.query_latents(questions), k, k, FETCH["latent"])
 
-    def _search(self, qlat: np.ndarray, depth: int, need: int) -> SearchResult:
-        """The top-`depth` documents of query latents float32[Q, M, L]; ValueError unless
-        every question has its first `need` of them (a short index would leave holes)."""
+    def _search(self, qlat: np.ndarray, depth: int, need: int, fetch=()) -> SearchResult:
+        """The top-`depth` documents of query latents float32[Q, M, L], with what `fetch`
+        names (index.FETCH); ValueError unless every question has its first `need` of them
+        (a short index would leave holes)."""
         if self.index is None:
             raise ValueError("retrieval needs an index (open one, or use mode='closed_book')")
-        res = self.index.search(qlat, depth, self.settings.backend)
+        res = self.index.search(qlat, depth, self.settings.backend, fetch=fetch)
         if any(d is None for ids in res.ids for d in ids[:need]):
             raise ValueError(f"the index holds {self.index.num_docs} documents, fewer than the "
                              f"{need} asked for per question (lower num_docs / refine_docs)")
         return res
 
     def doc_latents(self, res: SearchResult, k: int) -> np.ndarray:
-        """The stored latents of each row's first k results -> float32[Q, k, M, L]."""
-        rows, shards = res.rows[:, :k], res.shards[:, :k]
-        q = rows.shape[0]
-        flat_rows, flat_shards = rows.reshape(-1), shards.reshape(-1)
-        out = np.zeros((flat_rows.size, self.index.m, self.index.latent_width), np.float32)
-        stores = ([s.store for s in self.index.shards] if hasattr(self.index, "shards")
-                  else [self.index.store])
-        for s in np.unique(flat_shards):
-            sel = np.nonzero(flat_shards == s)[0]
-            out[sel] = stores[int(s)].read_rows(flat_rows[sel])
-        return out.reshape(q, k, self.index.m, self.index.latent_width)
+        """The stored latents of each row's first k results -> float32[Q, k, M, L] (fetched
+        with the search: `retrieve`, or `run` in latent mode)."""
+        if res.latents is None:
+            raise ValueError("the search result holds no latents (search with "
+                             "fetch=('latents',))")
+        return res.latents[:, :k]
 
-    def doc_text(self, doc_id: str) -> str:
-        rec = self.index.doc(doc_id)
-        if not rec.get("text"):
-            raise ValueError(f"document {doc_id!r} has no stored text in {self.index_path}; "
-                             "text mode needs an index built with its text kept")
-        return rec["text"]
+    def doc_texts(self, res: SearchResult, k: int) -> list[list[str]]:
+        """The stored text of each row's first k results (fetched with the search in text
+        mode); ValueError naming a document without text."""
+        if res.docs is None:
+            raise ValueError("the search result holds no documents (search with "
+                             "fetch=('docs',))")
+        out = []
+        for ids, recs in zip(res.ids, res.docs):
+            for d, rec in zip(ids[:k], recs[:k]):
+                if not (rec or {}).get("text"):
+                    raise ValueError(f"document {d!r} has no stored text in {self.index_path};"
+                                     " text mode needs an index built with its text kept")
+            out.append([rec["text"] for rec in recs[:k]])
+        return out
 
     @property
     def index_path(self) -> str:
         return str(getattr(self.index, "path", "the index"))
 
-    def prompts(self, questions: Sequence[str], doc_ids: Sequence[Sequence[str]], mode: str):
-        """Generator prompts: (token lists, slot-flag lists or None)."""
+    def prompts(self, questions: Sequence[str], doc_ids: Sequence[Sequence[str]], mode: str,
+                texts: Sequence[Sequence[str]] | None = None):
+        """Generator prompts: (token lists, slot-flag lists or None). texts: text mode's
+        documents per question (`doc_texts`)."""
         tok, qmax = self.tok, self.question_max_len
         if mode == "latent":
             k = len(doc_ids[0])
@@ -212,14 +226,16 @@ class RagPipeline:
         if mode == "text":
             # What the compressor would have read, as in training's text rows.
             room = prompts.text_doc_room(self.doc_max_len)
-            return [prompts.text_rag_prompt(tok, q, [self.doc_text(d) for d in ids], room,
-                                            qmax).tolist()
-                    for q, ids in zip(questions, doc_ids)], None
+            if texts is None:
+                raise ValueError("text mode needs the documents' texts (doc_texts)")
+            return [prompts.text_rag_prompt(tok, q, list(docs), room, qmax).tolist()
+                    for q, docs in zip(questions, texts)], None
         return [prompts.prompt_ids(tok, tok.encode(q)[:qmax], 0, self.cfg.num_memory_tokens)[0]
                 for q in questions], None
 
     def _generate(self, questions, doc_ids, mode, res, k, rng) -> Generation:
-        toks, slots = self.prompts(questions, doc_ids, mode)
+        texts = self.doc_texts(res, k) if mode == "text" else None
+        toks, slots = self.prompts(questions, doc_ids, mode, texts)
         latents = self.doc_latents(res, k) if mode == "latent" else None
         return self.generator()(toks, slots=slots, latents=latents,
                                 sampling=self.settings.sampling, rng=rng)
@@ -237,7 +253,8 @@ class RagPipeline:
         k: documents the generator reads; depth: documents retrieved (default k; evaluation
         retrieves more for Recall@5, refinement for its second pass); need: how many of them
         every question must get (default k). Closed-book mode retrieves nothing. rng: the
-        sampling key (default key(0)). Returns a `Batch`."""
+        sampling key (default key(0)). No questions: searches (a collective with a
+        ProcessShardedIndex) and generates nothing. Returns a `Batch`."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: must be one of {MODES}")
         rng = jax.random.key(0) if rng is None else rng
@@ -249,10 +266,12 @@ class RagPipeline:
             qlat = self.query_latents(questions)
             ms["query_encoding"] = 1e3 * (time.perf_counter() - t)
             t = time.perf_counter()
-            res = self._search(qlat, depth or k, need or k)
+            res = self._search(qlat, depth or k, need or k, FETCH[mode])
             ms["search"] = 1e3 * (time.perf_counter() - t)
             ids = [[d for d in row if d is not None] for row in res.ids]
             scores = np.asarray(res.scores, np.float32)  # host copy: no device ops per row
+        if not len(questions):
+            return Batch(res, [], scores, None, [], ms)
         t = time.perf_counter()
         gen = self._generate(questions, [row[:k] for row in ids], mode, res, k, rng)
         texts = self._texts(gen)
@@ -283,8 +302,7 @@ class RagPipeline:
         if refine:
             rows = np.nonzero(entropy > s.refine_threshold)[0]
             if len(rows):
-                sub = SearchResult([res.ids[r] for r in rows], res.rows[rows], res.scores[rows],
-                                   res.shards[rows])
+                sub = res.take(rows)
                 again = self._generate([questions[r] for r in rows], sub.ids, mode, sub,
                                        k_more, jax.random.fold_in(rng, 1))
                 again_texts = self._texts(again)
@@ -332,9 +350,6 @@ class RagPipeline:
                 "neighbors": neighbors[:num_neighbors]}
 
     def _locate(self, doc_id: str) -> np.ndarray:
-        """The stored latents of one document -> float32[M, L]."""
-        shards = self.index.shards if hasattr(self.index, "shards") else [self.index]
-        for s in shards:
-            if doc_id in s.row_of and not s.deleted[s.row_of[doc_id]]:
-                return s.latents([doc_id])[0]
-        raise KeyError(f"document id {doc_id!r} is not in the index {self.index_path}")
+        """The stored latents of one document -> float32[M, L] (KeyError naming the index
+        when it holds no such live document)."""
+        return self.index.latents([doc_id])[0]

@@ -19,7 +19,9 @@ Mesh. The params are placed by the logical-axis rules (clara_jax/model/sharding.
 `config.mesh` over this host's devices, so `mesh.fsdp` / `mesh.tensor` split the weights as in
 training, and the pipeline splits every batch over (data, fsdp). Local devices, not all: each
 JAX process of `clara eval` answers its own rows and each host builds its own index shard,
-with no collectives across hosts. A loader's `mesh` argument replaces that: a `Mesh`, or a
+so the model runs with no collectives across hosts; only the search of a sharded index
+exchanges queries and results between the processes, each of which holds its own shards
+(`clara_jax.index.multihost`). A loader's `mesh` argument replaces that: a `Mesh`, or a
 dict {axis: size} overriding config.mesh's axes (`--mesh=fsdp=2` on the command line).
 """
 
