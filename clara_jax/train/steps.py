@@ -183,19 +183,24 @@ def _tokens_in(batch) -> jax.Array:
 
 
 def make_train_step(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int,
-                    params_like):
+                    params_like, loss_fn=None, groups: frozenset[str] | None = None):
     """The stage's step: (state, batch, rng) -> (state, metrics).
 
     Metrics (float32[] each): loss and its terms, grad_norm (of the trainable leaves, before
     clipping), lr, tokens, target_tokens, nonfinite (1 when the loss or gradient was not
     finite: then the update is skipped and params/opt_state are returned unchanged, whatever
     train.nan_policy says; the loop decides whether to stop).
+
+    `loss_fn(cfg) -> loss(params, batch, rng) -> (loss, metrics)` and `groups` (the trainable
+    parameter groups) replace the stage's, for a step with another objective (the
+    language-model warm-up); `batch["mask"]` must mark its input tokens.
     """
-    if "base" in trainable_groups(config, stage):
+    groups = trainable_groups(config, stage) if groups is None else frozenset(groups)
+    if "base" in groups:
         cfg = dataclasses.replace(cfg, kernels_train=True)
-    loss_fn = make_loss_fn(config, cfg, stage)
-    labels = trainable_labels(config, params_like, stage)
-    tx = make_optimizer(config, params_like, stage)
+    loss_fn = make_loss_fn(config, cfg, stage) if loss_fn is None else loss_fn(cfg)
+    labels = trainable_labels(config, params_like, stage, groups)
+    tx = make_optimizer(config, params_like, stage, groups)
     schedule = make_schedule(config)
     accum = int(config.train.grad_accum)
 

@@ -12,32 +12,37 @@ another's; 0.000 without the warm-up) and latents of different documents are no 
 collinear (cosine 0.71).
 
 Only the base decoder trains (embeddings, blocks, norms, unembedding); the adapters, memory
-embeddings and latent projections keep their initial values. The result is a stage-1 train
-state at step 0, saved like any checkpoint, so `clara train --init_from=DIR` starts from it.
+embeddings and latent projections keep their initial values. It runs through the training
+loop (`clara_jax.train.loop.run`) with the stages' step (`make_train_step` with the
+next-token loss `lm_loss` and the base alone trainable) and optimizer (`make_optimizer`, set
+up by `warmup_config`). The result is a stage-1 train state at step 0, saved like any
+checkpoint, so `clara train --init_from=DIR` starts from it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from tqdm import tqdm
 
+from clara_jax import losses
 from clara_jax.config import check_base_trainable
 from clara_jax.data import prompts
 from clara_jax.data.tokenizer import Tokenizer
 from clara_jax.fileio import atomic_write_json
-from clara_jax.model import ModelConfig, forward_logits, init_params, param_group
+from clara_jax.model import ModelConfig, forward_logits, init_params
 from clara_jax.train import checkpoint as ckpt
+from clara_jax.train.loop import Hook, Loop, Reporter, run
 from clara_jax.train.state import create_state
+from clara_jax.train.steps import make_train_step
 
 BUCKET = 32  # batches are cut to their longest row, rounded up to this (few compilations)
+BASE = frozenset({"base"})  # what the warm-up trains: the base decoder alone
 
 
 def warmup_rows(data_dir, tok: Tokenizer, doc_max_len: int, question_max_len: int
@@ -77,51 +82,107 @@ def pack_rows(rows: list[list[int]], pad_id: int, width: int | None = None
     return tokens, np.asarray([min(len(r), width) for r in rows], np.int32)
 
 
-def batch_of(tokens: np.ndarray, lengths: np.ndarray, idx: np.ndarray
-             ) -> tuple[jax.Array, jax.Array]:
+def batch_of(tokens: np.ndarray, lengths: np.ndarray, idx: np.ndarray) -> dict:
     """Rows `idx` of `pack_rows` output, cut to their longest row rounded up to BUCKET:
-    (tokens int32[B, W], lengths int32[B])."""
+    {"tokens": int32[B, W], "mask": bool[B, W]} (mask: the row's real tokens)."""
     width = min(tokens.shape[1], -(-int(lengths[idx].max()) // BUCKET) * BUCKET)
-    return jnp.asarray(tokens[idx, :width]), jnp.asarray(lengths[idx])
+    return {"tokens": tokens[idx, :width],
+            "mask": np.arange(width)[None] < lengths[idx][:, None]}
 
 
-def warmup_optimizer(decoder, steps: int, learning_rate: float) -> optax.GradientTransformation:
-    """AdamW (0.9, 0.95, weight decay 0.01) after a global-norm clip of 1.0, warmup-cosine to
-    0.1x with 10% warm-up, on the base weights of `decoder`; its adapters stay as they are."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, steps // 10), max(steps, 2), learning_rate * 0.1)
-    return optax.multi_transform(
-        {"base": optax.chain(optax.clip_by_global_norm(1.0),
-                             optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.01)),
-         "frozen": optax.set_to_zero()}, _labels(decoder))
+class LMBatches:
+    """Endless batches of `batch_size` token rows (`batch_of`): `epoch_rows()` gives an epoch's
+    rows (the same ones each time, or a fresh world's), shuffled by a seeded generator
+    (`seed`, then `seed + batches drawn` for each later epoch); `epochs` counts them."""
+
+    def __init__(self, epoch_rows: Callable[[], list[list[int]]], pad_id: int,
+                 batch_size: int, seed: int):
+        self.epoch_rows, self.pad_id, self.batch_size, self.seed = (
+            epoch_rows, pad_id, batch_size, seed)
+        self.drawn, self.epochs = 0, 0
+        self._new_epoch(np.random.default_rng(seed))
+
+    def _new_epoch(self, rng) -> None:
+        self.tokens, self.lengths = pack_rows(self.epoch_rows(), self.pad_id)
+        self.order, self.start = rng.permutation(len(self.tokens)), 0
+        self.epochs += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.start + self.batch_size > len(self.order):
+            self._new_epoch(np.random.default_rng(self.seed + self.drawn))
+        idx = self.order[self.start:self.start + self.batch_size]
+        self.start += self.batch_size
+        self.drawn += 1
+        return batch_of(self.tokens, self.lengths, idx)
 
 
-def make_warmup_step(cfg: ModelConfig, tx: optax.GradientTransformation):
-    """step(decoder, opt_state, rest, tokens int32[B, T], lengths int32[B]) -> (decoder,
-    opt_state, loss float32[]): next-token CE over each row's real tokens."""
-
-    def loss_fn(decoder, rest, tokens, lengths):
-        logits = forward_logits(cfg, {**rest, "decoder": decoder}, tokens)[:, :-1]
-        targets = tokens[:, 1:]
-        weight = (jnp.arange(targets.shape[1])[None] < (lengths[:, None] - 1)).astype(
-            jnp.float32)
-        logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum((logz - picked) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-
-    @jax.jit
-    def step(decoder, opt_state, rest, tokens, lengths):
-        loss, grads = jax.value_and_grad(loss_fn)(decoder, rest, tokens, lengths)
-        updates, opt_state = tx.update(grads, opt_state, decoder)
-        return optax.apply_updates(decoder, updates), opt_state, loss
-
-    return step
+def warmup_config(config: ml_collections.ConfigDict, steps: int, learning_rate: float
+                  ) -> ml_collections.ConfigDict:
+    """`config` with the warm-up's optimizer settings for `make_optimizer`: AdamW (0.9, 0.95,
+    weight decay 0.01) after a global-norm clip of 1.0, warmup-cosine to 0.1x of
+    `learning_rate` with 10% warm-up, over `steps`."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    t = c.train
+    t.steps, t.learning_rate = int(steps), float(learning_rate)
+    t.schedule, t.grad_accum = "cosine", 1
+    t.warmup_frac, t.min_lr_ratio, t.grad_clip = 0.1, 0.1, 1.0
+    t.adam_b1, t.adam_b2, t.weight_decay = 0.9, 0.95, 0.01
+    return c
 
 
-def _labels(decoder):
-    """'base' for the base weights of `decoder`, 'frozen' for its adapters."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "base" if param_group(path) == "base" else "frozen", decoder)
+def lm_loss(cfg: ModelConfig):
+    """loss(params, batch, rng) -> (loss, metrics): next-token CE (`losses.token_cross_entropy`)
+    of the plain decoder over each row's real tokens; batch tokens int32[B, T], mask bool[B, T].
+    No dropout (the adapters are not on the path)."""
+
+    def loss(params, batch, rng):
+        del rng
+        logits = forward_logits(cfg, params, batch["tokens"])[:, :-1]
+        ce, n = losses.token_cross_entropy(logits, batch["tokens"][:, 1:], batch["mask"][:, 1:])
+        return ce, {"loss": ce, "target_tokens": n}
+
+    return loss
+
+
+def make_lm_step(config: ml_collections.ConfigDict, cfg: ModelConfig, params_like):
+    """The warm-up's step for `run`: (state, batch, rng key data) -> (state, metrics), jitted
+    (one compilation per BUCKET width), the state donated; the base alone trains."""
+    step = make_train_step(config, cfg, 1, params_like, loss_fn=lm_loss, groups=BASE)
+    return jax.jit(lambda state, batch, rng: step(state, batch, jax.random.wrap_key_data(rng)),
+                   donate_argnums=(0,))
+
+
+def lm_state(config: ml_collections.ConfigDict, params):
+    """A step-0 train state over `params` whose optimizer trains the base alone."""
+    return create_state(config, params, 1, groups=BASE)
+
+
+class Losses(Hook):
+    """Collects every step's loss (device scalars, fetched once by `values()`)."""
+
+    def __init__(self):
+        self._losses = []
+
+    def after(self, step, state, metrics, stop, fetched) -> None:
+        self._losses.append(metrics["loss"])
+
+    def values(self) -> list[float]:
+        return [float(x) for x in jax.device_get(self._losses)]
+
+
+def lm_loop(config: ml_collections.ConfigDict, cfg: ModelConfig, params_like,
+            batches, name: str, progress: bool, hooks=()) -> Loop:
+    """The warm-up's `Loop` over `batches` for config.train.steps steps (`warmup_config`)."""
+    t = config.train
+    steps = int(t.steps)
+    return Loop(step_fn=make_lm_step(config, cfg, params_like), batches=batches,
+                stop=lambda step: "done" if step >= steps else None,
+                report=Reporter(None, name, steps, int(t.log_every), progress=progress),
+                fetch=lambda step: step % int(t.log_every) == 0,
+                nan_policy=str(t.nan_policy), hooks=hooks)
 
 
 def save_start_state(config: ml_collections.ConfigDict, params, out, meta: dict) -> None:
@@ -140,40 +201,28 @@ def save_start_state(config: ml_collections.ConfigDict, params, out, meta: dict)
 def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, steps: int,
               learning_rate: float, progress: bool = True) -> dict:
     """Trains the base decoder of a fresh `init_params` for `steps` next-token steps on
-    `warmup_rows` (batch config.train.batch_size, warmup-cosine to 0.1x, clip 1.0) and saves
-    it at `out` as a stage-1 state at step 0. Returns {"steps", "first_loss", "last_loss",
+    `warmup_rows` (batch config.train.batch_size; optimizer: `warmup_config`) and saves it at
+    `out` as a stage-1 state at step 0. Returns {"steps", "first_loss", "last_loss",
     "wall_s"}; an existing finished warm-up at `out` is reused."""
     out = Path(out)
     done = out / "warmup.json"
     if done.exists():
         return json.loads(done.read_text())
     check_base_trainable(config)  # before the steps, not when the state is saved after them
-    cfg = ModelConfig.from_config(config)
-    d = config.data
-    tokens, lengths = pack_rows(warmup_rows(data_dir, tok, int(d.doc_max_len),
-                                            int(d.question_max_len)), tok.pad_id)
-    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(int(config.train.seed)))
-    decoder, rest = params["decoder"], {k: v for k, v in params.items() if k != "decoder"}
-    tx = warmup_optimizer(decoder, steps, learning_rate)
-    opt_state = tx.init(decoder)
-    step = make_warmup_step(cfg, tx)
-    batch = int(config.train.batch_size)
-    order = np.random.default_rng(int(config.train.seed)).permutation(len(tokens))
-    losses, start, t0 = [], 0, time.perf_counter()
-    bar = tqdm(range(steps), desc="lm warm-up", disable=not progress, unit="step")
-    for i in bar:
-        if start + batch > len(order):
-            order, start = np.random.default_rng(int(config.train.seed) + i).permutation(
-                len(tokens)), 0
-        idx = order[start:start + batch]
-        start += batch
-        decoder, opt_state, loss = step(decoder, opt_state, rest,
-                                        *batch_of(tokens, lengths, idx))
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    save_start_state(config, {**rest, "decoder": decoder}, out, {"warmup_steps": steps})
-    summary = {"steps": steps, "first_loss": losses[0] if losses else None,
-               "last_loss": float(np.mean(losses[-10:])) if losses else None,
+    c = warmup_config(config, steps, learning_rate)
+    cfg = ModelConfig.from_config(c)
+    d, seed = c.data, int(c.train.seed)
+    rows = warmup_rows(data_dir, tok, int(d.doc_max_len), int(d.question_max_len))
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed))
+    t0, collected = time.perf_counter(), Losses()
+    if steps > 0:
+        batches = LMBatches(lambda: rows, tok.pad_id, int(c.train.batch_size), seed)
+        loop = lm_loop(c, cfg, params, batches, "lm warm-up", progress, hooks=(collected,))
+        params = run(lm_state(c, params), 0, loop)[0].params
+    save_start_state(config, params, out, {"warmup_steps": steps})
+    got = collected.values()
+    summary = {"steps": steps, "first_loss": got[0] if got else None,
+               "last_loss": float(np.mean(got[-10:])) if got else None,
                "wall_s": round(time.perf_counter() - t0, 1)}
     atomic_write_json(done, summary)
     return summary
