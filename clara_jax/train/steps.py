@@ -35,7 +35,6 @@ from clara_jax.model import (
     encode_query,
     generate_logits,
     latent_span_logits,
-    latent_token_logits,
 )
 from clara_jax.model.sharding import DEFAULT_RULES, batch_sharding
 from clara_jax.train.optimizer import make_optimizer, make_schedule, trainable_groups
@@ -92,7 +91,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
     t = config.train
     mse_weight = float(t.mse_weight)
     lambda_retrieval = float(t.lambda_retrieval)
-    bow_weight = float(t.bow_weight)
     span_weight = float(t.span_weight)
     k = config.data.num_docs
 
@@ -111,11 +109,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
         mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
         loss = ce + mse_weight * mse
         metrics = {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
-        if bow_weight > 0:
-            bow = losses.bag_of_words_loss(latent_token_logits(cfg, params, flat), doc_tokens,
-                                           doc_mask)
-            loss = loss + bow_weight * bow
-            metrics.update(loss=loss, bow=bow)
         if span_weight > 0:
             span = losses.span_readout_loss(
                 latent_span_logits(cfg, params, flat, td // cfg.num_memory_tokens), doc_tokens,

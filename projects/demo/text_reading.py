@@ -6,7 +6,7 @@ warm-up, on the train world or on a stream of fresh worlds.
         [--size medium] [--questions 256]
 
 Trains the base decoder of a fresh `init_params` like the demo's warm-up
-(`clara_jax.train.warmup`: next-token CE over whole rows, `warmup_config`'s optimizer, the
+(`projects.demo.warmup`: next-token CE over whole rows, `warmup_config`'s optimizer, the
 training loop `clara_jax.train.loop.run`) on one of two streams:
   fixed: `warmup_rows` of `--data` (its train world's documents and stage-1 questions answered
          from their document's text), reshuffled each epoch: facts repeat, so they can be
@@ -48,7 +48,7 @@ from clara_jax.data import prompts, world  # noqa: E402
 from clara_jax.data.pipeline import load_data_tokenizer  # noqa: E402
 from clara_jax.model import ModelConfig, forward_logits, init_params  # noqa: E402
 from clara_jax.train.loop import Hook, run  # noqa: E402
-from clara_jax.train.warmup import (  # noqa: E402
+from projects.demo.warmup import (  # noqa: E402
     BUCKET,
     LMBatches,
     Losses,

@@ -23,12 +23,13 @@ Every evaluation scores fixed examples of an evaluation world (EVAL_SEED, never 
 answer CE and teacher-forced exact answers with the right document's latents against those of
 another example's, for stage 1 (one document) and stage 2 (K documents).
 
-    clara pretrain --config=configs/demo.py --tokenizer=DIR --out=DIR --seconds=420 \
+    python -m projects.demo.run_pretrain --config=configs/demo.py --tokenizer=DIR --out=DIR \
+        --seconds=420 \
         [--batch_size=128] [--workers=12] [--init_params=FILE --first_seed=2000]
 
 It runs in one process, on the config's mesh over that process's devices.
 
-Measured (clara_jax/assets/demo_base/pretrain.json): the demo model at batch 128 on one H200
+Measured (projects/demo/start/pretrain.json): the demo model at batch 128 on one H200
 ran about 25 steps/s after an 85 s compilation, with 13 workers keeping up (a medium world,
 11,440 stage-1 and 4,096 stage-2 examples, takes a worker about 4.4 s). On a 2-core CPU a
 step pair at batch 16 takes about 2.3 s.
@@ -161,7 +162,7 @@ def find_pretrained(path) -> Path:
     for need in (PARAMS_FILE, TOKENIZER_DIR):
         if not (path / need).exists():
             raise FileNotFoundError(f"{path}: not a pretrained model directory (no {need}; "
-                                    f"python -m clara_jax.train.pretrain writes one)")
+                                    f"python -m projects.demo.pretrain writes one)")
     return path
 
 
@@ -170,7 +171,7 @@ def write_start_state(config, pretrained, out) -> dict:
     `clara train --init_from=OUT` starts from), once; returns {"pretrained", "params"}."""
     # Lazy, like the imports in pretrain(): every spawned world worker imports this module,
     # and none of them needs orbax (train.checkpoint, through warmup).
-    from clara_jax.train.warmup import save_start_state
+    from projects.demo.warmup import save_start_state
 
     out = Path(out)
     done = out / "pretrained.json"
@@ -368,10 +369,11 @@ def _pretrain_hooks(stream: WorldStream, seconds: float, max_steps: int | None,
     return stop, clock, Evals()
 
 
-def _compiled_steps(c, cfg, stages, init_params):
+def _compiled_steps(c, cfg, stages, init_params, bow_weight: float = 0.0):
     """The pretraining state on the config's mesh (fresh, or from an `init_params` file, with
     a new optimizer state) and each stage's step compiled once with the state donated:
-    (mesh, state, {stage: (compiled, batch shardings)})."""
+    (mesh, state, {stage: (compiled, batch shardings)}); `bow_weight` > 0 adds the
+    bag-of-words loss (projects/demo/bag_of_words.py)."""
     from clara_jax.train.loop import make_mesh_from_config
     from clara_jax.train.state import abstract_state, create_state, state_shardings
     from clara_jax.train.steps import batch_fields, compile_train_step, make_train_step
@@ -384,8 +386,13 @@ def _compiled_steps(c, cfg, stages, init_params):
     else:
         params = load_params(init_params, cfg)
     state = jax.jit(lambda p: create_state(c, p, 1), out_shardings=shardings)(params)
-    steps = {s: compile_train_step(make_train_step(c, cfg, s, abstract.params), mesh,
-                                   shardings, abstract, batch_fields(c, s))
+    from projects.demo.bag_of_words import with_bag_of_words
+
+    def step_of(s):
+        loss_fn = with_bag_of_words(c, s, bow_weight) if bow_weight > 0 else None
+        return make_train_step(c, cfg, s, abstract.params, loss_fn=loss_fn)
+
+    steps = {s: compile_train_step(step_of(s), mesh, shardings, abstract, batch_fields(c, s))
              for s in stages}
     return mesh, state, steps
 
@@ -395,14 +402,15 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
              eval_every_s: float = 60.0, warmup_steps: int = 200, size: str = "medium",
              first_seed: int = FIRST_SEED, init_params=None, max_steps: int | None = None,
              stages: tuple[int, ...] = (1, 2), focus: bool = False, qa_only: bool = False,
-             log=print) -> dict:
+             bow_weight: float = 0.0, log=print) -> dict:
     """Trains for `seconds` (plus compile and evaluation time) and writes OUT (module
     docstring); `init_params`: a `save_params` file to continue from (with a new optimizer
     state; give it a `first_seed` past the worlds it saw); `max_steps`: stop there too, if
     sooner; `stages`: the stages whose steps take turns; `focus`, `qa_only`: see
     `world_batches` (the curriculum that opened the channel for hobbies,
-    projects/demo/README.md). Runs through the training loop (`clara_jax.train.loop.run`).
-    Returns the summary written to OUT/pretrain.json."""
+    projects/demo/README.md); `bow_weight`: weight of the bag-of-words loss
+    (projects/demo/bag_of_words.py; 0: none). Runs through the training loop
+    (`clara_jax.train.loop.run`). Returns the summary written to OUT/pretrain.json."""
     # Here, not at the top: each spawned world worker imports this module to run
     # _init_worker, and the loop, train state and steps (orbax, optax) would only slow its
     # start.
@@ -424,7 +432,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
     stream = WorldStream(tokenizer_dir, fields, stages, batch_size, int(c.train.seed), workers,
                          first_seed, size, focus, qa_only)
     try:
-        mesh, state, steps = _compiled_steps(c, cfg, stages, init_params)
+        mesh, state, steps = _compiled_steps(c, cfg, stages, init_params, bow_weight)
         evals = eval_batches(tok, fields, min(batch_size, 64))
         stop, clock, evals_hook = _pretrain_hooks(stream, seconds, max_steps, eval_every_s,
                                       make_eval_fn(cfg), evals, out, log)
@@ -455,7 +463,7 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
                "eval_seed": EVAL_SEED, "batch_size": batch_size,
                "learning_rate": learning_rate, "lambda_retrieval": lambda_retrieval,
                "stages": list(stages), "focus": focus, "qa_only": qa_only,
-               "bow_weight": float(c.train.bow_weight),
+               "bow_weight": float(bow_weight),
                "train_s": round(clock.train_s, 1),
                "wall_s": round(time.perf_counter() - started, 1),
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
