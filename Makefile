@@ -19,7 +19,7 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/clara demo --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) -m projects.demo.run --config=configs/demo.py --workdir=$(WORKDIR)
 
 # Two workers: the suite is mostly single-threaded XLA compiles, so a 2-core machine runs two
 # test files at once; --dist loadfile keeps each file's module fixtures in one worker.

@@ -44,7 +44,7 @@ from clara_jax.train.steps import make_train_step  # noqa: E402
 
 ALPHABET = 200
 HELDOUT = 256
-SHIPPED = "clara_jax/assets/demo_base"
+SHIPPED = "projects/demo/start"
 TARGETS = (0.5, 0.9)
 # No questions in the copy task and every weight trains (as in the demo's stages 1-2); the
 # learning rate warms up over 100 steps and then stays flat, since the run has no fixed length
@@ -195,7 +195,7 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
 def start_params(config, start: str, seed: int):
     """(params, tokenizer) for `--start`: random init with the shipped start's tokenizer, or
     a pretrained directory's params (`shipped` = the demo's)."""
-    from clara_jax.train.pretrain import PARAMS_FILE, TOKENIZER_DIR, find_pretrained, load_params
+    from projects.demo.pretrain import PARAMS_FILE, TOKENIZER_DIR, find_pretrained, load_params
 
     cfg = ModelConfig.from_config(config)
     src = find_pretrained(SHIPPED if start in ("random", "shipped") else start)

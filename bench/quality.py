@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO))
 from clara_jax.config import finalize  # noqa: E402
 from clara_jax.data.world import WORLD_SIZES  # noqa: E402
 from clara_jax.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from projects.demo.config import with_demo  # noqa: E402
 
 RECALL_KS = (1, 3, 5)
 
@@ -82,7 +83,7 @@ def load_config(path: str, overrides: list[str]):
     spec = importlib.util.spec_from_file_location("quality_config", full)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = with_demo(module.get_config(arg))  # the demo's section, for configs without one
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -130,7 +131,7 @@ def latent_usage():
 
 
 # The start of rates whose M differs from the pretrained model's: the demo's former
-# language-model warm-up (clara_jax.train.warmup).
+# language-model warm-up (projects.demo.warmup).
 FALLBACK_WARMUP_STEPS = 150
 
 
@@ -180,9 +181,9 @@ def pipeline_for(model, data_dir: Path, index_dir: Path, reuse, batch_size: int)
     """A RagPipeline over a loaded model (LoadedModel). Its index is `reuse` when that was built
     by the same compressor (identity), else the index at `index_dir` (built when missing).
     Returns (pipeline, whether `reuse` was reused)."""
-    from clara_jax.commands.demo import _build_index
     from clara_jax.index import model_identity, open_index
     from clara_jax.infer.rag import RagPipeline, RagSettings
+    from projects.demo.run import _build_index
 
     ident = model_identity(model.cfg, model.params)
     shared = reuse is not None and _same_identity(reuse, ident)
@@ -303,16 +304,16 @@ def main(argv=None) -> dict:
 
     from absl import logging as absl_logging
 
-    from clara_jax.commands.demo import (
+    from clara_jax.data.prepare import prepare_world
+    from clara_jax.eval.job import evaluate, load_items
+    from clara_jax.infer.serving import load_checkpoint_model
+    from clara_jax.train.state import init_query_adapter
+    from projects.demo.run import (
         _pretrained_tokenizer,
         _stage_config,
         _train_stage,
         _train_stages,
     )
-    from clara_jax.data.prepare import prepare_world
-    from clara_jax.eval.job import evaluate, load_items
-    from clara_jax.infer.serving import load_checkpoint_model
-    from clara_jax.train.state import init_query_adapter
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     start = time.perf_counter()

@@ -11,9 +11,9 @@ warm-up steps. In the same process, interleaved with the steps, it times a dense
 per second as a fraction of it (medians of both). A config computing in bfloat16 is also rated
 against a bfloat16 matmul (`flops_utilization_compute_dtype`).
 
-The stage is trained as `clara demo` trains it: stages 1-2 also train the base decoder when
-the config's `demo.train_base` is set (the from-scratch configs), unless `--set
-train.train_base=...` says otherwise.
+The stage is trained as the demo (projects/demo) trains it: stages 1-2 also train the base
+decoder when the config has a demo section with `demo.train_base` set (configs/demo.py),
+unless `--set train.train_base=...` says otherwise.
 
 model_flops_per_step counts the matmuls the method needs, analytically:
   forward: 2 x tokens x (dense weights used, LoRA factors included) + 4 x B x S^2 x N x H per
@@ -165,7 +165,7 @@ def main() -> None:
     stage = config.train.stage if args.stage is None else args.stage
     config.train.stage = stage
     if not any(item.startswith("train.train_base=") for item in args.set):
-        config.train.train_base = stage < 3 and bool(config.demo.train_base)
+        config.train.train_base = stage < 3 and "demo" in config and bool(config.demo.train_base)
     cfg = ModelConfig.from_config(config)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 

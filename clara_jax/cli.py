@@ -31,13 +31,11 @@ COMMANDS = {
     "data": "Bundled knowledge world, TFDS dataset builds and JSONL validation.",
     "convert": "Hugging Face checkpoints in (from-hf SRC DST) and out (to-hf SRC DST); "
                "reference CLaRa models in (from-clara) and out (to-clara).",
-    "demo": "Compress documents and run the generator end to end on a config.",
     "eval": "Batch evaluation (EM, F1, cover-EM, Recall@k, ms per stage) of a QA file or world.",
     "export": "A self-contained serving bundle (params, tokenizer, config, index) for ask.",
     "index": "Latent indexes: build from a checkpoint and a corpus, info, search, add, delete.",
     "inspect": "Decode a document's stored latents back to text; list its nearest documents.",
     "info": "Parameter counts, shapes and memory of a config, without allocating it.",
-    "pretrain": "Pretrain the whole model on freshly generated worlds (the demo's start).",
     "train": "Train a CLaRa stage (train.stage) with checkpoints that resume exactly.",
 }
 

@@ -102,10 +102,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.paraphrase_max_len = 256
     c.data.num_docs = 5  # K
     c.data.num_candidates = 20  # C
-    # Training split, stages 1-3: the probability that an example's answer is swapped, in its
-    # documents and its target alike, for another answer to the same kind of question
-    # (clara_jax.data.pipeline.AnswerSwap), so that it cannot be answered from memory.
-    c.data.swap_answers = 0.0
     # Training split, stages 2-3: the share of examples whose prompt carries the documents'
     # text in place of their latent slots, framed as the text-RAG baseline's prompt at
     # inference (prompts.text_generator_example), so that the eval's `text` mode reads a
@@ -132,9 +128,6 @@ def base_config() -> ml_collections.ConfigDict:
     # every document's latents one vector from a random start, and from a stop-gradient
     # document target too (bench/channel.py, projects/channel/README.md).
     c.train.mse_weight = 0.0
-    # Stages 1-2: weight of the bag-of-words loss (losses.bag_of_words_loss): the memory
-    # tokens must name the document's tokens.
-    c.train.bow_weight = 0.0
     # Stages 1-2: weight of the span read-out loss (losses.span_readout_loss): latent j must
     # name the j-th data.compression_rate tokens of its document, in order. For decoders
     # trained from scratch, where the channel otherwise opens slowly (bench/channel.py).
@@ -156,24 +149,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Steps to record with the JAX profiler (process 0), starting after the run's first step
     # (which carries one-time costs); the trace lands in WORKDIR/tb/plugins/profile. 0: off.
     c.train.profile_steps = 0
-
-    # What `clara demo` runs: steps and peak learning rate per stage, the world, the evaluation.
-    c.demo = ml_collections.ConfigDict()
-    c.demo.stage_steps = (100, 50, 25)
-    c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
-    c.demo.train_base = True  # no pretrained decoder for small configs: stages 1-2 train it
-    # Next-token steps on the train world's text before stage 1 (clara_jax.train.warmup), for
-    # from-scratch decoders; 0 skips the warm-up.
-    c.demo.warmup_steps = 0
-    c.demo.warmup_lr = 1e-3
-    # A model pretrained on generated worlds (clara_jax.train.pretrain: OUT/params.safetensors
-    # and OUT/tokenizer) to start stage 1 from, instead of from scratch; "" for none. Relative
-    # paths are read from the current directory, else from the repository.
-    c.demo.pretrained = ""
-    c.demo.world_seed = 0
-    c.demo.world_size = "small"
-    c.demo.eval_questions = 200
-    c.demo.eval_batch_size = 32
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices left over by the other axes
@@ -260,7 +235,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("question_max_len", "answer_max_len", "paraphrase_max_len"):
         if d[field] < 2:
             _fail(f"data.{field}", d[field], "must be >= 2")
-    for field in ("swap_answers", "text_share"):
+    for field in ("text_share",):
         if not 0.0 <= d[field] <= 1.0:
             _fail(f"data.{field}", d[field], "must be in [0, 1]")
     if not 1 <= d.num_docs <= d.num_candidates:
@@ -285,7 +260,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not 0.0 <= t[field] < 1.0:
             _fail(f"train.{field}", t[field], "must be in [0, 1)")
     for field in ("weight_decay", "grad_clip", "mse_weight", "lambda_align", "lambda_infonce",
-                  "lambda_retrieval", "bow_weight", "span_weight"):
+                  "lambda_retrieval", "span_weight"):
         if t[field] < 0:
             _fail(f"train.{field}", t[field], "must be >= 0")
     for field in ("tau", "align_tau"):
@@ -310,17 +285,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if t.nan_policy not in ("stop", "skip"):
         _fail("train.nan_policy", t.nan_policy, "must be 'stop' or 'skip'")
 
-    dm = c.demo
-    for field in ("stage_steps", "stage_lr"):
-        if len(dm[field]) != 3 or min(dm[field]) <= 0:
-            _fail(f"demo.{field}", tuple(dm[field]), "must be 3 positive values, one per stage")
-    if dm.pretrained and dm.warmup_steps > 0:
-        _fail("demo.warmup_steps", dm.warmup_steps,
-              f"must be 0 when starting from demo.pretrained={dm.pretrained!r}")
-    if dm.world_size not in WORLD_SIZES:
-        _fail("demo.world_size", dm.world_size,
-              f"must be one of {WORLD_SIZES} (TRAIN/HELDOUT sizes such as 'medium/small')")
-
     fills = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
     for a in ("data", "fsdp", "tensor"):
         if c.mesh[a] == 0 or c.mesh[a] < -1:
@@ -338,9 +302,9 @@ def check_base_trainable(c: ml_collections.ConfigDict) -> None:
     themselves (the demo's stages 1-2, world pretraining, the LM warm-up)."""
     if c.model.base_dtype != "float32":
         _fail("model.base_dtype", c.model.base_dtype,
-              "must be 'float32' when the base decoder trains (train.train_base, "
-              "demo.train_base, clara pretrain, demo.warmup_steps): AdamW updates on "
-              "bfloat16 weights round away")
+              "must be 'float32' when the base decoder trains (train.train_base, or a "
+              "run that trains it itself such as the demo's): AdamW updates on bfloat16 "
+              "weights round away")
 
 
 def check_batch_fits_mesh(c: ml_collections.ConfigDict, batch_shards: int) -> None:

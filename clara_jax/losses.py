@@ -5,8 +5,6 @@ M memory tokens, L latent width).
 - `token_cross_entropy`: masked next-token CE of the generator's answer.
 - `mse_alignment`: stage-1 MSE between the mean document-token and mean memory-token hidden
   states.
-- `bag_of_words_loss`: stage-1/2 auxiliary: the memory tokens, together, name the document's
-  tokens.
 - `cosine_scores`: retrieval scores between flattened M x L latents.
 - `differentiable_topk`: hard top-k one-hot forward, sequential-softmax backward
   (straight-through).
@@ -50,29 +48,6 @@ def mse_alignment(doc_mean, mem_mean, valid=None):
     if valid is None:
         return jnp.mean(per_row)
     w = valid.astype(jnp.float32)
-    return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def bag_of_words_loss(token_logits, doc_tokens, doc_mask):
-    """Cross-entropy from the document's token distribution (each distinct token of the
-    document equally likely) to the softmax of the memory tokens' pooled vocabulary logits
-    (log-sum-exp over the M memory tokens, so each token needs to be named by one of them).
-
-    It gives the compressor a signal of its own that the latents must hold the document's
-    content, before the generator has learnt to read them (from scratch, the generator's
-    answer loss alone left small models' latents holding little but the subject's name).
-
-    token_logits: float[B, M, V]; doc_tokens: int32[B, Td]; doc_mask: bool[B, Td]
-    -> float32[] (mean over the rows with at least one valid token).
-    """
-    b, _, v = token_logits.shape
-    pooled = jax.nn.logsumexp(token_logits.astype(jnp.float32), axis=1)  # [B, V]
-    present = jnp.zeros((b, v), jnp.float32).at[jnp.arange(b)[:, None], doc_tokens].max(
-        doc_mask.astype(jnp.float32))
-    count = jnp.sum(present, axis=-1)
-    target = present / jnp.maximum(count, 1.0)[:, None]
-    per_row = -jnp.sum(target * jax.nn.log_softmax(pooled, axis=-1), axis=-1)
-    w = (count > 0).astype(jnp.float32)
     return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 

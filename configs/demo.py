@@ -1,11 +1,42 @@
 """Bundled-data demo: a small decoder trained from scratch on the generated knowledge world,
-sized so that `make demo` finishes in minutes on a 2-core CPU."""
+sized so that `make demo` finishes in minutes on a 2-core CPU. `c.demo` is the demo's own
+section (projects/demo: `python -m projects.demo.run`, which validates it); the library
+ignores it."""
+
+import ml_collections
 
 from clara_jax.config import base_config, finalize
 
 
+def demo_section() -> ml_collections.ConfigDict:
+    """What `projects.demo.run` runs: steps and peak learning rate per stage, the start, the
+    world, the evaluation (defaults; docs/config.md, "demo")."""
+    d = ml_collections.ConfigDict()
+    d.stage_steps = (100, 50, 25)
+    d.stage_lr = (1e-3, 5e-4, 1e-4)
+    d.train_base = True  # no pretrained decoder for small configs: stages 1-2 train it
+    # Next-token steps on the train world's text before stage 1 (projects.demo.warmup), for
+    # from-scratch decoders; 0 skips the warm-up.
+    d.warmup_steps = 0
+    d.warmup_lr = 1e-3
+    # A model pretrained on generated worlds (projects.demo.pretrain: OUT/params.safetensors
+    # and OUT/tokenizer) to start stage 1 from, instead of from scratch; "" for none. Relative
+    # paths are read from the current directory, else from the repository.
+    d.pretrained = ""
+    # Training split: the probability that an example's answer is swapped, in its documents
+    # and its target alike, for another answer to the same kind of question
+    # (projects/demo/answer_swap.py), so that it cannot be answered from memory.
+    d.swap_answers = 0.0
+    d.world_seed = 0
+    d.world_size = "small"
+    d.eval_questions = 200
+    d.eval_batch_size = 32
+    return d
+
+
 def get_config(arg: str = ""):
     c = base_config()
+    c.demo = demo_section()
     m = c.model
     m.vocab_size = 2048
     # Widths that keep XLA:CPU's matmuls busy: at D=192, H=32, F=512 (4 layers) the step spent
@@ -46,7 +77,7 @@ def get_config(arg: str = ""):
     # compressor a signal before the generator reads anything (projects/channel/README.md).
     c.model.latent_positions = "spread"
     c.train.span_weight = 1.0
-    c.data.swap_answers = 1.0
+    c.demo.swap_answers = 1.0
     # A quarter of the stage-2/3 examples give the documents as text, so that the evaluation's
     # text-RAG baseline reads a generator that has read text (issue 22).
     c.data.text_share = 0.25
@@ -54,10 +85,10 @@ def get_config(arg: str = ""):
     # Recall@5 0.89 against 0.43 with the small one), evaluated on the small held-out world.
     c.demo.world_size = "medium/small"
     # Stage 1 starts from a model pretrained on 177 generated worlds (none of them the demo's),
-    # clara_jax/assets/demo_base (projects/demo/README.md, "The pretrained start"); from
+    # projects/demo/start (projects/demo/README.md, "The pretrained start"); from
     # scratch, even with a language-model warm-up, the generator learnt the train world by
     # heart and never read its latents.
-    c.demo.pretrained = "clara_jax/assets/demo_base"
+    c.demo.pretrained = "projects/demo/start"
     c.demo.stage_steps = (120, 60, 30)
     c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
     if arg:

@@ -51,7 +51,6 @@ def get_config(arg: str = ""):
     # The published stage-1 recipe for a pretrained LLM; the base default is 0 because from a
     # random start the term collapses the latents (docs/user_guide.md, "Stages").
     c.train.mse_weight = 0.1
-    c.demo.train_base = False  # a pretrained base: the adapters alone train, as in the paper
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1

@@ -39,8 +39,6 @@ def _bad(mutate) -> str:
 
 @pytest.mark.parametrize("mutate,field", [
     (lambda c: setattr(c.data, "doc_max_len", 250), "config.data.doc_max_len=250"),
-    (lambda c: setattr(c.demo, "world_size", "large/small"), "config.demo.world_size="),
-    (lambda c: setattr(c.data, "swap_answers", 1.5), "config.data.swap_answers=1.5"),
     (lambda c: setattr(c.data, "text_share", -0.1), "config.data.text_share=-0.1"),
     (lambda c: setattr(c.data, "text_share", 1.5), "config.data.text_share=1.5"),
     (lambda c: setattr(c.data, "paraphrase_max_len", 1), "config.data.paraphrase_max_len=1"),

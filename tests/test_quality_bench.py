@@ -21,7 +21,7 @@ def _in_unit(v) -> bool:
 def test_quality_bench_writes_both_tables(tmp_path, tiny_config):
     # A pretrained start of the tiny model: its rate (8x) starts from it, 16x from the warm-up.
     from clara_jax.data import prepare
-    from clara_jax.train import pretrain
+    from projects.demo import pretrain
 
     prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
     pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1e9,

@@ -70,7 +70,6 @@ def _check_frozen(before, state, stage, config):
 @pytest.mark.parametrize("stage,extra", [(1, {}), (1, {"lambda_retrieval": 1.0}),
                                          (2, {"train_base": True}),
                                          (2, {"lambda_retrieval": 1.0}),
-                                         (1, {"bow_weight": 1.0}),
                                          (1, {"span_weight": 1.0}),
                                          (3, {"lambda_align": 0.5})])
 def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
@@ -87,8 +86,6 @@ def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
         assert float(m["align"]) < float(first["align"])  # the retriever follows the generator
     if extra.get("lambda_retrieval"):  # questions move toward their own documents
         assert float(m["retrieval"]) < float(first["retrieval"]) - 0.5, (first, m)
-    if extra.get("bow_weight"):  # the memory tokens come to name the document's tokens
-        assert float(m["bow"]) < float(first["bow"]) - 0.5, (first, m)
     if extra.get("span_weight"):  # each latent comes to name its span's tokens in order
         assert float(m["span"]) < float(first["span"]) - 0.5, (first, m)
     _check_frozen(before, state, stage, config)

@@ -1,6 +1,6 @@
 """One stored example (a dict as the TFDS sources give it) -> the fixed-shape arrays of the
 batch contract (`clara_jax.data.pipeline`). Kept apart from the grain pipeline so that code
-without grain or TFDS (the pretraining stream of `clara_jax.train.pretrain`) featurizes the same
+without grain or TFDS (the pretraining stream of `projects.demo.pretrain`) featurizes the same
 way.
 
 A stage-2/3 example marked `text_prompt` (the pipeline marks a share data.text_share of the

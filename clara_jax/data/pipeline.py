@@ -17,8 +17,9 @@ C = data.num_candidates; M = model.num_memory_tokens):
            unknown; the bundled world lists the subject's document first
 
 Order of operations: seeded shuffle, reshuffled every epoch -> repeat -> (training split,
-`data.swap_answers` > 0: counterfactual answers, `AnswerSwap`) -> (training split, stages 2-3,
-`data.text_share` > 0: text rows chosen, `TextChoice`) -> per-process shard (strided by
+with an `augment`: its seeded per-example transform, e.g. the demo's counterfactual answers,
+projects/demo/answer_swap.py) -> (training split, stages 2-3, `data.text_share` > 0: text rows
+chosen, `TextChoice`) -> per-process shard (strided by
 process index) -> tokenise and pad -> batch (dropping the last partial batch). The
 iterator is a grain `DatasetIterator`: `get_state()` / `set_state(state)` restore the exact
 position (save the state with the checkpoint).
@@ -36,7 +37,7 @@ then the first others, in their original order.
 from __future__ import annotations
 
 import dataclasses
-import re
+from collections.abc import Callable
 from pathlib import Path
 
 import grain
@@ -47,77 +48,12 @@ from clara_jax.data.featurize import TEXT_PROMPT_KEY, Featurizer, as_text, as_te
 from clara_jax.data.formats import CorpusRow, QARow
 from clara_jax.data.tokenizer import Tokenizer, check_tokenizer_fits, load_tokenizer
 
-_CAPITALISED_OR_NUMBER = re.compile(r"\b(?:[A-Z][\w'-]*|\d[\d,.]*)")
-
-
-def question_kind(question: str) -> str:
-    """What a question asks, without whom it asks about: its words, lower-cased, with
-    capitalised words (after the first) and numbers removed. "What is the capital of Mochakora?"
-    and "What is the capital of Trastolora?" are one kind."""
-    first, _, rest = question.strip().partition(" ")
-    rest = _CAPITALISED_OR_NUMBER.sub("", rest)
-    return " ".join(f"{first} {rest}".lower().split())
-
-
-def _mentions(answer: str) -> re.Pattern:
-    return re.compile(r"(?<!\w)" + re.escape(answer) + r"(?!\w)")
-
-
-@dataclasses.dataclass
-class AnswerSwap:
-    """Counterfactual answers: with probability `rate`, an example's answer is replaced, in
-    every one of its documents and in its target, by the answer of a random example of the
-    same kind of question (`question_kind`) from the same split. A generator trained on a
-    fixed world otherwise learns its facts by heart and answers without reading its
-    documents; after a swap the documents are the only source of the answer, while the
-    answers' distribution per kind of question stays that of the data (drawn with their
-    frequencies). Examples whose answer is not in their documents, paraphrases, and kinds
-    with a single distinct answer are left as they are.
-
-    pools: kind -> the answers of all its examples, sorted (repeats kept).
-    """
-
-    rate: float
-    pools: dict[str, list[str]]
-
-    @classmethod
-    def from_source(cls, source, rate: float) -> AnswerSwap:
-        """Pools from every example of a TFDS source (one pass over its questions)."""
-        pools: dict[str, list[str]] = {}
-        for i in range(len(source)):
-            ex = source[i]
-            if as_text(ex.get("data_type", "qa")) != "qa":
-                continue
-            pools.setdefault(question_kind(as_text(ex["question"])), []).append(
-                as_text(ex["answer"]))
-        return cls(rate, {k: sorted(v) for k, v in pools.items() if len(set(v)) > 1})
-
-    def __call__(self, ex: dict, rng: np.random.Generator) -> dict:
-        if as_text(ex.get("data_type", "qa")) != "qa" or rng.random() >= self.rate:
-            return ex
-        pool = self.pools.get(question_kind(as_text(ex["question"])))
-        answer = as_text(ex["answer"])
-        key = "doc" if "doc" in ex else "docs"
-        docs = [as_text(ex["doc"])] if key == "doc" else as_texts(ex["docs"])
-        found = _mentions(answer)
-        if not pool or not any(found.search(d) for d in docs):
-            return ex
-        # A substitute that the documents do not already mention, so the answer stays unique.
-        for _ in range(8):
-            new = pool[int(rng.integers(len(pool)))]
-            if new != answer and not any(_mentions(new).search(d) for d in docs):
-                break
-        else:
-            return ex
-        docs = [found.sub(lambda _: new, d) for d in docs]
-        out = dict(ex, answer=new)
-        out[key] = docs[0] if key == "doc" else docs
-        return out
-
+# A training-split example transform, built from the split's TFDS source: see make_loader.
+Augment = Callable[[object], Callable[[dict, np.random.Generator], dict]]
 
 class _RandomMap(grain.transforms.RandomMap):
-    """A seeded per-example transform `fn(example, rng) -> example` (AnswerSwap, TextChoice)
-    as a grain RandomMap."""
+    """A seeded per-example transform `fn(example, rng) -> example` (an `augment`'s,
+    TextChoice) as a grain RandomMap."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -139,7 +75,7 @@ class TextChoice:
 
 def text_choice_seed(seed: int) -> int:
     """The seed of the text-row draws: derived from the run's seed, but not equal to it, so
-    that they are independent of `AnswerSwap`'s draws (grain keys each element's generator by
+    that they are independent of an `augment`'s draws (grain keys each element's generator by
     the seed and the element's index)."""
     return int(np.random.SeedSequence([int(seed), 0x7465_7874]).generate_state(1)[0])
 
@@ -165,8 +101,8 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 def make_dataset(config, stage: int, data_dir, split: str = "train", seed: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_epochs: int | None = None, tokenizer: Tokenizer | None = None
-                 ) -> grain.MapDataset:
+                 num_epochs: int | None = None, tokenizer: Tokenizer | None = None,
+                 augment: Augment | None = None) -> grain.MapDataset:
     """The batched grain MapDataset behind `make_loader` (random access by batch index)."""
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
@@ -188,9 +124,8 @@ def make_dataset(config, stage: int, data_dir, split: str = "train", seed: int |
     seed = int(config.train.seed if seed is None else seed)
     ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
-    rate = float(config.data.swap_answers)
-    if split == "train" and rate > 0:  # before sharding: each swap follows the global index
-        ds = ds.random_map(_RandomMap(AnswerSwap.from_source(source, rate)), seed=seed)
+    if split == "train" and augment is not None:  # before sharding: follows the global index
+        ds = ds.random_map(_RandomMap(augment(source)), seed=seed)
     if split == "train" and prompts.has_text_rows(config, stage):  # before sharding, too
         ds = ds.random_map(_RandomMap(TextChoice(float(config.data.text_share))),
                            seed=text_choice_seed(seed))
@@ -202,11 +137,15 @@ def make_dataset(config, stage: int, data_dir, split: str = "train", seed: int |
 def make_loader(config, stage: int, data_dir, split: str = "train", seed: int | None = None,
                 process_index: int | None = None, process_count: int | None = None,
                 num_epochs: int | None = None, read_threads: int = 2, prefetch: int = 8,
-                tokenizer: Tokenizer | None = None) -> grain.DatasetIterator:
+                tokenizer: Tokenizer | None = None,
+                augment: Augment | None = None) -> grain.DatasetIterator:
     """An iterator of training batches (numpy dicts, see the module docstring) with
-    `get_state()` / `set_state()` for exact resume. num_epochs=None repeats forever."""
+    `get_state()` / `set_state()` for exact resume. num_epochs=None repeats forever.
+    `augment(source) -> fn(example, rng) -> example`: a seeded transform of the training
+    split's stored examples (given the TFDS source, e.g. to pool its answers), applied before
+    featurizing."""
     ds = make_dataset(config, stage, data_dir, split, seed, process_index, process_count,
-                      num_epochs, tokenizer)
+                      num_epochs, tokenizer, augment)
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))
 

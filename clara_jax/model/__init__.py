@@ -11,7 +11,6 @@ from clara_jax.model.api import (
     generate_logits,
     init_params,
     latent_span_logits,
-    latent_token_logits,
     logical_specs,
     param_group,
     param_shardings,
@@ -24,6 +23,6 @@ __all__ = [
     "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress", "compress_docs",
     "count_params", "decode",
     "encode_query", "forward_logits", "generate_logits", "init_cache", "init_params",
-    "latent_span_logits", "latent_token_logits", "logical_specs", "param_group",
+    "latent_span_logits", "logical_specs", "param_group",
     "param_shardings",
 ]

@@ -93,14 +93,6 @@ def compress_docs(cfg: ModelConfig, params, doc_tokens, doc_mask):
     return flat.reshape(b, k, *flat.shape[1:])
 
 
-def latent_token_logits(cfg: ModelConfig, params, latents):
-    """How strongly each memory token's latent, as the generator receives it (projected back
-    to width D), points at each vocabulary embedding. latents: float[..., M, L]
-    -> float32[..., M, V]."""
-    lat = _apply(cfg, params, CLaRa.as_inputs, latents).astype(jnp.float32)
-    return lat @ params["decoder"]["embedding"].astype(jnp.float32).T
-
-
 def span_permutations(dim: int, rate: int) -> jax.Array:
     """R fixed permutations of the D embedding dimensions (the identity first): int32[R, D].
     Seeded, so every run and every host binds sub-position r the same way."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
 from clara_jax.convert import bundle, hf
@@ -72,6 +73,27 @@ class RunResult:
     step: int
     last_metrics: dict
     checkpoint: str | None
+
+
+class Hook:
+    """What a run does around its steps besides stepping (checkpoints, evaluation, profiling,
+    collecting losses); `run` calls, for each step: `before(step, state)` (steps done so far),
+    then the batch is drawn and the step dispatched inside `around(step + 1)`, then
+    `after(step, state, metrics, stop, fetched)` with the new step count, its metrics (device
+    arrays), why the run stops there (None: it goes on) and whether the metrics were just
+    fetched and checked. `close(step)` once at the end, also on an error."""
+
+    def before(self, step: int, state) -> None:
+        pass
+
+    def around(self, step: int):
+        return contextlib.nullcontext()
+
+    def after(self, step: int, state, metrics: dict, stop: str | None, fetched: bool) -> None:
+        pass
+
+    def close(self, step: int) -> None:
+        pass
 
 
 def _is_main() -> bool:
@@ -304,7 +326,7 @@ class _Preemption:
             signal.signal(s, old)
 
 
-class _StepProfiler:
+class _StepProfiler(Hook):
     """Traces train.profile_steps steps with the JAX profiler on process 0, starting after the
     run's first step (its one-time costs would swamp the trace), into WORKDIR/tb, where
     TensorBoard's profile tab reads it (tb/plugins/profile/<run>/<host>.xplane.pb). Steps are
@@ -326,17 +348,20 @@ class _StepProfiler:
             jax.profiler.start_trace(str(self.logdir))
             self.tracing = True
 
-    def annotate(self, step: int):
+    def around(self, step: int):
         """Marks one step for the trace viewer's step view (step = the step being run)."""
         if not self.tracing:
             return contextlib.nullcontext()
         return jax.profiler.StepTraceAnnotation("train", step_num=step)
 
-    def after(self, step: int, state) -> None:
+    def after(self, step: int, state, metrics, stop, fetched) -> None:
         if self.tracing and step == self.last:
-            self.stop(step, state)
+            self._stop(step, state)
 
-    def stop(self, step: int, state=None) -> None:
+    def close(self, step: int) -> None:
+        self._stop(step)  # early, on preemption or an error
+
+    def _stop(self, step: int, state=None) -> None:
         """Ends the trace (at the last traced step, or early on preemption or an error)."""
         if not self.tracing:
             return
@@ -348,7 +373,7 @@ class _StepProfiler:
              f"{self.logdir / 'plugins' / 'profile'}")
 
 
-def _global_batch(batch: dict, shardings: dict) -> dict:
+def global_batch(batch: dict, shardings: dict) -> dict:
     """This process's rows -> global jax arrays sharded on the batch axis."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
             for k, v in batch.items()}
@@ -411,34 +436,35 @@ def train(config: ml_collections.ConfigDict, workdir, loader_factory: LoaderFact
         manager = ckpt.make_manager(workdir, keep=int(t.keep_checkpoints))
         meta = {"stage": stage, "train_base": bool(t.train_base), "config": config.to_json()}
         try:
-            return _train(config, workdir, loader_factory, init_from, init_from_hf, progress,
-                          cfg, mesh, abstract, shardings, manager, loader, meta)
+            return _train(_Setup(config, workdir, loader_factory, cfg, mesh, abstract,
+                                 shardings, manager, loader, meta),
+                          init_from, init_from_hf, progress)
         finally:
             manager.close()
 
 
-def _resume_or_init(config, workdir, manager, abstract, shardings, loader, meta, cfg, mesh,
-                    init_from, init_from_hf) -> tuple[TrainState, int | None]:
-    """The latest checkpoint of `workdir` (with the loader's position), else the initial
+def _resume_or_init(s: _Setup, init_from, init_from_hf) -> tuple[TrainState, int | None]:
+    """The latest checkpoint of the workdir (with the loader's position), else the initial
     state; returns (state, the step resumed from or None)."""
-    latest = manager.latest_step()
+    latest = s.manager.latest_step()
     if latest is None:
         if init_from and init_from_hf:
             raise ValueError("give at most one of --init_from and --init_from_hf")
-        return _initial_state(config, cfg, int(config.train.stage), mesh, abstract, shardings,
-                              init_from, init_from_hf), None
-    saved_meta = ckpt.read_meta(manager, latest)
-    ckpt.check_model(saved_meta, config, str(ckpt.checkpoint_dir(workdir)))
+        return _initial_state(s.config, s.cfg, int(s.config.train.stage), s.mesh, s.abstract,
+                              s.shardings, init_from, init_from_hf), None
+    where = str(ckpt.checkpoint_dir(s.workdir))
+    saved_meta = ckpt.read_meta(s.manager, latest)
+    ckpt.check_model(saved_meta, s.config, where)
     for key in ("stage", "train_base"):
-        if saved_meta.get(key, meta[key]) != meta[key]:
+        if saved_meta.get(key, s.meta[key]) != s.meta[key]:
             raise ckpt.CheckpointError(
-                f"{ckpt.checkpoint_dir(workdir)} holds a run with {key}="
-                f"{saved_meta[key]}; this config has train.{key}={meta[key]} (use a new "
-                "--workdir, and --init_from to start from that run)")
-    state, data_state, _ = ckpt.restore(manager, abstract, shardings, latest)
+                f"{where} holds a run with {key}={saved_meta[key]}; this config has "
+                f"train.{key}={s.meta[key]} (use a new --workdir, and --init_from to start "
+                "from that run)")
+    state, data_state, _ = ckpt.restore(s.manager, s.abstract, s.shardings, latest)
     if data_state:
-        loader.set_state(data_state)
-    _say(f"resumed from {ckpt.checkpoint_dir(workdir)}/{latest}")
+        s.loader.set_state(data_state)
+    _say(f"resumed from {where}/{latest}")
     return state, latest
 
 
@@ -461,15 +487,18 @@ def _compile_step(config, cfg, stage: int, mesh, abstract, shardings, first: dic
     return compiled, batch_sh
 
 
-class _Reporter:
-    """Where a run's step metrics go: metrics.jsonl, eval_metrics.jsonl and TensorBoard on
-    process 0, and a progress bar (on a terminal) or one plain line per train.log_every."""
+class Reporter:
+    """Where a run's step metrics go: metrics.jsonl, eval_metrics.jsonl and TensorBoard under
+    `workdir` on process 0 (none without one), and a progress bar (on a terminal) or one plain
+    line per `log_every` steps. `name` heads the bar and the lines; `stage` goes into each
+    metrics record; `steps`: the run's last step, if known."""
 
-    def __init__(self, config, workdir, start: int, latest: int | None, progress: bool):
-        t = config.train
-        self.stage, self.steps = int(t.stage), int(t.steps)
+    def __init__(self, workdir, name: str, steps: int | None, log_every: int, *,
+                 stage=None, start: int = 0, latest: int | None = None,
+                 progress: bool = True):
+        self.name, self.stage, self.steps, self.log_every = name, stage, steps, int(log_every)
         self.logs = self.writer = self.bar = None
-        if _is_main():
+        if _is_main() and workdir is not None:
             # A resumed run logs the steps after its checkpoint again (a fresh one: from 1).
             self.logs = {name: _JsonlLog(workdir / f"{name}.jsonl", latest or 0)
                          for name in ("metrics", "eval_metrics")}
@@ -477,13 +506,15 @@ class _Reporter:
         self.plain = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
         if progress and not self.plain and _is_main():
             from tqdm import tqdm
-            self.bar = tqdm(total=self.steps, initial=start, desc=f"stage {self.stage}",
-                            unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=steps, initial=start, desc=name, unit="step",
+                            dynamic_ncols=True)
         self.window_start = time.perf_counter()
 
-    def window(self, step: int, host: list[dict], log_now: bool) -> dict:
-        """Reports the steps since the last window (their metrics fetched to the host);
-        returns the last step's metrics as floats."""
+    def window(self, step: int, host: list[dict]) -> dict:
+        """Reports the steps since the last window (their metrics fetched to the host), with a
+        record when `step` is a multiple of log_every or the last; returns the last step's
+        metrics as floats."""
+        log_now = step % self.log_every == 0 or step == self.steps
         now = time.perf_counter()
         rate = float(sum(m["tokens"] for m in host)) / max(now - self.window_start, 1e-9)
         self.window_start = now
@@ -499,9 +530,13 @@ class _Reporter:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate:,.0f}")
         elif self.plain and log_now:
-            _say(f"stage {self.stage} step {step}/{self.steps}: loss {last['loss']:.4f}, "
-                 f"{rate:,.0f} tokens/s")
+            of = "" if self.steps is None else f"/{self.steps}"
+            _say(f"{self.name} step {step}{of}: loss {last['loss']:.4f}, {rate:,.0f} tokens/s")
         return last
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
     def flush(self) -> None:
         for log in (self.logs or {}).values():
@@ -515,85 +550,172 @@ class _Reporter:
             self.writer.close()
 
 
-def _check_finite(host: list[dict], step: int, nan_policy: str, manager, workdir) -> None:
+def _check_finite(host: list[dict], step: int, nan_policy: str,
+                  last_good: Callable[[], str]) -> None:
     """Raises NonFiniteLossError (nan_policy 'stop') or warns ('skip') when a step of the
-    window `host` ending at `step` had a non-finite loss or gradient."""
+    window `host` ending at `step` had a non-finite loss or gradient; `last_good()` says where
+    the last good checkpoint is."""
     bad = [i for i, m in enumerate(host) if m["nonfinite"]]
     if not bad:
         return
     first_bad = step - len(host) + bad[0] + 1
-    where = manager.latest_step()
     msg = (f"non-finite loss or gradient at step {first_bad} ({len(bad)} step(s) since the "
-           f"last check; those updates were skipped); last good checkpoint: "
-           + (f"{ckpt.checkpoint_dir(workdir)}/{where}" if where is not None else "none"))
+           f"last check; those updates were skipped); last good checkpoint: {last_good()}")
     if nan_policy == "stop":
         raise NonFiniteLossError(msg)
     _say("warning: " + msg)
 
 
-def _train(config, workdir, loader_factory, init_from, init_from_hf, progress, cfg, mesh,
-           abstract, shardings, manager, loader, meta) -> RunResult:
-    t = config.train
+@dataclasses.dataclass
+class Loop:
+    """One training run's parts, for `run`.
+
+    step_fn(state, batch, rng) -> (state, metrics): one update; `rng` is the step's key data
+      (uint32[2], `fold_in(state.rng, step)`), metrics hold at least loss, tokens and
+      nonfinite (`clara_jax.train.steps.make_train_step`'s).
+    batches: the batch source, drawn once per step, just before it (so its position after
+      step n is n batches on: what a checkpoint saves); endless.
+    stop(step) -> None to go on after `step` steps, else why the run ends ('done',
+      'preempted', 'time', ...); called once per step on every process.
+    fetch(step): whether to bring the metrics since the last fetch to the host after `step`
+      (the non-finite check and the report happen then; always at the stop).
+    """
+
+    step_fn: Callable
+    batches: Iterator
+    stop: Callable[[int], str | None]
+    report: Reporter
+    fetch: Callable[[int], bool]
+    nan_policy: str = "stop"
+    last_good: Callable[[], str] = lambda: "none"
+    hooks: Sequence[Hook] = ()
+    mesh: Mesh | None = None
+
+
+def run(state, start: int, loop: Loop):
+    """The one training loop: steps `state` from step `start` until `loop.stop` says why not,
+    checking and reporting the metrics at each fetch; the hooks add what a run does besides
+    (checkpoints, evaluation, profiling). Returns (state, step, last fetched metrics as floats,
+    why it stopped). The hooks and the reporter are closed at the end, also on an error."""
+    step, pending, last, why = start, [], {}, None
+    try:
+        while why is None:
+            for h in loop.hooks:
+                h.before(step, state)
+            batch = next(loop.batches)
+            with contextlib.ExitStack() as ctx:
+                if loop.mesh is not None:
+                    ctx.enter_context(jax.set_mesh(loop.mesh))
+                    ctx.enter_context(nn.logical_axis_rules(DEFAULT_RULES))
+                for h in loop.hooks:
+                    ctx.enter_context(h.around(step + 1))
+                state, metrics = loop.step_fn(state, batch, _fold(state.rng, step))
+            step += 1
+            why = loop.stop(step)  # the same on every process
+            pending.append(metrics)
+            fetched = why is not None or loop.fetch(step)
+            if fetched:
+                host, pending = jax.device_get(pending), []
+                _check_finite(host, step, loop.nan_policy, loop.last_good)
+                last = loop.report.window(step, host)
+            loop.report.tick()
+            for h in loop.hooks:
+                h.after(step, state, metrics, why, fetched)
+    finally:
+        for h in loop.hooks:
+            h.close(step)
+        loop.report.close()
+    return state, step, last, why
+
+
+@jax.jit
+def _fold(key, step):
+    """The dropout key data of step `step` (steps.rng_for_step, jitted)."""
+    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key), step))
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What `train` prepares before the loop: the run's config and model, the workdir and its
+    checkpoint manager, the mesh and the state's layout, the train loader."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    loader_factory: LoaderFactory
+    cfg: ModelConfig
+    mesh: Mesh
+    abstract: TrainState
+    shardings: TrainState
+    manager: object
+    loader: Iterator[dict]
+    meta: dict
+
+
+class _Checkpoints(Hook):
+    """`train`'s hook: periodic evaluation (train.eval_every), checkpoints at
+    train.checkpoint_every, at the last step and at a preemption, and each save's manifest
+    once orbax has finished it."""
+
+    def __init__(self, s: _Setup, report: Reporter, batch_sh: dict):
+        self.s, self.report, self.batch_sh = s, report, batch_sh
+        self.eval_fn = None
+
+    def after(self, step, state, metrics, stop, fetched) -> None:
+        s, t = self.s, self.s.config.train
+        if fetched:
+            ckpt.seal(s.manager)  # the previous save's manifest, once orbax is done
+        if t.eval_every and step % t.eval_every == 0:
+            if self.eval_fn is None:
+                self.eval_fn = jax.jit(make_eval_step(s.config, s.cfg, int(t.stage)),
+                                       in_shardings=(s.shardings.params, self.batch_sh),
+                                       out_shardings=NamedSharding(s.mesh, PartitionSpec()))
+            _evaluate(s.config, int(t.stage), step, state, self.eval_fn, s.loader_factory,
+                      self.batch_sh, s.mesh, self.report.logs, self.report.writer)
+        if step % t.checkpoint_every == 0 or step == t.steps or stop is not None:
+            self.report.flush()  # the logs reach at least the saved step
+            ckpt.save(s.manager, state, s.loader.get_state(), {**s.meta, "step": step})
+
+    def close(self, step: int) -> None:
+        ckpt.finish(self.s.manager)
+
+
+def _last_good(s: _Setup) -> str:
+    where = s.manager.latest_step()
+    return f"{ckpt.checkpoint_dir(s.workdir)}/{where}" if where is not None else "none"
+
+
+def _train(s: _Setup, init_from, init_from_hf, progress: bool) -> RunResult:
+    t = s.config.train
     stage = int(t.stage)
-    state, latest = _resume_or_init(config, workdir, manager, abstract, shardings, loader, meta,
-                                    cfg, mesh, init_from, init_from_hf)
+    state, latest = _resume_or_init(s, init_from, init_from_hf)
     start = int(jax.device_get(state.step))
     if start >= t.steps:
         _say(f"nothing to do: step {start} >= train.steps={t.steps}")
-        return RunResult("done", start, {}, str(ckpt.checkpoint_dir(workdir)))
+        return RunResult("done", start, {}, str(ckpt.checkpoint_dir(s.workdir)))
 
-    batch = next(loader)
-    compiled, batch_sh = _compile_step(config, cfg, stage, mesh, abstract, shardings, batch)
-    fold = jax.jit(lambda key, s: jax.random.key_data(
-        jax.random.fold_in(jax.random.wrap_key_data(key), s)))
-    eval_fn = None
-    report = _Reporter(config, workdir, start, latest, progress)
-    step, pending, last, status = start, [], {}, "done"
-    profiler = _StepProfiler(int(t.profile_steps), start, int(t.steps), workdir / "tb")
-    try:
-        with _Preemption(start) as preempt:
-            while step < t.steps:
-                profiler.before(step, state)  # a traced step's batch loading is traced too
-                if batch is None:
-                    batch = next(loader)
-                with (jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES),
-                      profiler.annotate(step + 1)):
-                    state, metrics = compiled(state, _global_batch(batch, batch_sh),
-                                              fold(state.rng, step))
-                batch = None
-                step += 1
-                profiler.after(step, state)
-                stop = preempt.stop(step)  # the same on every process
-                pending.append(metrics)
-                log_now = step % t.log_every == 0 or step == t.steps
-                save_now = step % t.checkpoint_every == 0 or step == t.steps
-                if log_now or save_now or stop:
-                    host, pending = jax.device_get(pending), []
-                    _check_finite(host, step, t.nan_policy, manager, workdir)
-                    last = report.window(step, host, log_now)
-                    ckpt.seal(manager)  # the previous save's manifest, once orbax is done
-                if report.bar is not None:
-                    report.bar.update(1)
-                if t.eval_every and step % t.eval_every == 0:
-                    if eval_fn is None:
-                        eval_fn = jax.jit(make_eval_step(config, cfg, stage),
-                                          in_shardings=(shardings.params, batch_sh),
-                                          out_shardings=NamedSharding(mesh, PartitionSpec()))
-                    _evaluate(config, stage, step, state, eval_fn, loader_factory, batch_sh,
-                              mesh, report.logs, report.writer)
-                if save_now or stop:
-                    report.flush()  # the logs reach at least the saved step
-                    ckpt.save(manager, state, loader.get_state(), {**meta, "step": step})
-                if stop:
-                    status = "preempted"
-                    _say(f"{preempt.reason}: saved step {step} to "
-                         f"{ckpt.checkpoint_dir(workdir)}; exiting")
-                    break
-    finally:
-        profiler.stop(step)
-        ckpt.finish(manager)
-        report.close()
-    return RunResult(status, step, last, str(ckpt.checkpoint_dir(workdir)))
+    first = next(s.loader)
+    compiled, batch_sh = _compile_step(s.config, s.cfg, stage, s.mesh, s.abstract, s.shardings,
+                                       first)
+    report = Reporter(s.workdir, f"stage {stage}", int(t.steps), int(t.log_every),
+                       stage=stage, start=start, latest=latest, progress=progress)
+    profiler = _StepProfiler(int(t.profile_steps), start, int(t.steps), s.workdir / "tb")
+    with _Preemption(start) as preempt:
+        def stop(step: int) -> str | None:
+            if preempt.stop(step):
+                return "preempted"
+            return "done" if step >= t.steps else None
+
+        loop = Loop(
+            step_fn=lambda st, batch, rng: compiled(st, global_batch(batch, batch_sh), rng),
+            batches=itertools.chain([first], s.loader), stop=stop, report=report,
+            fetch=lambda step: step % t.log_every == 0 or step % t.checkpoint_every == 0,
+            nan_policy=str(t.nan_policy), last_good=lambda: _last_good(s),
+            hooks=(profiler, _Checkpoints(s, report, batch_sh)), mesh=s.mesh)
+        state, step, last, why = run(state, start, loop)
+        if why == "preempted":
+            _say(f"{preempt.reason}: saved step {step} to "
+                 f"{ckpt.checkpoint_dir(s.workdir)}; exiting")
+    return RunResult(why, step, last, str(ckpt.checkpoint_dir(s.workdir)))
 
 
 def _evaluate(config, stage, step, state: TrainState, eval_fn, loader_factory, batch_sh, mesh,
@@ -609,7 +731,7 @@ def _evaluate(config, stage, step, state: TrainState, eval_fn, loader_factory, b
         except StopIteration:
             break
         with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-            m = jax.device_get(eval_fn(state.params, _global_batch(batch, batch_sh)))
+            m = jax.device_get(eval_fn(state.params, global_batch(batch, batch_sh)))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1

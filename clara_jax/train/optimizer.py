@@ -49,10 +49,12 @@ def trainable_groups(config: ml_collections.ConfigDict, stage: int) -> frozenset
     return frozenset(groups)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params,
-                   stage: int | None = None) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, params, stage: int | None = None,
+                   groups: frozenset[str] | None = None) -> optax.GradientTransformation:
     """The partitioned optimizer for `stage` (default `train.stage`) over `params` (arrays or
-    ShapeDtypeStructs): the base transformation on the stage's trainable leaves, zero updates
-    and no state on the frozen ones."""
+    ShapeDtypeStructs): the base transformation on the trainable leaves (the stage's groups, or
+    `groups` when given, e.g. {"base"} for a language-model warm-up), zero updates and no
+    state on the frozen ones."""
     stage = config.train.stage if stage is None else stage
-    return partition(make_base_tx(config), params, trainable_groups(config, stage))
+    groups = trainable_groups(config, stage) if groups is None else frozenset(groups)
+    return partition(make_base_tx(config), params, groups)

@@ -27,9 +27,12 @@ class TrainState:
     rng: jax.Array
 
 
-def trainable_labels(config: ml_collections.ConfigDict, params, stage: int):
-    """'trainable' / 'frozen' per leaf for `stage` (see optimizer.trainable_groups)."""
-    return param_labels(params, trainable_groups(config, stage))
+def trainable_labels(config: ml_collections.ConfigDict, params, stage: int,
+                     groups: frozenset[str] | None = None):
+    """'trainable' / 'frozen' per leaf for `stage` (see optimizer.trainable_groups), or for
+    the parameter groups `groups` when given."""
+    return param_labels(params, trainable_groups(config, stage) if groups is None
+                        else frozenset(groups))
 
 
 def split_trainable(params, labels):
@@ -62,11 +65,12 @@ def init_query_adapter(params):
 
 
 def create_state(config: ml_collections.ConfigDict, params, stage: int | None = None,
-                 seed: int | None = None) -> TrainState:
-    """A step-0 state over `params` with a fresh optimizer state and the run's base key."""
+                 seed: int | None = None, groups: frozenset[str] | None = None) -> TrainState:
+    """A step-0 state over `params` with a fresh optimizer state (for the stage's trainable
+    groups, or `groups`) and the run's base key."""
     stage = config.train.stage if stage is None else stage
     seed = config.train.seed if seed is None else seed
-    tx = make_optimizer(config, params, stage)
+    tx = make_optimizer(config, params, stage, groups)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
 

@@ -35,7 +35,6 @@ from clara_jax.model import (
     encode_query,
     generate_logits,
     latent_span_logits,
-    latent_token_logits,
 )
 from clara_jax.model.sharding import DEFAULT_RULES, batch_sharding
 from clara_jax.train.optimizer import make_optimizer, make_schedule, trainable_groups
@@ -92,7 +91,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
     t = config.train
     mse_weight = float(t.mse_weight)
     lambda_retrieval = float(t.lambda_retrieval)
-    bow_weight = float(t.bow_weight)
     span_weight = float(t.span_weight)
     k = config.data.num_docs
 
@@ -111,11 +109,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int
         mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
         loss = ce + mse_weight * mse
         metrics = {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
-        if bow_weight > 0:
-            bow = losses.bag_of_words_loss(latent_token_logits(cfg, params, flat), doc_tokens,
-                                           doc_mask)
-            loss = loss + bow_weight * bow
-            metrics.update(loss=loss, bow=bow)
         if span_weight > 0:
             span = losses.span_readout_loss(
                 latent_span_logits(cfg, params, flat, td // cfg.num_memory_tokens), doc_tokens,
@@ -183,19 +176,24 @@ def _tokens_in(batch) -> jax.Array:
 
 
 def make_train_step(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int,
-                    params_like):
+                    params_like, loss_fn=None, groups: frozenset[str] | None = None):
     """The stage's step: (state, batch, rng) -> (state, metrics).
 
     Metrics (float32[] each): loss and its terms, grad_norm (of the trainable leaves, before
     clipping), lr, tokens, target_tokens, nonfinite (1 when the loss or gradient was not
     finite: then the update is skipped and params/opt_state are returned unchanged, whatever
     train.nan_policy says; the loop decides whether to stop).
+
+    `loss_fn(cfg) -> loss(params, batch, rng) -> (loss, metrics)` and `groups` (the trainable
+    parameter groups) replace the stage's, for a step with another objective (the
+    language-model warm-up); `batch["mask"]` must mark its input tokens.
     """
-    if "base" in trainable_groups(config, stage):
+    groups = trainable_groups(config, stage) if groups is None else frozenset(groups)
+    if "base" in groups:
         cfg = dataclasses.replace(cfg, kernels_train=True)
-    loss_fn = make_loss_fn(config, cfg, stage)
-    labels = trainable_labels(config, params_like, stage)
-    tx = make_optimizer(config, params_like, stage)
+    loss_fn = make_loss_fn(config, cfg, stage) if loss_fn is None else loss_fn(cfg)
+    labels = trainable_labels(config, params_like, stage, groups)
+    tx = make_optimizer(config, params_like, stage, groups)
     schedule = make_schedule(config)
     accum = int(config.train.grad_accum)
 

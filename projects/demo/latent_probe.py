@@ -82,7 +82,7 @@ def _world_of(data_dir: Path) -> dict[str, world.World]:
     summary = data_dir / "world.json"
     if not summary.exists():
         raise SystemExit(f"{summary}: missing; --data must be a directory made by "
-                         f"`clara data world` or `clara demo`")
+                         f"`clara data world` or `python -m projects.demo.run`")
     meta = json.loads(summary.read_text())
     return world.make_worlds(int(meta["seed"]), str(meta["size"]))
 

@@ -6,8 +6,8 @@ warm-up, on the train world or on a stream of fresh worlds.
         [--size medium] [--questions 256]
 
 Trains the base decoder of a fresh `init_params` like the demo's warm-up
-(`clara_jax.train.warmup`: next-token CE over whole rows, `warmup_optimizer`) on one of two
-streams:
+(`projects.demo.warmup`: next-token CE over whole rows, `warmup_config`'s optimizer, the
+training loop `clara_jax.train.loop.run`) on one of two streams:
   fixed: `warmup_rows` of `--data` (its train world's documents and stage-1 questions answered
          from their document's text), reshuffled each epoch: facts repeat, so they can be
          memorised;
@@ -47,12 +47,15 @@ from bench.train_step import load_config  # noqa: E402
 from clara_jax.data import prompts, world  # noqa: E402
 from clara_jax.data.pipeline import load_data_tokenizer  # noqa: E402
 from clara_jax.model import ModelConfig, forward_logits, init_params  # noqa: E402
-from clara_jax.train.warmup import (  # noqa: E402
+from clara_jax.train.loop import Hook, run  # noqa: E402
+from projects.demo.warmup import (  # noqa: E402
     BUCKET,
-    batch_of,
-    make_warmup_step,
+    LMBatches,
+    Losses,
+    lm_loop,
+    lm_state,
     pack_rows,
-    warmup_optimizer,
+    warmup_config,
     warmup_rows,
 )
 
@@ -104,6 +107,29 @@ def read_stage1(data: Path, split: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+class _Scores(Hook):
+    """Every --eval_every steps and at the last: the exact-answer rates of the eval pairs,
+    printed as one JSON line and kept in `records`."""
+
+    def __init__(self, args, evals, collected: Losses, batches: LMBatches, logits_fn,
+                 pad_id: int):
+        self.args, self.evals, self.collected, self.batches = args, evals, collected, batches
+        self.logits_fn, self.pad_id = logits_fn, pad_id
+        self.records, self.t0 = [], time.perf_counter()
+
+    def after(self, step, state, metrics, stop, fetched) -> None:
+        if step % self.args.eval_every and stop is None:
+            return
+        record = {"step": step, "epochs": self.batches.epochs,
+                  "loss": round(float(np.mean(self.collected.values()[-50:])), 4),
+                  "wall_s": round(time.perf_counter() - self.t0, 1)}
+        for split, pairs in self.evals.items():
+            record[f"{split}_exact"] = round(exact_rate(self.logits_fn, state.params, pairs,
+                                                        self.pad_id), 4)
+        self.records.append(record)
+        print(json.dumps(record), flush=True)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="prepared data directory (clara data)")
@@ -134,41 +160,21 @@ def main(argv=None) -> dict:
 
     seeds = iter(range(FRESH_SEED, FRESH_SEED + 10_000))
 
+    fixed = warmup_rows(data, tok, dl, ql) if args.worlds == "fixed" else None
+
     def epoch_rows():
-        if args.worlds == "fixed":
-            return warmup_rows(data, tok, dl, ql)
-        return fresh_world_rows(next(seeds), args.size, tok, dl, ql)
+        return fixed if fixed is not None else fresh_world_rows(next(seeds), args.size, tok,
+                                                                dl, ql)
 
-    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(int(config.train.seed)))
-    decoder, rest = params["decoder"], {k: v for k, v in params.items() if k != "decoder"}
-    tx = warmup_optimizer(decoder, args.steps, args.lr)
-    opt_state = tx.init(decoder)
-    step = make_warmup_step(cfg, tx)
-    logits_fn = jax.jit(lambda p, t: forward_logits(cfg, p, t))
-    batch = int(config.train.batch_size)
-
-    shuffle = np.random.default_rng(int(config.train.seed))
-    tokens, lengths = pack_rows(epoch_rows(), tok.pad_id)
-    order, start, epochs = shuffle.permutation(len(tokens)), 0, 1
-    losses, records, t0 = [], [], time.perf_counter()
-    for i in range(1, args.steps + 1):
-        if start + batch > len(order):
-            if args.worlds == "fresh":
-                tokens, lengths = pack_rows(epoch_rows(), tok.pad_id)
-            order, start, epochs = shuffle.permutation(len(tokens)), 0, epochs + 1
-        idx = order[start:start + batch]
-        start += batch
-        decoder, opt_state, loss = step(decoder, opt_state, rest,
-                                        *batch_of(tokens, lengths, idx))
-        losses.append(float(loss))
-        if i % args.eval_every == 0 or i == args.steps:
-            p = {**rest, "decoder": decoder}
-            record = {"step": i, "epochs": epochs, "loss": round(float(np.mean(losses[-50:])), 4),
-                      "wall_s": round(time.perf_counter() - t0, 1)}
-            for split, pairs in evals.items():
-                record[f"{split}_exact"] = round(exact_rate(logits_fn, p, pairs, tok.pad_id), 4)
-            records.append(record)
-            print(json.dumps(record), flush=True)
+    c = warmup_config(config, args.steps, args.lr)
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(int(c.train.seed)))
+    batches = LMBatches(epoch_rows, tok.pad_id, int(c.train.batch_size), int(c.train.seed))
+    collected = Losses()
+    scores = _Scores(args, evals, collected, batches, jax.jit(lambda p, t: forward_logits(
+        cfg, p, t)), tok.pad_id)
+    run(lm_state(c, params), 0, lm_loop(c, cfg, params, batches, "text reading", False,
+                                        hooks=(collected, scores)))
+    records = scores.records
     summary = {"worlds": args.worlds, "size": args.size if args.worlds == "fresh" else None,
                "steps": args.steps, "lr": args.lr, "questions": args.questions,
                "curve": records, **{k: v for k, v in records[-1].items() if k.endswith("_exact")}}

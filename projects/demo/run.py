@@ -1,4 +1,8 @@
-"""`clara demo --config=configs/demo.py --workdir=W`: the whole method on the bundled world.
+"""The demo: the whole method on the bundled world, in one command (`make demo`):
+
+    python -m projects.demo.run --config=configs/demo.py --workdir=W [--config.demo.X=...]
+
+It:
 
 1. builds the knowledge world (train and held-out), its tokenizer and datasets (W/data);
 2. trains stage 1 -> 2 -> 3 (W/stage1..3, each starting from the previous stage), stage 1
@@ -21,13 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-from absl import flags, logging
+from absl import app, flags, logging
 
-from clara_jax.commands.common import define_config_flag, load_config
+from clara_jax.cli import set_quiet
+from clara_jax.commands.common import check_config_args, define_config_flag, load_config
 from clara_jax.data import world
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.eval import report
 from clara_jax.fileio import atomic_write_json
+from projects.demo.answer_swap import answer_swaps
+from projects.demo.config import validate_demo
 
 define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for everything the demo makes.")
@@ -53,7 +60,8 @@ def _train_stage(c, run: Path, data_dir: Path, init_from: Path | None = None,
     from clara_jax.train.loop import train
 
     def loader_factory(cfg, stage, split):
-        return make_loader(cfg, stage, data_dir, split=split)
+        return make_loader(cfg, stage, data_dir, split=split,
+                           augment=answer_swaps(float(cfg.demo.swap_answers)))
 
     stage = int(c.train.stage)
     start = time.perf_counter()
@@ -73,13 +81,13 @@ def _train_stages(config, workdir: Path, data_dir: Path, progress: bool = True) 
     language-model warm-up into WORKDIR/warmup first when config.demo.warmup_steps > 0."""
     dirs: list[Path] = []
     if config.demo.pretrained:
-        from clara_jax.train.pretrain import write_start_state
+        from projects.demo.pretrain import write_start_state
 
         start = workdir / "pretrained"
         write_start_state(_stage_config(config, 1), config.demo.pretrained, start)
         dirs.append(start)
     elif int(config.demo.warmup_steps) > 0:
-        from clara_jax.train.warmup import lm_warmup
+        from projects.demo.warmup import lm_warmup
 
         warm = workdir / "warmup"
         lm_warmup(_stage_config(config, 1), data_dir, warm, load_tokenizer(data_dir / "tokenizer"),
@@ -129,12 +137,12 @@ def _pretrained_tokenizer(config, data_dir: Path):
     in the workdir with another tokenizer is refused: its ids would mean other words."""
     if not config.demo.pretrained:
         return None
-    from clara_jax.train.pretrain import TOKENIZER_DIR, find_pretrained
+    from projects.demo.pretrain import TOKENIZER_DIR, find_pretrained
 
     src = find_pretrained(config.demo.pretrained) / TOKENIZER_DIR
     built = data_dir / "tokenizer" / "tokenizer.model"
     if built.exists() and built.read_bytes() != (src / "tokenizer.model").read_bytes():
-        raise SystemExit(f"clara demo: {data_dir} was built with another tokenizer than "
+        raise SystemExit(f"projects.demo.run: {data_dir} was built with another tokenizer than "
                          f"{src}; use a new --workdir")
     return load_tokenizer(src)
 
@@ -152,10 +160,12 @@ def main(argv) -> None:
     from clara_jax.eval.job import evaluate, load_items, load_pipeline
 
     logging.set_verbosity(logging.WARNING)
+    set_quiet(True)  # orbax's per-save lines, as the `clara` commands keep them
     fl = flags.FLAGS
     if not fl.workdir:
         raise flags.IllegalFlagValueError("--workdir is required")
     config = load_config()
+    validate_demo(config)
     workdir = Path(fl.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -176,7 +186,7 @@ def main(argv) -> None:
     try:
         stage_dirs = _train_stages(config, workdir, data_dir, fl.progress)
     except (NonFiniteLossError, CheckpointError) as err:
-        print(f"clara demo: {err}", file=sys.stderr)
+        print(f"projects.demo.run: {err}", file=sys.stderr)
         sys.exit(1)
     t = time.perf_counter()
     index = _build_index(stage_dirs[-1], data_dir, workdir / "index")
@@ -216,3 +226,8 @@ def main(argv) -> None:
     print(f"results: {workdir / 'results.json'}; plots: {workdir / 'losses.png'}, "
           f"{workdir / 'scores.png'}; total {results['seconds']:.0f}s")
     print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = check_config_args(sys.argv[1:])  # --config's path, the override names
+    app.run(main)

@@ -1,4 +1,4 @@
-"""The language-model warm-up (clara_jax.train.warmup) on the tiny model and the small world:
+"""The language-model warm-up (projects.demo.warmup) on the tiny model and the small world:
 the next-token loss falls, only the base decoder moves, and stage 1 starts from its
 checkpoint."""
 
@@ -14,7 +14,7 @@ from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.model import init_params, param_group
 from clara_jax.model.config import ModelConfig
 from clara_jax.train import checkpoint as ckpt
-from clara_jax.train.warmup import lm_warmup, warmup_rows
+from projects.demo.warmup import lm_warmup, warmup_rows
 from tests import eval_support as es
 from tests.conftest import one_device_target
 

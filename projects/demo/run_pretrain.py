@@ -1,13 +1,15 @@
-"""`clara pretrain --config=C --tokenizer=DIR --out=OUT --seconds=S`: the whole model trained
-on a stream of freshly generated worlds (clara_jax.train.pretrain), the starting point that
-`config.demo.pretrained` names. Writes OUT/params.safetensors, OUT/tokenizer/ and
-OUT/pretrain.json; prints one JSON line per evaluation."""
+"""`python -m projects.demo.run_pretrain --config=C --tokenizer=DIR --out=OUT --seconds=S`:
+the whole model trained on a stream of freshly generated worlds (projects.demo.pretrain), the
+starting point that `config.demo.pretrained` names. Writes OUT/params.safetensors,
+OUT/tokenizer/ and OUT/pretrain.json; prints one JSON line per evaluation."""
 
 from __future__ import annotations
 
-from absl import flags
+import sys
 
-from clara_jax.commands.common import define_config_flag, load_config
+from absl import app, flags
+
+from clara_jax.commands.common import check_config_args, define_config_flag, load_config
 
 define_config_flag()
 flags.DEFINE_string("tokenizer", None, "Tokenizer directory the model and the demo share.")
@@ -24,12 +26,13 @@ flags.DEFINE_string("init_params", None, "A params.safetensors to continue from.
 flags.DEFINE_list("stages", ["1", "2"], "Stages whose steps take turns.")
 flags.DEFINE_bool("focus", False, "Cut stage-1 documents to the sentences naming their subject.")
 flags.DEFINE_bool("qa_only", False, "Stage 1 without paraphrase targets.")
+flags.DEFINE_float("bow_weight", 0.0, "Weight of the bag-of-words loss (0: none).")
 
 
 def main(argv) -> None:
     import os
 
-    from clara_jax.train import pretrain
+    from projects.demo import pretrain  # world workers import it alone
 
     del argv
     fl = flags.FLAGS
@@ -41,4 +44,9 @@ def main(argv) -> None:
                       fl.lambda_retrieval, workers, fl.eval_every_s, size=fl.size,
                       first_seed=fl.first_seed, init_params=fl.init_params,
                       stages=tuple(int(x) for x in fl.stages), focus=fl.focus,
-                      qa_only=fl.qa_only)
+                      qa_only=fl.qa_only, bow_weight=fl.bow_weight)
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = check_config_args(sys.argv[1:])  # --config's path, the override names
+    app.run(main)

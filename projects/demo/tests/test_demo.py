@@ -1,5 +1,6 @@
-"""`clara demo` end to end on the tiny config: data, three stages, index, three modes, report.
-Tiny step counts: this checks the job's plumbing and outputs, not answer quality."""
+"""The demo (`python -m projects.demo.run`) end to end on the tiny config: data, three
+stages, index, three modes, report. Tiny step counts: this checks the job's plumbing and
+outputs, not answer quality."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import json
 import subprocess
 import sys
 
-from clara_jax.config import ConfigError, base_config, finalize
+import pytest
+
+from clara_jax.config import ConfigError, base_config
+from projects.demo.config import validate_demo, with_demo
 from tests.conftest import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_runs_every_step_and_writes_the_report(tmp_path):
-    cmd = [sys.executable, "-m", "clara_jax.cli", "demo", "--config=configs/tiny.py",
+    cmd = [sys.executable, "-m", "projects.demo.run", "--config=projects/demo/config.py:tiny",
            f"--workdir={tmp_path}", "--progress=false", "--config.demo.stage_steps=(2,2,2)",
            "--config.demo.eval_questions=12", "--config.demo.eval_batch_size=4",
            "--config.train.log_every=1", "--config.demo.warmup_steps=3",
@@ -71,29 +75,29 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
     assert "compiled stage-" not in again.stdout + again.stderr
 
 
-def test_demo_section_is_validated():
-    c = base_config()
-    c.demo.stage_steps = (10, 0, 5)
-    try:
-        finalize(c)
-    except ConfigError as err:
-        assert "config.demo.stage_steps" in str(err)
-    else:
-        raise AssertionError("a zero stage step count was accepted")
+@pytest.mark.parametrize("field,value", [("stage_steps", (10, 0, 5)),
+                                         ("world_size", "large/small"),
+                                         ("swap_answers", 1.5)])
+def test_demo_section_is_validated(field, value):
+    c = with_demo(base_config())
+    validate_demo(c)
+    c.demo[field] = value
+    with pytest.raises(ConfigError, match=f"config.demo.{field}="):
+        validate_demo(c)
 
 
 def test_demo_starts_from_a_pretrained_model(tmp_path, tiny_config):
     """demo.pretrained: the data is built with the pretrained tokenizer and stage 1 starts
     from its params; a workdir built with another tokenizer is refused."""
     from clara_jax.data import prepare
-    from clara_jax.train import pretrain
+    from projects.demo import pretrain
 
     prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
     pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1.0,
                       batch_size=4, workers=1, eval_every_s=1e9, size="small",
                       log=lambda _: None)
     work = tmp_path / "work"
-    cmd = [sys.executable, "-m", "clara_jax.cli", "demo", "--config=configs/tiny.py",
+    cmd = [sys.executable, "-m", "projects.demo.run", "--config=projects/demo/config.py:tiny",
            f"--workdir={work}", "--progress=false", "--config.demo.stage_steps=(1,1,1)",
            "--config.demo.eval_questions=4", "--config.demo.eval_batch_size=4",
            f"--config.demo.pretrained={tmp_path / 'pt'}"]

@@ -1,4 +1,4 @@
-"""Pretraining on generated worlds (clara_jax.train.pretrain) and the shipped demo start."""
+"""Pretraining on generated worlds (projects.demo.pretrain) and the shipped demo start."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.model import ModelConfig, init_params
 from clara_jax.train import checkpoint as ckpt
-from clara_jax.train import pretrain
+from projects.demo import pretrain
 from tests.conftest import REPO, one_device_target
 
 
@@ -60,10 +60,9 @@ def test_the_focused_curriculum_trains_stage_1_qa_pairs_on_subject_sentences(tin
                                                                               tmp_path):
     prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
     config = tiny_config.copy_and_resolve_references()
-    config.train.bow_weight = 1.0
     summary = pretrain.pretrain(config, tmp_path / "tok", tmp_path / "out", seconds=2.0,
                                 batch_size=8, workers=1, eval_every_s=1e9, size="small",
-                                stages=(1,), focus=True, qa_only=True, max_steps=3,
+                                stages=(1,), focus=True, qa_only=True, max_steps=3, bow_weight=1.0,
                                 log=lambda _: None)
     assert summary["stage_steps"] == {1: summary["steps"]} and summary["steps"] >= 1
     assert (summary["stages"], summary["focus"], summary["qa_only"], summary["bow_weight"]) == (
@@ -187,7 +186,7 @@ def test_pretraining_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
     script = (
         "import jax, sys\n"
         "from clara_jax.config import load_config_file\n"
-        "from clara_jax.train import pretrain\n"
+        "from projects.demo import pretrain\n"
         "assert jax.device_count() == 8\n"
         "c = load_config_file('configs/tiny.py', ['mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2'])\n"
         f"pretrain.pretrain(c, {str(tmp_path / 'tok')!r}, {str(tmp_path / 'eight')!r}, "
@@ -230,6 +229,6 @@ def test_int8_params_load_close_to_the_float_ones(pretrained, tiny_cfg, tmp_path
 def test_the_shipped_start_is_small_int8():
     from safetensors.numpy import load_file
 
-    src = pretrain.find_pretrained("clara_jax/assets/demo_base") / pretrain.PARAMS_FILE
+    src = pretrain.find_pretrained("projects/demo/start") / pretrain.PARAMS_FILE
     assert src.stat().st_size < 5 * 2 ** 20
     assert load_file(str(src))["decoder/embedding"].dtype == np.int8

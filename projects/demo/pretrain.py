@@ -23,12 +23,13 @@ Every evaluation scores fixed examples of an evaluation world (EVAL_SEED, never 
 answer CE and teacher-forced exact answers with the right document's latents against those of
 another example's, for stage 1 (one document) and stage 2 (K documents).
 
-    clara pretrain --config=configs/demo.py --tokenizer=DIR --out=DIR --seconds=420 \
+    python -m projects.demo.run_pretrain --config=configs/demo.py --tokenizer=DIR --out=DIR \
+        --seconds=420 \
         [--batch_size=128] [--workers=12] [--init_params=FILE --first_seed=2000]
 
 It runs in one process, on the config's mesh over that process's devices.
 
-Measured (clara_jax/assets/demo_base/pretrain.json): the demo model at batch 128 on one H200
+Measured (projects/demo/start/pretrain.json): the demo model at batch 128 on one H200
 ran about 25 steps/s after an 85 s compilation, with 13 workers keeping up (a medium world,
 11,440 stage-1 and 4,096 stage-2 examples, takes a worker about 4.4 s). On a 2-core CPU a
 step pair at batch 16 takes about 2.3 s.
@@ -49,14 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax import param_store
+from clara_jax import losses, param_store
 from clara_jax.data import world
 from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.fileio import atomic_write_json
 from clara_jax.model import ModelConfig, compress_docs, generate_logits
 from clara_jax.model import init_params as init_params_of
-from clara_jax.model.sharding import make_mesh
 
 FIRST_SEED = 1000
 EVAL_SEED = 999
@@ -162,7 +162,7 @@ def find_pretrained(path) -> Path:
     for need in (PARAMS_FILE, TOKENIZER_DIR):
         if not (path / need).exists():
             raise FileNotFoundError(f"{path}: not a pretrained model directory (no {need}; "
-                                    f"python -m clara_jax.train.pretrain writes one)")
+                                    f"python -m projects.demo.pretrain writes one)")
     return path
 
 
@@ -171,7 +171,7 @@ def write_start_state(config, pretrained, out) -> dict:
     `clara train --init_from=OUT` starts from), once; returns {"pretrained", "params"}."""
     # Lazy, like the imports in pretrain(): every spawned world worker imports this module,
     # and none of them needs orbax (train.checkpoint, through warmup).
-    from clara_jax.train.warmup import save_start_state
+    from projects.demo.warmup import save_start_state
 
     out = Path(out)
     done = out / "pretrained.json"
@@ -197,11 +197,8 @@ def make_eval_fn(cfg: ModelConfig):
     def score(params, batch, latents):
         logits, _ = generate_logits(cfg, params, batch["tokens"], batch["mask"],
                                     batch["slot_mask"], latents)
-        w = batch["loss_mask"]
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-        ce = jnp.sum((logz - picked) * w) / jnp.maximum(jnp.sum(w), 1)
-        right = (jnp.argmax(logits, -1) == batch["targets"]) | ~w
+        ce, _ = losses.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        right = (jnp.argmax(logits, -1) == batch["targets"]) | ~batch["loss_mask"]
         return ce, jnp.mean(jnp.all(right, axis=-1))
 
     @jax.jit
@@ -260,27 +257,164 @@ def pretrain_config(config, batch_size: int, learning_rate: float, lambda_retrie
     return c
 
 
+class WorldStream:
+    """The pretraining batches: worker processes generate and featurize worlds (seeds
+    `first_seed`, `first_seed + 1`, ...; `world_batches`) ahead of the trainer; iterating gives
+    (stage, batch of numpy arrays) with the stages taking turns, each batch `batch_size` rows
+    of the current world drawn without replacement. When a world is used up the next one is
+    taken if it is ready, else the current one is reshuffled and used again. Counts the
+    worlds used, the batches per stage and the seconds spent waiting for a world."""
+
+    def __init__(self, tokenizer_dir, fields: dict[int, dict], stages: tuple[int, ...],
+                 batch_size: int, seed: int, workers: int, first_seed: int, size: str,
+                 focus: bool, qa_only: bool):
+        # Spawned, so that no worker inherits the threads JAX starts in this process.
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ctx.Pool(workers, initializer=_init_worker,
+                             initargs=(str(tokenizer_dir), fields))
+        self.ready: queue.Queue = queue.Queue(maxsize=2 * workers)
+        self.seeds = itertools.count(first_seed)
+        self.world_args = (size, focus, qa_only)
+        self.stages, self.batch_size = stages, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.worlds: list[int] = []
+        self.stage_steps = dict.fromkeys(stages, 0)
+        self.waited_s = 0.0
+        for _ in range(2 * workers):
+            self._submit()
+
+    def _submit(self) -> None:
+        self.pool.apply_async(world_batches, (next(self.seeds), *self.world_args),
+                              callback=self.ready.put, error_callback=self.ready.put)
+
+    def _next_world(self, block: bool):
+        t0 = time.perf_counter()
+        try:
+            got = self.ready.get(block=block, timeout=600 if block else None)
+        except queue.Empty:
+            return None
+        finally:
+            self.waited_s += time.perf_counter() - t0
+        if isinstance(got, BaseException):
+            raise got
+        self._submit()
+        return got
+
+    def __iter__(self):
+        current, orders, bs = None, {}, self.batch_size
+        while True:
+            if current is None or any(len(o) < bs for o in orders.values()):
+                fresh = self._next_world(block=current is None)
+                if fresh is not None:
+                    seed, current = fresh
+                    self.worlds.append(seed)
+                orders = {s: self.rng.permutation(len(a["tokens"])) for s, a in current.items()}
+            for s in self.stages:
+                idx, orders[s] = orders[s][:bs], orders[s][bs:]
+                self.stage_steps[s] += 1
+                yield s, {k: v[idx].astype(np.int32) if v.dtype == np.int16 else v[idx]
+                          for k, v in current[s].items()}
+
+    def close(self) -> None:
+        self.pool.terminate()
+
+
+def _pretrain_hooks(stream: WorldStream, seconds: float, max_steps: int | None,
+                    eval_every_s: float, eval_fn, evals, out: Path, log):
+    """(stop rule, clock hook, evaluation hook) of a pretraining run: it stops, at the end of
+    a turn of the stages, after `seconds` of training (the time in the steps, not waiting for
+    worlds nor evaluating) or `max_steps`; it evaluates (and writes OUT/params.safetensors)
+    every `eval_every_s` seconds of training and at the stop, keeping the records in
+    `.curve`."""
+    from clara_jax.train.loop import Hook
+
+    turn = len(stream.stages)
+    started = time.perf_counter()
+
+    class Clock(Hook):
+        def __init__(self):
+            self.train_s = 0.0
+
+        def before(self, step, state):
+            self.t0, self.waited = time.perf_counter(), stream.waited_s
+
+        def after(self, step, state, metrics, stop, fetched):
+            self.train_s += time.perf_counter() - self.t0 - (stream.waited_s - self.waited)
+
+    class Evals(Hook):
+        def __init__(self):
+            self.last_eval, self.curve = 0.0, []
+
+        def after(self, step, state, metrics, stop, fetched):
+            if step % turn or (clock.train_s - self.last_eval < eval_every_s and stop is None):
+                return
+            self.last_eval = clock.train_s
+            record = {"step": step, "worlds": len(stream.worlds),
+                      "examples": step * stream.batch_size, "train_s": round(clock.train_s, 1),
+                      "wall_s": round(time.perf_counter() - started, 1),
+                      "loss": round(float(metrics["loss"]), 4),
+                      **evaluate(eval_fn, state.params, evals)}
+            self.curve.append(record)
+            log(json.dumps(record))
+            save_params(state.params, out / PARAMS_FILE, {"step": step})
+
+    def stop(step: int) -> str | None:
+        if step % turn:
+            return None
+        if clock.train_s >= seconds:
+            return "time"
+        return "steps" if max_steps is not None and step >= max_steps else None
+
+    clock = Clock()
+    return stop, clock, Evals()
+
+
+def _compiled_steps(c, cfg, stages, init_params, bow_weight: float = 0.0):
+    """The pretraining state on the config's mesh (fresh, or from an `init_params` file, with
+    a new optimizer state) and each stage's step compiled once with the state donated:
+    (mesh, state, {stage: (compiled, batch shardings)}); `bow_weight` > 0 adds the
+    bag-of-words loss (projects/demo/bag_of_words.py)."""
+    from clara_jax.train.loop import make_mesh_from_config
+    from clara_jax.train.state import abstract_state, create_state, state_shardings
+    from clara_jax.train.steps import batch_fields, compile_train_step, make_train_step
+
+    mesh = make_mesh_from_config(c)
+    abstract = abstract_state(c, cfg, 1)
+    shardings = state_shardings(cfg, mesh, abstract)
+    if init_params is None:
+        params = jax.jit(lambda k: init_params_of(cfg, k))(jax.random.key(int(c.train.seed)))
+    else:
+        params = load_params(init_params, cfg)
+    state = jax.jit(lambda p: create_state(c, p, 1), out_shardings=shardings)(params)
+    from projects.demo.bag_of_words import with_bag_of_words
+
+    def step_of(s):
+        loss_fn = with_bag_of_words(c, s, bow_weight) if bow_weight > 0 else None
+        return make_train_step(c, cfg, s, abstract.params, loss_fn=loss_fn)
+
+    steps = {s: compile_train_step(step_of(s), mesh, shardings, abstract, batch_fields(c, s))
+             for s in stages}
+    return mesh, state, steps
+
+
 def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
              learning_rate: float = 1e-3, lambda_retrieval: float = 0.25, workers: int = 8,
              eval_every_s: float = 60.0, warmup_steps: int = 200, size: str = "medium",
              first_seed: int = FIRST_SEED, init_params=None, max_steps: int | None = None,
              stages: tuple[int, ...] = (1, 2), focus: bool = False, qa_only: bool = False,
-             log=print) -> dict:
+             bow_weight: float = 0.0, log=print) -> dict:
     """Trains for `seconds` (plus compile and evaluation time) and writes OUT (module
     docstring); `init_params`: a `save_params` file to continue from (with a new optimizer
     state; give it a `first_seed` past the worlds it saw); `max_steps`: stop there too, if
     sooner; `stages`: the stages whose steps take turns; `focus`, `qa_only`: see
     `world_batches` (the curriculum that opened the channel for hobbies,
-    projects/demo/README.md). Returns the summary written to OUT/pretrain.json."""
+    projects/demo/README.md); `bow_weight`: weight of the bag-of-words loss
+    (projects/demo/bag_of_words.py; 0: none). Runs through the training loop
+    (`clara_jax.train.loop.run`). Returns the summary written to OUT/pretrain.json."""
     # Here, not at the top: each spawned world worker imports this module to run
-    # _init_worker, and the train state and steps (optax) would only slow its start.
-    from clara_jax.train.state import abstract_state, create_state, state_shardings
-    from clara_jax.train.steps import (
-        batch_fields,
-        compile_train_step,
-        make_train_step,
-        rng_for_step,
-    )
+    # _init_worker, and the loop, train state and steps (orbax, optax) would only slow its
+    # start.
+    from clara_jax.train.loop import Loop, Reporter, global_batch, run
 
     if not stages or any(s not in (1, 2) for s in stages):
         raise ValueError(f"pretraining takes stages 1 and/or 2, got {stages!r}")
@@ -294,101 +428,46 @@ def pretrain(config, tokenizer_dir, out, seconds: float, batch_size: int = 128,
                          f"model.vocab_size={cfg.vocab_size} (or int16 ids)")
     shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR, dirs_exist_ok=True)
     fields = {s: featurizer_fields(tok, c, s) for s in stages}
+    # The workers first, before JAX starts its threads.
+    stream = WorldStream(tokenizer_dir, fields, stages, batch_size, int(c.train.seed), workers,
+                         first_seed, size, focus, qa_only)
+    try:
+        mesh, state, steps = _compiled_steps(c, cfg, stages, init_params, bow_weight)
+        evals = eval_batches(tok, fields, min(batch_size, 64))
+        stop, clock, evals_hook = _pretrain_hooks(stream, seconds, max_steps, eval_every_s,
+                                      make_eval_fn(cfg), evals, out, log)
+        log(json.dumps({"event": "start", "devices": str(jax.devices()),
+                        "batch_size": batch_size}))
+        started = time.perf_counter()
 
-    # Workers first, before JAX starts its threads; spawn, so none inherits them.
-    ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), fields))
-    ready: queue.Queue = queue.Queue(maxsize=2 * workers)
-    seeds = itertools.count(first_seed)
+        def step_fn(st, item, rng):
+            compiled, batch_sh = steps[item[0]]
+            return compiled(st, global_batch(item[1], batch_sh), rng)
 
-    def submit():
-        pool.apply_async(world_batches, (next(seeds), size, focus, qa_only), callback=ready.put,
-                         error_callback=lambda e: ready.put(e))
-
-    for _ in range(2 * workers):
-        submit()
-
-    # The project's usual form: the state sharded on the config's mesh by the logical rules,
-    # and each stage's step compiled once with its shardings and the state donated.
-    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    abstract = abstract_state(c, cfg, 1)
-    shardings = state_shardings(cfg, mesh, abstract)
-    if init_params is None:
-        params = jax.jit(lambda k: init_params_of(cfg, k))(jax.random.key(int(c.train.seed)))
-    else:
-        params = load_params(init_params, cfg)
-    state = jax.jit(lambda p: create_state(c, p, 1), out_shardings=shardings)(params)
-    steps = {s: compile_train_step(make_train_step(c, cfg, s, abstract.params), mesh,
-                                   shardings, abstract, batch_fields(c, s))
-             for s in stages}
-    eval_fn = make_eval_fn(cfg)
-    evals = eval_batches(tok, fields, min(batch_size, 64))
-
-    def next_world(block: bool):
-        try:
-            got = ready.get(block=block, timeout=600 if block else None)
-        except queue.Empty:
-            return None
-        if isinstance(got, BaseException):
-            raise got
-        submit()
-        return got
-
-    rng = np.random.default_rng(int(c.train.seed))
-    worlds, examples, curve, stage_steps = [], 0, [], dict.fromkeys(stages, 0)
-    current, orders = None, {}
-    train_s, last_eval, i = 0.0, 0.0, 0
-    started = time.perf_counter()
-    log(json.dumps({"event": "start", "devices": str(jax.devices()), "batch_size": batch_size}))
-
-    def finished() -> bool:
-        return train_s >= seconds or (max_steps is not None and i >= max_steps)
-
-    while not finished():
-        # When a world is used up: the next one if it is ready, else this one again.
-        if current is None or any(len(o) < batch_size for o in orders.values()):
-            fresh = next_world(block=current is None)
-            if fresh is not None:
-                seed, current = fresh
-                worlds.append(seed)
-            orders = {s: rng.permutation(len(a["tokens"])) for s, a in current.items()}
-        t0 = time.perf_counter()
-        for s in stages:
-            idx, orders[s] = orders[s][:batch_size], orders[s][batch_size:]
-            compiled, batch_sh = steps[s]
-            batch = {k: jax.device_put(v[idx].astype(np.int32) if v.dtype == np.int16
-                                       else v[idx], batch_sh[k])
-                     for k, v in current[s].items()}
-            state, metrics = compiled(state, batch, rng_for_step(state.rng, i))
-            stage_steps[s] += 1
-            examples += batch_size
-            i += 1
-        if (i // len(stages)) % SYNC_EVERY == 0:
-            # Waiting on every step would keep the host from preparing the next batch while
-            # the device computes; waiting now and then keeps train_s honest.
-            jax.block_until_ready(state.step)
-        train_s += time.perf_counter() - t0
-        if train_s - last_eval >= eval_every_s or finished():
-            last_eval = train_s
-            record = {"step": i, "worlds": len(worlds), "examples": examples,
-                      "train_s": round(train_s, 1),
-                      "wall_s": round(time.perf_counter() - started, 1),
-                      "loss": round(float(metrics["loss"]), 4),
-                      **evaluate(eval_fn, state.params, evals)}
-            curve.append(record)
-            log(json.dumps(record))
-            save_params(state.params, out / PARAMS_FILE, {"step": i})
-    pool.terminate()
-    summary = {"steps": i, "stage_steps": stage_steps, "examples": examples,
-               "worlds": {"count": len(worlds), "first_seed": first_seed, "last_seed": max(worlds),
-                          "size": size},
+        # Fetching the metrics (and checking them) every SYNC_EVERY turns also waits for the
+        # device now and then, which keeps the time in the steps honest.
+        every = SYNC_EVERY * len(stages)
+        state, step, _, _ = run(state, 0, Loop(
+            step_fn=step_fn, batches=iter(stream), stop=stop,
+            report=Reporter(None, "pretrain", max_steps, every, progress=False),
+            fetch=lambda i: i % every == 0, nan_policy=str(c.train.nan_policy),
+            hooks=(clock, evals_hook),
+            mesh=mesh))
+    finally:
+        stream.close()
+    summary = {"steps": step, "stage_steps": stream.stage_steps,
+               "examples": step * batch_size,
+               "worlds": {"count": len(stream.worlds), "first_seed": first_seed,
+                          "last_seed": max(stream.worlds), "size": size},
                "init_params": None if init_params is None else str(init_params),
                "eval_seed": EVAL_SEED, "batch_size": batch_size,
                "learning_rate": learning_rate, "lambda_retrieval": lambda_retrieval,
                "stages": list(stages), "focus": focus, "qa_only": qa_only,
-               "bow_weight": float(c.train.bow_weight),
-               "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - started, 1),
+               "bow_weight": float(bow_weight),
+               "train_s": round(clock.train_s, 1),
+               "wall_s": round(time.perf_counter() - started, 1),
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-               "curve": curve, "last": curve[-1] if curve else None}
+               "curve": evals_hook.curve, "last": evals_hook.curve[-1] if evals_hook.curve
+               else None}
     atomic_write_json(out / "pretrain.json", summary)
     return summary
