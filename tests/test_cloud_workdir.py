@@ -31,9 +31,10 @@ def bucket(tmp_path, monkeypatch):
     assert not any(cwd.iterdir()), sorted(cwd.rglob("*"))
 
 
-def _config(steps):
+def _config(steps, profile_steps=0):
     config = es.fresh_config()
     config.train.steps = steps
+    config.train.profile_steps = profile_steps
     config.train.checkpoint_every = 1
     config.train.log_every = 1
     config.train.eval_every = 2
@@ -46,14 +47,15 @@ def _config(steps):
     return config
 
 
-def _train(workdir, steps, tokenizer_dir=None):
+def _train(workdir, steps, tokenizer_dir=None, profile_steps=0):
     from clara_jax.train.loop import train
     from tests.train_support import SyntheticLoader
 
     def factory(c, stage, split):
         return SyntheticLoader(c, stage, seed=0 if split == "train" else 1)
 
-    return train(_config(steps), workdir, factory, progress=False, tokenizer_dir=tokenizer_dir)
+    return train(_config(steps, profile_steps), workdir, factory, progress=False,
+                 tokenizer_dir=tokenizer_dir)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -163,3 +165,24 @@ def test_url_workdirs_orbax_cannot_write_are_refused_in_one_line(bucket):
         _train("s3://bucket/run", 1)
     with pytest.raises(ValueError, match=r"^nowhere://x: unsupported URL scheme"):
         as_path("nowhere://x")
+
+
+def test_profiler_trace_on_gs_lands_in_the_bucket(bucket, tokenizer_dir, capfd):
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("clara_profile_*"))
+    result = _train("gs://bucket/prof", 3, tokenizer_dir, profile_steps=1)
+    assert result.status == "done"
+    assert "profiler: traced steps 2-2 into gs://bucket/prof/tb/plugins/profile" in \
+        capfd.readouterr().out
+    traces = list((bucket / "bucket" / "prof" / "tb" / "plugins" / "profile").glob(
+        "*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(str(traces[0]))
+    steps = {int(dict(e.stats)["step_num"]) for plane in data.planes for line in plane.lines
+             for e in line.events if e.name == "train"}
+    assert steps == {2}
+    # the local staging directory is gone once uploaded
+    assert set(Path(tempfile.gettempdir()).glob("clara_profile_*")) == before

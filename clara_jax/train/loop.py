@@ -29,8 +29,10 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
 from clara_jax.convert import bundle, hf
-from clara_jax.fileio import as_path, atomic_write_bytes, atomic_write_text, is_url
+from clara_jax.fileio import as_path, atomic_write_bytes, atomic_write_text, files_under, is_url
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_shardings
 from clara_jax.model.sharding import DEFAULT_RULES, make_mesh
 from clara_jax.train import checkpoint as ckpt
@@ -332,10 +334,14 @@ class _StepProfiler(Hook):
     TensorBoard's profile tab reads it (tb/plugins/profile/<run>/<host>.xplane.pb). Steps are
     counted as completed steps: tracing covers steps first + 1 .. last."""
 
-    def __init__(self, count: int, start: int, end: int, logdir: Path):
+    def __init__(self, count: int, start: int, end: int, logdir):
         self.first = start + 1
         self.last = min(start + 1 + count, end)
         self.logdir = logdir
+        # The profiler writes through its own C++ filesystem layer, which knows no fsspec
+        # store and no emulated bucket: on a URL workdir the trace goes to a local directory
+        # first and is uploaded file by file when it stops.
+        self.local = None
         self.on = count > 0 and _is_main() and self.first < self.last
         self.tracing = False
         if count > 0 and not self.on:
@@ -345,7 +351,9 @@ class _StepProfiler(Hook):
     def before(self, step: int, state) -> None:
         if self.on and not self.tracing and step == self.first:
             jax.block_until_ready(state)  # the first step's work stays out of the trace
-            jax.profiler.start_trace(str(self.logdir))
+            if is_url(self.logdir):
+                self.local = Path(tempfile.mkdtemp(prefix="clara_profile_"))
+            jax.profiler.start_trace(str(self.local or self.logdir))
             self.tracing = True
 
     def around(self, step: int):
@@ -369,6 +377,11 @@ class _StepProfiler(Hook):
             jax.block_until_ready(state)  # dispatched steps finish inside the trace
         jax.profiler.stop_trace()
         self.tracing = False
+        if self.local is not None:
+            for name in files_under(self.local):
+                atomic_write_bytes(as_path(self.logdir) / name, (self.local / name).read_bytes())
+            shutil.rmtree(self.local, ignore_errors=True)
+            self.local = None
         _say(f"profiler: traced steps {self.first + 1}-{step} into "
              f"{self.logdir / 'plugins' / 'profile'}")
 
