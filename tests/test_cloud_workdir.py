@@ -119,6 +119,18 @@ def test_run_on_gs_writes_everything_to_the_bucket_and_resumes(bucket, tmp_path,
     assert losses == [(r["step"], r["loss"]) for r in _rows(local / "metrics.jsonl")]
     assert [r["step"] for r in _rows(run / "eval_metrics.jsonl")] == [2, 4]
 
+    # `clara ask` / `clara eval` read the run from the bucket: the local run's params, exactly.
+    import jax
+    import numpy as np
+
+    from clara_jax.infer.serving import load_checkpoint_model
+
+    remote, here = load_checkpoint_model(RUN), load_checkpoint_model(local, tokenizer_dir)
+    assert remote.step == here.step == 4
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                     remote.params, here.params))
+    assert remote.tokenizer.vocab_size == here.tokenizer.vocab_size
+
     # A damaged step in the bucket is reported, moved aside, and the previous one resumed.
     state = run / "checkpoints" / "4" / "state"
     victim = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from clara_jax.fileio import atomic_write_bytes, file_manifest, read_json
+from clara_jax.fileio import as_path, atomic_write_bytes, file_manifest, read_json
 
 META_FILE = "clara_tokenizer.json"
 SP_FILE = "tokenizer.model"
@@ -246,13 +246,13 @@ class HFTokenizer(Tokenizer):
         from the arguments, else `tokenizer_config.json` beside it, else common names."""
         from tokenizers import Tokenizer as RawTokenizer
 
-        path = Path(path)
+        path = as_path(path)
         if path.is_dir():
             path = path / HF_FILE
         if not path.exists():
             raise TokenizerError(f"{path}: no such file")
-        try:
-            raw = RawTokenizer.from_file(str(path))
+        try:  # from the text, so that a file on a bucket (gs://) loads too
+            raw = RawTokenizer.from_str(path.read_text())
         except Exception as e:  # the tokenizers package raises a bare Exception
             raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json: {e}") from e
         config_path = path.parent / "tokenizer_config.json"
@@ -299,8 +299,8 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Loads a tokenizer saved by `Tokenizer.save(directory)`."""
-    d = Path(directory)
+    """Loads a tokenizer saved by `Tokenizer.save(directory)` (a local path or a URL)."""
+    d = as_path(directory)
     meta_path = d / META_FILE
     meta = read_json(meta_path, TokenizerError, "no such file (not a saved clara tokenizer)",
                      "tokenizer metadata")

@@ -35,7 +35,7 @@ import jax
 import ml_collections
 
 from clara_jax.config import ConfigError, saved_config
-from clara_jax.fileio import check_format, manifest_problem, read_json
+from clara_jax.fileio import as_path, check_format, manifest_problem, read_json
 from clara_jax.model import ModelConfig, param_shardings
 
 # The serving bundle's layout (see clara_jax/export/bundle.py for what each holds).
@@ -111,7 +111,7 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
     from clara_jax.train import checkpoint as ckpt
     from clara_jax.train.state import abstract_state, state_shardings
 
-    path = Path(path)
+    path = as_path(path)  # a run on a bucket (gs://) is read where it is
     if not path.is_dir():
         raise ckpt.CheckpointError(f"--checkpoint={path}: no such directory")
     if converted.is_converted(path):
