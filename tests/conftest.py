@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))  # makes `configs` importable
 
+from tests.world_support import built  # noqa: E402,F401 (a module-scoped fixture)
+
 
 @pytest.fixture(scope="session")
 def tiny_config():

@@ -11,25 +11,16 @@ import sys
 import numpy as np
 import pytest
 
-from clara_jax.data import featurize, formats, pipeline, prepare, prompts, tfds_build
+from clara_jax.data import featurize, formats, pipeline, prompts, tfds_build
 from clara_jax.data.formats import DataError
+from tests.world_support import single_process_loader
 
 from .conftest import REPO, SHARED
 
 REAL = SHARED / "data" / "ml-clara-example" / "pretrain_data.800.jsonl"
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_config):
-    out = tmp_path_factory.mktemp("world")
-    summary = prepare.prepare_world(out, tiny_config, seed=0, size="small")
-    return out, summary
-
-
-def _loader(config, stage, data_dir, **kw):
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
-    return pipeline.make_loader(config, stage, data_dir, **kw)
+_loader = single_process_loader
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

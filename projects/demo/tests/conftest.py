@@ -2,3 +2,4 @@
 the shared XLA compilation cache)."""
 
 from tests.conftest import tiny_cfg, tiny_config, tiny_params  # noqa: F401
+from tests.world_support import built  # noqa: F401

@@ -5,23 +5,12 @@ code from tests/test_data_pipeline.py: question kinds, the swap itself, and the 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from clara_jax.data import featurize, pipeline, prepare, tfds_build
+from clara_jax.data import featurize, pipeline, tfds_build
 from projects.demo.answer_swap import AnswerSwap, _mentions, answer_swaps, question_kind
+from tests.world_support import single_process_loader
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_config):
-    out = tmp_path_factory.mktemp("world")
-    summary = prepare.prepare_world(out, tiny_config, seed=0, size="small")
-    return out, summary
-
-
-def _loader(config, stage, data_dir, **kw):
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
-    return pipeline.make_loader(config, stage, data_dir, **kw)
+_loader = single_process_loader
 
 
 def test_question_kind_drops_whom_it_asks_about():
