@@ -206,7 +206,7 @@ class ProcessShardedIndex:
         gathered = [g["keys"] for g in allgather_arrays({"keys": keys})]
         sizes = [len(g) for g in gathered]
         lo = sum(sizes[:self.process_index])
-        everyone = np.concatenate(gathered) if gathered else keys
+        everyone = np.concatenate(gathered)  # one entry per process, never empty
         total = len(everyone)
 
         # 2. this process's shards, merged (shard numbers of the directory)

@@ -85,7 +85,7 @@ class Answer:
 STAGES = ("query_encoding", "search", "generation")
 # What a search fetches with its results for each mode (the generator reads nothing else of
 # the index, so a multi-process index sends it with the results: clara_jax.index.multihost).
-FETCH = {"latent": ("latents",), "text": ("docs",), "closed_book": ()}
+FETCH_FOR_MODE = {"latent": ("latents",), "text": ("docs",), "closed_book": ()}
 
 
 @dataclasses.dataclass
@@ -172,7 +172,7 @@ class RagPipeline:
 
     def retrieve(self, questions: Sequence[str], k: int) -> SearchResult:
         """The top-k documents per question (ids, store rows, cosine scores, stored latents)."""
-        return self._search(self.query_latents(questions), k, k, FETCH["latent"])
+        return self._search(self.query_latents(questions), k, k, FETCH_FOR_MODE["latent"])
 
     def _search(self, qlat: np.ndarray, depth: int, need: int, fetch=()) -> SearchResult:
         """The top-`depth` documents of query latents float32[Q, M, L], with what `fetch`
@@ -266,7 +266,7 @@ class RagPipeline:
             qlat = self.query_latents(questions)
             ms["query_encoding"] = 1e3 * (time.perf_counter() - t)
             t = time.perf_counter()
-            res = self._search(qlat, depth or k, need or k, FETCH[mode])
+            res = self._search(qlat, depth or k, need or k, FETCH_FOR_MODE[mode])
             ms["search"] = 1e3 * (time.perf_counter() - t)
             ids = [[d for d in row if d is not None] for row in res.ids]
             scores = np.asarray(res.scores, np.float32)  # host copy: no device ops per row
