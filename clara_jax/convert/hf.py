@@ -39,6 +39,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from clara_jax.config import base_config
 from clara_jax.fileio import read_json, replace_dir
@@ -115,17 +117,14 @@ def _rope_theta(hf: dict, where: str) -> float:
     return float(10000.0 if theta is None else theta)
 
 
-def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> ModelConfig:
-    """The ModelConfig of a checkpoint's config.json; fields the checkpoint does not have come
-    from `overrides` (see OVERRIDABLE), else the project defaults (`clara_jax.config`).
-
-    Refuses, naming the field: an unknown model_type or architecture, an activation other than
-    SiLU, RoPE scaling, sliding-window attention that would be in use within `max_len`,
-    attention or MLP biases Llama allows, attention dropout, quantized weights.
-    """
+def _refuser(hf: dict, where: str) -> Callable[[str, str], None]:
     def refuse(field, why):
         raise ConversionError(f"{where}: field '{field}'={hf.get(field)!r}: {why}")
+    return refuse
 
+
+def _check_architecture(hf: dict, refuse: Callable[[str, str], None]) -> str:
+    """Fails on a config.json this converter cannot read; returns its model_type."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         refuse("model_type", f"unsupported model type; supported: {', '.join(SUPPORTED)}")
@@ -147,7 +146,10 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
                   "num_attention_heads", "vocab_size"):
         if not isinstance(hf.get(field), int) or hf[field] <= 0:
             refuse(field, "missing, or not a positive integer")
+    return model_type
 
+
+def _check_overrides(overrides: dict, where: str) -> None:
     unknown = sorted(set(overrides) - set(OVERRIDABLE) - set(HF_FIELDS))
     if unknown:
         raise ConversionError(f"unknown ModelConfig override(s) {unknown}; the checkpoint sets "
@@ -156,14 +158,10 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
     if fixed:
         raise ConversionError(f"override(s) {fixed} come from {where} and cannot be changed")
 
-    n_heads = hf["num_attention_heads"]
-    n_kv_heads = hf.get("num_key_value_heads") or n_heads
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    if n_heads % n_kv_heads:
-        refuse("num_key_value_heads", f"must divide num_attention_heads={n_heads}")
-    if head_dim % 2:
-        refuse("head_dim", f"head dim {head_dim} is odd; RoPE rotates pairs")
-    max_len = int(overrides.get("max_len", hf.get("max_position_embeddings") or 4096))
+
+def _check_full_attention(hf: dict, model_type: str, max_len: int,
+                          refuse: Callable[[str, str], None]) -> None:
+    """Fails if sliding-window attention would be in use for sequences up to `max_len`."""
     if model_type == "qwen2":
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
         window_field = "use_sliding_window"
@@ -179,14 +177,41 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> Mod
         if window is None or int(window) < max_len:
             refuse("layer_types", "only 'full_attention' layers are supported")
 
+
+def _project_model_defaults() -> dict:
+    """The OVERRIDABLE fields' values when `load` is given none: the project's config."""
     c = base_config()
-    defaults = dict(
+    return dict(
         num_memory_tokens=DEFAULT_NUM_MEMORY_TOKENS, latent_dim=c.model.latent_dim,
         scan_layers=c.model.scan_layers, remat=c.model.remat, dtype=c.model.dtype,
         base_dtype=c.model.base_dtype, init_std=c.model.init_std, lora_rank=c.model.lora.rank,
         lora_alpha=float(c.model.lora.alpha), lora_dropout=float(c.model.lora.dropout),
         lora_targets=tuple(c.model.lora.targets), adapters=tuple(c.model.lora.adapters))
-    fields = {**defaults, **overrides, "max_len": max_len}
+
+
+def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json; fields the checkpoint does not have come
+    from `overrides` (see OVERRIDABLE), else the project defaults (`clara_jax.config`).
+
+    Refuses, naming the field: an unknown model_type or architecture, an activation other than
+    SiLU, RoPE scaling, sliding-window attention that would be in use within `max_len`,
+    attention or MLP biases Llama allows, attention dropout, quantized weights.
+    """
+    refuse = _refuser(hf, where)
+    model_type = _check_architecture(hf, refuse)
+    _check_overrides(overrides, where)
+
+    n_heads = hf["num_attention_heads"]
+    n_kv_heads = hf.get("num_key_value_heads") or n_heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if n_heads % n_kv_heads:
+        refuse("num_key_value_heads", f"must divide num_attention_heads={n_heads}")
+    if head_dim % 2:
+        refuse("head_dim", f"head dim {head_dim} is odd; RoPE rotates pairs")
+    max_len = int(overrides.get("max_len", hf.get("max_position_embeddings") or 4096))
+    _check_full_attention(hf, model_type, max_len, refuse)
+
+    fields = {**_project_model_defaults(), **overrides, "max_len": max_len}
     for key in ("lora_targets", "adapters"):
         fields[key] = tuple(fields[key])
     return ModelConfig(
@@ -355,8 +380,6 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
 def _safe_open(file: Path, framework: str):
     """`safetensors.safe_open` whose errors (a truncated or garbled file) are ConversionErrors
     naming the file."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework=framework) as f:
             yield f
@@ -372,8 +395,6 @@ def _cpu_device():
 def _read_tensors(files: dict[str, Path], names: set[str], progress: bool
                   ) -> Iterator[tuple[str, Path, np.ndarray]]:
     """Yields (name, file, array) for `names`, one tensor at a time, file by file."""
-    from tqdm import tqdm
-
     by_file: dict[Path, list[str]] = {}
     for name in sorted(names):
         by_file.setdefault(files[name], []).append(name)
@@ -445,6 +466,108 @@ def _fresh_non_base(cfg: ModelConfig, seed: int) -> dict[tuple[str, ...], jax.Ar
     return result
 
 
+def _load_config(path: Path, hf_config: dict, param_dtype: str | None,
+                 min_vocab_size: int | None, vocab_multiple: int,
+                 overrides: dict) -> tuple[ModelConfig, int]:
+    """The ModelConfig `load` builds (base_dtype and grown vocabulary set) and the checkpoint's
+    own vocabulary size."""
+    cfg = model_config_from_hf(hf_config, where=str(path / CONFIG_FILE), **overrides)
+    if param_dtype is None:
+        param_dtype = cfg.base_dtype
+    if param_dtype not in ("float32", "bfloat16"):
+        raise ConversionError(f"param_dtype={param_dtype!r}: must be 'float32' or 'bfloat16'")
+    # The stored dtype and the config agree, so that a restore against `abstract_params(cfg)`
+    # (checkpoints, `clara train --init_from_hf`) keeps it.
+    cfg = dataclasses.replace(cfg, base_dtype=param_dtype)
+    hf_vocab = cfg.vocab_size
+    if min_vocab_size is not None and min_vocab_size > hf_vocab:
+        cfg = dataclasses.replace(cfg, vocab_size=_round_up(min_vocab_size, vocab_multiple))
+    return cfg, hf_vocab
+
+
+def _first_eight(names: list[str]) -> str:
+    return f"{names[:8]}" + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _check_tensor_names(path: Path, files: dict[str, Path], tensors: dict[str, _Tensor],
+                        cfg: ModelConfig, model_type: str | None) -> None:
+    """Fails unless the checkpoint holds exactly the tensors the config implies (a tied
+    lm_head and rotary inv_freq buffers may be there too)."""
+    missing = sorted(set(tensors) - set(files))
+    if missing:
+        raise ConversionError(f"{path}: tensors missing from the checkpoint: "
+                              f"{_first_eight(missing)}")
+    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unexpected = sorted(n for n in set(files) - set(tensors) - ignorable
+                        if not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ConversionError(
+            f"{path}: tensors this {model_type} converter does not know (an "
+            f"unsupported architecture variant?): {_first_eight(unexpected)}")
+
+
+def _copy_converted(y: np.ndarray, x: np.ndarray, t: _Tensor, hf_vocab: int,
+                    grown: bool) -> None:
+    """Writes HF tensor `x` (t.hf_shape) into our buffer `y` (our shape, one layer's), cast on
+    the way; with `grown`, embedding [V', D] / unembedding [D, V'] entries past `hf_vocab` get
+    the mean of the checkpoint's rows."""
+    # One copy: the transposes and reshapes are views.
+    if t.name == "model.embed_tokens.weight" and grown:
+        y[:hf_vocab] = x
+        y[hf_vocab:] = x.mean(axis=0, dtype=np.float32)
+    elif t.name == "lm_head.weight" and grown:
+        y[:, :hf_vocab] = x.T
+        y[:, hf_vocab:] = x.mean(axis=0, dtype=np.float32)[:, None]
+    else:
+        y[...] = _to_ours(x, t.kind, y.shape)
+
+
+def _read_base(cfg: ModelConfig, hf_vocab: int, files: dict[str, Path],
+               tensors: dict[str, _Tensor], flat_abstract: dict, progress: bool,
+               place: Callable[[tuple[str, ...], np.ndarray], None]) -> None:
+    """Reads every checkpoint tensor, converts it to our layout and hands each finished leaf
+    to `place(key, array)`; stacked leaves (scan_layers) are filled layer by layer in one
+    preallocated [n_layers, ...] buffer and placed once their last layer is in."""
+    base_dtype = np.dtype(cfg.base_param_dtype)
+    stacked: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], int] = {}
+    for name, file, x in _read_tensors(files, set(tensors), progress):
+        t = tensors[name]
+        if tuple(x.shape) != t.hf_shape:
+            raise ConversionError(f"{file}: tensor {name!r} has shape {list(x.shape)}, but "
+                                  f"{CONFIG_FILE} implies {list(t.hf_shape)}")
+        key = _leaf_key(t, cfg.scan_layers)
+        want = flat_abstract[key].shape
+        layered = cfg.scan_layers and t.layer is not None
+        if layered:
+            if key not in stacked:
+                stacked[key] = _aligned_empty(want, base_dtype)
+                filled[key] = 0
+            y = stacked[key][t.layer]
+        else:
+            y = _aligned_empty(want, base_dtype)
+        _copy_converted(y, x, t, hf_vocab, cfg.vocab_size > hf_vocab)
+        del x
+        if layered:
+            filled[key] += 1
+            if filled[key] == cfg.n_layers:
+                place(key, stacked.pop(key))
+        else:
+            place(key, y)
+        del y
+
+
+def _unflatten_checked(abstract, flat: dict[tuple[str, ...], jax.Array]):
+    """The tree of `abstract`'s structure with the leaves of `flat` (emptied on the way)."""
+    leaves = []
+    for p, a in jax.tree_util.tree_leaves_with_path(abstract):
+        key = path_keys(p)
+        if flat[key].shape != a.shape:  # a bug here, not bad input: shapes were checked above
+            raise AssertionError(f"{'/'.join(key)}: built {flat[key].shape}, want {a.shape}")
+        leaves.append(flat.pop(key))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+
+
 def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
          vocab_multiple: int = 64, seed: int = 0, param_dtype: str | None = None,
          shardings=None, progress: bool = True, **overrides) -> tuple[ModelConfig, dict]:
@@ -470,34 +593,11 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
     """
     path = Path(path)
     hf_config = read_hf_config(path)
-    cfg = model_config_from_hf(hf_config, where=str(path / CONFIG_FILE), **overrides)
-    if param_dtype is None:
-        param_dtype = cfg.base_dtype
-    if param_dtype not in ("float32", "bfloat16"):
-        raise ConversionError(f"param_dtype={param_dtype!r}: must be 'float32' or 'bfloat16'")
-    # The stored dtype and the config agree, so that a restore against `abstract_params(cfg)`
-    # (checkpoints, `clara train --init_from_hf`) keeps it.
-    cfg = dataclasses.replace(cfg, base_dtype=param_dtype)
-    base_dtype = np.dtype(cfg.base_param_dtype)
-    hf_vocab = cfg.vocab_size
-    if min_vocab_size is not None and min_vocab_size > hf_vocab:
-        cfg = dataclasses.replace(cfg, vocab_size=_round_up(min_vocab_size, vocab_multiple))
-
+    cfg, hf_vocab = _load_config(path, hf_config, param_dtype, min_vocab_size, vocab_multiple,
+                                 overrides)
     files = checkpoint_files(path)
-    hf_cfg = dataclasses.replace(cfg, vocab_size=hf_vocab)
-    tensors = {t.name: t for t in _tensor_map(hf_cfg)}
-    missing = sorted(set(tensors) - set(files))
-    if missing:
-        raise ConversionError(f"{path}: tensors missing from the checkpoint: {missing[:8]}"
-                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    unexpected = sorted(n for n in set(files) - set(tensors) - ignorable
-                        if not n.endswith("rotary_emb.inv_freq"))
-    if unexpected:
-        raise ConversionError(
-            f"{path}: tensors this {hf_config.get('model_type')} converter does not know (an "
-            f"unsupported architecture variant?): {unexpected[:8]}"
-            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+    tensors = {t.name: t for t in _tensor_map(dataclasses.replace(cfg, vocab_size=hf_vocab))}
+    _check_tensor_names(path, files, tensors, cfg, hf_config.get("model_type"))
 
     abstract = abstract_params(cfg)
     flat_abstract = {path_keys(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
@@ -511,51 +611,10 @@ def load(path: str | os.PathLike, *, min_vocab_size: int | None = None,
         target = _cpu_device() if flat_shardings is None else flat_shardings[key]
         out[key] = jax.device_put(array, target)
 
-    # Stacked leaves (scan_layers) are filled layer by layer in one preallocated buffer.
-    stacked: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], int] = {}
-    for name, file, x in _read_tensors(files, set(tensors), progress):
-        t = tensors[name]
-        if tuple(x.shape) != t.hf_shape:
-            raise ConversionError(f"{file}: tensor {name!r} has shape {list(x.shape)}, but "
-                                  f"{CONFIG_FILE} implies {list(t.hf_shape)}")
-        key = _leaf_key(t, cfg.scan_layers)
-        want = flat_abstract[key].shape
-        per_layer = want[1:] if (cfg.scan_layers and t.layer is not None) else want
-        if cfg.scan_layers and t.layer is not None:
-            if key not in stacked:
-                stacked[key] = _aligned_empty(want, base_dtype)
-                filled[key] = 0
-            y = stacked[key][t.layer]
-        else:
-            y = _aligned_empty(per_layer, base_dtype)
-        # One copy, cast on the way: the transposes and reshapes below are views.
-        if name == "model.embed_tokens.weight" and cfg.vocab_size > hf_vocab:
-            y[:hf_vocab] = x
-            y[hf_vocab:] = x.mean(axis=0, dtype=np.float32)
-        elif name == "lm_head.weight" and cfg.vocab_size > hf_vocab:
-            y[:, :hf_vocab] = x.T
-            y[:, hf_vocab:] = x.mean(axis=0, dtype=np.float32)[:, None]
-        else:
-            y[...] = _to_ours(x, t.kind, per_layer)
-        del x
-        if cfg.scan_layers and t.layer is not None:
-            filled[key] += 1
-            if filled[key] == cfg.n_layers:
-                place(key, stacked.pop(key))
-        else:
-            place(key, y)
-        del y
-
+    _read_base(cfg, hf_vocab, files, tensors, flat_abstract, progress, place)
     for key, x in _fresh_non_base(cfg, seed).items():
         place(key, x)
-    leaves = []
-    for p, a in jax.tree_util.tree_leaves_with_path(abstract):
-        key = path_keys(p)
-        if out[key].shape != a.shape:  # a bug here, not bad input: shapes were checked above
-            raise AssertionError(f"{'/'.join(key)}: built {out[key].shape}, want {a.shape}")
-        leaves.append(out.pop(key))
-    return cfg, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+    return cfg, _unflatten_checked(abstract, out)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -592,34 +651,19 @@ def _leaf_getter(params) -> Callable[[tuple[str, ...]], object]:
     return flat.__getitem__
 
 
-def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict | None = None,
-         model_type: str | None = None, dtype: str = "float32",
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-         progress: bool = True, extra_files: dict[str, Path] | None = None) -> Path:
-    """Writes the base decoder of `params` as a Hugging Face checkpoint directory.
+_SAVE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16),
+                "float16": np.dtype(np.float16)}
 
-    Files: config.json (see `hf_config_from_model_config`) and model.safetensors, or
-    model-0000k-of-0000n.safetensors shards of at most `max_shard_bytes` each (a larger single
-    tensor gets a shard of its own) with model.safetensors.index.json. Adapters, memory
-    embeddings and latent projections are not part of the decoder and are not written.
-    dtype: 'float32', 'bfloat16' or 'float16'. extra_files: name -> file copied alongside
-    (tokenizer files, generation_config.json). Everything is written into a temporary
-    directory beside `path` and renamed into place, so a failure leaves nothing half-written.
-    """
-    from tqdm import tqdm
+# (HF tensor name, HF shape, dtype, a callable producing the tensor) for `_write_safetensors`.
+_Entry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
 
-    path = Path(path)
-    np_dtype = np.dtype({"float32": np.float32, "bfloat16": jnp.bfloat16,
-                         "float16": np.float16}.get(dtype, np.void))
-    if np_dtype == np.dtype(np.void):
-        raise ConversionError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ConversionError(f"{path}: exists and is not empty (pass overwrite=True)")
-    config = hf_config_from_model_config(cfg, hf_config, model_type, dtype)
+
+def _save_entries(cfg: ModelConfig, params, np_dtype: np.dtype) -> list[_Entry]:
+    """One entry per HF tensor of the base decoder, each converting its leaf (one layer's slice
+    of a stacked leaf) only when called; fails if `params` does not match `cfg`'s shapes."""
     get = _leaf_getter(params)
     want = {path_keys(p): a.shape
             for p, a in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
-
     entries = []
     for t in _tensor_map(cfg):
         key = _leaf_key(t, cfg.scan_layers)
@@ -638,40 +682,79 @@ def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict |
             return _to_hf(np.asarray(jax.device_get(x), np.float32), t.kind, t.hf_shape)
 
         entries.append((t.name, t.hf_shape, np_dtype, make))
+    return entries
 
-    shards: list[list] = [[]]
+
+def _entry_bytes(e: _Entry) -> int:
+    return math.prod(e[1]) * e[2].itemsize
+
+
+def _shard_entries(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
+    """Consecutive entries packed into shards of at most `max_shard_bytes` (a larger single
+    tensor gets a shard of its own)."""
+    shards: list[list[_Entry]] = [[]]
     size = 0
     for e in entries:
-        nbytes = math.prod(e[1]) * np_dtype.itemsize
+        nbytes = _entry_bytes(e)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(e)
         size += nbytes
+    return shards
+
+
+def _write_shards(out_dir: Path, shards: list[list[_Entry]], progress: bool) -> None:
+    """model.safetensors, or numbered shards with model.safetensors.index.json, in `out_dir`,
+    with one progress tick per tensor written."""
+    bar = tqdm(total=sum(map(len, shards)), desc="writing tensors", unit="tensor",
+               disable=not progress)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        name = SINGLE_FILE if len(shards) == 1 else \
+            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        counted = []
+        for e in shard:
+            def make(make=e[3]):
+                x = make()
+                bar.update(1)
+                return x
+            counted.append((e[0], e[1], e[2], make))
+            weight_map[e[0]] = name
+        _write_safetensors(out_dir / name, counted, {"format": "pt"})
+    bar.close()
+    if len(shards) > 1:
+        total = sum(_entry_bytes(e) for shard in shards for e in shard)
+        (out_dir / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict | None = None,
+         model_type: str | None = None, dtype: str = "float32",
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+         progress: bool = True, extra_files: dict[str, Path] | None = None) -> Path:
+    """Writes the base decoder of `params` as a Hugging Face checkpoint directory.
+
+    Files: config.json (see `hf_config_from_model_config`) and model.safetensors, or
+    model-0000k-of-0000n.safetensors shards of at most `max_shard_bytes` each (a larger single
+    tensor gets a shard of its own) with model.safetensors.index.json. Adapters, memory
+    embeddings and latent projections are not part of the decoder and are not written.
+    dtype: 'float32', 'bfloat16' or 'float16'. extra_files: name -> file copied alongside
+    (tokenizer files, generation_config.json). Everything is written into a temporary
+    directory beside `path` and renamed into place, so a failure leaves nothing half-written.
+    """
+    path = Path(path)
+    if dtype not in _SAVE_DTYPES:
+        raise ConversionError(f"dtype={dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ConversionError(f"{path}: exists and is not empty (pass overwrite=True)")
+    config = hf_config_from_model_config(cfg, hf_config, model_type, dtype)
+    shards = _shard_entries(_save_entries(cfg, params, _SAVE_DTYPES[dtype]), max_shard_bytes)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        bar = tqdm(total=len(entries), desc="writing tensors", unit="tensor",
-                   disable=not progress)
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            name = SINGLE_FILE if len(shards) == 1 else \
-                f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            counted = []
-            for e in shard:
-                def make(make=e[3]):
-                    x = make()
-                    bar.update(1)
-                    return x
-                counted.append((e[0], e[1], e[2], make))
-                weight_map[e[0]] = name
-            _write_safetensors(tmp / name, counted, {"format": "pt"})
-        bar.close()
-        if len(shards) > 1:
-            total = sum(math.prod(e[1]) * np_dtype.itemsize for e in entries)
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        _write_shards(tmp, shards, progress)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, file in (extra_files or {}).items():
             shutil.copy2(file, tmp / name)
@@ -680,5 +763,3 @@ def save(cfg: ModelConfig, params, path: str | os.PathLike, *, hf_config: dict |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
