@@ -19,6 +19,7 @@ a step's memory is that of one microbatch and the loop and checkpoints are uncha
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -83,87 +84,124 @@ def _gen_ce(cfg, params, batch, latents, rng):
     return losses.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
+def _rngs(rng, n: int) -> list:
+    """n dropout keys, or n Nones for evaluation."""
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def _span_loss(cfg: ModelConfig, params, latents, doc_tokens, doc_mask) -> jax.Array:
+    """Span read-out of the documents from their latents [B*K, M, L]; tokens/mask [B*K, Td]."""
+    td = doc_tokens.shape[-1]
+    return losses.span_readout_loss(
+        latent_span_logits(cfg, params, latents, td // cfg.num_memory_tokens), doc_tokens,
+        doc_mask)
+
+
+def _in_batch_retrieval(cfg: ModelConfig, params, batch, latents, doc_tokens, tau: float,
+                        rng) -> tuple[jax.Array, jax.Array]:
+    """(InfoNCE float32[], recall@1 float32[]) of the questions against every document latent
+    of the batch (latents [B*K, M, L]); the gold one is pos_index's of its own row."""
+    b, kd = batch["doc_tokens"].shape[:2]
+    # Questions through the compressor adapter: the stage-3 query reasoner starts as a copy of
+    # it, and the index's keys are its latents.
+    query = compress(cfg, params, batch["query_tokens"], batch["query_mask"], rng=rng)
+    pos = batch["pos_index"]
+    positive = jnp.where(pos >= 0, jnp.arange(b) * kd + pos, -1)
+    return losses.in_batch_info_nce(query, latents, doc_tokens, positive, tau)
+
+
+def _stage12_loss(config: ml_collections.ConfigDict, cfg: ModelConfig, params, batch, rng):
+    """Stages 1-2: answer CE + MSE alignment, plus the span and retrieval terms when weighted."""
+    t = config.train
+    r_doc, r_gen, r_q = _rngs(rng, 3)
+    b, kd, td = batch["doc_tokens"].shape
+    doc_tokens = batch["doc_tokens"].reshape(b * kd, td)
+    doc_mask = batch["doc_mask"].reshape(b * kd, td)
+    flat, doc_mean, mem_mean = compress(cfg, params, doc_tokens, doc_mask, rng=r_doc,
+                                        with_means=True)
+    latents = flat.reshape(b, kd, *flat.shape[1:])
+    ce, n = _gen_ce(cfg, params, batch, latents, r_gen)
+    mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
+    loss = ce + float(t.mse_weight) * mse
+    metrics = {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
+    if float(t.span_weight) > 0:
+        span = _span_loss(cfg, params, flat, doc_tokens, doc_mask)
+        loss = loss + float(t.span_weight) * span
+        metrics.update(loss=loss, span=span)
+    if float(t.lambda_retrieval) > 0:
+        nce, recall = _in_batch_retrieval(cfg, params, batch, flat, doc_tokens, float(t.tau),
+                                          r_q)
+        loss = loss + float(t.lambda_retrieval) * nce
+        metrics.update(loss=loss, retrieval=nce, in_batch_recall_at_1=recall)
+    return loss, metrics
+
+
+def _candidate_latents(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
+    """(latents [B, C, M, L], valid bool[B, C]) of the stage-3 candidates."""
+    b, c, td = batch["cand_tokens"].shape
+    # The compressor is frozen in stage 3: candidate latents are inputs, not parameters'
+    # functions to differentiate (and no dropout: the frozen encoder runs as at inference).
+    cand = compress(cfg, params, batch["cand_tokens"].reshape(b * c, td),
+                    batch["cand_mask"].reshape(b * c, td))
+    cand = jax.lax.stop_gradient(cand.reshape(b, c, *cand.shape[1:]))
+    return cand, jnp.any(batch["cand_mask"], axis=-1)
+
+
+def _answer_and_alignment(t: ml_collections.ConfigDict, cfg: ModelConfig, params, batch,
+                          scores, cand, selected, valid, k: int, rng):
+    """(answer CE, target tokens, retrieval-alignment loss) of the generator reading the
+    soft-selected latents [B, K, M, L]; scores [B, C], cand [B, C, M, L], valid [B, C]."""
+    if not t.lambda_align > 0:
+        ce, n = _gen_ce(cfg, params, batch, selected, rng)
+        return ce, n, jnp.zeros((), jnp.float32)
+    # The generator's use of each candidate: first-order change of its answer loss if
+    # candidate c were read in each slot (see losses.retrieval_alignment_loss).
+    (ce, n), g_sel = jax.value_and_grad(
+        lambda s: _gen_ce(cfg, params, batch, s, rng), has_aux=True)(selected)
+    g_sel = jax.lax.stop_gradient(g_sel)
+    utility = -jnp.einsum("bkml,bcml->bc", g_sel, cand.astype(jnp.float32)) / k
+    has_slots = jnp.any(batch["slot_mask"], axis=-1)  # [B]; False: a text row
+    align = losses.retrieval_alignment_loss(scores, utility, float(t.tau), float(t.align_tau),
+                                            valid, has_slots)
+    return ce, n, align
+
+
+def _topk_recall(w, pos) -> jax.Array:
+    """Share of rows with a gold candidate (pos int32[B] >= 0) whose gold one is among the
+    top-k picks of w [B, K, C]."""
+    picked = jnp.argmax(w, axis=-1)  # [B, K]
+    has_pos = pos >= 0
+    hit = jnp.any(picked == pos[:, None], axis=-1) & has_pos
+    return jnp.sum(hit) / jnp.maximum(jnp.sum(has_pos), 1)
+
+
+def _stage3_loss(config: ml_collections.ConfigDict, cfg: ModelConfig, params, batch, rng):
+    """Stage 3: answer CE through a differentiable top-k of the candidates, plus the
+    retrieval-alignment and InfoNCE terms of the query reasoner."""
+    t = config.train
+    k = config.data.num_docs
+    r_q, r_gen = _rngs(rng, 2)
+    cand, valid = _candidate_latents(cfg, params, batch)
+    query = encode_query(cfg, params, batch["query_tokens"], batch["query_mask"], rng=r_q)
+    scores = losses.cosine_scores(query, cand)  # [B, C]
+    w = losses.differentiable_topk(scores, k, float(t.tau), valid)  # [B, K, C]
+    selected = jnp.einsum("bkc,bcml->bkml", w, cand.astype(jnp.float32))
+    ce, n, align = _answer_and_alignment(t, cfg, params, batch, scores, cand, selected, valid,
+                                         k, r_gen)
+    nce, _ = losses.info_nce(query, cand, batch["pos_index"], float(t.tau), valid)
+    loss = ce + float(t.lambda_align) * align + float(t.lambda_infonce) * nce
+    recall = _topk_recall(w, batch["pos_index"])
+    return loss, {"loss": loss, "ce": ce, "align": align, "infonce": nce,
+                  f"recall_at_{k}": recall.astype(jnp.float32), "target_tokens": n}
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: int):
     """loss(params, batch, rng) -> (loss float32[], metrics dict of float32[]).
 
     `rng` is None for evaluation (no dropout), a key for training.
     """
-    t = config.train
-    mse_weight = float(t.mse_weight)
-    lambda_retrieval = float(t.lambda_retrieval)
-    span_weight = float(t.span_weight)
-    k = config.data.num_docs
-
-    def rngs(rng, n):
-        return [None] * n if rng is None else list(jax.random.split(rng, n))
-
-    def stage12(params, batch, rng):
-        r_doc, r_gen, r_q = rngs(rng, 3)
-        b, kd, td = batch["doc_tokens"].shape
-        doc_tokens = batch["doc_tokens"].reshape(b * kd, td)
-        doc_mask = batch["doc_mask"].reshape(b * kd, td)
-        flat, doc_mean, mem_mean = compress(cfg, params, doc_tokens, doc_mask, rng=r_doc,
-                                            with_means=True)
-        latents = flat.reshape(b, kd, *flat.shape[1:])
-        ce, n = _gen_ce(cfg, params, batch, latents, r_gen)
-        mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
-        loss = ce + mse_weight * mse
-        metrics = {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
-        if span_weight > 0:
-            span = losses.span_readout_loss(
-                latent_span_logits(cfg, params, flat, td // cfg.num_memory_tokens), doc_tokens,
-                doc_mask)
-            loss = loss + span_weight * span
-            metrics.update(loss=loss, span=span)
-        if lambda_retrieval > 0:
-            # Questions through the compressor adapter: the stage-3 query reasoner starts as a
-            # copy of it, and the index's keys are its latents.
-            query = compress(cfg, params, batch["query_tokens"], batch["query_mask"], rng=r_q)
-            pos = batch["pos_index"]
-            positive = jnp.where(pos >= 0, jnp.arange(b) * kd + pos, -1)
-            nce, recall = losses.in_batch_info_nce(query, flat, doc_tokens, positive,
-                                                   float(t.tau))
-            loss = loss + lambda_retrieval * nce
-            metrics.update(loss=loss, retrieval=nce, in_batch_recall_at_1=recall)
-        return loss, metrics
-
-    def stage3(params, batch, rng):
-        r_q, r_gen = rngs(rng, 2)
-        b, c, td = batch["cand_tokens"].shape
-        # The compressor is frozen in stage 3: candidate latents are inputs, not parameters'
-        # functions to differentiate (and no dropout: the frozen encoder runs as at inference).
-        cand = compress(cfg, params, batch["cand_tokens"].reshape(b * c, td),
-                        batch["cand_mask"].reshape(b * c, td))
-        cand = jax.lax.stop_gradient(cand.reshape(b, c, *cand.shape[1:]))
-        valid = jnp.any(batch["cand_mask"], axis=-1)  # [B, C]
-        query = encode_query(cfg, params, batch["query_tokens"], batch["query_mask"], rng=r_q)
-        scores = losses.cosine_scores(query, cand)  # [B, C]
-        w = losses.differentiable_topk(scores, k, float(t.tau), valid)  # [B, K, C]
-        selected = jnp.einsum("bkc,bcml->bkml", w, cand.astype(jnp.float32))
-        if t.lambda_align > 0:
-            # The generator's use of each candidate: first-order change of its answer loss if
-            # candidate c were read in each slot (see losses.retrieval_alignment_loss).
-            (ce, n), g_sel = jax.value_and_grad(
-                lambda s: _gen_ce(cfg, params, batch, s, r_gen), has_aux=True)(selected)
-            g_sel = jax.lax.stop_gradient(g_sel)
-            utility = -jnp.einsum("bkml,bcml->bc", g_sel, cand.astype(jnp.float32)) / k
-            has_slots = jnp.any(batch["slot_mask"], axis=-1)  # [B]; False: a text row
-            align = losses.retrieval_alignment_loss(scores, utility, float(t.tau),
-                                                    float(t.align_tau), valid, has_slots)
-        else:
-            ce, n = _gen_ce(cfg, params, batch, selected, r_gen)
-            align = jnp.zeros((), jnp.float32)
-        nce, _ = losses.info_nce(query, cand, batch["pos_index"], float(t.tau), valid)
-        loss = ce + float(t.lambda_align) * align + float(t.lambda_infonce) * nce
-        picked = jnp.argmax(w, axis=-1)  # [B, K]
-        pos = batch["pos_index"]
-        has_pos = pos >= 0
-        hit = jnp.any(picked == pos[:, None], axis=-1) & has_pos
-        recall = jnp.sum(hit) / jnp.maximum(jnp.sum(has_pos), 1)
-        return loss, {"loss": loss, "ce": ce, "align": align, "infonce": nce,
-                      f"recall_at_{k}": recall.astype(jnp.float32), "target_tokens": n}
-
-    return stage12 if stage in (1, 2) else stage3
+    loss = _stage12_loss if stage in (1, 2) else _stage3_loss
+    return functools.partial(loss, config, cfg)
 
 
 def _tokens_in(batch) -> jax.Array:
