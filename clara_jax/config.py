@@ -176,9 +176,8 @@ def _fail(field: str, value, why: str):
     raise ConfigError(f"config.{field}={value!r}: {why}")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first bad field."""
-    m = c.model
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+    """config.model but its lora section."""
     for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                   "mlp_dim", "max_len"):
         if int(m[field]) <= 0:
@@ -205,7 +204,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("model.dtype", m.dtype, f"must be one of {DTYPES}")
     if m.base_dtype not in DTYPES:
         _fail("model.base_dtype", m.base_dtype, f"must be one of {DTYPES}")
-    lo = m.lora
+
+
+def _validate_lora(lo: ml_collections.ConfigDict) -> None:
+    """config.model.lora."""
     if lo.rank < 0:
         _fail("model.lora.rank", lo.rank, "must be >= 0")
     if lo.rank and lo.alpha <= 0:
@@ -219,7 +221,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if set(lo.adapters) != set(ADAPTERS) or len(lo.adapters) != len(ADAPTERS):
         _fail("model.lora.adapters", tuple(lo.adapters), f"must name exactly {ADAPTERS}")
 
-    d = c.data
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+    """config.data."""
     if d.compression_rate <= 0:
         _fail("data.compression_rate", d.compression_rate, "must be positive")
     if d.doc_max_len <= 0 or d.doc_max_len % d.compression_rate:
@@ -242,6 +246,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.num_docs", d.num_docs,
               f"must be in [1, data.num_candidates={d.num_candidates}]")
 
+
+def _validate_train(c: ml_collections.ConfigDict) -> None:
+    """config.train (and whether the base it trains can be trained)."""
     t = c.train
     if t.stage not in (1, 2, 3):
         _fail("train.stage", t.stage, "must be 1, 2 or 3")
@@ -280,11 +287,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if t.train_base and t.stage == 3:
         _fail("train.train_base", t.train_base,
               "must be False in stage 3 (the compressor, which shares the base, is frozen)")
-    if t.train_base and m.base_dtype != "float32":
+    if t.train_base and c.model.base_dtype != "float32":
         check_base_trainable(c)
     if t.nan_policy not in ("stop", "skip"):
         _fail("train.nan_policy", t.nan_policy, "must be 'stop' or 'skip'")
 
+
+def _validate_mesh(c: ml_collections.ConfigDict) -> None:
+    """config.mesh, and the batch against it once the mesh is fixed."""
     fills = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
     for a in ("data", "fsdp", "tensor"):
         if c.mesh[a] == 0 or c.mesh[a] < -1:
@@ -293,6 +303,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail(f"mesh.{fills[1]}", -1, f"only one mesh axis may be -1 (mesh.{fills[0]} is too)")
     if c.mesh.data != -1 and c.mesh.fsdp != -1:
         check_batch_fits_mesh(c, int(c.mesh.data) * int(c.mesh.fsdp))
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first bad field."""
+    _validate_model(c.model)
+    _validate_lora(c.model.lora)
+    _validate_data(c.data)
+    _validate_train(c)
+    _validate_mesh(c)
 
 
 def check_base_trainable(c: ml_collections.ConfigDict) -> None:

@@ -307,24 +307,7 @@ def _generator_traces() -> int:
     return trace_count("generate_padded") + trace_count("generate_recompute")
 
 
-def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | None = None,
-             batch_size: int | None = None, num_docs: int | None = None, warmup: bool = True,
-             progress: bool = True, seed: int = 0, extra: dict | None = None,
-             return_predictions: bool = False):
-    """Evaluates `rows` (EvalItems from `load_items`, or see `as_items`) with `pipeline` (a
-    `clara_jax.infer.rag.RagPipeline`; `load_pipeline` builds one from paths) in `mode`.
-
-    Sharded over JAX processes (row i on process i % P); every process returns the same merged
-    summary. With `out_dir`, process 0 writes predictions.jsonl (one object per question, input
-    order: line, question, golds, prediction, mode, hops, relevant, retrieved (ids, best
-    first; the first `used_docs` were read), retrieved_scores (cosine), scores {em, f1,
-    cover_em, recall_at_k}), summary.json and summary.md.
-    batch_size: questions per batch (default the pipeline's); num_docs: K (default the
-    pipeline's). Returns the summary: mode, questions, em, f1, cover_em, recall_at_{1,3,5}
-    (None without retrieval or gold ids), recall_questions, ms_per_question {query_encoding,
-    search, generation}, ms_per_answer, by_hops {hops: means}, num_docs, processes, ...
-    With `return_predictions`, returns (summary, the per-question records in input order).
-    """
+def _check_evaluable(pipeline, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: must be one of {MODES}")
     if pipeline.settings.refine_threshold is not None:
@@ -332,25 +315,24 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
                          "refine_threshold=None")
     if mode != "closed_book" and pipeline.index is None:
         raise ValueError(f"mode={mode!r} needs an index (or use mode='closed_book')")
-    items = as_items(rows)
-    if not items:
-        raise ValueError("no rows to evaluate")
-    k = int(num_docs or pipeline.settings.num_docs)
-    depth = 0
-    if mode != "closed_book":
-        depth = min(max(k, max(RECALL_KS)), pipeline.index.num_docs)
-        if depth < k:
-            raise ValueError(f"num_docs={k}: the index holds only {pipeline.index.num_docs} "
-                             "documents")
-    bs = int(batch_size or pipeline.settings.batch_size)
+
+
+def _search_depth(pipeline, mode: str, k: int) -> int:
+    """Documents retrieved per question: enough for K and for every Recall@k (0: no search)."""
+    if mode == "closed_book":
+        return 0
+    depth = min(max(k, max(RECALL_KS)), pipeline.index.num_docs)
+    if depth < k:
+        raise ValueError(f"num_docs={k}: the index holds only {pipeline.index.num_docs} "
+                         "documents")
+    return depth
+
+
+def _timed_pass(pipeline, items: list, batches: list[list[int]], mode: str, k: int,
+                depth: int, key_of, warmup: bool, progress: bool) -> tuple[list, dict]:
+    """Answers and scores this process's `batches` (lists of row numbers into `items`);
+    returns ([(row, record)], timing: milliseconds per stage, wall, timed_questions)."""
     proc, nproc = jax.process_index(), jax.process_count()
-    # Compile outside the timed pass: the full batch's shapes and the shorter last one's.
-    warm, batches = _lockstep(len(items), proc, nproc, bs, warmup)
-    base_key = jax.random.key(seed)
-    # Keyed by the batch's first global row (sampling only; greedy decoding ignores it).
-    key_of = lambda rows_b: jax.random.fold_in(base_key, rows_b[0] if rows_b else 0)
-    for rows_b in warm:
-        _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth, key_of(rows_b))
     timing = {"query_encoding": 0.0, "search": 0.0, "generation": 0.0, "wall": 0.0,
               "timed_questions": 0}
     records = []
@@ -380,16 +362,59 @@ def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | N
             records.append((i, rec))
         bar.update(len(rows_b))
     bar.close()
+    return records, timing
+
+
+def _merge_processes(records: list, timing: dict) -> tuple[list[dict], dict]:
+    """Every process's (row, record) pairs in row order, and the timings summed."""
     parts = allgather_json({"records": records, "timing": timing})
     merged = sorted((tuple(r) for p in parts for r in p["records"]), key=lambda r: r[0])
-    all_records = [r for _, r in merged]
     total = {key: sum(p["timing"][key] for p in parts) for key in timing}
+    return [r for _, r in merged], total
+
+
+def evaluate(pipeline, rows: Iterable, mode: str, out_dir: str | os.PathLike | None = None,
+             batch_size: int | None = None, num_docs: int | None = None, warmup: bool = True,
+             progress: bool = True, seed: int = 0, extra: dict | None = None,
+             return_predictions: bool = False):
+    """Evaluates `rows` (EvalItems from `load_items`, or see `as_items`) with `pipeline` (a
+    `clara_jax.infer.rag.RagPipeline`; `load_pipeline` builds one from paths) in `mode`.
+
+    Sharded over JAX processes (row i on process i % P); every process returns the same merged
+    summary. With `out_dir`, process 0 writes predictions.jsonl (one object per question, input
+    order: line, question, golds, prediction, mode, hops, relevant, retrieved (ids, best
+    first; the first `used_docs` were read), retrieved_scores (cosine), scores {em, f1,
+    cover_em, recall_at_k}), summary.json and summary.md.
+    batch_size: questions per batch (default the pipeline's); num_docs: K (default the
+    pipeline's). Returns the summary: mode, questions, em, f1, cover_em, recall_at_{1,3,5}
+    (None without retrieval or gold ids), recall_questions, ms_per_question {query_encoding,
+    search, generation}, ms_per_answer, by_hops {hops: means}, num_docs, processes, ...
+    With `return_predictions`, returns (summary, the per-question records in input order).
+    """
+    _check_evaluable(pipeline, mode)
+    items = as_items(rows)
+    if not items:
+        raise ValueError("no rows to evaluate")
+    k = int(num_docs or pipeline.settings.num_docs)
+    depth = _search_depth(pipeline, mode, k)
+    bs = int(batch_size or pipeline.settings.batch_size)
+    # Compile outside the timed pass: the full batch's shapes and the shorter last one's.
+    warm, batches = _lockstep(len(items), jax.process_index(), jax.process_count(), bs, warmup)
+    base_key = jax.random.key(seed)
+    # Keyed by the batch's first global row (sampling only; greedy decoding ignores it).
+    key_of = lambda rows_b: jax.random.fold_in(base_key, rows_b[0] if rows_b else 0)
+    for rows_b in warm:
+        _run_batch(pipeline, [items[i] for i in rows_b], mode, k, depth, key_of(rows_b))
+    records, timing = _timed_pass(pipeline, items, batches, mode, k, depth, key_of, warmup,
+                                  progress)
+    all_records, total = _merge_processes(records, timing)
     summary = summarize(all_records, mode, total)
     summary.update(num_docs=k if mode != "closed_book" else 0, search_depth=depth,
-                   batch_size=bs, backend=pipeline.settings.backend, processes=nproc,
+                   batch_size=bs, backend=pipeline.settings.backend,
+                   processes=jax.process_count(),
                    max_new_tokens=pipeline.settings.max_new_tokens, warmup=warmup,
                    environment=_environment(pipeline.mesh), **(extra or {}))
-    if out_dir is not None and proc == 0:
+    if out_dir is not None and jax.process_index() == 0:
         write_outputs(out_dir, all_records, summary)
     return (summary, all_records) if return_predictions else summary
 
