@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clara_jax.data import prompts
@@ -75,9 +76,7 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
 def topology_devices(name: str):
     """The compile-only devices of TPU topology `name` (e.g. 'v5e:4x4', 'v5p:2x2x4').
     UserError, in one line, when libtpu is not installed or the name is unknown to it."""
-    from jax.experimental import topologies
-
-    try:
+    try:  # libtpu is optional (the tpu-aot extra): looked for only when a topology is asked
         import libtpu  # noqa: F401
     except ImportError:
         raise UserError(f"--topology={name} needs libtpu, which is not installed: "

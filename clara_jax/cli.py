@@ -22,7 +22,11 @@ from absl import logging as absl_logging
 
 from clara_jax import distributed
 from clara_jax.commands.common import check_config_args
+from clara_jax.config import ConfigError
+from clara_jax.data.formats import DataError
+from clara_jax.data.tokenizer import TokenizerError
 from clara_jax.errors import UserError
+from clara_jax.workdir import LockError
 
 COMMANDS = {
     "ask": "Answer questions from a latent index (latent / text / closed-book RAG) as JSONL.",
@@ -49,16 +53,12 @@ COMMANDS = {
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a bad input or a fixable fault (reported in one line)."""
-    # Imported when an error is classified, not with this module: most of these load flax,
+    # Imported when an error is classified, not with this module: these four load flax,
     # optax or orbax, which `clara --help` and a command's --help never need.
-    from clara_jax.config import ConfigError
     from clara_jax.convert.hf import ConversionError
-    from clara_jax.data.formats import DataError
-    from clara_jax.data.tokenizer import TokenizerError
     from clara_jax.export.bundle import BundleError
     from clara_jax.index import IndexFileError, IndexMismatchError
     from clara_jax.train.checkpoint import CheckpointError
-    from clara_jax.workdir import LockError
 
     return (UserError, ConfigError, ConversionError, DataError, TokenizerError, BundleError,
             IndexFileError, IndexMismatchError, CheckpointError, LockError, flags.Error,

@@ -9,7 +9,9 @@ Fields: docs/config.md (tests/test_config_reference.py keeps it equal to `base_c
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.util
 from pathlib import Path
 
 import ml_collections
@@ -352,8 +354,6 @@ def _cast_override(current, value: str):
     """A "a.b=value" override's text as the type of the field's current value: booleans from
     1/true/yes, tuples and lists from a Python literal or comma-separated items (each item cast
     like the first element), anything else by the type's constructor."""
-    import ast
-
     if isinstance(current, bool):
         return value.lower() in ("1", "true", "yes")
     if isinstance(current, (tuple, list)):
@@ -371,8 +371,6 @@ def _cast_override(current, value: str):
 def load_config_file(path: str, overrides=()) -> ml_collections.ConfigDict:
     """The finalized config of a config file, "FILE" or "FILE:ARG" (its get_config(ARG)), with
     "a.b=value" overrides (cast to the field's type), for scripts that do not use absl flags."""
-    import importlib.util
-
     file, _, arg = str(path).partition(":")
     spec = importlib.util.spec_from_file_location("clara_config_file", file)
     if spec is None or not Path(file).is_file():

@@ -33,6 +33,7 @@ import time
 import jax
 import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 
 _MODES = ("auto", "cluster", "off")
 
@@ -168,7 +169,6 @@ def allgather_bytes(data: bytes) -> list[bytes]:
     """Every process's `data` (any length), in process order, on every process."""
     if jax.process_count() == 1:
         return [bytes(data)]
-    from jax.experimental import multihost_utils
 
     blob = np.frombuffer(data, np.uint8)
     # Two rounds: the sizes, then the bytes padded to the largest (the gather needs one

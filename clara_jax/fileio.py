@@ -44,6 +44,7 @@ def as_path(path):
     `pathlib.Path`. ValueError naming the path for a scheme epath does not know."""
     if not is_url(path):
         return Path(path)
+    # Lazy: fileio is in every command's --help path, and only URL workdirs need epath.
     from etils import epath
 
     try:

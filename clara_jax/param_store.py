@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 SCALE_SUFFIX = ".scale"
 INT8_FORMAT = "int8 rows"
@@ -94,8 +95,6 @@ def save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict | None
     """Writes {name: array} (see `flatten`) as one safetensors file, atomically (a temporary
     file, then rename). int8: store `quantize_int8` rows (a quarter of the bytes).
     metadata values are JSON-encoded. Returns {"bytes", "max_abs_error"}."""
-    from safetensors.numpy import save_file
-
     worst = 0.0
     metadata = dict(metadata or {})
     if int8:
@@ -113,14 +112,14 @@ def save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict | None
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
     """{name: array} from a `save_safetensors` file, int8 rows dequantized to float32."""
-    from safetensors.numpy import load_file
-
     return dequantize_int8(load_file(str(path)))
 
 
 def save_orbax(directory, params) -> None:
     """The params tree as an orbax params-only checkpoint in `directory` (which must not
     exist; orbax writes to a temporary name and renames it when complete)."""
+    # orbax (with tensorstore) is imported by the two functions that use it, not with this
+    # module: every model import loads param_store, and most never touch a checkpoint.
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
@@ -132,7 +131,7 @@ def load_orbax(directory, abstract, shardings=None):
     """The params tree stored by `save_orbax`, restored onto `shardings` (a tree matching
     `abstract`, default the host CPU). The stored dtypes win over `abstract`'s (a base
     written as bfloat16 comes back bfloat16). FileNotFoundError when `directory` is missing."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # lazy: see save_orbax
 
     directory = Path(directory).absolute()
     if not directory.exists():

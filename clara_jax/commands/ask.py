@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from absl import flags
+from tqdm.auto import tqdm
 
 from clara_jax.commands.rag_common import (
     InputError,
@@ -87,7 +88,6 @@ def warn_long_questions(questions: list[str], pipeline) -> None:
 
 def main(argv) -> None:
     import jax
-    from tqdm.auto import tqdm
 
 
     fl = flags.FLAGS

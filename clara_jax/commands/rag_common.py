@@ -5,7 +5,11 @@ model's identity), the serving mesh and the sampling settings; the loading itsel
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from absl import flags
+
+from clara_jax.data.tokenizer import TokenizerError
 
 
 class InputError(ValueError):
@@ -31,8 +35,6 @@ def check_out(path, overwrite: bool, directory: bool, outputs=()) -> None:
     """InputError before any work when --out would overwrite something: an existing file
     (or, for a `directory`, one holding any of `outputs`) needs --overwrite, and a file is
     never replaced by a directory nor a directory by a file."""
-    from pathlib import Path
-
     if not path:
         return
     p = Path(path)
@@ -48,7 +50,6 @@ def check_out(path, overwrite: bool, directory: bool, outputs=()) -> None:
 
 def load_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (reported in one line, exit status 2)."""
-    from clara_jax.data.tokenizer import TokenizerError
     from clara_jax.index import IndexFileError, IndexMismatchError
     from clara_jax.train.checkpoint import CheckpointError
 

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as RawTokenizer
 
 from clara_jax.convert import bundle, hf
 from clara_jax.convert.pth import PthError, read_pth, write_pth
@@ -107,8 +109,6 @@ def reference_memory_tokens(clara_config: dict) -> list[str]:
 def reference_tokenizer(raw, clara_config: dict):
     """`raw` (a tokenizers.Tokenizer, modified in place) with the tokens the reference adds, in
     its order; returns (raw, memory-token ids [M])."""
-    from tokenizers import AddedToken
-
     mem = reference_memory_tokens(clara_config)
     added = list(dict.fromkeys(mem)) + list(AFTER_MEMORY)
     if clara_config.get("kbtc_training"):
@@ -256,8 +256,6 @@ def _reference_tokenizer_and_rows(src: Path, base: Path, config: dict, probe, fi
     """The reference's tokenizer (SRC's tokenizer.json, else the base's) with its added
     tokens, and its effective embedding rows checked against it and the base width. Returns
     (tokenizer, its directory, {EMBED, LM_HEAD: [V', D] or None}, memory token ids, V')."""
-    from tokenizers import Tokenizer as RawTokenizer
-
     tok_dir = src if (src / bundle.TOKENIZER_FILE).exists() else base
     tok_file = tok_dir / bundle.TOKENIZER_FILE
     if not tok_file.exists():
@@ -528,7 +526,6 @@ def to_clara(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "fl
     config["training_stage"] = "stage2" if "query" in cfg.adapters else \
         config.get("training_stage", "stage1_2")
 
-    from tokenizers import Tokenizer as RawTokenizer
 
     raw, mem_ids = reference_tokenizer(RawTokenizer.from_str(tok._tok.to_str()), config)
     ref_vocab = raw.get_vocab_size(with_added_tokens=True)

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grain
+import jax
 import numpy as np
 
 from clara_jax.data import prompts, tfds_build
@@ -90,8 +91,6 @@ class _Featurize(grain.transforms.Map):
 
 def _process(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:

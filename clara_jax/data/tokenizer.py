@@ -22,6 +22,10 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import sentencepiece as spm
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as RawTokenizer
+
 from clara_jax.fileio import as_path, atomic_write_bytes, file_manifest, read_json
 
 META_FILE = "clara_tokenizer.json"
@@ -113,8 +117,6 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         sp = self._sp
@@ -143,8 +145,6 @@ class SentencePieceTokenizer(Tokenizer):
         pieces. `byte_fallback` (default: on when vocab_size >= 1024) maps unseen characters to
         byte pieces instead of `<unk>`, at the price of 256 ids.
         """
-        import sentencepiece as spm
-
         if byte_fallback is None:
             byte_fallback = vocab_size >= 1024
         specials = ([ENC, SEP] + [mem_token(i) for i in range(num_memory_tokens)] + [NEWLINE]
@@ -218,8 +218,6 @@ class HFTokenizer(Tokenizer):
     PAD_CANDIDATES = ("<pad>", "<|finetune_right_pad_id|>", "[PAD]")
 
     def __init__(self, tokenizer, bos: str, eos: str, pad: str, num_memory_tokens: int):
-        from tokenizers import AddedToken
-
         self._tok = tokenizer
         self._names = {"bos": bos, "eos": eos, "pad": pad}
         wanted = [pad, ENC, SEP] + [mem_token(i) for i in range(num_memory_tokens)]
@@ -244,8 +242,6 @@ class HFTokenizer(Tokenizer):
                   eos: str | None = None, pad: str | None = None) -> HFTokenizer:
         """Loads `tokenizer.json` (path to the file or its directory). Special-token names come
         from the arguments, else `tokenizer_config.json` beside it, else common names."""
-        from tokenizers import Tokenizer as RawTokenizer
-
         path = as_path(path)
         if path.is_dir():
             path = path / HF_FILE

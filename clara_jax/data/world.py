@@ -29,6 +29,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 # WORLD_SIZES ("small", "medium/small", ...) is defined in clara_jax.config, whose validation
 # of demo.world_size needs it; SIZES holds exactly config.WORLD_SIZE_NAMES (tests/test_config).
 from clara_jax.config import WORLD_SIZES
@@ -532,8 +534,6 @@ def write_world(out: str | os.PathLike, seed: int = 0, size: str = "small") -> d
 
 
 def _percentiles(values: list[int] | list[float]) -> dict[str, float]:
-    import numpy as np
-
     if not values:
         return {}
     a = np.asarray(values, np.float64)

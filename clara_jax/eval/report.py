@@ -89,13 +89,21 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def plot_losses(stage_dirs: Sequence[Path], out: Path) -> None:
-    """One panel per stage: training loss by step (and held-out eval loss when logged)."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display on a TPU host)."""
+    # Lazy: only the plots need matplotlib, and the backend must be chosen before pyplot is
+    # imported.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(stage_dirs: Sequence[Path], out: Path) -> None:
+    """One panel per stage: training loss by step (and held-out eval loss when logged)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(stage_dirs), figsize=(4.2 * len(stage_dirs), 3.2))
     for ax, d in zip(axes, stage_dirs):
         rows = read_metrics(d / "metrics.jsonl")
@@ -114,11 +122,7 @@ def plot_losses(stage_dirs: Sequence[Path], out: Path) -> None:
 
 def plot_scores(results: dict, out: Path) -> None:
     """Grouped bars of EM, F1 and cover-EM per mode on the held-out world."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     modes = list(results["heldout"])
     metrics = ["em", "f1", "cover_em"]
     fig, ax = plt.subplots(figsize=(6, 3.2))

@@ -34,10 +34,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import flax
 import jax
+import jaxlib
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import save_file
 
+import clara_jax
+from clara_jax.convert import hf
+from clara_jax.convert.bundle import MODEL_CONFIG_FILE, model_config_to_dict
 from clara_jax.fileio import file_manifest, replace_dir
+from clara_jax.index import model_identity, open_index
 
 # The layout, its error and its reader live with the other loaders (clara_jax/infer/serving.py:
 # reading a bundle is serving, and the index and infer packages must not import export); they
@@ -51,8 +59,9 @@ from clara_jax.infer.serving import BUNDLE_INDEX_DIR as INDEX_DIR
 from clara_jax.infer.serving import BUNDLE_META_FILE as META_FILE
 from clara_jax.infer.serving import BUNDLE_PARAMS_DIR as PARAMS_DIR
 from clara_jax.infer.serving import BUNDLE_TOKENIZER_DIR as TOKENIZER_DIR
-from clara_jax.infer.serving import Bundle, BundleError, load_bundle
+from clara_jax.infer.serving import Bundle, BundleError, load_bundle, load_checkpoint_model
 from clara_jax.infer.serving import read_bundle_meta as read_meta
+from clara_jax.model import param_group
 from clara_jax.param_store import path_name, save_orbax
 
 __all__ = ["CLARA_PARAMS_FILE", "DECODER_DIR", "EXPERIMENT_CONFIG_FILE", "FORMAT",
@@ -61,12 +70,6 @@ __all__ = ["CLARA_PARAMS_FILE", "DECODER_DIR", "EXPERIMENT_CONFIG_FILE", "FORMAT
 
 
 def _versions() -> dict:
-    import flax
-    import jaxlib
-    import orbax.checkpoint as ocp
-
-    import clara_jax
-
     return {"clara_jax": clara_jax.__version__, "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "orbax_checkpoint": getattr(ocp, "__version__", "unknown"),
@@ -77,8 +80,6 @@ def non_base_arrays(params) -> dict[str, np.ndarray]:
     """Adapters, memory embeddings and latent projections (everything `param_group` does not
     call 'base') as host arrays by '/'-joined params path. Float arrays of other widths are
     stored as float32 (safetensors' numpy writer has no bfloat16)."""
-    from clara_jax.model import param_group
-
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if param_group(path) == "base":
@@ -97,13 +98,6 @@ def export_bundle(checkpoint, out, index=None, tokenizer=None, overwrite: bool =
     have been built by this checkpoint's compressor; None: a bundle for closed-book answers
     only). tokenizer: its directory (default: the run's data tokenizer). Returns bundle.json.
     """
-    from safetensors.numpy import save_file
-
-    from clara_jax.convert import hf
-    from clara_jax.convert.bundle import MODEL_CONFIG_FILE, model_config_to_dict
-    from clara_jax.index import model_identity, open_index
-    from clara_jax.infer.serving import load_checkpoint_model
-
     if jax.process_count() > 1:
         raise BundleError("clara export runs as one process (it gathers the params on this "
                           "host); start it without the multi-process settings")

@@ -26,6 +26,7 @@ import json
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from clara_jax.model import ModelConfig, param_group
 from clara_jax.param_store import path_keys
@@ -62,7 +63,6 @@ def _canonical_leaves(params):
         keys = path_keys(path)
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             # Params sharded across hosts: every host hashes the same gathered bytes.
-            from jax.experimental import multihost_utils
             leaf = multihost_utils.process_allgather(leaf, tiled=True)
         arr = np.asarray(jax.device_get(leaf))
         if len(keys) > 1 and keys[0] == "decoder" and keys[1] == "layers":

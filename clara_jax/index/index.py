@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,7 +305,6 @@ def _write_scann(path: Path, generation: int, scann: ScannIndex) -> dict:
     name = f"scann-{generation}"
     tmp = path / f".{name}.tmp"
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     files = scann.serialize(tmp)
     replace_dir(tmp, path / name)
@@ -489,7 +489,6 @@ class LatentIndex:
         self.meta = meta
         for p in old_files:
             if p.is_dir():
-                import shutil
                 shutil.rmtree(p)
             else:
                 p.unlink(missing_ok=True)
@@ -646,6 +645,7 @@ def open_index(path, identity: dict | None = None):
     plain one a whole LatentIndex on every process (`clara_jax.index.multihost`)."""
     path = Path(path)
     if jax.process_count() > 1:
+        # Not at the top: clara_jax.index.multihost imports this module (an import cycle).
         from clara_jax.index.multihost import open_on_processes
 
         return open_on_processes(path, identity)

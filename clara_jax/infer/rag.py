@@ -28,6 +28,7 @@ import numpy as np
 
 from clara_jax.data import prompts
 from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.index.encode import LatentEncoder
 from clara_jax.index.index import SearchResult
 from clara_jax.infer.generation import GREEDY, Generation, Generator, Sampling, answer_entropy
 from clara_jax.model import ModelConfig
@@ -162,8 +163,6 @@ class RagPipeline:
         if not len(questions):
             return np.zeros((0, self.cfg.num_memory_tokens, self.cfg.latent_width), np.float32)
         if self._encoder is None:
-            from clara_jax.index.encode import LatentEncoder
-
             self._encoder = LatentEncoder(self.cfg, self.params, self.settings.batch_size,
                                           self.mesh, query=True)
         enc = [prompts.encode_document(self.tok, q, self.question_max_len)[:2]

@@ -35,8 +35,17 @@ import jax
 import ml_collections
 
 from clara_jax.config import ConfigError, saved_config
+from clara_jax.convert import bundle as converted
+from clara_jax.convert.bundle import load_params, read_model_config
+from clara_jax.data.tokenizer import META_FILE, load_tokenizer
 from clara_jax.fileio import as_path, check_format, manifest_problem, read_json
+from clara_jax.index import model_identity, open_index
+from clara_jax.infer.rag import RagPipeline, RagSettings
 from clara_jax.model import ModelConfig, param_shardings
+from clara_jax.model.sharding import MESH_AXES, make_mesh
+from clara_jax.train import checkpoint as ckpt
+from clara_jax.train.checkpoint import CheckpointError
+from clara_jax.train.state import abstract_state, state_shardings
 
 # The serving bundle's layout (see clara_jax/export/bundle.py for what each holds).
 BUNDLE_FORMAT = "clara_jax.serving_bundle"
@@ -86,8 +95,6 @@ def serving_mesh(config: ml_collections.ConfigDict, mesh=None, devices=None):
     (default this host's). ConfigError naming config.mesh when that does not fit them. Unlike
     training (`train.loop.make_mesh_from_config`) there is no training batch to check: the
     pipeline rounds its batches up to the mesh's (data, fsdp) size."""
-    from clara_jax.model.sharding import MESH_AXES, make_mesh
-
     if mesh is not None and not isinstance(mesh, dict):
         return mesh
     axes = {a: int(config.mesh[a]) for a in MESH_AXES}
@@ -105,12 +112,6 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
     checkpoints under `path`, or of the converted directory `path` (module doc). mesh: see
     `serving_mesh`. Raises CheckpointError / TokenizerError / ConversionError naming the
     path, ConfigError when the mesh does not fit."""
-    from clara_jax.convert import bundle as converted
-    from clara_jax.data.pipeline import load_data_tokenizer
-    from clara_jax.data.tokenizer import load_tokenizer
-    from clara_jax.train import checkpoint as ckpt
-    from clara_jax.train.state import abstract_state, state_shardings
-
     path = as_path(path)  # a run on a bucket (gs://) is read where it is
     if not path.is_dir():
         raise ckpt.CheckpointError(f"--checkpoint={path}: no such directory")
@@ -154,6 +155,10 @@ def load_checkpoint_model(path, tokenizer_dir=None, mesh=None) -> LoadedModel:
         if not data_dir:
             raise ckpt.CheckpointError(
                 f"{path}: the run's config has no train.data_dir; pass --tokenizer=DIR")
+        # Lazy: clara_jax.data.pipeline loads tensorflow_datasets (about a second), which
+        # serving needs only here, for a run that kept no tokenizer copy of its own.
+        from clara_jax.data.pipeline import load_data_tokenizer
+
         tok = load_data_tokenizer(data_dir)
     return LoadedModel(config, cfg, params, tok, str(path), int(step), mesh)
 
@@ -162,10 +167,6 @@ def _load_converted(path: Path, tokenizer_dir, mesh) -> LoadedModel:
     """A converted directory (clara_jax/convert/bundle.py) as a LoadedModel at step 0: its
     model config, params restored onto the serving mesh by the logical sharding rules, its own
     tokenizer (or `tokenizer_dir`) and the experiment config derived from it."""
-    from clara_jax.convert import bundle as converted
-    from clara_jax.data.tokenizer import META_FILE, load_tokenizer
-    from clara_jax.train.checkpoint import CheckpointError
-
     # A bundle holds the converted layout too; through --checkpoint its files would go
     # unchecked against bundle.json.
     if (path / BUNDLE_META_FILE).is_file():
@@ -210,10 +211,6 @@ def load_bundle(path, mesh=None, tokenizer_dir=None, check_identity: bool = True
     logical sharding rules; mesh: see `serving_mesh`) and tokenizer. With `check_identity` the
     restored params must have the identity recorded at export (catches a replaced params/).
     Raises BundleError naming the file, ConfigError when the mesh does not fit."""
-    from clara_jax.convert.bundle import load_params, read_model_config
-    from clara_jax.data.tokenizer import load_tokenizer
-    from clara_jax.index import model_identity
-
     path = Path(path)
     meta = read_bundle_meta(path)
     cfg_path = path / BUNDLE_EXPERIMENT_CONFIG_FILE
@@ -251,9 +248,6 @@ def load_pipeline(checkpoint=None, index=None, bundle=None, tokenizer=None, mesh
     with the model's identity, so one built by another compressor is refused. mesh: see
     `serving_mesh`. settings: RagSettings fields; num_docs and max_new_tokens default to the
     config's data.num_docs and data.answer_max_len."""
-    from clara_jax.index import model_identity, open_index
-    from clara_jax.infer.rag import RagPipeline, RagSettings
-
     if (checkpoint is None) == (bundle is None):
         raise ValueError("give exactly one of checkpoint and bundle")
     if bundle is not None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from clara_jax.data.tokenizer import saved_digest
+from clara_jax.data.tokenizer import META_FILE, saved_digest
 from clara_jax.fileio import (
     absolute,
     as_path,
@@ -302,8 +302,6 @@ def _pin_by_upload(workdir, pinned, tokenizer_dir, saved_digest) -> None:
     """pin_tokenizer on object storage, which has no directory rename: the files are uploaded
     one by one with the tokenizer's metadata file last, so a copy cut off before it is seen
     as no copy (and made again) rather than as another tokenizer."""
-    from clara_jax.data.tokenizer import META_FILE
-
     if (pinned / META_FILE).is_file():
         _check_same_tokenizer(workdir, pinned, tokenizer_dir, saved_digest)
         return

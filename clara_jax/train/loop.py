@@ -44,6 +44,8 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tensorboardX import SummaryWriter, record_writer
+from tqdm import tqdm
 
 from clara_jax.config import ConfigError, check_batch_fits_mesh
 from clara_jax.convert import bundle, hf
@@ -253,8 +255,6 @@ class _ObjectEventFiles:
 
 
 def _summary_writer(logdir):
-    from tensorboardX import SummaryWriter, record_writer
-
     if is_url(logdir):  # for this scheme, event files go through epath (above)
         record_writer.register_writer_factory(os.fspath(logdir).split(":")[0],
                                               _ObjectEventFiles())
@@ -518,7 +518,6 @@ class Reporter:
             self.writer = _summary_writer(workdir / "tb")
         self.plain = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
         if progress and not self.plain and _is_main():
-            from tqdm import tqdm
             self.bar = tqdm(total=steps, initial=start, desc=name, unit="step",
                             dynamic_ncols=True)
         self.window_start = time.perf_counter()
