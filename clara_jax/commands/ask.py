@@ -19,34 +19,30 @@ from pathlib import Path
 from absl import flags
 from tqdm.auto import tqdm
 
+from clara_jax.commands.common import define_output_flags
 from clara_jax.commands.rag_common import (
     InputError,
     build_pipeline,
     check_out,
     check_positive,
+    define_answer_flags,
     define_pipeline_flags,
-    error_line,
-    load_errors,
+    exit_on_bad_input,
 )
 from clara_jax.fileio import atomic_write_text
 
 define_pipeline_flags()
+define_answer_flags()
 flags.DEFINE_string("file", None, "JSONL file of questions ({'question', 'id'?} per line).")
 flags.DEFINE_string("out", None, "Write the answers' JSONL here (default stdout).")
-flags.DEFINE_enum("mode", "latent", ["latent", "text", "closed_book"],
-                  "latent: documents as latents (CLaRa); text: their text in the prompt; "
-                  "closed_book: no documents.")
-flags.DEFINE_integer("num_docs", None, "K documents per question (default config.data.num_docs).")
-flags.DEFINE_integer("max_new_tokens", None,
-                     "Answer length cap (default config.data.answer_max_len).")
 flags.DEFINE_float("refine_threshold", None,
                    "Adaptive refinement: answer again with --refine_docs more documents when the "
                    "mean entropy (nats) of the first --refine_tokens answer tokens exceeds this.")
 flags.DEFINE_integer("refine_docs", 5, "Documents added on refinement.")
 flags.DEFINE_integer("refine_tokens", 4, "First answer tokens whose entropy is tested.")
 flags.DEFINE_bool("show_docs", False, "Include the supporting documents' audit text.")
-flags.DEFINE_bool("progress", True, "Show a progress bar for --file.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
+define_output_flags(overwrite="Replace an existing --out file.",
+                    progress="Show a progress bar for --file.")
 
 
 def read_questions(path: str) -> list[dict]:
@@ -91,7 +87,7 @@ def main(argv) -> None:
 
 
     fl = flags.FLAGS
-    try:
+    with exit_on_bad_input("ask"):
         if fl.file and len(argv) > 1:
             raise InputError("give questions as arguments or --file, not both")
         rows = (read_questions(fl.file) if fl.file
@@ -131,9 +127,6 @@ def main(argv) -> None:
                 lines.append(json.dumps(out, ensure_ascii=False))
             bar.update(len(chunk))
         bar.close()
-    except load_errors() as e:
-        print(f"clara ask: {error_line(e)}", file=sys.stderr)
-        sys.exit(2)
     if fl.out:
         atomic_write_text(fl.out, "".join(line + "\n" for line in lines))
     else:

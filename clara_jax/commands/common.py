@@ -1,5 +1,5 @@
-"""Flags and helpers shared by commands that take an experiment config, and the checks of
-`--config` that `clara_jax.cli` makes before any flag is parsed."""
+"""Flags and helpers shared by commands (most of them for the commands that take an experiment
+config), and the checks of `--config` that `clara_jax.cli` makes before any flag is parsed."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def define_config_flag() -> None:
         "Experiment config file, e.g. configs/demo.py or configs/mistral_7b.py:compression=128; "
         "override fields with --config.train.steps=50.",
         lock_config=False)
+
+
+def define_output_flags(overwrite: str, progress: str) -> None:
+    """--overwrite (default off) and --progress (default on), with the command's own help for
+    each: what is replaced, and which bars are shown."""
+    flags.DEFINE_bool("overwrite", False, overwrite)
+    flags.DEFINE_bool("progress", True, progress)
 
 
 def load_config():

@@ -32,7 +32,7 @@ import re
 
 from absl import flags, logging
 
-from clara_jax.commands.common import define_config_flag
+from clara_jax.commands.common import define_config_flag, define_output_flags
 from clara_jax.config import finalize
 from clara_jax.convert import bundle, clara, hf
 from clara_jax.convert.pth import PthError
@@ -57,8 +57,7 @@ flags.DEFINE_string("base", None, "from-clara: the base decoder's Hugging Face d
                     "(default: the source config's decoder_model_name, if a local directory).")
 flags.DEFINE_integer("doc_max_length", None, "to-clara: the reference's doc_max_length (a "
                      "multiple of M; default the source's clara_config.json, else 256).")
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty DST.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
+define_output_flags(overwrite="Replace a non-empty DST.", progress="Show progress bars.")
 
 FLAGS = flags.FLAGS
 DIRECTIONS = ("from-hf", "to-hf", "from-clara", "to-clara")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import flags
 
-from clara_jax.commands.common import define_config_flag
+from clara_jax.commands.common import define_config_flag, define_output_flags
 from clara_jax.config import ConfigError, finalize
 from clara_jax.data import formats, world
 from clara_jax.data.tokenizer import TokenizerError, load_or_import_tokenizer, load_tokenizer
@@ -41,9 +41,9 @@ flags.DEFINE_string("input", None, "build: a JSONL file (the 'train' split) or "
 flags.DEFINE_string("tokenizer", None, "A saved clara tokenizer directory, or a Hugging Face "
                     "tokenizer.json (or its directory) for build (build, check).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip and count bad rows instead of failing.")
-flags.DEFINE_bool("progress", True, "Show TFDS's progress bars while building (world, build).")
-flags.DEFINE_bool("overwrite", False, "world: write into a non-empty --out, removing the "
-                  "datasets and tokenizer built from its previous world.")
+define_output_flags(overwrite="world: write into a non-empty --out, removing the datasets and "
+                             "tokenizer built from its previous world.",
+                    progress="Show TFDS's progress bars while building (world, build).")
 flags.DEFINE_bool("replace_tokenizer", False, "build: use --tokenizer although --out holds "
                   "another tokenizer (its other datasets must then be rebuilt).")
 

@@ -14,72 +14,55 @@ summary JSON as the last line. Exit status 2 on bad input, with the file, line a
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 
-from clara_jax.commands.rag_common import (
-    InputError,
-    build_pipeline,
-    check_args,
-    check_out,
-    check_positive,
-    define_pipeline_flags,
-    error_line,
-    load_errors,
-)
+from clara_jax.commands import rag_common
+from clara_jax.commands.common import define_output_flags
 from clara_jax.data.formats import DataError
 
-define_pipeline_flags()
+rag_common.define_pipeline_flags()
+rag_common.define_answer_flags()
 flags.DEFINE_string("data", None, "Stage-2/3 JSONL file, or a world directory.")
 flags.DEFINE_enum("format", "stage3", ["stage2", "stage3"], "Format of --data.")
 flags.DEFINE_string("split", "heldout", "World split when --data is a directory.")
 flags.DEFINE_string("corpus", None, "Corpus JSONL the index was built from, to map gold "
                     "documents to index ids (default: corpus.jsonl beside the data file; "
                     "none: the index's stored text).")
-flags.DEFINE_enum("mode", "latent", ["latent", "text", "closed_book"],
-                  "latent: documents as latents (CLaRa); text: their text in the prompt; "
-                  "closed_book: no documents.")
 flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("num_docs", None, "K documents per question (default config.data.num_docs).")
-flags.DEFINE_integer("max_new_tokens", None,
-                     "Answer length cap (default config.data.answer_max_len).")
 flags.DEFINE_integer("limit", None, "Evaluate N rows spread evenly over the file.")
 flags.DEFINE_bool("warmup", True, "Run the first batch once untimed (compilation).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip rows that fail validation.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
-flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier evaluation in --out.")
+define_output_flags(overwrite="Replace the outputs of an earlier evaluation in --out.",
+                    progress="Show a progress bar.")
 
 
 def main(argv) -> None:
     from clara_jax.eval.job import evaluate, load_items, resolve_data
 
     fl = flags.FLAGS
-    try:
-        check_args(argv, ("data", "out"))
+    with rag_common.exit_on_bad_input("eval", DataError):
+        rag_common.check_args(argv, ("data", "out"))
         if bool(fl.checkpoint) == bool(fl.bundle):
-            raise InputError("give --checkpoint (with --index) or --bundle")
+            raise rag_common.InputError("give --checkpoint (with --index) or --bundle")
         if fl.checkpoint and fl.mode != "closed_book" and not fl.index:
-            raise InputError("--index is required (or use --mode=closed_book)")
+            raise rag_common.InputError("--index is required (or use --mode=closed_book)")
         for name in ("num_docs", "max_new_tokens", "limit", "batch_size"):
-            check_positive(name, getattr(fl, name))
-        check_out(fl.out, fl.overwrite, directory=True,
-                  outputs=("predictions.jsonl", "summary.json", "summary.md"))
+            rag_common.check_positive(name, getattr(fl, name))
+        rag_common.check_out(fl.out, fl.overwrite, directory=True,
+                             outputs=("predictions.jsonl", "summary.json", "summary.md"))
         data_file, _ = resolve_data(fl.data, fl.split, fl.format)
         if not data_file.is_file():  # before loading the model
-            raise InputError(f"--data: {data_file}: no such file")
+            raise rag_common.InputError(f"--data: {data_file}: no such file")
         settings = {name: getattr(fl, name) for name in ("num_docs", "max_new_tokens")
                     if getattr(fl, name)}
-        pipeline = build_pipeline(fl, False, settings)
+        pipeline = rag_common.build_pipeline(fl, False, settings)
         if fl.mode != "closed_book" and pipeline.index is None:
-            raise InputError(f"{fl.bundle}: the bundle has no index; pass --index")
+            raise rag_common.InputError(f"{fl.bundle}: the bundle has no index; pass --index")
         items, info = load_items(fl.data, pipeline.index, fl.corpus, fl.format, fl.split,
                                  fl.limit, fl.skip_bad_rows)
         source = {"checkpoint": fl.checkpoint, "bundle": fl.bundle,
                   "index": str(fl.index or getattr(pipeline.index, "path", "")) or None}
         summary = evaluate(pipeline, items, fl.mode, out_dir=fl.out, progress=fl.progress,
                            warmup=fl.warmup, seed=fl.seed, extra={"input": info, **source})
-    except (DataError, *load_errors()) as e:
-        print(f"clara eval: {error_line(e)}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(summary))

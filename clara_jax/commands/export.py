@@ -9,11 +9,11 @@ Prints bundle.json's contents (one JSON line). Exit status 2 on bad input.
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 
-from clara_jax.commands.rag_common import check_args, error_line, load_errors
+from clara_jax.commands.common import define_output_flags
+from clara_jax.commands.rag_common import check_args, exit_on_bad_input
 from clara_jax.workdir import lock_output
 
 flags.DEFINE_string("checkpoint", None, "Training run (WORKDIR or WORKDIR/checkpoints); the "
@@ -25,8 +25,8 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's 
                     "train.data_dir/tokenizer).")
 flags.DEFINE_enum("decoder_dtype", "float32", ["float32", "bfloat16", "float16"],
                   "dtype of the Hugging Face decoder safetensors.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")
-flags.DEFINE_bool("progress", True, "Show a progress bar while writing tensors.")
+define_output_flags(overwrite="Replace an existing non-empty --out.",
+                    progress="Show a progress bar while writing tensors.")
 
 
 def main(argv) -> None:
@@ -34,13 +34,10 @@ def main(argv) -> None:
     from clara_jax.export.bundle import export_bundle
 
     fl = flags.FLAGS
-    try:
+    with exit_on_bad_input("export", ConversionError, FileExistsError):
         check_args(argv, ("checkpoint", "out"))
         with lock_output(fl.out, "clara export"):
             meta = export_bundle(fl.checkpoint, fl.out, index=fl.index,
                                  tokenizer=fl.tokenizer, overwrite=fl.overwrite,
                                  decoder_dtype=fl.decoder_dtype, progress=fl.progress)
-    except (ConversionError, FileExistsError, *load_errors()) as e:
-        print(f"clara export: {error_line(e)}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(meta))

@@ -7,7 +7,6 @@ stored (the audit record), neighbors [{id, score}].
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 
@@ -15,8 +14,7 @@ from clara_jax.commands.rag_common import (
     InputError,
     build_pipeline,
     define_pipeline_flags,
-    error_line,
-    load_errors,
+    exit_on_bad_input,
 )
 
 define_pipeline_flags()
@@ -31,15 +29,12 @@ def main(argv) -> None:
     del argv
 
     fl = flags.FLAGS
-    try:
+    with exit_on_bad_input("inspect"):
         if not fl.doc:
             raise InputError("--doc=ID is required")
         pipeline = build_pipeline(fl, True, no_index_hint="")
         # A chunked document's plain id inspects each of its chunks.
         outs = [pipeline.inspect_document(d, fl.max_new_tokens, fl.neighbors)
                 for d in pipeline.index.resolve(fl.doc)]
-    except load_errors() as e:
-        print(f"clara inspect: {error_line(e)}", file=sys.stderr)
-        sys.exit(2)
     for out in outs:
         print(json.dumps(out, ensure_ascii=False))

@@ -5,6 +5,8 @@ model's identity), the serving mesh and the sampling settings; the loading itsel
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -61,6 +63,17 @@ def error_line(e: Exception) -> str:
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
+@contextlib.contextmanager
+def exit_on_bad_input(command: str, *extra: type[Exception]):
+    """Ends `clara <command>` with its one-line message on stderr and exit status 2 when the
+    block raises one of `load_errors()` or `extra`."""
+    try:
+        yield
+    except (*extra, *load_errors()) as e:
+        print(f"clara {command}: {error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def define_pipeline_flags() -> None:
     """Defines the shared flags (call once, at the importing command's import)."""
     flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints dir, "
@@ -81,6 +94,17 @@ def define_pipeline_flags() -> None:
                         "params are split by the sharding rules and each batch over data x "
                         "fsdp (axes not named keep the checkpoint's config.mesh; default: "
                         "config.mesh over this host's devices).")
+
+
+def define_answer_flags() -> None:
+    """--mode, --num_docs and --max_new_tokens of the commands that answer questions."""
+    flags.DEFINE_enum("mode", "latent", ["latent", "text", "closed_book"],
+                      "latent: documents as latents (CLaRa); text: their text in the prompt; "
+                      "closed_book: no documents.")
+    flags.DEFINE_integer("num_docs", None,
+                         "K documents per question (default config.data.num_docs).")
+    flags.DEFINE_integer("max_new_tokens", None,
+                         "Answer length cap (default config.data.answer_max_len).")
 
 
 def mesh_override(fl):
