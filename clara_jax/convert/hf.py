@@ -45,6 +45,7 @@ from tqdm import tqdm
 from clara_jax.config import base_config
 from clara_jax.fileio import read_json, replace_dir
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_group
+from clara_jax.model.api import INIT_COMPILER_OPTIONS
 from clara_jax.param_store import path_keys, path_name
 
 CONFIG_FILE = "config.json"
@@ -446,7 +447,7 @@ def _non_base_init(init_cfg: ModelConfig):
         leaves = jax.tree_util.tree_leaves_with_path(init_params(init_cfg, key))
         return {path_name(p): x for p, x in leaves if param_group(p) != "base"}
 
-    return jax.jit(init)
+    return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def _fresh_non_base(cfg: ModelConfig, seed: int) -> dict[tuple[str, ...], jax.Array]:

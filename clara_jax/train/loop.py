@@ -51,6 +51,7 @@ from clara_jax.config import ConfigError, check_batch_fits_mesh
 from clara_jax.convert import bundle, hf
 from clara_jax.fileio import as_path, atomic_write_bytes, atomic_write_text, files_under, is_url
 from clara_jax.model import ModelConfig, abstract_params, init_params, param_shardings
+from clara_jax.model.api import INIT_COMPILER_OPTIONS
 from clara_jax.model.sharding import DEFAULT_RULES, make_mesh
 from clara_jax.train import checkpoint as ckpt
 from clara_jax.train.state import (
@@ -415,7 +416,8 @@ def _initial_state(config, cfg, stage, mesh, abstract, shardings, init_from, ini
         params = _hf_params(config, init_from_hf, cfg, param_sh)
         _say(f"initialised from Hugging Face weights in {init_from_hf}")
     else:
-        params = jax.jit(lambda key: init_params(cfg, key), out_shardings=param_sh)(
+        params = jax.jit(lambda key: init_params(cfg, key), out_shardings=param_sh,
+                         compiler_options=INIT_COMPILER_OPTIONS)(
             jax.random.key(config.train.seed))
     if stage == 3 and not from_stage3:
         params = jax.jit(init_query_adapter, out_shardings=param_sh)(params)

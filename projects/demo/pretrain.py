@@ -382,7 +382,7 @@ def _compiled_steps(c, cfg, stages, init_params, bow_weight: float = 0.0):
     abstract = abstract_state(c, cfg, 1)
     shardings = state_shardings(cfg, mesh, abstract)
     if init_params is None:
-        params = jax.jit(lambda k: init_params_of(cfg, k))(jax.random.key(int(c.train.seed)))
+        params = init_params_of(cfg, jax.random.key(int(c.train.seed)))
     else:
         params = load_params(init_params, cfg)
     state = jax.jit(lambda p: create_state(c, p, 1), out_shardings=shardings)(params)

@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
                                                                 dl, ql)
 
     c = warmup_config(config, args.steps, args.lr)
-    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(int(c.train.seed)))
+    params = init_params(cfg, jax.random.key(int(c.train.seed)))
     batches = LMBatches(epoch_rows, tok.pad_id, int(c.train.batch_size), int(c.train.seed))
     collected = Losses()
     scores = _Scores(args, evals, collected, batches, jax.jit(lambda p, t: forward_logits(

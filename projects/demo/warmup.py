@@ -213,7 +213,7 @@ def lm_warmup(config: ml_collections.ConfigDict, data_dir, out, tok: Tokenizer, 
     cfg = ModelConfig.from_config(c)
     d, seed = c.data, int(c.train.seed)
     rows = warmup_rows(data_dir, tok, int(d.doc_max_len), int(d.question_max_len))
-    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed))
+    params = init_params(cfg, jax.random.key(seed))
     t0, collected = time.perf_counter(), Losses()
     if steps > 0:
         batches = LMBatches(lambda: rows, tok.pad_id, int(c.train.batch_size), seed)
