@@ -47,22 +47,37 @@ def tok():
                                         extra_texts=prompts.template_texts())
 
 
-def copy_run(channel, tok, steps: int, *overrides) -> dict:
+@pytest.fixture(scope="module")
+def start():
+    """Random init at the demo's widths, for both runs: the layout and the losses they change
+    give no param another shape, so one compile of init_params (tens of seconds on a 2-core
+    CPU at these widths) serves both."""
     from clara_jax.config import load_config_file
     from clara_jax.model import ModelConfig, init_params
+
+    cfg = ModelConfig.from_config(load_config_file(str(es.REPO / "configs/demo.py")))
+    return init_params(cfg, jax.random.key(0))
+
+
+def copy_run(channel, tok, start, steps: int, *overrides) -> dict:
+    from clara_jax.config import load_config_file
+    from clara_jax.model import ModelConfig, abstract_params
 
     config = load_config_file(str(es.REPO / "configs/demo.py"),
                               ["train.lambda_retrieval=0", "train.train_base=true",
                                *channel.COPY_OVERRIDES, *overrides])
-    params = init_params(ModelConfig.from_config(config), jax.random.key(0))
+    assert jax.tree.leaves(abstract_params(ModelConfig.from_config(config))) == [
+        jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(start)]
+    params = start  # run_length trains a copy
     return channel.run_length(config, params, tok, DOC_TOKENS, minutes=30, eval_every=100,
                               seed=0, max_steps=steps)
 
 
-def test_product_losses_keep_documents_apart_and_the_mse_term_collapses_them(channel, tok):
-    ours = copy_run(channel, tok, 300)
+def test_product_losses_keep_documents_apart_and_the_mse_term_collapses_them(channel, tok,
+                                                                             start):
+    ours = copy_run(channel, tok, start, 300)
     # The published design: the MSE term, packed slots, no span read-out.
-    published = copy_run(channel, tok, 100, "train.mse_weight=0.1", "train.span_weight=0",
+    published = copy_run(channel, tok, start, 100, "train.mse_weight=0.1", "train.span_weight=0",
                          "model.latent_positions=packed")
     assert ours["steps"] == 300 and published["steps"] == 100
     assert published["shared"] > COLLAPSED, published["curve"]
