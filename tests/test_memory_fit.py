@@ -200,16 +200,19 @@ def test_projections_policy_gives_the_same_gradients(tiny_config):
     """remat='projections' only changes what the backward recomputes."""
     from clara_jax.train.steps import make_loss_fn
 
-    grads = {}
+    grads, params = {}, None
     for policy in ("none", "projections"):
         config = _config(tiny_config, remat=policy, scan_layers=True)
         config.model.lora.dropout = 0.1  # the adapters run as separate matmuls
         cfg = ModelConfig.from_config(config)
-        params = init_params(cfg, jax.random.key(0))
-        # B = 0 at init would hide the adapter's path in the backward; make it nonzero.
-        params = jax.tree_util.tree_map_with_path(
-            lambda p, x: x + 0.01 if str(getattr(p[-1], "key", "")).endswith("_b") else x,
-            params)
+        if params is None:  # remat changes no param: one init (one compile) for both
+            params = init_params(cfg, jax.random.key(0))
+            # B = 0 at init would hide the adapter's path in the backward; make it nonzero.
+            params = jax.tree_util.tree_map_with_path(
+                lambda p, x: x + 0.01 if str(getattr(p[-1], "key", "")).endswith("_b") else x,
+                params)
+        assert jax.tree.leaves(abstract_params(cfg)) == [
+            jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(params)]
         batch = next(SyntheticLoader(config, STAGE))
         grads[policy] = _grads(make_loss_fn(config, cfg, STAGE), params, batch)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads["none"]),
