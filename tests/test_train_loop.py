@@ -20,14 +20,12 @@ PY = sys.executable
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment sharing a persistent compilation cache, so each run after the
-    first skips most of XLA's compile time."""
-    e = dict(os.environ)
-    e.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=str(REPO))
-    return e
+def env():
+    """Subprocess environment: the session's persistent compilation cache (tests/conftest.py
+    puts it in os.environ), so each run after the first, and the other test files' `clara
+    train` runs of the tiny model, skip most of XLA's compile time."""
+    assert os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return dict(os.environ, PYTHONPATH=str(REPO))
 
 
 def _run(env, *args, expect_rc=0):
