@@ -64,3 +64,48 @@ def one_device_target(config, cfg):
         return a, state_shardings(cfg, make_mesh(-1, 1, 1), a)
     return target
 
+
+
+# `make test` runs two pytest-xdist workers with --dist loadfile: each file goes whole to the
+# next free worker, in collection order. xdist's default reorders files by their number of
+# tests, which put the files of one or two long tests (a 3-minute training run, a benchmark
+# run end to end, 2-process launches) last, so one worker ran them alone at the end while the
+# other sat idle. These files, heaviest first by the suite's measured durations, start first
+# instead, and the many short files fill in behind them.
+HEAVY_FIRST = (
+    "tests/test_multiprocess_train.py",
+    "tests/test_train_loop.py",
+    "tests/test_channel.py",
+    "tests/test_quality_bench.py",
+    "projects/demo/tests/test_demo.py",
+    "tests/test_model.py",
+    "tests/test_memory_fit.py",
+    "tests/test_train_steps.py",
+    "projects/demo/tests/test_pretrain.py",
+    "tests/test_faults.py",
+    "tests/test_generate.py",
+    "tests/test_eval_job.py",
+    "projects/demo/tests/test_pretrain_mesh.py",
+    "tests/test_serving.py",
+    "tests/test_index_cli.py",
+    "tests/test_compile.py",
+    "tests/test_cloud_workdir.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist's reordering by test count
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+
+    def key(item):
+        try:
+            name = item.path.relative_to(REPO).as_posix()
+        except ValueError:
+            name = ""
+        return rank.get(name, len(rank))
+
+    items.sort(key=key)  # stable: the order within a file, and of the other files, stays
