@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 FIELDS = ("what", "device_kind", "devices", "mesh", "compile_s", "param_bytes",
@@ -28,7 +30,7 @@ def _clara(*args, env=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def runs():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_compile.py")],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)

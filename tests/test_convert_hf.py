@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 from clara_jax.convert import bundle, hf
 from clara_jax.model import ModelConfig, forward_logits, param_group
+from tests.conftest import xla_flags
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 FAMILIES = ("llama", "llama_tied", "mistral", "qwen2")
@@ -286,7 +287,7 @@ print(json.dumps({"all_placed": all(jax.tree.leaves(placed)),
 def test_load_straight_onto_a_mesh():
     """Each leaf goes to its NamedSharding as it is converted (8 host devices, fsdp x tensor)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     run = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(FIXTURES / "llama")],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert run.returncode == 0, run.stderr

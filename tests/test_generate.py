@@ -12,6 +12,7 @@ import pytest
 
 from clara_jax.infer import generation as G
 from clara_jax.model import compress, decode, generate_logits
+from tests.conftest import xla_flags
 
 EOS = 1
 
@@ -284,7 +285,7 @@ def test_generation_on_an_8_device_mesh_matches_one_device(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "mesh_generate.py"
     script.write_text(_MESH_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, str(script), str(repo)], env=env, capture_output=True,
                        text=True, timeout=300)

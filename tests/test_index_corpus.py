@@ -21,6 +21,7 @@ from clara_jax.index import (
     model_identity,
 )
 from clara_jax.index.corpus import chunk_windows, corpus_records, make_tokenize, read_corpus
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +170,7 @@ def test_encoder_sharded_over_8_devices(world_data, tiny_config, corpus_index):
     os.makedirs(tmp, exist_ok=True)
     inp, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npy")
     np.savez(inp, tokens=tokens, mask=mask)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", script, REPO, inp, out], check=True, env=env,
                    timeout=300)

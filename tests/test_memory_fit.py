@@ -25,7 +25,7 @@ from clara_jax.train import checkpoint as ckpt
 from clara_jax.train.optimizer import trainable_groups
 from clara_jax.train.state import abstract_state, create_state, state_shardings
 from clara_jax.train.steps import batch_fields, compile_train_step, make_train_step, rng_for_step
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from tests.train_support import SyntheticLoader
 
 STAGE = 2
@@ -175,7 +175,7 @@ def test_a_lora_axis_the_mesh_does_not_divide_stays_whole(tiny_config):
 
 
 def test_lora_and_moments_shard_over_fsdp_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_lora.py")],
                          env=env, capture_output=True, text=True, timeout=900, cwd=REPO)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 STEPS = 3
 
@@ -38,7 +38,7 @@ def _train_args(workdir, data_dir, steps, checkpoint_every=STEPS):
 
 def _one_process(workdir, data_dir, steps, devices=8):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     out = subprocess.run(_train_args(workdir, data_dir, steps), cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -84,7 +84,7 @@ def _start_two(workdir, data_dir, logdir, steps, **env_vars):
     for i in range(2):
         env = dict(os.environ, CLARA_COORDINATOR=f"127.0.0.1:{port}", CLARA_NUM_PROCESSES="2",
                    CLARA_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4", **env_vars)
+                   XLA_FLAGS=xla_flags(4), **env_vars)
         with open(logdir / f"process_{i}.log", "w") as log:
             args = _train_args(workdir, data_dir, steps, checkpoint_every=steps)
             procs.append(subprocess.Popen(args, cwd=REPO,

@@ -11,11 +11,12 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import xla_flags
 from tests.eval_support import REPO
 
 
 def test_a_checkpoint_and_its_bundle_serve_sharded_on_config_mesh(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_serve.py"),
                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=900,

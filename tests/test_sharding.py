@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from clara_jax.model.sharding import DEFAULT_RULES, make_mesh
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 
 def test_make_mesh_fills_one_axis_and_checks_sizes():
@@ -34,7 +34,7 @@ def test_rules_map_weights_and_activations_to_distinct_mesh_axes():
 
 
 def test_sharded_forward_on_8_devices_equals_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_forward.py")],
                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)

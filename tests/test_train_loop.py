@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, xla_flags
 
 PY = sys.executable
 
@@ -88,7 +88,7 @@ def test_profile_steps_writes_a_trace_next_to_tensorboard(env, tmp_path):
 
 
 def test_mesh_2x2x2_follows_one_device_and_checkpoints_move(env):
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    e = dict(env, XLA_FLAGS=xla_flags(8))
     res = subprocess.run([PY, str(REPO / "tests" / "multidevice_train.py")], env=e, cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]

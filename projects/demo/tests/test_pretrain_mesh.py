@@ -11,7 +11,7 @@ from clara_jax import param_store
 from clara_jax.data import prepare
 from clara_jax.model import ModelConfig, init_params
 from projects.demo import pretrain
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 
 def test_pretraining_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
@@ -35,7 +35,7 @@ def test_pretraining_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
         "c = load_config_file('configs/tiny.py', ['mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2'])\n"
         f"pretrain.pretrain(c, {str(tmp_path / 'tok')!r}, {str(tmp_path / 'eight')!r}, "
         f"log=lambda _: None, **{args!r})\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
