@@ -51,12 +51,15 @@ if [[ -z "$port" ]]; then
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 
+# The caller's own XLA flags come along; each process gets its share of fake CPU devices.
+xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
+
 if [[ $dry_run -eq 1 ]]; then
   show mkdir -p "$logdir"
   for ((i = 0; i < num; i++)); do
     line=$(show env CLARA_COORDINATOR="127.0.0.1:$port" CLARA_NUM_PROCESSES="$num" \
       CLARA_PROCESS_ID="$i" JAX_PLATFORMS=cpu \
-      XLA_FLAGS="--xla_force_host_platform_device_count=$devices" "$@")
+      XLA_FLAGS="$xla_flags" "$@")
     log=$(quote "$logdir/process_$i.log")
     if [[ $i -eq 0 ]]; then echo "$line 2>&1 | tee $log &"; else echo "$line > $log 2>&1 &"; fi
   done
@@ -73,11 +76,11 @@ for ((i = 0; i < num; i++)); do
   log="$logdir/process_$i.log"
   if [[ $i -eq 0 ]]; then
     (CLARA_COORDINATOR="127.0.0.1:$port" CLARA_NUM_PROCESSES="$num" CLARA_PROCESS_ID="$i" \
-      JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+      JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" \
       "$@" 2>&1 | tee "$log"; exit "${PIPESTATUS[0]}") &
   else
     CLARA_COORDINATOR="127.0.0.1:$port" CLARA_NUM_PROCESSES="$num" CLARA_PROCESS_ID="$i" \
-      JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+      JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" \
       "$@" > "$log" 2>&1 &
   fi
   pids+=($!)

@@ -187,7 +187,8 @@ def test_local_dry_run_prints_each_process_and_starts_none(stub_path, tmp_path):
         words = shlex.split(line[2:])
         assert words[:6] == ["env", "CLARA_COORDINATOR=127.0.0.1:4321", "CLARA_NUM_PROCESSES=2",
                              f"CLARA_PROCESS_ID={i}", "JAX_PLATFORMS=cpu",
-                             "XLA_FLAGS=--xla_force_host_platform_device_count=4"]
+                             f"XLA_FLAGS={os.environ['XLA_FLAGS']} "
+                             "--xla_force_host_platform_device_count=4"]
         assert words[6:9] == [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
         log = str(tmp_path / "logs" / f"process_{i}.log")
         assert words[9:] == (["2>&1", "|", "tee", log, "&"] if i == 0 else [">", log, "2>&1", "&"])
