@@ -67,6 +67,42 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def batches(spec: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]."""
+    return [int(x) for x in spec.split(",") if x.strip()]
+
+
+def throughput_by_batch(cfg, params, rows, sizes, tokens: int, repeats: int, deadline=None
+                        ) -> tuple[dict, dict]:
+    """Cached latent-mode generation by batch size: (tokens/s of whole answers of `tokens`
+    tokens, prefill included; tokens/s of the decode loop alone, the time of `tokens` tokens
+    minus that of prefill + 1 token), each {str(batch): value}. rows: (prompt ids, slot flags,
+    latents float[K, M, L]) cycled to fill each batch; EOS disabled, the length bucket the
+    longest prompt; a decode rate is None where the two times leave no decode time. deadline
+    (a perf_counter time): batch sizes not started by then are left out."""
+    by_batch, decode_by_batch = {}, {}
+    length = max(len(r[0]) for r in rows)
+    for b in sizes:
+        if deadline is not None and by_batch and time.perf_counter() > deadline:
+            break
+        chosen = [rows[i % len(rows)] for i in range(b)]
+        toks, slots = [r[0] for r in chosen], [r[1] for r in chosen]
+        lats = np.stack([r[2] for r in chosen])
+        secs = {}
+        for n in (tokens, 1):
+            gen = Generator(cfg, params, eos_id=-1, max_new_tokens=n,
+                            length_buckets=(length,), batch_buckets=(b,))
+            secs[n] = timed(lambda gen=gen, toks=toks, slots=slots, lats=lats: gen(
+                toks, slots=slots, latents=lats), repeats)
+        by_batch[str(b)] = round(b * tokens / secs[tokens], 1)
+        # null where timing noise leaves no decode time (a loaded machine, a tiny model)
+        decode = secs[tokens] - secs[1]
+        decode_by_batch[str(b)] = round(b * (tokens - 1) / decode, 1) if decode > 0 else None
+        print(f"batch {b}: {b * tokens} tokens in {secs[tokens]:.3f}s, prefill + 1 token "
+              f"{secs[1]:.3f}s", file=sys.stderr)
+    return by_batch, decode_by_batch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
@@ -151,24 +187,11 @@ def main() -> None:
         out["text_ms_per_answer"] / out["latent_ms_per_answer"], 2)
     out["latent_vs_text_ttft_speedup"] = round(out["text_ttft_ms"] / out["latent_ttft_ms"], 2)
 
-    # 3. Cached latent-mode throughput by batch size: whole answers (prefill included), and
-    # the decode loop alone (the time of N tokens minus the time of prefill + 1 token).
-    by_batch, decode_by_batch = {}, {}
+    # 3. Cached latent-mode throughput by batch size.
     tokens = 64
-    for b in (int(x) for x in args.batches.split(",")):
-        prompts = [latent_prompt() for _ in range(b)]
-        toks, slots = [p for p, _ in prompts], [s for _, s in prompts]
-        lats = np.repeat(lat, b, axis=0)
-        secs = {}
-        for n in (tokens, 1):
-            gen = Generator(cfg, params, eos_id=-1, max_new_tokens=n,
-                            length_buckets=(len(lp),), batch_buckets=(b,))
-            secs[n] = timed(lambda gen=gen, toks=toks, slots=slots, lats=lats: gen(
-                toks, slots=slots, latents=lats), args.repeats)
-        by_batch[str(b)] = round(b * tokens / secs[tokens], 1)
-        decode_by_batch[str(b)] = round(b * (tokens - 1) / max(secs[tokens] - secs[1], 1e-9), 1)
-        print(f"batch {b}: {b * tokens} tokens in {secs[tokens]:.3f}s, prefill + 1 token "
-              f"{secs[1]:.3f}s", file=sys.stderr)
+    rows = [latent_prompt() + (lat[0],) for _ in range(max(batches(args.batches)))]
+    by_batch, decode_by_batch = throughput_by_batch(cfg, params, rows, batches(args.batches),
+                                                    tokens, args.repeats)
     out["tokens_per_s_by_batch"] = by_batch
     out["decode_tokens_per_s_by_batch"] = decode_by_batch
     out["tokens_per_s_by_batch_new_tokens"] = tokens

@@ -154,6 +154,47 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
+class StepBench:
+    """One stage's compiled train step on full-length random batches, ready to time: the same
+    `make_train_step` + `compile_train_step` as `clara train`, the state on its shardings over
+    the config's mesh. `run()` takes one step and waits for it; `state` and `metrics` are the
+    latest step's."""
+
+    def __init__(self, config, stage: int, seed: int = 0):
+        self.config, self.stage = config, stage
+        self.cfg = cfg = ModelConfig.from_config(config)
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        params = init_params(cfg, jax.random.key(seed))
+        if stage == 3:
+            params = init_query_adapter(params)
+        state = create_state(config, params, stage)
+        shardings = state_shardings(cfg, mesh, state)
+        abstract = jax.eval_shape(lambda s: s, state)
+        self.state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+        del params, state
+        self.fields = batch_fields(config, stage)
+        t0 = time.perf_counter()
+        self.step, batch_sh = compile_train_step(make_train_step(config, cfg, stage,
+                                                                 abstract.params),
+                                                 mesh, shardings, abstract, self.fields)
+        self.compile_s = time.perf_counter() - t0
+        cost = self.step.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        # XLA counts a loop body once: with model.scan_layers this is about one layer's share.
+        self.xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        self.batch = jax.device_put(random_batch(config, stage, seed), batch_sh)
+        self.tokens = float(sum(np.sum(np.asarray(self.batch[k])) for k in
+                                ("mask", "doc_mask", "cand_mask", "query_mask")
+                                if k in self.batch))
+        self.model_flops = model_flops_per_step(config, cfg, stage, self.fields)
+        self.metrics, self.i = None, 0
+
+    def run(self) -> None:
+        st, m = self.step(self.state, self.batch, rng_for_step(self.state.rng, self.i))
+        jax.block_until_ready((st, m))
+        self.state, self.metrics, self.i = st, m, self.i + 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/demo.py")
@@ -166,37 +207,10 @@ def main() -> None:
     config.train.stage = stage
     if not any(item.startswith("train.train_base=") for item in args.set):
         config.train.train_base = stage < 3 and "demo" in config and bool(config.demo.train_base)
-    cfg = ModelConfig.from_config(config)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-
-    params = init_params(cfg, jax.random.key(0))
-    if stage == 3:
-        params = init_query_adapter(params)
-    state = create_state(config, params, stage)
-    shardings = state_shardings(cfg, mesh, state)
-    abstract = jax.eval_shape(lambda s: s, state)
-    state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
-    fields = batch_fields(config, stage)
-    t0 = time.perf_counter()
-    step, batch_sh = compile_train_step(make_train_step(config, cfg, stage, params), mesh,
-                                        shardings, abstract, fields)
-    compile_s = time.perf_counter() - t0
-    cost = step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
-
-    batch = jax.device_put(random_batch(config, stage), batch_sh)
-    tokens = float(sum(np.sum(np.asarray(batch[k])) for k in
-                       ("mask", "doc_mask", "cand_mask", "query_mask") if k in batch))
-    box = {"state": state, "i": 0}
-
-    def one_step():
-        st, m = step(box["state"], batch, rng_for_step(box["state"].rng, box["i"]))
-        jax.block_until_ready((st, m))
-        box.update(state=st, i=box["i"] + 1, metrics=m)
-
+    bench = StepBench(config, stage)
+    cfg = bench.cfg
     for _ in range(2):
-        one_step()
+        bench.run()
     matmul, matmul_flops = _matmul()
     # A bfloat16 model is also rated against the bfloat16 matmul's peak (AMX on recent Xeons,
     # several times the float32 one): the float32 ratio alone would flatter it.
@@ -206,7 +220,7 @@ def main() -> None:
     # processes on the machine affects both sides of the ratio alike.
     steps, mms, mms_low = [], [], []
     for _ in range(args.steps):
-        steps.append(_timed(one_step))
+        steps.append(_timed(bench.run))
         mms.append(_timed(matmul))
         if low:
             mms_low.append(_timed(matmul_low))
@@ -215,20 +229,19 @@ def main() -> None:
     mm_s = float(np.median([w for w, _ in mms]))
     mm_cpu = float(np.median([c for _, c in mms]))
     peak = matmul_flops / mm_s
-    flops = model_flops_per_step(config, cfg, stage, fields)
-    metrics = box["metrics"]
+    flops, tokens = bench.model_flops, bench.tokens
     out = {
         "config": args.config, "stage": stage, "train_base": bool(config.train.train_base),
         "overrides": args.set,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-        "batch_size": config.train.batch_size, "compile_s": compile_s, "step_s": step_s,
+        "batch_size": config.train.batch_size, "compile_s": bench.compile_s, "step_s": step_s,
         "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
-        "model_flops_per_step": flops, "xla_flops_per_step": xla_flops,
+        "model_flops_per_step": flops, "xla_flops_per_step": bench.xla_flops,
         "model_flops_per_s": flops / step_s, "matmul_peak_flops_per_s": peak,
         "flops_utilization": flops / step_s / peak,
         # The same ratio per CPU-second the process got (insensitive to other processes).
         "flops_utilization_cpu_time": (flops / step_cpu) / (matmul_flops / mm_cpu),
-        "loss": float(metrics["loss"]),
+        "loss": float(bench.metrics["loss"]),
     }
     if low:
         peak_low = matmul_flops / float(np.median([w for w, _ in mms_low]))

@@ -90,16 +90,22 @@ def topology_devices(name: str):
                         ) from None
 
 
+def by_device_kind(device, table: tuple[tuple[str, float], ...]) -> float | None:
+    """The value of the first key of `table` (most specific first, as HBM_GIB) contained in
+    the device's lower-cased device_kind; None for a kind the table does not know."""
+    kind = str(getattr(device, "device_kind", "")).lower()
+    return next((value for key, value in table if key in kind), None)
+
+
 def hbm_per_chip(device, hbm_gib: float | None, n_devices: int) -> tuple[int | None, str]:
     """(bytes, where the number comes from) of one chip's memory: --hbm_gib when given, else
     the known-chip table by device_kind, else the device's own memory_stats, else for CPU
     devices this host's RAM split over the mesh's devices."""
     if hbm_gib is not None:
         return int(hbm_gib * GIB), "--hbm_gib"
-    kind = str(getattr(device, "device_kind", "")).lower()
-    for key, gib in HBM_GIB:
-        if key in kind:
-            return int(gib * GIB), f"table ({device.device_kind})"
+    gib = by_device_kind(device, HBM_GIB)
+    if gib is not None:
+        return int(gib * GIB), f"table ({device.device_kind})"
     try:
         stats = device.memory_stats() or {}
     except Exception:  # compile-only devices have no runtime to ask
