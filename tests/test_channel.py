@@ -110,3 +110,12 @@ def test_cli_prints_the_runs(tmp_path):
     run = printed["runs"]["8"]
     assert run["steps"] == 2 and run["doc_tokens"] == 8 and len(run["curve"]) == 3
     assert printed["memory_tokens"] == 8 and 0 <= run["final_token_accuracy"] <= 1
+
+
+def test_cli_refuses_a_memory_token_override_that_finalize_would_replace():
+    proc = subprocess.run(
+        [sys.executable, str(es.REPO / "bench/channel.py"), "--set", "model.num_memory_tokens=2"],
+        capture_output=True, text=True, timeout=120, cwd=es.REPO)
+    assert proc.returncode == 2 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "M is derived; set it with --set data.doc_max_len=" in last
