@@ -218,6 +218,10 @@ def main(argv=None) -> dict:
                    help="config override, e.g. train.mse_weight=0.1 (repeatable)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    if any(s.partition("=")[0] == "model.num_memory_tokens" for s in args.set):
+        # finalize() would silently replace it (M = doc_max_len // compression_rate).
+        p.error("--set model.num_memory_tokens: M is derived; set it with --set "
+                "data.doc_max_len=M*RATE (data.doc_max_len=32 gives M=2 at the demo's rate 16)")
     overrides = ["train.lambda_retrieval=0", "train.train_base=true", *COPY_OVERRIDES,
                  *args.set]
     config = load_config_file(args.config, overrides)

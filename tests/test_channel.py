@@ -10,15 +10,15 @@ setting tried (projects/channel/README.md), so these runs use configs/demo.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from tests import eval_support as es
+from tests.channel_runs import DOC_TOKENS
 
-DOC_TOKENS = 8
 # bench/channel.py at these widths (projects/channel/README.md): configs/demo.py as shipped, 51%
 # token accuracy at 300 steps with shared 0.65 (chance is 0.5%); the published design (MSE 0.1,
 # packed slots, no span read-out) shared 0.999 from step 100 on.
@@ -31,54 +31,13 @@ def channel():
     return es.load_bench("channel")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from clara_jax.config import load_config_file
-    from clara_jax.data import prompts, world
-    from clara_jax.data.tokenizer import SentencePieceTokenizer
-    from clara_jax.model import ModelConfig
-
-    demo = ModelConfig.from_config(load_config_file(str(es.REPO / "configs/demo.py")))
-    m = demo.num_memory_tokens
-
-    w = world.make_world(0, "small", "train")
-    texts = list(w.docs.values()) + [q.question for q in w.questions]
-    return SentencePieceTokenizer.train(texts, 512, m, seed=0,
-                                        extra_texts=prompts.template_texts())
-
-
-@pytest.fixture(scope="module")
-def start():
-    """Random init at the demo's widths, for both runs: the layout and the losses they change
-    give no param another shape, so one compile of init_params (tens of seconds on a 2-core
-    CPU at these widths) serves both."""
-    from clara_jax.config import load_config_file
-    from clara_jax.model import ModelConfig, init_params
-
-    cfg = ModelConfig.from_config(load_config_file(str(es.REPO / "configs/demo.py")))
-    return init_params(cfg, jax.random.key(0))
-
-
-def copy_run(channel, tok, start, steps: int, *overrides) -> dict:
-    from clara_jax.config import load_config_file
-    from clara_jax.model import ModelConfig, abstract_params
-
-    config = load_config_file(str(es.REPO / "configs/demo.py"),
-                              ["train.lambda_retrieval=0", "train.train_base=true",
-                               *channel.COPY_OVERRIDES, *overrides])
-    assert jax.tree.leaves(abstract_params(ModelConfig.from_config(config))) == [
-        jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(start)]
-    params = start  # run_length trains a copy
-    return channel.run_length(config, params, tok, DOC_TOKENS, minutes=30, eval_every=100,
-                              seed=0, max_steps=steps)
-
-
-def test_product_losses_keep_documents_apart_and_the_mse_term_collapses_them(channel, tok,
-                                                                             start):
-    ours = copy_run(channel, tok, start, 300)
-    # The published design: the MSE term, packed slots, no span read-out.
-    published = copy_run(channel, tok, start, 100, "train.mse_weight=0.1", "train.span_weight=0",
-                         "model.latent_positions=packed")
+def test_product_losses_keep_documents_apart_and_the_mse_term_collapses_them():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(es.REPO / "tests/channel_runs.py")], env=env,
+                          capture_output=True, text=True, timeout=1200, cwd=es.REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, published = runs["ours"], runs["published"]
     assert ours["steps"] == 300 and published["steps"] == 100
     assert published["shared"] > COLLAPSED, published["curve"]
     assert published["final_token_accuracy"] < 0.05, published["curve"]
@@ -110,3 +69,12 @@ def test_cli_prints_the_runs(tmp_path):
     run = printed["runs"]["8"]
     assert run["steps"] == 2 and run["doc_tokens"] == 8 and len(run["curve"]) == 3
     assert printed["memory_tokens"] == 8 and 0 <= run["final_token_accuracy"] <= 1
+
+
+def test_cli_refuses_a_memory_token_override_that_finalize_would_replace():
+    proc = subprocess.run(
+        [sys.executable, str(es.REPO / "bench/channel.py"), "--set", "model.num_memory_tokens=2"],
+        capture_output=True, text=True, timeout=120, cwd=es.REPO)
+    assert proc.returncode == 2 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "M is derived; set it with --set data.doc_max_len=" in last

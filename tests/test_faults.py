@@ -157,6 +157,10 @@ CASES = [
     (["index", "build", f"--checkpoint={R}/run", f"--corpus={R}/corpus.jsonl",
       f"--out={R}/idx", "--num_shards=2", "--shard_index=3"], 2, "must be in [0, --num_shards"),
     (["index", "info", f"--index={R}/nothere"], 2, "nothere"),
+    (["index", "build", f"--checkpoint={R}/run", f"--corpus={R}/corpus.jsonl",
+      f"--out={R}/idx", "--batch_size=0"], 2, "flag --batch_size=0: must be a positive integer"),
+    (["compile", TINY, "--what=generate", "--prompt_len=-3"], 2,
+     "flag --prompt_len=-3: must be a positive integer"),
     # Questions, evaluations and outputs (refused before a model is loaded).
     (["ask", f"--bundle={R}/bundle", ""], 2, "question 1 is empty"),
     (["ask", f"--bundle={R}/bundle", "--num_docs=0", "q"], 2,

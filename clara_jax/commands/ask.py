@@ -19,12 +19,11 @@ from pathlib import Path
 from absl import flags
 from tqdm.auto import tqdm
 
-from clara_jax.commands.common import define_output_flags
+from clara_jax.commands.common import define_output_flags, define_positive_integer
 from clara_jax.commands.rag_common import (
     InputError,
     build_pipeline,
     check_out,
-    check_positive,
     define_answer_flags,
     define_pipeline_flags,
     exit_on_bad_input,
@@ -38,8 +37,8 @@ flags.DEFINE_string("out", None, "Write the answers' JSONL here (default stdout)
 flags.DEFINE_float("refine_threshold", None,
                    "Adaptive refinement: answer again with --refine_docs more documents when the "
                    "mean entropy (nats) of the first --refine_tokens answer tokens exceeds this.")
-flags.DEFINE_integer("refine_docs", 5, "Documents added on refinement.")
-flags.DEFINE_integer("refine_tokens", 4, "First answer tokens whose entropy is tested.")
+define_positive_integer("refine_docs", 5, "Documents added on refinement.")
+define_positive_integer("refine_tokens", 4, "First answer tokens whose entropy is tested.")
 flags.DEFINE_bool("show_docs", False, "Include the supporting documents' audit text.")
 define_output_flags(overwrite="Replace an existing --out file.",
                     progress="Show a progress bar for --file.")
@@ -98,9 +97,6 @@ def main(argv) -> None:
         for i, r in enumerate(rows, 1):
             if not r["question"].strip():
                 raise InputError(f"question {i} is empty")
-        for name in ("num_docs", "max_new_tokens", "batch_size", "refine_docs",
-                     "refine_tokens"):
-            check_positive(name, getattr(fl, name))
         check_out(fl.out, fl.overwrite, directory=False)
         start = time.perf_counter()
 

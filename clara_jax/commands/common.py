@@ -30,6 +30,22 @@ def define_output_flags(overwrite: str, progress: str) -> None:
     flags.DEFINE_bool("progress", True, progress)
 
 
+def define_positive_integer(name: str, default: int | None, help: str) -> None:
+    """An integer flag that absl refuses at parse time unless it is unset or >= 1 (`clara X:
+    flag --NAME=0: must be a positive integer`, exit status 2)."""
+    flags.DEFINE_integer(name, default, help)
+    flags.register_validator(name, lambda v: v is None or v > 0,
+                             message="must be a positive integer")
+
+
+def define_model_flags(checkpoint: str) -> None:
+    """--checkpoint (with the command's own help) and --tokenizer: the trained model a command
+    loads through `clara_jax.infer.serving.load_checkpoint_model`."""
+    flags.DEFINE_string("checkpoint", None, checkpoint)
+    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's own copy, "
+                        "else its train.data_dir/tokenizer; a converted model's own).")
+
+
 def load_config():
     """The --config flag's ConfigDict, validated again after command-line overrides (which may
     change fields that derived ones depend on)."""

@@ -21,7 +21,11 @@ import sys
 
 from absl import flags
 
-from clara_jax.commands.common import define_config_flag, load_config
+from clara_jax.commands.common import (
+    define_config_flag,
+    define_positive_integer,
+    load_config,
+)
 from clara_jax.config import ConfigError, finalize
 from clara_jax.errors import UserError
 
@@ -40,19 +44,14 @@ flags.DEFINE_enum("what", "train", ["train", "generate", "encode"],
                   "the KV cache; encode: the index build's compressor on a corpus batch.")
 flags.DEFINE_float("hbm_gib", None, "Memory per chip in GiB to check against (default: the "
                    "chip's, from its device kind).")
-flags.DEFINE_integer("batch", None, "Rows for generate (default train.batch_size) or documents "
-                     "for encode (default 64); rounded up to a multiple of data x fsdp.")
-flags.DEFINE_integer("prompt_len", None, "Prompt tokens for generate (default: the stage-3 "
-                     "generator prompt: K documents' latent slots, question, framing).")
-flags.DEFINE_integer("new_tokens", None, "Tokens generated (default data.answer_max_len).")
+define_positive_integer("batch", None, "Rows for generate (default train.batch_size) or "
+                        "documents for encode (default 64); rounded up to a multiple of data "
+                        "x fsdp.")
+define_positive_integer("prompt_len", None, "Prompt tokens for generate (default: the stage-3 "
+                        "generator prompt: K documents' latent slots, question, framing).")
+define_positive_integer("new_tokens", None, "Tokens generated (default data.answer_max_len).")
 
 FLAGS = flags.FLAGS
-
-
-def _positive(name: str) -> None:
-    value = getattr(FLAGS, name)
-    if value is not None and value <= 0:
-        raise UserError(f"--{name}={value}: must be a positive integer")
 
 
 def _mib(n) -> str:
@@ -65,8 +64,6 @@ def main(argv) -> None:
 
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    for name in ("batch", "prompt_len", "new_tokens"):
-        _positive(name)
     if FLAGS.hbm_gib is not None and FLAGS.hbm_gib <= 0:
         raise UserError(f"--hbm_gib={FLAGS.hbm_gib}: must be positive")
     if FLAGS.stage is not None and FLAGS.stage not in (1, 2, 3):

@@ -18,7 +18,7 @@ import json
 from absl import flags
 
 from clara_jax.commands import rag_common
-from clara_jax.commands.common import define_output_flags
+from clara_jax.commands.common import define_output_flags, define_positive_integer
 from clara_jax.data.formats import DataError
 
 rag_common.define_pipeline_flags()
@@ -30,7 +30,7 @@ flags.DEFINE_string("corpus", None, "Corpus JSONL the index was built from, to m
                     "documents to index ids (default: corpus.jsonl beside the data file; "
                     "none: the index's stored text).")
 flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("limit", None, "Evaluate N rows spread evenly over the file.")
+define_positive_integer("limit", None, "Evaluate N rows spread evenly over the file.")
 flags.DEFINE_bool("warmup", True, "Run the first batch once untimed (compilation).")
 flags.DEFINE_bool("skip_bad_rows", False, "Skip rows that fail validation.")
 define_output_flags(overwrite="Replace the outputs of an earlier evaluation in --out.",
@@ -47,8 +47,6 @@ def main(argv) -> None:
             raise rag_common.InputError("give --checkpoint (with --index) or --bundle")
         if fl.checkpoint and fl.mode != "closed_book" and not fl.index:
             raise rag_common.InputError("--index is required (or use --mode=closed_book)")
-        for name in ("num_docs", "max_new_tokens", "limit", "batch_size"):
-            rag_common.check_positive(name, getattr(fl, name))
         rag_common.check_out(fl.out, fl.overwrite, directory=True,
                              outputs=("predictions.jsonl", "summary.json", "summary.md"))
         data_file, _ = resolve_data(fl.data, fl.split, fl.format)

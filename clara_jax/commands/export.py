@@ -12,17 +12,15 @@ import json
 
 from absl import flags
 
-from clara_jax.commands.common import define_output_flags
+from clara_jax.commands.common import define_model_flags, define_output_flags
 from clara_jax.commands.rag_common import check_args, exit_on_bad_input
 from clara_jax.workdir import lock_output
 
-flags.DEFINE_string("checkpoint", None, "Training run (WORKDIR or WORKDIR/checkpoints); the "
-                    "latest step is exported.")
+define_model_flags("Training run (WORKDIR or WORKDIR/checkpoints); the latest step is "
+                   "exported.")
 flags.DEFINE_string("index", None, "Latent index built by this checkpoint (copied into the "
                     "bundle); omit for a closed-book-only bundle.")
 flags.DEFINE_string("out", None, "The bundle directory to write.")
-flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's "
-                    "train.data_dir/tokenizer).")
 flags.DEFINE_enum("decoder_dtype", "float32", ["float32", "bfloat16", "float16"],
                   "dtype of the Hugging Face decoder safetensors.")
 define_output_flags(overwrite="Replace an existing non-empty --out.",

@@ -24,25 +24,24 @@ from pathlib import Path
 import jax
 from absl import flags
 
+from clara_jax.commands.common import define_model_flags, define_positive_integer
 from clara_jax.data.formats import DataError, check_unique_ids, iter_jsonl
 from clara_jax.workdir import lock
 
 FLAGS = flags.FLAGS
 ACTIONS = ("build", "info", "search", "add", "delete")
 
-flags.DEFINE_string("checkpoint", None, "Training run (WORKDIR or WORKDIR/checkpoints; the "
-                    "latest step is used), or a converted model (`clara convert from-clara` / "
-                    "`from-hf` DST).")
-flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's own copy, else "
-                    "its train.data_dir/tokenizer; a converted model's own).")
+define_model_flags("Training run (WORKDIR or WORKDIR/checkpoints; the latest step is used), "
+                   "or a converted model (`clara convert from-clara` / `from-hf` DST).")
 flags.DEFINE_string("corpus", None, "Corpus JSONL: {\"id\", \"title\"?, \"text\"} per line.")
 flags.DEFINE_string("out", None, "build: the index directory to write.")
 flags.DEFINE_string("index", None, "info/search/add/delete: the index directory.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "int8"], "Latent storage type.")
 flags.DEFINE_enum("key", "flat", ["flat", "mean"], "Retrieval key: flattened M x L latents "
                   "(the paper's cosine) or their mean over M.")
-flags.DEFINE_integer("chunk_size", 16384, "Documents per store chunk (the unit of resumption).")
-flags.DEFINE_integer("batch_size", 64, "Documents per compressor call.")
+define_positive_integer("chunk_size", 16384, "Documents per store chunk (the unit of "
+                        "resumption).")
+define_positive_integer("batch_size", 64, "Documents per compressor call.")
 flags.DEFINE_bool("scann", True, "Build a ScaNN searcher (else exact search only).")
 flags.DEFINE_integer("scann_leaves", 0, "ScaNN partitions (0: about sqrt(num_docs), none "
                      "below 2000 documents).")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from absl import flags
 
+from clara_jax.commands.common import define_model_flags, define_positive_integer
 from clara_jax.data.tokenizer import TokenizerError
 
 
@@ -25,12 +26,6 @@ def check_args(argv, required: tuple[str, ...]) -> None:
     for name in required:
         if not getattr(flags.FLAGS, name):
             raise InputError(f"--{name} is required")
-
-
-def check_positive(name: str, value) -> None:
-    """InputError unless the optional integer flag --NAME is unset or positive."""
-    if value is not None and value <= 0:
-        raise InputError(f"--{name}={value}: must be a positive integer")
 
 
 def check_out(path, overwrite: bool, directory: bool, outputs=()) -> None:
@@ -76,20 +71,17 @@ def exit_on_bad_input(command: str, *extra: type[Exception]):
 
 def define_pipeline_flags() -> None:
     """Defines the shared flags (call once, at the importing command's import)."""
-    flags.DEFINE_string("checkpoint", None, "A training run's workdir or its checkpoints dir, "
-                        "or a converted model (`clara convert from-clara` / `from-hf` DST).")
+    define_model_flags("A training run's workdir or its checkpoints dir, or a converted "
+                       "model (`clara convert from-clara` / `from-hf` DST).")
     flags.DEFINE_string("bundle", None, "A serving bundle (`clara export`) instead of "
                         "--checkpoint; its own index unless --index is given.")
     flags.DEFINE_string("index", None, "Latent index directory (`clara index build`).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: the run's own copy, "
-                        "else DATA_DIR/tokenizer of its config.train.data_dir; a converted "
-                        "model's own).")
     flags.DEFINE_float("temperature", 0.0, "0: greedy decoding.")
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: off).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_enum("backend", "auto", ["auto", "scann", "exact"], "Index search backend.")
-    flags.DEFINE_integer("batch_size", 32, "Rows per generation batch.")
+    define_positive_integer("batch_size", 32, "Rows per generation batch.")
     flags.DEFINE_string("mesh", None, "Device mesh to serve on, e.g. fsdp=2,tensor=4: the "
                         "params are split by the sharding rules and each batch over data x "
                         "fsdp (axes not named keep the checkpoint's config.mesh; default: "
@@ -101,10 +93,10 @@ def define_answer_flags() -> None:
     flags.DEFINE_enum("mode", "latent", ["latent", "text", "closed_book"],
                       "latent: documents as latents (CLaRa); text: their text in the prompt; "
                       "closed_book: no documents.")
-    flags.DEFINE_integer("num_docs", None,
-                         "K documents per question (default config.data.num_docs).")
-    flags.DEFINE_integer("max_new_tokens", None,
-                         "Answer length cap (default config.data.answer_max_len).")
+    define_positive_integer("num_docs", None,
+                            "K documents per question (default config.data.num_docs).")
+    define_positive_integer("max_new_tokens", None,
+                            "Answer length cap (default config.data.answer_max_len).")
 
 
 def mesh_override(fl):

@@ -79,125 +79,31 @@ def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
+def _frozen(x):
+    """JSON lists as tuples, all the way down (the tables are constants)."""
+    if isinstance(x, list):
+        return tuple(_frozen(y) for y in x)
+    if isinstance(x, dict):
+        return {k: _frozen(v) for k, v in x.items()}
+    return x
+
+
+def _load_templates() -> dict:
+    """world_templates.json, whose `_format` field says what each table holds."""
+    raw = json.loads(Path(__file__).with_name("world_templates.json").read_text("utf-8"))
+    return {name: _frozen(table) for name, table in raw.items() if not name.startswith("_")}
+
+
+_TEMPLATES = _load_templates()
 # Per kind: attribute -> (question templates, sentence templates, kind of a related entity or
 # None for a plain value). {s} is the subject's name, {v} the value, {a} its article.
-ATTRS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]]] = {
-    "person": {
-        "birth_year": (("In which year was {s} born?", "When was {s} born?"),
-                       ("{s} was born in {v}.", "The year {v} saw the birth of {s}.",
-                        "{s}'s year of birth is {v}."), None),
-        "birthplace": (("In which city was {s} born?", "Where was {s} born?"),
-                       ("{s} was born in the city of {v}.", "{s} is a native of {v}.",
-                        "The birthplace of {s} is {v}."), "city"),
-        "occupation": (("What is the occupation of {s}?", "What does {s} do for a living?"),
-                       ("{s} works as {a} {v}.", "By profession, {s} is {a} {v}.",
-                        "{s} earns a living as {a} {v}."), None),
-        "employer": (("Which organisation employs {s}?", "Who does {s} work for?"),
-                     ("{s} is employed by {v}.", "{v} counts {s} among its staff.",
-                      "{s} has a position at {v}."), "organisation"),
-        "hobby": (("What is the hobby of {s}?",),
-                  ("In spare time, {s} enjoys {v}.", "The favourite pastime of {s} is {v}.",
-                   "{s} spends weekends on {v}."), None),
-    },
-    "organisation": {
-        "founded": (("In which year was {s} founded?", "When was {s} established?"),
-                    ("{s} was founded in {v}.", "{s} was established in the year {v}.",
-                     "The founding year of {s} is {v}."), None),
-        "headquarters": (("In which city is {s} headquartered?",
-                          "Where are the headquarters of {s}?"),
-                         ("{s} is headquartered in {v}.", "The headquarters of {s} are in {v}.",
-                          "{s} has its main office in {v}."), "city"),
-        "founder": (("Who founded {s}?", "Who is the founder of {s}?"),
-                    ("{s} was founded by {v}.", "{v} is the founder of {s}.",
-                     "{v} started {s}."), "person"),
-        "industry": (("In which industry does {s} operate?",),
-                     ("{s} operates in the {v} industry.", "The business of {s} is {v}.",
-                      "{s} earns its money from {v}."), None),
-        "employees": (("How many people work at {s}?",),
-                      ("{s} has {v} employees.", "About {v} people work at {s}.",
-                       "The staff of {s} numbers {v}."), None),
-    },
-    "city": {
-        "country": (("In which country is {s}?", "Which country does {s} belong to?"),
-                    ("{s} is a city in {v}.", "{s} lies in {v}.", "{s} belongs to {v}."),
-                    "country"),
-        "population": (("What is the population of {s}?", "How many people live in {s}?"),
-                       ("{s} has a population of {v}.", "About {v} people live in {s}.",
-                        "The number of inhabitants of {s} is {v}."), None),
-        "founded": (("In which year was {s} founded?",),
-                    ("{s} was founded in {v}.", "The city of {s} dates back to {v}.",
-                     "{s} was first settled in {v}."), None),
-        "mayor": (("Who is the mayor of {s}?",),
-                  ("The mayor of {s} is {v}.", "{v} serves as mayor of {s}.",
-                   "{s} is governed by its mayor, {v}."), "person"),
-        "landmark": (("What is the best-known landmark of {s}?",),
-                     ("The best-known landmark of {s} is the {v}.",
-                      "Visitors to {s} come to see the {v}.",
-                      "{s} is famous for the {v}."), None),
-    },
-    "country": {
-        "capital": (("What is the capital of {s}?",),
-                    ("The capital of {s} is {v}.", "{v} is the capital city of {s}.",
-                     "{s} is governed from its capital, {v}."), "city"),
-        "language": (("What language is spoken in {s}?", "What is the official language of {s}?"),
-                     ("The official language of {s} is {v}.", "People in {s} speak {v}.",
-                      "{v} is spoken throughout {s}."), None),
-        "currency": (("What is the currency of {s}?",),
-                     ("The currency of {s} is the {v}.", "In {s}, people pay with the {v}.",
-                      "{s} uses the {v} as its currency."), None),
-        "independence": (("In which year did {s} become independent?",),
-                         ("{s} became independent in {v}.",
-                          "The independence of {s} dates from {v}.",
-                          "{s} has been independent since {v}."), None),
-        "animal": (("What is the national animal of {s}?",),
-                   ("The national animal of {s} is the {v}.", "{s} chose the {v} as its "
-                    "national animal.", "The {v} is the emblem animal of {s}."), None),
-    },
-    "work": {
-        "creator": (("Who created {s}?", "Who is the author of {s}?"),
-                    ("{s} is a {k} by {v}.", "{v} created the {k} {s}.",
-                     "{s} was made by {v}."), "person"),
-        "year": (("In which year was {s} released?", "When did {s} first appear?"),
-                 ("{s} was released in {v}.", "{s} first appeared in {v}.",
-                  "The {k} {s} dates from {v}."), None),
-        "genre": (("What is the genre of {s}?",),
-                  ("The genre of {s} is {v}.", "{s} is best described as {a} {v}.",
-                   "Critics call {s} {a} {v}."), None),
-        "kind": (("What kind of work is {s}?",),
-                 ("{s} is {a} {v}.", "{s} was conceived as {a} {v}.",
-                  "Formally, {s} is {a} {v}."), None),
-    },
-}
-
+ATTRS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]]] = \
+    _TEMPLATES["attributes"]
 # Two-hop questions: (subject kind, first attribute (a relation), second attribute of the
 # related entity, question template).
-CHAINS = (
-    ("person", "birthplace", "country", "In which country was {s} born?"),
-    ("person", "employer", "headquarters",
-     "In which city is the organisation that employs {s} headquartered?"),
-    ("person", "employer", "founder", "Who founded the organisation that employs {s}?"),
-    ("organisation", "founder", "birth_year", "In which year was the founder of {s} born?"),
-    ("organisation", "headquarters", "country", "In which country is {s} headquartered?"),
-    ("work", "creator", "occupation", "What is the occupation of the creator of {s}?"),
-    ("work", "creator", "birthplace", "In which city was the creator of {s} born?"),
-    ("city", "country", "language", "What language is spoken in the country where {s} lies?"),
-    ("city", "mayor", "birth_year", "In which year was the mayor of {s} born?"),
-    ("country", "capital", "mayor", "Who is the mayor of the capital of {s}?"),
-)
-INTRO = {
-    "person": ("{s} is a person of some renown.", "This document is about {s}.",
-               "Here is what is known about {s}."),
-    "organisation": ("{s} is an organisation.", "This document is about {s}.",
-                     "The following describes {s}."),
-    "city": ("{s} is a city.", "This document is about the city of {s}.",
-             "Here is a short account of {s}."),
-    "country": ("{s} is a country.", "This document is about {s}.",
-                "The following describes the country of {s}."),
-    "work": ("{s} is a well-known work.", "This document is about {s}.",
-             "Here is an account of {s}."),
-}
-DISTRACTOR = ("{s} should not be confused with {o}.", "Readers often mix up {s} and {o}.",
-              "A different {kind}, {o}, is sometimes mentioned alongside {s}.")
+CHAINS: tuple[tuple[str, str, str, str], ...] = _TEMPLATES["chains"]
+INTRO: dict[str, tuple[str, ...]] = _TEMPLATES["intro"]
+DISTRACTOR: tuple[str, ...] = _TEMPLATES["distractor"]
 
 
 @dataclass
