@@ -69,6 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
     # "packed": latent slots take one RoPE position each (the published method); "spread": each
     # takes data.compression_rate positions, where the text it stands for would sit.
     m.latent_positions = "packed"
+    # Scale of a fixed code of each compressor input token's sub-position (its index mod
+    # data.compression_rate: which of its latent's R tokens it is) added to its embedding; 0:
+    # off (the published method). RoPE binds position to queries and keys, never to values, so a
+    # memory token that averages its span reads a bag of tokens; at the embeddings' own scale
+    # (model.init_std) the code tripled the compressor's write at rate 18 (projects/channel).
+    m.span_code = 0.0
     m.scan_layers = False
     m.remat = "none"
     m.dtype = "float32"  # compute dtype; trainable params stay float32 (master weights)
@@ -202,6 +208,8 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
               f"must be one of {COMPRESSOR_ATTENTION}")
     if m.latent_positions not in LATENT_POSITIONS:
         _fail("model.latent_positions", m.latent_positions, f"must be one of {LATENT_POSITIONS}")
+    if not m.span_code >= 0:  # also refuses NaN
+        _fail("model.span_code", m.span_code, "must be >= 0 (0: off)")
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"must be one of {DTYPES}")
     if m.base_dtype not in DTYPES:

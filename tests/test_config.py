@@ -52,6 +52,7 @@ def _bad(mutate) -> str:
     (lambda c: setattr(c.model, "head_dim", 127), "config.model.head_dim=127"),
     (lambda c: setattr(c.model, "latent_dim", 5000), "config.model.latent_dim=5000"),
     (lambda c: setattr(c.model, "remat", "some"), "config.model.remat='some'"),
+    (lambda c: setattr(c.model, "span_code", -0.02), "config.model.span_code=-0.02"),
     (lambda c: setattr(c.model, "dtype", "float16"), "config.model.dtype='float16'"),
     (lambda c: setattr(c.model.lora, "targets", ("q", "qkv")), "config.model.lora.targets"),
     (lambda c: setattr(c.model.lora, "adapters", ("compressor",)), "config.model.lora.adapters"),

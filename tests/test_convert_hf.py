@@ -260,6 +260,16 @@ def test_bundle_with_bfloat16_base(tmp_path):
         bundle.model_config_from_dict({**bundle.model_config_to_dict(cfg), "colour": 1})
 
 
+@pytest.mark.parametrize("changes", [
+    dict(span_code=0.02, span_code_period=8),
+    dict(span_code=0.02, span_code_period=8, latent_span=8),
+    dict(compressor_attention="bidirectional"),
+])
+def test_experiment_config_of_a_converted_model_describes_it(tmp_path, tiny_cfg, changes):
+    cfg = dataclasses.replace(tiny_cfg, **changes)
+    assert ModelConfig.from_config(bundle.experiment_config(tmp_path, cfg)) == cfg
+
+
 _MESH_SCRIPT = r"""
 import json, sys
 import numpy as np, jax

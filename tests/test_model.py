@@ -484,6 +484,33 @@ def test_bidirectional_compressor_lets_earlier_memory_tokens_see_later_ones(tiny
         assert np.allclose(a[:, 0], b[:, 0], atol=1e-6) != sees_later
 
 
+def test_span_position_code_tells_sub_positions_apart_and_repeats_with_its_period():
+    from clara_jax.model.clara import span_position_code
+
+    code = np.asarray(span_position_code(jnp.arange(40)[None], 18, 256))[0]
+    assert code.shape == (40, 256) and np.abs(code).max() <= 1.0
+    np.testing.assert_allclose(code[18:36], code[:18], atol=1e-5)
+    dist = np.linalg.norm(code[:18, None] - code[None, :18], axis=-1)
+    assert dist[~np.eye(18, dtype=bool)].min() > 1.0  # every sub-position its own code
+
+
+def test_span_code_changes_the_latents_and_keeps_them_padding_invariant(tiny_cfg,
+                                                                        tiny_params):
+    t = 12
+    toks, mask = _tokens(tiny_cfg, 1, t), jnp.ones((1, t), bool)
+    for layout in ("append", "interleave"):
+        cfg = dataclasses.replace(tiny_cfg, span_code=0.02, span_code_period=4,
+                                  memory_layout=layout)
+        coded = compress(cfg, tiny_params, toks, mask)
+        assert not np.allclose(coded, compress(dataclasses.replace(cfg, span_code=0.0),
+                                               tiny_params, toks, mask), atol=1e-5), layout
+    # The code follows each valid token's index: right padding leaves the latents unchanged.
+    cfg = dataclasses.replace(tiny_cfg, span_code=0.02, span_code_period=4)
+    short = compress(cfg, tiny_params, toks[:, :9], mask[:, :9])
+    padded = compress(cfg, tiny_params, toks.at[:, 9:].set(0), mask.at[:, 9:].set(False))
+    np.testing.assert_allclose(short, padded, atol=1e-5)
+
+
 def test_kv_cache_with_spread_latent_positions(tiny_cfg, tiny_params):
     cfg = dataclasses.replace(tiny_cfg, latent_span=4)
     p = _with_adapter_b(tiny_params, "generator")

@@ -96,7 +96,8 @@ def experiment_config(src: str | os.PathLike, cfg: ModelConfig):
     clara_config.json when there is one (from-clara), else the defaults:
 
         data.compression_rate  the reference's compr_rate (from-hf: 256 // M, at least 1;
-                               `latent_span` when the latents are spread)
+                               `latent_span` when the latents are spread, the
+                               sub-position code's period when it is on)
         data.doc_max_len       M * data.compression_rate (the reference's doc_max_length)
         data.chunk_overlap     min(32, doc_max_len // 4)
         data.num_docs          the reference's generation_top_k (default 5)
@@ -113,7 +114,8 @@ def experiment_config(src: str | os.PathLike, cfg: ModelConfig):
     c = base_config()
     m = c.model
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                 "mlp_dim", "num_memory_tokens", "latent_dim", "memory_layout", "qkv_bias",
+                 "mlp_dim", "num_memory_tokens", "latent_dim", "memory_layout",
+                 "compressor_attention", "span_code", "qkv_bias",
                  "tie_embeddings", "max_len", "scan_layers", "remat", "dtype", "base_dtype"):
         m[name] = getattr(cfg, name)
     m.rope_theta, m.norm_eps, m.init_std = cfg.rope_theta, cfg.norm_eps, cfg.init_std
@@ -121,8 +123,8 @@ def experiment_config(src: str | os.PathLike, cfg: ModelConfig):
     m.lora.rank, m.lora.alpha, m.lora.dropout = cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout
     m.lora.targets, m.lora.adapters = tuple(cfg.lora_targets), tuple(cfg.adapters)
     n = cfg.num_memory_tokens
-    if cfg.latent_span > 1:
-        rate = cfg.latent_span
+    if cfg.latent_span > 1 or cfg.span_code:
+        rate = max(cfg.latent_span, cfg.span_code_period)
     elif isinstance(reference.get("compr_rate"), int) and reference["compr_rate"] > 0:
         rate = reference["compr_rate"]
     else:

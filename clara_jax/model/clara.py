@@ -4,7 +4,8 @@
   followed by M learned memory embeddings (or with memory token j after the document's j-th
   chunk, `memory_layout='interleave'`, or appended but at the RoPE position of the end of its
   chunk, `memory_layout='spread'`); the latents are the final hidden states at those M
-  positions, projected to width L when L < D.
+  positions, projected to width L when L < D. With `model.span_code` > 0, each input token's
+  embedding first gets that times a fixed code of its sub-position (`span_position_code`).
 - `encode_query(tokens)`: the same under the `query` adapter.
 - `generate(tokens, slot_mask, latents)`: the generator's prompt with K·M latent slots; the
   input embeddings at the slots (in order) are replaced by the K documents' latents, projected
@@ -58,6 +59,20 @@ def spread_memory_positions(mask, m: int):
     return jnp.concatenate([doc, memory], axis=1)
 
 
+def span_position_code(index, period: int, dim: int):
+    """index: int[B, T] (a token's index among its row's valid tokens) -> float32[B, T, D]:
+    sinusoids of index mod `period` at the period's harmonics 1 .. max(period // 2, 1), cycled
+    over the D // 2 (sin, cos) pairs; each entry in [-1, 1].
+
+    Which of its latent's R tokens a token is, put into the token itself: RoPE makes attention
+    weights depend on position but never the values, so a memory token that averages its span
+    would otherwise read an unordered bag of tokens.
+    """
+    harmonic = jnp.arange(dim // 2) % max(period // 2, 1) + 1  # [D/2]
+    angle = ((index % period)[..., None] * harmonic) * (2 * np.pi / period)
+    return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1).astype(jnp.float32)
+
+
 class CLaRa(nn.Module):
     cfg: ModelConfig
 
@@ -100,17 +115,25 @@ class CLaRa(nn.Module):
             [jnp.zeros((b, t, cfg.dim), cfg.compute_dtype),
              jnp.broadcast_to(self.memory_embeddings.astype(cfg.compute_dtype),
                               (b, m, cfg.dim))], axis=1)
+        offsets = None
+        if cfg.span_code:
+            index = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+            code = cfg.span_code * span_position_code(index, cfg.span_code_period, cfg.dim)
+            offsets = jnp.concatenate(
+                [jnp.where(mask[..., None], code, 0.0), jnp.zeros((b, m, cfg.dim))], axis=1)
         permuted = cfg.memory_layout == "interleave"
         if permuted:
             order = memory_order(t, m, cfg.memory_layout)
             full_tokens, full_mask, inject, slots = (
                 x[:, order] for x in (full_tokens, full_mask, inject, slots))
+            offsets = None if offsets is None else offsets[:, order]
         positions = (spread_memory_positions(mask, m) if cfg.memory_layout == "spread"
                      else None)
         _, hidden, _ = self.decoder(full_tokens, full_mask, inject, slots, adapter=adapter,
                                     deterministic=deterministic, return_logits=False,
                                     positions=positions,
-                                    causal=cfg.compressor_attention == "causal")
+                                    causal=cfg.compressor_attention == "causal",
+                                    input_offsets=offsets)
         if permuted:
             hidden = hidden[:, np.argsort(order)]  # back to documents first, then memory
         memory_hidden = hidden[:, t:]

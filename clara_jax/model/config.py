@@ -22,6 +22,10 @@ class ModelConfig:
     memory_layout: str = "append"  # where the compressor's memory tokens sit (clara.memory_order)
     compressor_attention: str = "causal"  # or "bidirectional" inside the compressor pass
     latent_span: int = 1  # RoPE positions one latent slot takes in the generator's prompt
+    # Scale of the sub-position code added to the compressor's input embeddings (0: off) and
+    # its period, data.compression_rate when on (clara.span_position_code).
+    span_code: float = 0.0
+    span_code_period: int = 1
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
@@ -77,6 +81,8 @@ class ModelConfig:
             memory_layout=m.memory_layout, compressor_attention=m.compressor_attention,
             latent_span=(int(config.data.compression_rate)
                          if m.latent_positions == "spread" else 1),
+            span_code=float(m.span_code),
+            span_code_period=int(config.data.compression_rate) if m.span_code else 1,
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
             tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
             remat=m.remat, dtype=m.dtype, base_dtype=m.base_dtype, init_std=float(m.init_std),

@@ -84,6 +84,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
 class Decoder(nn.Module):
     """tokens: int32[B, T]; mask: bool[B, T] (False = padding);
     inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
+    input_offsets: float[B, T, D] is then added to every input embedding (no cache);
     each injected position takes `inject_span` RoPE positions (a latent standing for that many
     tokens of text), every other valid token one, unless positions: int32[B, T] gives them
     (no cache); `causal=False` lets every token attend to every valid token (no cache);
@@ -98,7 +99,8 @@ class Decoder(nn.Module):
     def __call__(self, tokens, mask=None, inject=None, inject_mask=None, cache=None,
                  adapter: str | None = None, deterministic: bool = True,
                  return_logits: bool = True, last_logits_only: bool = False,
-                 inject_span: int = 1, positions=None, causal: bool = True):
+                 inject_span: int = 1, positions=None, causal: bool = True,
+                 input_offsets=None):
         cfg = self.cfg
         b, t = tokens.shape
         if mask is None:
@@ -111,6 +113,8 @@ class Decoder(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
         if inject is not None:
             x = jnp.where(inject_mask[..., None], inject.astype(x.dtype), x)
+        if input_offsets is not None:
+            x = x + input_offsets.astype(x.dtype)
 
         if cache is None:
             seen = jnp.zeros((b,), jnp.int32)

@@ -45,12 +45,39 @@ from clara_jax.model import (  # noqa: E402
     generate_logits,
     latent_span_logits,
 )
+from clara_jax.model.clara import CLaRa  # noqa: E402
 from clara_jax.train.optimizer import make_base_tx  # noqa: E402
 
 
 def framed_docs(batch):
     """The framed, padded documents int32[B, T] and mask bool[B, T] of a copy batch."""
     return batch["doc_tokens"][:, 0], batch["doc_mask"][:, 0]
+
+
+def subposition_code(t: int, rate: int, dim: int):
+    """float32[T, D]: unit-RMS sinusoids of i mod R (frequencies over one period of R)."""
+    r = (jnp.arange(t) % rate)[:, None] * (2 * jnp.pi / rate)
+    k = jnp.arange(1, dim // 2 + 1)[None] % max(rate // 2, 1) + 1
+    return jnp.concatenate([jnp.sin(r * k), jnp.cos(r * k)], axis=1)
+
+
+def compress_with_code(module, tokens, mask, code):
+    """CLaRa.compress for the 'append' layout with `code` float[T, D] added to the document
+    tokens' input embeddings (RoPE binds position to queries and keys, never to values)."""
+    cfg = module.cfg
+    b, t = tokens.shape
+    m = cfg.num_memory_tokens
+    table = module.variables["params"]["decoder"]["embedding"]
+    docs = jnp.take(table, tokens, axis=0) + code[None, :t]
+    inject = jnp.concatenate([docs, jnp.broadcast_to(module.memory_embeddings, (b, m, cfg.dim))],
+                             axis=1).astype(cfg.compute_dtype)
+    full = jnp.concatenate([tokens, jnp.zeros((b, m), tokens.dtype)], axis=1)
+    full_mask = jnp.concatenate([mask, jnp.ones((b, m), bool)], axis=1)
+    _, hidden, _ = module.decoder(full, full_mask, inject, jnp.ones_like(full_mask),
+                                  adapter="compressor", return_logits=False,
+                                  causal=cfg.compressor_attention == "causal")
+    memory = hidden[:, t:]
+    return module.latent_down(memory) if cfg.projects_latents else memory
 
 
 def main():
@@ -66,6 +93,9 @@ def main():
                    help="learned: R linear heads L -> V; perm: no parameters, the latent as the "
                    "generator receives it, under a fixed permutation per r, against the "
                    "token embeddings")
+    p.add_argument("--subpos", type=float, default=0.0, help="add this times a fixed "
+                   "sinusoidal code of each document token's sub-position (i mod R) to its "
+                   "input embedding in the compressor pass (0: the product's compress)")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     overrides = ["train.lambda_retrieval=0", "train.train_base=true", *channel.COPY_OVERRIDES,
@@ -91,8 +121,16 @@ def main():
         per = oracle[jnp.arange(td) % rate, doc_tokens]  # [B, T, L]
         return per.reshape(doc_tokens.shape[0], m, rate, lw).sum(2) * rate ** -0.5
 
+    code = subposition_code(td, rate, cfg.dim) * args.subpos  # [T, D]
+
+    def compress_(params, doc_tokens, doc_mask):
+        if not args.subpos:
+            return compress(cfg, params, doc_tokens, doc_mask)
+        return CLaRa(cfg).apply({"params": params}, doc_tokens, doc_mask, code,
+                                method=compress_with_code)
+
     def encoder_logits(tr, doc_tokens, doc_mask):  # -> [B, T, V] logits for each framed token
-        lat = compress(cfg, tr["model"], doc_tokens, doc_mask)  # [B, M, L]
+        lat = compress_(tr["model"], doc_tokens, doc_mask)  # [B, M, L]
         if args.readout == "perm":  # the product's read-out (train.span_weight)
             logits = latent_span_logits(cfg, tr["model"], lat, rate)
         else:
@@ -102,7 +140,7 @@ def main():
     def generator_logits(tr, batch):
         doc_tokens, doc_mask = framed_docs(batch)
         lat = (oracle_latents(doc_tokens) if args.mode == "decoder"
-               else compress(cfg, tr["model"], doc_tokens, doc_mask))
+               else compress_(tr["model"], doc_tokens, doc_mask))
         logits, _ = generate_logits(cfg, tr["model"], batch["tokens"], batch["mask"],
                                     batch["slot_mask"], lat[:, None])
         return logits
@@ -161,7 +199,7 @@ def main():
         batch = make(alphabet[rng.integers(0, channel.ALPHABET, (b, args.n))])
         trainable, opt, _ = step(trainable, opt, batch)
     print(json.dumps({"mode": args.mode, "n": args.n, "aux_weight": args.aux_weight,
-                      "readout": args.readout,
+                      "readout": args.readout, "subpos": args.subpos,
                       "overrides": overrides,
                       "final": curve[-1], "accuracy_by_position":
                       [round(float(a), 3) for a in by_pos], "curve": curve}))
