@@ -55,7 +55,8 @@ def framed_docs(batch):
 
 
 def subposition_code(t: int, rate: int, dim: int):
-    """float32[T, D]: unit-RMS sinusoids of i mod R (frequencies over one period of R)."""
+    """float32[T, D]: sin and cos of i mod R at the period's harmonics (amplitude 1, RMS
+    1/sqrt(2))."""
     r = (jnp.arange(t) % rate)[:, None] * (2 * jnp.pi / rate)
     k = jnp.arange(1, dim // 2 + 1)[None] % max(rate // 2, 1) + 1
     return jnp.concatenate([jnp.sin(r * k), jnp.cos(r * k)], axis=1)
