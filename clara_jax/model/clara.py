@@ -43,6 +43,12 @@ def memory_order(t: int, m: int, layout: str) -> np.ndarray:
     return np.asarray(order)
 
 
+def valid_token_index(mask):
+    """mask: bool[B, T] -> int32[B, T]: each valid token's index among its row's valid tokens
+    (0 .. n-1; a padding position repeats the last)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
 def spread_memory_positions(mask, m: int):
     """mask: bool[B, T] (the document's valid tokens) -> int32[B, T + M], the RoPE positions of
     the compressor pass with memory tokens appended but placed where their text sits.
@@ -52,9 +58,8 @@ def spread_memory_positions(mask, m: int):
     span at the same relative offsets (as one token per latent does when appended), while the
     causal order still lets it read the whole document.
     """
-    count = jnp.cumsum(mask.astype(jnp.int32), axis=1)
-    doc = jnp.maximum(count - 1, 0)
-    n = count[:, -1:]
+    doc = valid_token_index(mask)
+    n = jnp.sum(mask, axis=1, dtype=jnp.int32, keepdims=True)
     memory = (jnp.arange(1, m + 1, dtype=jnp.int32)[None] * n) // m
     return jnp.concatenate([doc, memory], axis=1)
 
@@ -117,8 +122,8 @@ class CLaRa(nn.Module):
                               (b, m, cfg.dim))], axis=1)
         offsets = None
         if cfg.span_code:
-            index = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-            code = cfg.span_code * span_position_code(index, cfg.span_code_period, cfg.dim)
+            code = cfg.span_code * span_position_code(valid_token_index(mask),
+                                                      cfg.span_code_period, cfg.dim)
             offsets = jnp.concatenate(
                 [jnp.where(mask[..., None], code, 0.0), jnp.zeros((b, m, cfg.dim))], axis=1)
         permuted = cfg.memory_layout == "interleave"
