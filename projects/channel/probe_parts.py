@@ -11,7 +11,8 @@
 - `joint`: both, as `bench/channel.py` does, through this probe's own loop (a check that the
   loop matches the benchmark's curve); with `--aux_weight W`, plus W times the `encoder`
   mode's read-out loss, so that the compressor has a signal of its own before the generator
-  reads anything.
+  reads anything; with `--warmup_steps K`, the first K steps train the `encoder` mode's loss
+  alone (a reconstruction warm-up of the compressor), then the joint loss.
 
 Same data (random documents over a 200-token alphabet), widths (configs/demo.py), optimizer
 (the config's clip + AdamW, flat lr after 100 warm-up steps), batch and held-out set as the
@@ -26,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +47,7 @@ from clara_jax.model import (  # noqa: E402
     generate_logits,
     latent_span_logits,
 )
-from clara_jax.model.clara import CLaRa  # noqa: E402
+from clara_jax.model.clara import CLaRa, span_position_code  # noqa: E402
 from clara_jax.train.optimizer import make_base_tx  # noqa: E402
 
 
@@ -81,6 +83,17 @@ def compress_with_code(module, tokens, mask, code):
     return module.latent_down(memory) if cfg.projects_latents else memory
 
 
+def generate_with_code(module, tokens, mask, slot_mask, inputs, offsets, span):
+    """CLaRa.generate (no cache) from slot inputs float[B, S, D] already at width D, each slot
+    taking `span` RoPE positions, with `offsets` float[B, T, D] (or None) added to the prompt's
+    input embeddings."""
+    index = jnp.clip(jnp.cumsum(slot_mask, axis=1) - 1, 0, inputs.shape[1] - 1)
+    inject = jnp.take_along_axis(inputs, index[..., None], axis=1)
+    logits, _, _ = module.decoder(tokens, mask, inject, slot_mask, adapter="generator",
+                                  inject_span=span, input_offsets=offsets)
+    return logits
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=("encoder", "decoder", "joint"), required=True)
@@ -90,6 +103,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aux_weight", type=float, default=0.0, help="joint: weight of the "
                    "encoder read-out loss")
+    p.add_argument("--warmup_steps", type=int, default=0, help="joint: train the compressor "
+                   "and its read-out alone (the encoder mode's loss) for this many steps "
+                   "first, then the generator's copy loss (plus --aux_weight times the "
+                   "read-out's)")
     p.add_argument("--readout", choices=("learned", "perm"), default="learned",
                    help="learned: R linear heads L -> V; perm: no parameters, the latent as the "
                    "generator receives it, under a fixed permutation per r, against the "
@@ -97,6 +114,13 @@ def main():
     p.add_argument("--subpos", type=float, default=0.0, help="add this times a fixed "
                    "sinusoidal code of each document token's sub-position (i mod R) to its "
                    "input embedding in the compressor pass (0: the product's compress)")
+    p.add_argument("--gen_subpos", type=float, default=0.0, help="add this times the "
+                   "sub-position code of framed index k+2 (clara.span_position_code) to the "
+                   "generator's input at the position that predicts document token k (0: the "
+                   "product's generate)")
+    p.add_argument("--subslots", type=int, default=1, help="the generator reads each latent "
+                   "as this many slots (a learned L -> D map each, every slot taking "
+                   "ceil(R / k) RoPE positions) instead of one through latent_up")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     overrides = ["train.lambda_retrieval=0", "train.train_base=true", *channel.COPY_OVERRIDES,
@@ -114,9 +138,14 @@ def main():
     trainable = {"model": params,
                  "readout": jax.random.normal(key, (rate, lw, cfg.vocab_size)) * lw ** -0.5}
     oracle = jax.random.normal(jax.random.fold_in(key, 1), (rate, cfg.vocab_size, lw))
+    if args.subslots > 1:
+        trainable["subslot_up"] = jax.random.normal(
+            jax.random.fold_in(key, 2), (args.subslots, lw, cfg.dim)) * lw ** -0.5
 
     def make(docs):
-        return jax.tree.map(jnp.asarray, channel.copy_batch(tok, docs, m, td))
+        batch = channel.copy_batch(tok, docs, m * args.subslots, td)
+        batch["doc_pos"] = channel.doc_positions(batch, args.n)
+        return jax.tree.map(jnp.asarray, batch)
 
     def oracle_latents(doc_tokens):  # [B, T] -> [B, M, L]
         per = oracle[jnp.arange(td) % rate, doc_tokens]  # [B, T, L]
@@ -142,6 +171,24 @@ def main():
         doc_tokens, doc_mask = framed_docs(batch)
         lat = (oracle_latents(doc_tokens) if args.mode == "decoder"
                else compress_(tr["model"], doc_tokens, doc_mask))
+        if args.gen_subpos or args.subslots > 1:
+            bb, t = batch["tokens"].shape
+            offsets = None
+            if args.gen_subpos:
+                pos = batch["doc_pos"]  # [B, N]: the inputs predicting document tokens 0..N-1
+                code = args.gen_subpos * span_position_code(
+                    jnp.broadcast_to(jnp.arange(2, 2 + args.n), pos.shape), rate, cfg.dim)
+                offsets = jnp.zeros((bb, t, cfg.dim)).at[jnp.arange(bb)[:, None], pos].set(code)
+            if args.subslots > 1:
+                inputs = jnp.einsum("bml,kld->bmkd", lat, tr["subslot_up"]).reshape(
+                    bb, m * args.subslots, cfg.dim)
+                span = -(-rate // args.subslots)
+            else:
+                inputs = CLaRa(cfg).apply({"params": tr["model"]}, lat, method="as_inputs")
+                span = cfg.latent_span
+            return CLaRa(cfg).apply({"params": tr["model"]}, batch["tokens"], batch["mask"],
+                                    batch["slot_mask"], inputs, offsets, span,
+                                    method=generate_with_code)
         logits, _ = generate_logits(cfg, tr["model"], batch["tokens"], batch["mask"],
                                     batch["slot_mask"], lat[:, None])
         return logits
@@ -154,8 +201,8 @@ def main():
         return optax.softmax_cross_entropy_with_integer_labels(
             logits, doc_tokens[:, doc_slice]).mean()
 
-    def loss_fn(tr, batch):
-        if args.mode == "encoder":
+    def loss_fn(tr, batch, warming=False):
+        if args.mode == "encoder" or warming:
             return readout_loss(tr, batch)
         logits = generator_logits(tr, batch)
         w = batch["loss_mask"].astype(jnp.float32)
@@ -168,21 +215,25 @@ def main():
     tx = make_base_tx(config)
     opt = tx.init(trainable)
 
-    @jax.jit
-    def step(tr, opt, batch):
-        loss, g = jax.value_and_grad(loss_fn)(tr, batch)
+    @partial(jax.jit, static_argnums=3)
+    def step(tr, opt, batch, warming=False):
+        loss, g = jax.value_and_grad(loss_fn)(tr, batch, warming)
         updates, opt = tx.update(g, opt, tr)
         return optax.apply_updates(tr, updates), opt, loss
 
     held = make(alphabet[rng.integers(0, channel.ALPHABET, (channel.HELDOUT, args.n))])
-    held_pos = jnp.asarray(channel.doc_positions(jax.tree.map(np.asarray, held), args.n))
+    held_pos = held["doc_pos"]
+
+    @jax.jit
+    def readout_accuracy(tr):
+        doc_tokens, doc_mask = framed_docs(held)
+        pred = jnp.argmax(encoder_logits(tr, doc_tokens, doc_mask), -1)[:, doc_slice]
+        return jnp.mean((pred == doc_tokens[:, doc_slice]).astype(jnp.float32), 0)
 
     @jax.jit
     def accuracy(tr):
         if args.mode == "encoder":
-            doc_tokens, doc_mask = framed_docs(held)
-            pred = jnp.argmax(encoder_logits(tr, doc_tokens, doc_mask), -1)[:, doc_slice]
-            return jnp.mean((pred == doc_tokens[:, doc_slice]).astype(jnp.float32), 0)
+            return readout_accuracy(tr)
         pred = jnp.take_along_axis(jnp.argmax(generator_logits(tr, held), -1), held_pos, 1)
         gold = jnp.take_along_axis(held["targets"], held_pos, 1)
         return jnp.mean((pred == gold).astype(jnp.float32), 0)
@@ -194,13 +245,20 @@ def main():
             by_pos = np.asarray(accuracy(trainable))
             curve.append({"step": i, "seconds": round(time.perf_counter() - start, 1),
                           "token_accuracy": round(float(by_pos.mean()), 4)})
+            if args.mode == "joint" and (args.warmup_steps or args.aux_weight):
+                curve[-1]["readout_accuracy"] = round(float(readout_accuracy(trainable).mean()),
+                                                      4)
             print(json.dumps({"mode": args.mode, "n": args.n, **curve[-1]}), flush=True)
         if i == args.max_steps:
             break
         batch = make(alphabet[rng.integers(0, channel.ALPHABET, (b, args.n))])
-        trainable, opt, _ = step(trainable, opt, batch)
+        trainable, opt, _ = step(trainable, opt, batch,
+                                 args.mode == "joint" and i < args.warmup_steps)
     print(json.dumps({"mode": args.mode, "n": args.n, "aux_weight": args.aux_weight,
+                      "warmup_steps": args.warmup_steps,
                       "readout": args.readout, "subpos": args.subpos,
+                      "gen_subpos": args.gen_subpos,
+                      "subslots": args.subslots,
                       "overrides": overrides,
                       "final": curve[-1], "accuracy_by_position":
                       [round(float(a), 3) for a in by_pos], "curve": curve}))
