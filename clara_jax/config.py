@@ -75,6 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
     # memory token that averages its span reads a bag of tokens; at the embeddings' own scale
     # (model.init_std) the code tripled the compressor's write at rate 18 (projects/channel).
     m.span_code = 0.0
+    # A learned span read-out head for train.span_weight: one L -> V map per sub-position r
+    # (params "span_head", float32[R, L, V], R = data.compression_rate), trained with the
+    # compressor in stages 1-2 and read by nothing at inference. Off: the read-out has no
+    # parameters (a fixed permutation per r against the token embeddings), which did not open
+    # the channel at 18 tokens a latent (projects/channel/README.md, sixth session).
+    m.span_head = False
     m.scan_layers = False
     m.remat = "none"
     m.dtype = "float32"  # compute dtype; trainable params stay float32 (master weights)
@@ -140,6 +146,10 @@ def base_config() -> ml_collections.ConfigDict:
     # name the j-th data.compression_rate tokens of its document, in order. For decoders
     # trained from scratch, where the channel otherwise opens slowly (bench/channel.py).
     c.train.span_weight = 0.0
+    # Stage 1: the first this many steps train the span read-out loss alone (the compressor
+    # and model.span_head write before the generator reads; needs train.span_weight > 0).
+    # Without it, and without the read-out kept after, the generator's loss erased the write.
+    c.train.span_warmup_steps = 0
     c.train.tau = 0.02  # stage 3: differentiable top-k temperature on cosine scores
     c.train.lambda_align = 0.0  # stage 3: weight of the retrieval-alignment loss
     c.train.align_tau = 1.0  # stage 3: temperature of the generator-utility target
@@ -292,6 +302,11 @@ def _validate_train(c: ml_collections.ConfigDict) -> None:
     if t.profile_steps < 0:
         _fail("train.profile_steps", t.profile_steps,
               "must be >= 0 (steps to trace; 0 disables the profiler)")
+    if t.span_warmup_steps < 0:
+        _fail("train.span_warmup_steps", t.span_warmup_steps, "must be >= 0 (0: no warm-up)")
+    if t.span_warmup_steps and not t.span_weight > 0:
+        _fail("train.span_warmup_steps", t.span_warmup_steps,
+              "needs train.span_weight > 0 (the warm-up trains the span read-out loss alone)")
     if t.eval_every < 0:
         _fail("train.eval_every", t.eval_every, "must be >= 0 (0 disables evaluation)")
     if t.train_base and t.stage == 3:

@@ -264,6 +264,7 @@ def test_bundle_with_bfloat16_base(tmp_path):
     dict(span_code=0.02, span_code_period=8),
     dict(span_code=0.02, span_code_period=8, latent_span=8),
     dict(compressor_attention="bidirectional"),
+    dict(span_head_rate=8),
 ])
 def test_experiment_config_of_a_converted_model_describes_it(tmp_path, tiny_cfg, changes):
     cfg = dataclasses.replace(tiny_cfg, **changes)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clara_jax.model import init_params
+from clara_jax.model import ModelConfig, init_params
 from clara_jax.model.api import param_group
 from clara_jax.model.sharding import make_mesh
 from clara_jax.train.optimizer import trainable_groups
@@ -89,6 +89,38 @@ def test_loss_falls_each_stage(tiny_config, tiny_cfg, stage, extra):
     if extra.get("span_weight"):  # each latent comes to name its span's tokens in order
         assert float(m["span"]) < float(first["span"]) - 0.5, (first, m)
     _check_frozen(before, state, stage, config)
+
+
+def test_span_warmup_trains_the_compressor_alone_first(tiny_config):
+    # With a learned span head, the first train.span_warmup_steps steps train the span
+    # read-out alone: the generator side does not move and its CE is not computed (NaN);
+    # from then on the full stage-1 loss trains every group.
+    config = _overfit_config(tiny_config, span_weight=1.0, span_warmup_steps=3)
+    config.model.span_head = True
+    cfg = ModelConfig.from_config(config)
+    rate = int(config.data.compression_rate)
+    params = init_params(cfg, jax.random.key(0))
+    assert params["span_head"].shape == (rate, cfg.latent_width, cfg.vocab_size)
+    assert param_group(jax.tree_util.tree_leaves_with_path(
+        {"span_head": params["span_head"]})[0][0]) == "memory"
+    config, state, step = _setup(config, cfg, 1, params)
+    batch = next(SyntheticLoader(config, 1, fixed=True))
+    before = jax.tree.map(np.asarray, state.params)
+    spans = []
+    for i in range(3):
+        state, m = step(state, batch, rng_for_step(state.rng, i))
+        assert np.isnan(float(m["ce"])) and float(m["target_tokens"]) == 0.0
+        spans.append(float(m["span"]))
+        np.testing.assert_allclose(float(m["loss"]), spans[-1], rtol=1e-6)
+    assert spans[-1] < spans[0]
+    np.testing.assert_array_equal(before["latent_up"]["kernel"],
+                                  np.asarray(state.params["latent_up"]["kernel"]))
+    assert not np.array_equal(before["span_head"], np.asarray(state.params["span_head"]))
+    state, m = step(state, batch, rng_for_step(state.rng, 3))
+    assert np.isfinite(float(m["ce"])) and float(m["target_tokens"]) > 0
+    assert float(m["loss"]) > float(m["span"])  # CE + span
+    assert not np.array_equal(before["latent_up"]["kernel"],
+                              np.asarray(state.params["latent_up"]["kernel"]))
 
 
 def test_grad_accum_matches_full_batch(tiny_config, tiny_cfg):

@@ -120,11 +120,12 @@ def experiment_config(src: str | os.PathLike, cfg: ModelConfig):
         m[name] = getattr(cfg, name)
     m.rope_theta, m.norm_eps, m.init_std = cfg.rope_theta, cfg.norm_eps, cfg.init_std
     m.latent_positions = "spread" if cfg.latent_span > 1 else "packed"
+    m.span_head = bool(cfg.span_head_rate)
     m.lora.rank, m.lora.alpha, m.lora.dropout = cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout
     m.lora.targets, m.lora.adapters = tuple(cfg.lora_targets), tuple(cfg.adapters)
     n = cfg.num_memory_tokens
-    if cfg.latent_span > 1 or cfg.span_code:
-        rate = max(cfg.latent_span, cfg.span_code_period)
+    if cfg.latent_span > 1 or cfg.span_code or cfg.span_head_rate:
+        rate = max(cfg.latent_span, cfg.span_code_period, cfg.span_head_rate)
     elif isinstance(reference.get("compr_rate"), int) and reference["compr_rate"] > 0:
         rate = reference["compr_rate"]
     else:

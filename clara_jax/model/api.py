@@ -119,11 +119,17 @@ def span_permutations(dim: int, rate: int) -> jax.Array:
 
 
 def latent_span_logits(cfg: ModelConfig, params, latents, rate: int):
-    """Each latent's guess of the `rate` tokens it stands for, with no parameters of its own:
-    latent j as the generator receives it (projected back to width D), under the r-th fixed
-    permutation of its dimensions (`span_permutations`), against the token embeddings, for
-    r = 0..R-1; a latent holding its span's tokens as a sum of permuted embeddings scores them.
-    latents: float[B, M, L] -> float32[B, M, R, V]."""
+    """Each latent's guess of the `rate` tokens it stands for. With `model.span_head`, the
+    learned head (`CLaRa.span_logits`; its R must be `rate`). Otherwise with no parameters of
+    its own: latent j as the generator receives it (projected back to width D), under the r-th
+    fixed permutation of its dimensions (`span_permutations`), against the token embeddings,
+    for r = 0..R-1; a latent holding its span's tokens as a sum of permuted embeddings scores
+    them. latents: float[B, M, L] -> float32[B, M, R, V]."""
+    if cfg.span_head_rate:
+        if cfg.span_head_rate != rate:
+            raise ValueError(f"the span head reads {cfg.span_head_rate} tokens a latent, the "
+                             f"documents have {rate} (data.doc_max_len / M)")
+        return _apply(cfg, params, CLaRa.span_logits, latents)
     lat = _apply(cfg, params, CLaRa.as_inputs, latents).astype(jnp.float32)  # [B, M, D]
     bound = lat[..., span_permutations(cfg.dim, rate)]  # [B, M, R, D]
     return bound @ params["decoder"]["embedding"].astype(jnp.float32).T
@@ -145,13 +151,14 @@ def generate_logits(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, 
 
 def param_group(path) -> str:
     """Which part of the model a parameter belongs to, from its tree path:
-    'base' (the pretrained decoder), 'adapter:<name>', 'memory' (memory embeddings and the
-    down-projection to latents: the compressor side) or 'latent_up' (the generator side)."""
+    'base' (the pretrained decoder), 'adapter:<name>', 'memory' (memory embeddings, the
+    down-projection to latents and the span head: the compressor side) or 'latent_up' (the
+    generator side)."""
     keys = path_keys(path)
     leaf = keys[-1]
     if leaf.startswith("lora_"):
         return "adapter:" + leaf[len("lora_"):].rsplit("_", 1)[0]
-    if keys[0] in ("memory_embeddings", "latent_down"):
+    if keys[0] in ("memory_embeddings", "latent_down", "span_head"):
         return "memory"
     if keys[0] == "latent_up":
         return "latent_up"

@@ -12,10 +12,14 @@
   back to width D when L < D; each slot takes `latent_span` RoPE positions (1 as published, or
   the compression rate with `model.latent_positions='spread'`, so that a latent sits where the
   text it stands for would).
+- `span_logits(latents)`: with `model.span_head`, a learned read-out of each latent's span
+  (one L -> V map per sub-position), a stage-1/2 training signal for the compressor that
+  nothing reads at inference.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -101,6 +105,14 @@ class CLaRa(nn.Module):
             self.latent_down = dense("latent_down", cfg.dim, cfg.latent_width,
                                      (sh.EMBED, sh.LATENT))
             self.latent_up = dense("latent_up", cfg.latent_width, cfg.dim, (sh.LATENT, sh.EMBED))
+        if cfg.span_head_rate:
+            width = cfg.latent_width
+            self.span_head = self.param(
+                "span_head",
+                nn.with_logical_partitioning(
+                    lambda key, shape, dtype: jax.random.normal(key, shape, dtype) * width ** -0.5,
+                    (None, sh.LATENT, sh.VOCAB)),
+                (cfg.span_head_rate, width, cfg.vocab_size), jnp.float32)
 
     def compress(self, tokens, mask, adapter: str = "compressor", deterministic: bool = True,
                  with_means: bool = False):
@@ -181,6 +193,11 @@ class CLaRa(nn.Module):
         lat = latents.astype(self.cfg.compute_dtype)
         return self.latent_up(lat) if self.cfg.projects_latents else lat
 
+    def span_logits(self, latents):
+        """The learned span read-out (model.span_head): latents float[B, M, L] ->
+        float32[B, M, R, V], latent j's guess of the r-th token of its span."""
+        return jnp.einsum("bml,rlv->bmrv", latents.astype(jnp.float32), self.span_head)
+
     def decode(self, tokens, mask=None, cache=None, adapter: str | None = None,
                deterministic: bool = True, last_logits_only: bool = False):
         """The plain decoder. tokens: int32[B, T] -> (logits float32[B, T, V], cache)
@@ -193,4 +210,6 @@ class CLaRa(nn.Module):
     def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):
         """Touches every parameter (used by init)."""
         latents = self.compress(doc_tokens, doc_mask)
+        if self.cfg.span_head_rate:
+            self.span_logits(latents)
         return self.generate(tokens, mask, slot_mask, latents[:, None])

@@ -26,6 +26,9 @@ class ModelConfig:
     # its period, data.compression_rate when on (clara.span_position_code).
     span_code: float = 0.0
     span_code_period: int = 1
+    # R of the learned span read-out head (model.span_head: one L -> V map per sub-position,
+    # a training signal for the compressor only); 0: none, the read-out has no parameters.
+    span_head_rate: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
@@ -83,6 +86,7 @@ class ModelConfig:
                          if m.latent_positions == "spread" else 1),
             span_code=float(m.span_code),
             span_code_period=int(config.data.compression_rate) if m.span_code else 1,
+            span_head_rate=int(config.data.compression_rate) if m.span_head else 0,
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
             tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
             remat=m.remat, dtype=m.dtype, base_dtype=m.base_dtype, init_std=float(m.init_std),

@@ -97,6 +97,12 @@ def _span_loss(cfg: ModelConfig, params, latents, doc_tokens, doc_mask) -> jax.A
         doc_mask)
 
 
+def _flat_docs(batch) -> tuple[jax.Array, jax.Array]:
+    """A stage-1/2 batch's documents as rows: (tokens int32[B*K, Td], mask bool[B*K, Td])."""
+    b, kd, td = batch["doc_tokens"].shape
+    return batch["doc_tokens"].reshape(b * kd, td), batch["doc_mask"].reshape(b * kd, td)
+
+
 def _in_batch_retrieval(cfg: ModelConfig, params, batch, latents, doc_tokens, tau: float,
                         rng) -> tuple[jax.Array, jax.Array]:
     """(InfoNCE float32[], recall@1 float32[]) of the questions against every document latent
@@ -114,9 +120,8 @@ def _stage12_loss(config: ml_collections.ConfigDict, cfg: ModelConfig, params, b
     """Stages 1-2: answer CE + MSE alignment, plus the span and retrieval terms when weighted."""
     t = config.train
     r_doc, r_gen, r_q = _rngs(rng, 3)
-    b, kd, td = batch["doc_tokens"].shape
-    doc_tokens = batch["doc_tokens"].reshape(b * kd, td)
-    doc_mask = batch["doc_mask"].reshape(b * kd, td)
+    b, kd = batch["doc_tokens"].shape[:2]
+    doc_tokens, doc_mask = _flat_docs(batch)
     flat, doc_mean, mem_mean = compress(cfg, params, doc_tokens, doc_mask, rng=r_doc,
                                         with_means=True)
     latents = flat.reshape(b, kd, *flat.shape[1:])
@@ -134,6 +139,30 @@ def _stage12_loss(config: ml_collections.ConfigDict, cfg: ModelConfig, params, b
         loss = loss + float(t.lambda_retrieval) * nce
         metrics.update(loss=loss, retrieval=nce, in_batch_recall_at_1=recall)
     return loss, metrics
+
+
+def _with_span_warmup(config: ml_collections.ConfigDict, cfg: ModelConfig, loss_fn):
+    """Stage 1 with train.span_warmup_steps = K: loss(params, batch, rng, step), the span
+    read-out loss alone (times train.span_weight) while step < K, then `loss_fn`'s. The
+    warm-up runs only the compressor: the metrics of the terms it does not compute (ce, mse,
+    ...) are NaN there, and target_tokens 0."""
+    k = int(config.train.span_warmup_steps)
+    weight = float(config.train.span_weight)
+
+    def warm(params, batch, rng):
+        doc_tokens, doc_mask = _flat_docs(batch)
+        latents = compress(cfg, params, doc_tokens, doc_mask, rng=_rngs(rng, 3)[0])
+        span = _span_loss(cfg, params, latents, doc_tokens, doc_mask)
+        shapes = jax.eval_shape(loss_fn, params, batch, rng)[1]
+        metrics = {name: jnp.full(x.shape, jnp.nan, x.dtype) for name, x in shapes.items()}
+        metrics.update(loss=weight * span, span=span,
+                       target_tokens=jnp.zeros_like(metrics["target_tokens"]))
+        return weight * span, metrics
+
+    def loss(params, batch, rng, step):
+        return jax.lax.cond(step < k, warm, loss_fn, params, batch, rng)
+
+    return loss
 
 
 def _candidate_latents(cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
@@ -229,33 +258,37 @@ def make_train_step(config: ml_collections.ConfigDict, cfg: ModelConfig, stage: 
     groups = trainable_groups(config, stage) if groups is None else frozenset(groups)
     if "base" in groups:
         cfg = dataclasses.replace(cfg, kernels_train=True)
-    loss_fn = make_loss_fn(config, cfg, stage) if loss_fn is None else loss_fn(cfg)
+    if loss_fn is None and stage == 1 and int(config.train.span_warmup_steps):
+        loss_of = _with_span_warmup(config, cfg, make_loss_fn(config, cfg, stage))
+    else:
+        plain = make_loss_fn(config, cfg, stage) if loss_fn is None else loss_fn(cfg)
+        loss_of = lambda params, batch, rng, step: plain(params, batch, rng)  # noqa: E731
     labels = trainable_labels(config, params_like, stage, groups)
     tx = make_optimizer(config, params_like, stage, groups)
     schedule = make_schedule(config)
     accum = int(config.train.grad_accum)
 
-    def grads_of(train, frozen, batch, rng):
+    def grads_of(train, frozen, batch, rng, step):
         def f(tp):
-            return loss_fn(merge_trainable(labels, tp, frozen), batch, rng)
+            return loss_of(merge_trainable(labels, tp, frozen), batch, rng, step)
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(train)
         return grads, metrics
 
     def step(state: TrainState, batch, rng):
         train, frozen = split_trainable(state.params, labels)
         if accum == 1:
-            grads, metrics = grads_of(train, frozen, batch, rng)
+            grads, metrics = grads_of(train, frozen, batch, rng, state.step)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, inputs):
                 i, mb = inputs
-                g, m = grads_of(train, frozen, mb, jax.random.fold_in(rng, i))
+                g, m = grads_of(train, frozen, mb, jax.random.fold_in(rng, i), state.step)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
             zero = jax.eval_shape(lambda: grads_of(train, frozen, jax.tree.map(
-                lambda x: x[0], micro), rng))
+                lambda x: x[0], micro), rng, state.step))
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (grads, metrics), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
             grads = jax.tree.map(lambda g: g / accum, grads)
