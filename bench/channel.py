@@ -16,7 +16,9 @@ tokens of 256 documents never trained on) reaches 90% or `--minutes` run out, an
 steps and wall seconds to 50% and 90%, the final accuracy (also per document position), and
 two collapse detectors of the held-out latents (flattened M x L per document): `shared` =
 ||mean over documents|| / rms ||latent|| (1 = every document gets the same vector, about
-1/sqrt(256) = 0.06 for unrelated ones) and the mean pairwise cosine. Prints one JSON object:
+1/sqrt(256) = 0.06 for unrelated ones) and the mean pairwise cosine; with `model.span_head`,
+also the head's accuracy on the framed documents (what the compressor wrote, read out by the
+training-only head: `span_head_accuracy`). Prints one JSON object:
 {config, start, memory_tokens, latent_width, overrides, runs: {N: {...}}}.
 """
 
@@ -38,7 +40,13 @@ import numpy as np  # noqa: E402
 from clara_jax.config import finalize, load_config_file  # noqa: E402
 from clara_jax.data import prompts  # noqa: E402
 from clara_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from clara_jax.model import ModelConfig, compress, generate_logits, init_params  # noqa: E402
+from clara_jax.model import (  # noqa: E402
+    ModelConfig,
+    compress,
+    generate_logits,
+    init_params,
+    latent_span_logits,
+)
 from clara_jax.train.state import create_state  # noqa: E402
 from clara_jax.train.steps import make_train_step  # noqa: E402
 
@@ -114,15 +122,22 @@ def collapse_stats(latents) -> dict[str, float]:
 def make_eval(cfg: ModelConfig):
     @jax.jit
     def evaluate(params, batch, positions):
-        """-> (token accuracy of each document position float32[N], latents [B, M, L])"""
+        """-> (token accuracy of each document position float32[N], latents [B, M, L],
+        the span head's accuracy on the framed document's tokens float32[], NaN without
+        one)"""
         b, k, t = batch["doc_tokens"].shape
-        lat = compress(cfg, params, batch["doc_tokens"].reshape(b * k, t),
-                       batch["doc_mask"].reshape(b * k, t))
+        docs, mask = batch["doc_tokens"].reshape(b * k, t), batch["doc_mask"].reshape(b * k, t)
+        lat = compress(cfg, params, docs, mask)
         logits, _ = generate_logits(cfg, params, batch["tokens"], batch["mask"],
                                     batch["slot_mask"], lat.reshape(b, k, *lat.shape[1:]))
         pred = jnp.take_along_axis(jnp.argmax(logits, -1), positions, axis=1)
         gold = jnp.take_along_axis(batch["targets"], positions, axis=1)
-        return jnp.mean((pred == gold).astype(jnp.float32), axis=0), lat
+        readout = jnp.float32(jnp.nan)
+        if cfg.span_head_rate:
+            guess = jnp.argmax(latent_span_logits(cfg, params, lat, cfg.span_head_rate), -1)
+            hit = (guess.reshape(b * k, t) == docs) & mask
+            readout = jnp.sum(hit) / jnp.sum(mask)
+        return jnp.mean((pred == gold).astype(jnp.float32), axis=0), lat, readout
     return evaluate
 
 
@@ -139,6 +154,19 @@ def copy_config(config, n: int):
     return finalize(config)
 
 
+def fit_span_head(cfg: ModelConfig, params, seed: int):
+    """`params` with the span head `cfg` asks for: a fresh one (as `init_params` draws it) when
+    the start has none of cfg's rate (it was made for another rate, or without one), none when
+    cfg has none."""
+    params = dict(params)
+    want = (cfg.span_head_rate, cfg.latent_width, cfg.vocab_size)
+    if not cfg.span_head_rate:
+        params.pop("span_head", None)
+    elif "span_head" not in params or params["span_head"].shape != want:
+        params["span_head"] = init_params(cfg, jax.random.key(seed))["span_head"]
+    return params
+
+
 def run_length(config, params, tok, n: int, minutes: float, eval_every: int, seed: int,
                max_steps: int | None = None) -> dict:
     """Trains the copy task for documents of n tokens from `params` until 90% held-out token
@@ -152,6 +180,7 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
     held = copy_batch(tok, alphabet[rng.integers(0, ALPHABET, (HELDOUT, n))], m, td)
     held_pos = doc_positions(held, n)
     held = jax.tree.map(jnp.asarray, held)
+    params = fit_span_head(cfg, params, seed)
     state = create_state(config, jax.tree.map(jnp.copy, params), stage=1, seed=seed)
     step = jax.jit(make_train_step(config, cfg, 1, params), donate_argnums=(0,))
     evaluate = make_eval(cfg)
@@ -162,11 +191,13 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
     i = 0
     while True:
         if i % eval_every == 0:
-            by_position, lat = evaluate(state.params, held, held_pos)
+            by_position, lat, readout = evaluate(state.params, held, held_pos)
             acc = float(jnp.mean(by_position))
             stats = collapse_stats(lat)
             curve.append({"step": i, "seconds": round(train_seconds, 1), "token_accuracy":
                           round(acc, 4), **{k: round(v, 4) for k, v in stats.items()}})
+            if cfg.span_head_rate:
+                curve[-1]["span_head_accuracy"] = round(float(readout), 4)
             print(json.dumps({"n": n, **curve[-1]}), file=sys.stderr, flush=True)
             for target in TARGETS:
                 if acc >= target and target not in reached:
@@ -187,6 +218,7 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
             "train_seconds": round(train_seconds, 1),
             "final_token_accuracy": last["token_accuracy"], "shared": last["shared"],
             "mean_cosine": last["mean_cosine"],
+            **({"span_head_accuracy": last["span_head_accuracy"]} if cfg.span_head_rate else {}),
             "accuracy_by_position": [round(float(a), 3) for a in by_position],
             **{f"to_{int(t * 100)}pct": reached.get(t) for t in TARGETS},
             "curve": curve}

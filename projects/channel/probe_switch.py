@@ -61,7 +61,7 @@ def main():
     while True:
         layout = "append" if i < args.switch else "interleave"
         if i % args.eval_every == 0:
-            by_pos, lat = evals[layout](state.params, held, pos)
+            by_pos, lat, _ = evals[layout](state.params, held, pos)
             acc = float(jnp.mean(by_pos))
             curve.append({"step": i, "layout": layout, "seconds":
                           round(time.perf_counter() - start, 1), "token_accuracy": round(acc, 4),
