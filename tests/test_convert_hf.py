@@ -144,6 +144,16 @@ def test_fresh_parts_leave_the_base_output_unchanged():
     assert fa["['memory_embeddings']"].shape == (cfg.num_memory_tokens, cfg.dim)
 
 
+def test_a_span_head_is_drawn_fresh_for_a_stage_1_run():
+    # `clara train --init_from_hf` with model.span_head: the checkpoint has no such head, so
+    # the load draws one with the other fresh parts.
+    cfg, params = _load("llama", span_head_rate=4)
+    assert cfg.span_head_rate == 4
+    assert params["span_head"].shape == (4, cfg.latent_width, cfg.vocab_size)
+    assert float(np.std(np.asarray(params["span_head"]))) > 0
+    assert "span_head" not in _load("llama")[1]
+
+
 # ----------------------------------------------------------------------------- round trips
 
 

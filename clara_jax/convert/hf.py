@@ -62,7 +62,7 @@ HF_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim
 # Fields the checkpoint does not know; `load` takes them from keyword overrides.
 OVERRIDABLE = ("num_memory_tokens", "latent_dim", "max_len", "scan_layers", "remat", "dtype",
                "base_dtype", "init_std", "lora_rank", "lora_alpha", "lora_dropout",
-               "lora_targets", "adapters")
+               "lora_targets", "adapters", "span_head_rate")
 DEFAULT_NUM_MEMORY_TOKENS = 16  # 256-token documents at 16x compression, as in the paper
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 
@@ -187,7 +187,8 @@ def _project_model_defaults() -> dict:
         scan_layers=c.model.scan_layers, remat=c.model.remat, dtype=c.model.dtype,
         base_dtype=c.model.base_dtype, init_std=c.model.init_std, lora_rank=c.model.lora.rank,
         lora_alpha=float(c.model.lora.alpha), lora_dropout=float(c.model.lora.dropout),
-        lora_targets=tuple(c.model.lora.targets), adapters=tuple(c.model.lora.adapters))
+        lora_targets=tuple(c.model.lora.targets), adapters=tuple(c.model.lora.adapters),
+        span_head_rate=0)
 
 
 def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> ModelConfig:
@@ -454,8 +455,11 @@ def _fresh_non_base(cfg: ModelConfig, seed: int) -> dict[tuple[str, ...], jax.Ar
     """The adapters, memory embeddings and latent projections for `cfg`: as `init_params` draws
     them for the scanned-layer form of `cfg` (with `_INIT_NEUTRAL`) from `seed`, then split
     into `layers_{i}` when `cfg` does not scan. Same seed and shapes, same values."""
+    neutral = dict(_INIT_NEUTRAL)
+    if cfg.span_head_rate:
+        del neutral["vocab_size"]  # the span head reads out over the real vocabulary
     with jax.default_device(_cpu_device()):
-        out = _non_base_init(dataclasses.replace(cfg, **_INIT_NEUTRAL))(jax.random.key(seed))
+        out = _non_base_init(dataclasses.replace(cfg, **neutral))(jax.random.key(seed))
     result = {}
     for name, leaf in out.items():
         keys = tuple(name.split("/"))
