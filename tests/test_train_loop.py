@@ -43,7 +43,9 @@ def _losses(workdir):
 def test_kill_and_sigterm_resume_exactly(env, tmp_path):
     steps = 12
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _run(env, full, 1, steps)
+    # The reference run is also profiled (steps 2-3): tracing must not change what it computes.
+    res = _run(env, full, 1, steps, "--profile_steps=2")
+    _check_trace(full, res)
     reference = _losses(full)
     assert [r[0] for r in reference] == list(range(1, steps + 1))
 
@@ -70,9 +72,8 @@ def test_nonfinite_loss_stops_or_skips(env, tmp_path):
     assert all(r["loss"] is not None for i, r in enumerate(rows) if i != 6)
 
 
-def test_profile_steps_writes_a_trace_next_to_tensorboard(env, tmp_path):
-    work = tmp_path / "prof"
-    res = _run(env, work, 1, 4, "--profile_steps=2")
+def _check_trace(work, res):
+    """A run with --profile_steps=2 wrote one trace of steps 2-3 next to its TensorBoard logs."""
     assert f"profiler: traced steps 2-3 into {work / 'tb' / 'plugins' / 'profile'}" in res.stdout
     traces = list((work / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
@@ -84,7 +85,6 @@ def test_profile_steps_writes_a_trace_next_to_tensorboard(env, tmp_path):
     steps = {int(dict(e.stats)["step_num"]) for plane in data.planes for line in plane.lines
              for e in line.events if e.name == "train"}
     assert steps == {2, 3}
-    assert [r[0] for r in _losses(work)] == [1, 2, 3, 4]  # the run itself is unchanged
 
 
 def test_mesh_2x2x2_follows_one_device_and_checkpoints_move(env):
