@@ -431,6 +431,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 # ModelConfig fields that shape only the base decoder or the forward pass, not the parts
 # `load` initialises: fixing them lets every checkpoint of one width share a compiled init.
+# vocab_size stays real when the config has a span head, which reads out over the vocabulary.
 _INIT_NEUTRAL = dict(vocab_size=8, rope_theta=10000.0, norm_eps=1e-5, qkv_bias=False,
                      tie_embeddings=False, max_len=8, scan_layers=True, remat="none",
                      dtype="float32", base_dtype="float32", lora_dropout=0.0)
@@ -452,12 +453,13 @@ def _non_base_init(init_cfg: ModelConfig):
 
 
 def _fresh_non_base(cfg: ModelConfig, seed: int) -> dict[tuple[str, ...], jax.Array]:
-    """The adapters, memory embeddings and latent projections for `cfg`: as `init_params` draws
-    them for the scanned-layer form of `cfg` (with `_INIT_NEUTRAL`) from `seed`, then split
-    into `layers_{i}` when `cfg` does not scan. Same seed and shapes, same values."""
+    """The adapters, memory embeddings, latent projections and span head for `cfg`: as
+    `init_params` draws them for the scanned-layer form of `cfg` (with `_INIT_NEUTRAL`) from
+    `seed`, then split into `layers_{i}` when `cfg` does not scan. Same seed and shapes, same
+    values."""
     neutral = dict(_INIT_NEUTRAL)
     if cfg.span_head_rate:
-        del neutral["vocab_size"]  # the span head reads out over the real vocabulary
+        del neutral["vocab_size"]
     with jax.default_device(_cpu_device()):
         out = _non_base_init(dataclasses.replace(cfg, **neutral))(jax.random.key(seed))
     result = {}
