@@ -94,6 +94,33 @@ def generate_with_code(module, tokens, mask, slot_mask, inputs, offsets, span):
     return logits
 
 
+def give_slots(batch, rate: int, compressor_len: int):
+    """Restricts the generator's attention (every call of the decoder's `attention_mask` on a
+    prompt of the copy rows' length) so that the input predicting document token i sees latent
+    slot (i + 2) // R and no other slot. Every copy row has the same layout, so one [T, T]
+    mask serves all; the compressor's pass has another length and is left alone."""
+    from clara_jax.model import decoder
+
+    slots = np.asarray(batch["slot_mask"])
+    pos = np.asarray(batch["doc_pos"])
+    assert (slots == slots[:1]).all() and (pos == pos[:1]).all(), "rows differ in layout"
+    t = slots.shape[1]
+    assert t != compressor_len, "the compressor's pass has the prompt's length"
+    slot_at = np.flatnonzero(slots[0])  # key index of slot j
+    allow = np.ones((t, t), bool)
+    for i, q in enumerate(pos[0]):
+        allow[q, slot_at] = False
+        allow[q, slot_at[(i + 2) // rate]] = True
+    allow = jnp.asarray(allow)
+    plain = decoder.attention_mask
+
+    def given(key_valid, q_start, num_queries):
+        mask = plain(key_valid, q_start, num_queries)
+        return mask & allow[None] if mask.shape[1:] == allow.shape else mask
+
+    decoder.attention_mask = given
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=("encoder", "decoder", "joint"), required=True)
@@ -121,6 +148,9 @@ def main():
     p.add_argument("--subslots", type=int, default=1, help="the generator reads each latent "
                    "as this many slots (a learned L -> D map each, every slot taking "
                    "ceil(R / k) RoPE positions) instead of one through latent_up")
+    p.add_argument("--given_slot", action="store_true", help="the generator's input that "
+                   "predicts document token i may attend to latent slot (i + 2) // R alone "
+                   "among the slots (its span's), so it need not find the slot itself")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     overrides = ["train.lambda_retrieval=0", "train.train_base=true", *channel.COPY_OVERRIDES,
@@ -223,6 +253,8 @@ def main():
 
     held = make(alphabet[rng.integers(0, channel.ALPHABET, (channel.HELDOUT, args.n))])
     held_pos = held["doc_pos"]
+    if args.given_slot:
+        give_slots(held, rate, td + m)
 
     @jax.jit
     def readout_accuracy(tr):
@@ -258,7 +290,7 @@ def main():
                       "warmup_steps": args.warmup_steps,
                       "readout": args.readout, "subpos": args.subpos,
                       "gen_subpos": args.gen_subpos,
-                      "subslots": args.subslots,
+                      "subslots": args.subslots, "given_slot": args.given_slot,
                       "overrides": overrides,
                       "final": curve[-1], "accuracy_by_position":
                       [round(float(a), 3) for a in by_pos], "curve": curve}))
