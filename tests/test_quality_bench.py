@@ -39,6 +39,8 @@ def test_quality_bench_writes_both_tables(tmp_path, tiny_config):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last == json.loads((work / "quality.json").read_text())
     assert last["starts"] == {"8": f"pretrained {tmp_path / 'pt'}", "16": "3-step warm-up"}
+    assert json.loads((work / "rate16" / "warmup" / "warmup.json").read_text())["steps"] == 3
+    assert not (work / "rate8" / "warmup").exists()
     assert (work / "data" / "m4" / "tokenizer" / "tokenizer.model").read_bytes() == (
         tmp_path / "pt" / "tokenizer" / "tokenizer.model").read_bytes()
     assert [r["row"] for r in last["rows"]] == list(ROWS)

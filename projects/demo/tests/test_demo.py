@@ -17,16 +17,36 @@ from tests.conftest import REPO
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_runs_every_step_and_writes_the_report(tmp_path):
+def test_demo_runs_every_step_from_a_pretrained_model_and_writes_the_report(tmp_path,
+                                                                          tiny_config):
+    """demo.pretrained, as `make demo` runs: the data is built with the pretrained tokenizer
+    and stage 1 starts from its params; then three stages, the index, three modes and the
+    report; a re-run reuses every step; a workdir built with another tokenizer is refused.
+    (The warm-up start, for rates without a pretrained model, runs in
+    tests/test_quality_bench.py.)"""
+    from clara_jax.data import prepare
+    from projects.demo import pretrain
+
+    prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
+    pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1e9,
+                      batch_size=4, workers=1, eval_every_s=1e9, size="small", max_steps=2,
+                      log=lambda _: None)
+    work = tmp_path / "work"
     cmd = [sys.executable, "-m", "projects.demo.run", "--config=projects/demo/config.py:tiny",
-           f"--workdir={tmp_path}", "--progress=false", "--config.demo.stage_steps=(2,2,2)",
+           f"--workdir={work}", "--progress=false", "--config.demo.stage_steps=(2,2,2)",
            "--config.demo.eval_questions=12", "--config.demo.eval_batch_size=4",
-           "--config.train.log_every=1", "--config.demo.warmup_steps=3",
+           "--config.train.log_every=1", f"--config.demo.pretrained={tmp_path / 'pt'}",
            "--config.data.text_share=0.5"]  # text rows in stages 2-3, as configs/demo.py has
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert (work / "data" / "tokenizer" / "tokenizer.model").read_bytes() == (
+        tmp_path / "pt" / "tokenizer" / "tokenizer.model").read_bytes()
+    start = json.loads((work / "pretrained" / "pretrained.json").read_text())
+    assert start["pretrained"] == str(tmp_path / "pt")
+    assert f"initialised from {work / 'pretrained'}" in out.stdout + out.stderr
+    assert not (work / "warmup").exists()
 
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((work / "results.json").read_text())
     held = results["heldout"]
     assert set(held) == {"closed_book", "text_rag", "latent_rag"}
     for mode, row in held.items():
@@ -38,11 +58,11 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
     assert "recall_at_5" not in held["closed_book"]
     # The summary's scores are the means of the written per-question predictions.
     preds = [json.loads(x) for x in
-             (tmp_path / "eval" / "latent" / "predictions.jsonl").read_text().splitlines()]
+             (work / "eval" / "latent" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 12
     assert abs(sum(p["scores"]["f1"] for p in preds) / 12 - held["latent_rag"]["f1"]) < 1e-9
     closed = [json.loads(x) for x in
-              (tmp_path / "eval" / "closed_book" / "predictions.jsonl").read_text().splitlines()]
+              (work / "eval" / "closed_book" / "predictions.jsonl").read_text().splitlines()]
     vs = results["latent_rag_vs"]["closed_book"]
     assert vs["only_latent_rag"] == sum(p["scores"]["em"] > q["scores"]["em"]
                                         for p, q in zip(preds, closed))
@@ -62,17 +82,24 @@ def test_demo_runs_every_step_and_writes_the_report(tmp_path):
     assert "| single_hop |" in out.stdout
     for stage in (1, 2, 3):
         steps = [json.loads(x)["step"] for x in
-                 (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+                 (work / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2]
-    assert json.loads((tmp_path / "warmup" / "warmup.json").read_text())["steps"] == 3
     for png in ("losses.png", "scores.png"):
-        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
+        assert (work / png).read_bytes()[:8] == PNG_MAGIC
     assert "| latent_rag |" in out.stdout and "Q: " in out.stdout and "latent docs:" in out.stdout
 
     # Re-running reuses every finished step (no stage trains again) and reports again.
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "compiled stage-" not in again.stdout + again.stderr
+
+    other = tmp_path / "other_tok"
+    prepare.world_tokenizer(tiny_config, 5, "small").save(other)
+    (tmp_path / "pt" / "tokenizer" / "tokenizer.model").write_bytes(
+        (other / "tokenizer.model").read_bytes())
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert refused.returncode != 0
+    assert "built with another tokenizer" in refused.stderr
 
 
 @pytest.mark.parametrize("field,value", [("stage_steps", (10, 0, 5)),
@@ -84,37 +111,3 @@ def test_demo_section_is_validated(field, value):
     c.demo[field] = value
     with pytest.raises(ConfigError, match=f"config.demo.{field}="):
         validate_demo(c)
-
-
-def test_demo_starts_from_a_pretrained_model(tmp_path, tiny_config):
-    """demo.pretrained: the data is built with the pretrained tokenizer and stage 1 starts
-    from its params; a workdir built with another tokenizer is refused."""
-    from clara_jax.data import prepare
-    from projects.demo import pretrain
-
-    prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
-    pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1.0,
-                      batch_size=4, workers=1, eval_every_s=1e9, size="small",
-                      log=lambda _: None)
-    work = tmp_path / "work"
-    cmd = [sys.executable, "-m", "projects.demo.run", "--config=projects/demo/config.py:tiny",
-           f"--workdir={work}", "--progress=false", "--config.demo.stage_steps=(1,1,1)",
-           "--config.demo.eval_questions=4", "--config.demo.eval_batch_size=4",
-           f"--config.demo.pretrained={tmp_path / 'pt'}"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (work / "data" / "tokenizer" / "tokenizer.model").read_bytes() == (
-        tmp_path / "pt" / "tokenizer" / "tokenizer.model").read_bytes()
-    start = json.loads((work / "pretrained" / "pretrained.json").read_text())
-    assert start["pretrained"] == str(tmp_path / "pt")
-    assert f"initialised from {work / 'pretrained'}" in out.stdout + out.stderr
-    assert not (work / "warmup").exists()
-    assert json.loads((work / "results.json").read_text())["questions"] == 4
-
-    other = tmp_path / "other_tok"
-    prepare.world_tokenizer(tiny_config, 5, "small").save(other)
-    (tmp_path / "pt" / "tokenizer" / "tokenizer.model").write_bytes(
-        (other / "tokenizer.model").read_bytes())
-    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert refused.returncode != 0
-    assert "built with another tokenizer" in refused.stderr
