@@ -73,6 +73,36 @@ def test_init_from_hf_accepts_a_converted_bundle(tiny_config, tmp_path):
                                np.asarray(ref["decoder"]["embedding"]), rtol=1e-2, atol=1e-3)
 
 
+def test_init_from_hf_takes_the_runs_latent_layout(tiny_config, tmp_path):
+    """Spread latent slots, the sub-position code and interleaved memory tokens shape no
+    parameter, and a Hugging Face checkpoint has no compressor yet: it starts such a run with
+    the same params as a run without them. A converted bundle keeps the layout it records
+    (a from-clara bundle's compressor was trained with it): the refusal names the flags."""
+    from clara_jax.convert import bundle, hf
+
+    plain = _llama_config(tiny_config)
+    c = plain.copy_and_resolve_references()
+    c.model.latent_positions, c.model.span_code, c.model.memory_layout = (
+        "spread", 0.02, "interleave")
+    config = finalize(c)
+    cfg = ModelConfig.from_config(config)
+    assert cfg.latent_span > 1 and cfg.span_code_period > 1
+    plain_cfg = ModelConfig.from_config(plain)
+    sh = logical_to_shardings(logical_specs(cfg), make_mesh())
+    ref = _hf_params(plain, str(LLAMA), plain_cfg, sh)
+    params = _hf_params(config, str(LLAMA), cfg, sh)
+    for (path, x), r in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(r), err_msg=str(path))
+
+    bundle.from_hf(LLAMA, tmp_path / "b", tokenizer=False, param_dtype="float32",
+                   progress=False, **{f: getattr(plain_cfg, f) for f in hf.OVERRIDABLE})
+    with pytest.raises(ValueError) as e:
+        _hf_params(config, str(tmp_path / "b"), cfg, sh)
+    assert str(e.value).endswith(
+        "set --config.model.memory_layout='append' --config.model.latent_positions='packed' "
+        "--config.model.span_code=0.0")
+
+
 def test_init_from_hf_keeps_a_bfloat16_base(tiny_config, tmp_path):
     """A bfloat16-base run starts from float32 weights (a checkpoint directory or a float32
     bundle) with its base rounded to bfloat16 and the rest float32."""

@@ -59,10 +59,14 @@ SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 # ModelConfig fields that config.json determines; overriding them would misread the weights.
 HF_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
              "rope_theta", "norm_eps", "qkv_bias", "tie_embeddings")
+# How the compressor writes latents and the generator reads them. No parameter depends on
+# them and a Hugging Face checkpoint has no compressor yet, so it takes the run's.
+LAYOUT_FIELDS = ("memory_layout", "compressor_attention", "latent_span", "span_code",
+                 "span_code_period")
 # Fields the checkpoint does not know; `load` takes them from keyword overrides.
 OVERRIDABLE = ("num_memory_tokens", "latent_dim", "max_len", "scan_layers", "remat", "dtype",
                "base_dtype", "init_std", "lora_rank", "lora_alpha", "lora_dropout",
-               "lora_targets", "adapters", "span_head_rate")
+               "lora_targets", "adapters", "span_head_rate", *LAYOUT_FIELDS)
 DEFAULT_NUM_MEMORY_TOKENS = 16  # 256-token documents at 16x compression, as in the paper
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 
@@ -188,7 +192,8 @@ def _project_model_defaults() -> dict:
         base_dtype=c.model.base_dtype, init_std=c.model.init_std, lora_rank=c.model.lora.rank,
         lora_alpha=float(c.model.lora.alpha), lora_dropout=float(c.model.lora.dropout),
         lora_targets=tuple(c.model.lora.targets), adapters=tuple(c.model.lora.adapters),
-        span_head_rate=0)
+        span_head_rate=0,
+        **{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in LAYOUT_FIELDS})
 
 
 def model_config_from_hf(hf: dict, where: str = CONFIG_FILE, **overrides) -> ModelConfig:
