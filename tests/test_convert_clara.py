@@ -57,6 +57,8 @@ def test_summary_and_config(converted):
     assert summary["fresh_adapters"] == [] and summary["notes"] == []
     assert (cfg.num_memory_tokens, cfg.latent_dim, cfg.lora_rank, cfg.lora_alpha) == (4, 0, 4, 8)
     assert cfg.lora_targets == ("q", "k", "v", "o", "gate", "up", "down")
+    assert (cfg.memory_layout, cfg.compressor_attention, cfg.latent_span, cfg.span_code) == (
+        "append", "causal", 1, 0.0)
     assert cfg.vocab_size == summary["reference_vocab_size"] == 127 == tok.vocab_size
     # The reference's ids: <MEM0..3>, <AE>, <ENC>, <SEP> after the base tokenizer's 120.
     assert tok.mem_ids == [120, 121, 122, 123] and (tok.enc_id, tok.sep_id) == (125, 126)
@@ -252,6 +254,14 @@ def collections_ordered():
     import collections
 
     return collections.OrderedDict()  # an allowed container, but not the tensors needed
+
+
+def test_the_published_latent_layout_is_kept(tmp_path):
+    # The reference compressor was trained with appended memory tokens and packed slots.
+    with pytest.raises(hf.ConversionError, match=r"\['latent_span', 'span_code'\] come from"):
+        clara.from_clara(SRC, tmp_path / "x", base=BASE, progress=False, latent_span=4,
+                         span_code=0.02)
+    assert not (tmp_path / "x").exists()
 
 
 def test_refuses_an_adapter_rank_other_than_the_config(tmp_path):

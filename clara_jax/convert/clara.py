@@ -72,8 +72,10 @@ LM_HEAD = "lm_head.weight"
 # The reference's added tokens after the memory tokens (`_create_decoder_tokenizer`).
 AFTER_MEMORY = ("<AE>", "<ENC>", "<SEP>")
 # ModelConfig fields the reference checkpoint fixes.
+# The reference's compressor was trained with the published latent layout (appended memory
+# tokens, causal attention, packed slots, no sub-position code), so those are fixed too.
 FIXED = ("num_memory_tokens", "latent_dim", "lora_rank", "lora_alpha", "lora_targets",
-         "adapters")
+         "adapters", *hf.LAYOUT_FIELDS)
 REFERENCE_LORA_DROPOUT = 0.1  # `_get_peft_config`; it only matters when training
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(" +
                        "|".join(re.escape(m) for m in MODULES) +
