@@ -71,9 +71,9 @@ EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 # The reference's added tokens after the memory tokens (`_create_decoder_tokenizer`).
 AFTER_MEMORY = ("<AE>", "<ENC>", "<SEP>")
-# ModelConfig fields the reference checkpoint fixes.
-# The reference's compressor was trained with the published latent layout (appended memory
-# tokens, causal attention, packed slots, no sub-position code), so those are fixed too.
+# ModelConfig fields the reference checkpoint fixes: its shapes, and the published latent
+# layout its compressor was trained with (appended memory tokens, causal attention, packed
+# slots, no sub-position code).
 FIXED = ("num_memory_tokens", "latent_dim", "lora_rank", "lora_alpha", "lora_targets",
          "adapters", *hf.LAYOUT_FIELDS)
 REFERENCE_LORA_DROPOUT = 0.1  # `_get_peft_config`; it only matters when training
