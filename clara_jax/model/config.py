@@ -94,3 +94,16 @@ class ModelConfig:
             lora_dropout=float(m.lora.dropout), lora_targets=tuple(m.lora.targets),
             adapters=tuple(m.lora.adapters),
         )
+
+    @staticmethod
+    def config_setting(field: str, value) -> str:
+        """The experiment-config setting for which `from_config` gives `field` = `value`, e.g.
+        "model.latent_positions='spread'" for latent_span 16; "" for span_code_period 1, which
+        follows model.span_code alone."""
+        if field == "latent_span":
+            return f"model.latent_positions={'spread' if value > 1 else 'packed'!r}"
+        if field == "span_head_rate":
+            return f"model.span_head={bool(value)}"
+        if field == "span_code_period":  # follows model.span_code, at data.compression_rate
+            return f"data.compression_rate={value}" if value > 1 else ""
+        return f"model.{field}={value!r}"

@@ -150,8 +150,8 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
     diff = [f.name for f in dataclasses.fields(ModelConfig)
             if f.name not in keep and getattr(theirs, f.name) != getattr(cfg, f.name)]
     if diff:
-        fixes = " ".join(dict.fromkeys(
-            x for f in diff if (x := _config_flag(f, getattr(theirs, f)))))
+        settings = (ModelConfig.config_setting(f, getattr(theirs, f)) for f in diff)
+        fixes = " ".join(dict.fromkeys(f"--config.{x}" for x in settings if x))
         raise ValueError(f"--init_from_hf={path}: the checkpoint's architecture differs from "
                          f"the config in {diff}; set {fixes}")
     if is_bundle:
@@ -166,18 +166,6 @@ def _hf_params(config, path: str, cfg: ModelConfig, shardings):
     want = abstract_params(cfg)
     return jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, want),
                    out_shardings=shardings)(params)
-
-
-def _config_flag(field: str, value) -> str:
-    """The --config flag that gives ModelConfig.`field` = `value` ("" for a field that follows
-    from another one's flag); a few fields derive from others (ModelConfig.from_config)."""
-    if field == "latent_span":
-        return f"--config.model.latent_positions={'spread' if value > 1 else 'packed'!r}"
-    if field == "span_head_rate":
-        return f"--config.model.span_head={bool(value)}"
-    if field == "span_code_period":  # follows model.span_code, at data.compression_rate
-        return f"--config.data.compression_rate={value}" if value > 1 else ""
-    return f"--config.model.{field}={value!r}"
 
 
 def _kept_lines(path, last_step: int) -> tuple[list[str], bool]:
