@@ -64,14 +64,20 @@ def subposition_code(t: int, rate: int, dim: int):
     return jnp.concatenate([jnp.sin(r * k), jnp.cos(r * k)], axis=1)
 
 
-def compress_with_code(module, tokens, mask, code):
+def compress_with_code(module, tokens, mask, code, bind=None):
     """CLaRa.compress for the 'append' layout with `code` float[T, D] added to the document
-    tokens' input embeddings (RoPE binds position to queries and keys, never to values)."""
+    tokens' input embeddings (RoPE binds position to queries and keys, never to values), and
+    with `bind` float[T, D] (or None) multiplying them first: embedding * (1 + bind), a
+    product of token and sub-position that a sum over the span keeps apart, where a sum of
+    embedding + code leaves an unordered bag plus a constant."""
     cfg = module.cfg
     b, t = tokens.shape
     m = cfg.num_memory_tokens
     table = module.variables["params"]["decoder"]["embedding"]
-    docs = jnp.take(table, tokens, axis=0) + code[None, :t]
+    docs = jnp.take(table, tokens, axis=0)
+    if bind is not None:
+        docs = docs * (1 + bind[None, :t])
+    docs = docs + code[None, :t]
     inject = jnp.concatenate([docs, jnp.broadcast_to(module.memory_embeddings, (b, m, cfg.dim))],
                              axis=1).astype(cfg.compute_dtype)
     full = jnp.concatenate([tokens, jnp.zeros((b, m), tokens.dtype)], axis=1)
@@ -121,6 +127,28 @@ def give_slots(batch, rate: int, compressor_len: int):
     decoder.attention_mask = given
 
 
+def give_spans(doc_len: int, m: int, rate: int):
+    """Restricts the compressor pass (every call of the decoder's `attention_mask` on a row of
+    doc_len + M positions, the 'append' layout) so that memory token j sees its own span of
+    the framed document, positions j*R .. j*R+R-1, and itself; the document tokens keep their
+    causal view. The generator's prompt has another length and is left alone."""
+    from clara_jax.model import decoder
+
+    allow = np.ones((doc_len + m, doc_len + m), bool)
+    for j in range(m):
+        allow[doc_len + j, :] = False
+        allow[doc_len + j, j * rate:(j + 1) * rate] = True
+        allow[doc_len + j, doc_len + j] = True
+    allow = jnp.asarray(allow)
+    plain = decoder.attention_mask
+
+    def given(key_valid, q_start, num_queries):
+        mask = plain(key_valid, q_start, num_queries)
+        return mask & allow[None] if mask.shape[1:] == allow.shape else mask
+
+    decoder.attention_mask = given
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=("encoder", "decoder", "joint"), required=True)
@@ -141,6 +169,9 @@ def main():
     p.add_argument("--subpos", type=float, default=0.0, help="add this times a fixed "
                    "sinusoidal code of each document token's sub-position (i mod R) to its "
                    "input embedding in the compressor pass (0: the product's compress)")
+    p.add_argument("--bind", type=float, default=0.0, help="multiply each document token's "
+                   "input embedding in the compressor pass by 1 + this times the same "
+                   "sub-position code (a token-by-position product; 0: none)")
     p.add_argument("--gen_subpos", type=float, default=0.0, help="add this times the "
                    "sub-position code of framed index k+2 (clara.span_position_code) to the "
                    "generator's input at the position that predicts document token k (0: the "
@@ -151,6 +182,9 @@ def main():
     p.add_argument("--given_slot", action="store_true", help="the generator's input that "
                    "predicts document token i may attend to latent slot (i + 2) // R alone "
                    "among the slots (its span's), so it need not find the slot itself")
+    p.add_argument("--given_span", action="store_true", help="memory token j attends to "
+                   "its own span of the framed document (and itself) alone in the compressor "
+                   "pass, so it need not confine its attention itself")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     overrides = ["train.lambda_retrieval=0", "train.train_base=true", *channel.COPY_OVERRIDES,
@@ -182,11 +216,12 @@ def main():
         return per.reshape(doc_tokens.shape[0], m, rate, lw).sum(2) * rate ** -0.5
 
     code = subposition_code(td, rate, cfg.dim) * args.subpos  # [T, D]
+    bind = subposition_code(td, rate, cfg.dim) * args.bind if args.bind else None
 
     def compress_(params, doc_tokens, doc_mask):
-        if not args.subpos:
+        if not (args.subpos or args.bind):
             return compress(cfg, params, doc_tokens, doc_mask)
-        return CLaRa(cfg).apply({"params": params}, doc_tokens, doc_mask, code,
+        return CLaRa(cfg).apply({"params": params}, doc_tokens, doc_mask, code, bind,
                                 method=compress_with_code)
 
     def encoder_logits(tr, doc_tokens, doc_mask):  # -> [B, T, V] logits for each framed token
@@ -253,6 +288,9 @@ def main():
 
     held = make(alphabet[rng.integers(0, channel.ALPHABET, (channel.HELDOUT, args.n))])
     held_pos = held["doc_pos"]
+    if args.given_span:
+        assert cfg.memory_layout == "append" and td == m * rate, (cfg.memory_layout, td, m, rate)
+        give_spans(td, m, rate)
     if args.given_slot:
         give_slots(held, rate, td + m)
 
@@ -288,9 +326,10 @@ def main():
                                  args.mode == "joint" and i < args.warmup_steps)
     print(json.dumps({"mode": args.mode, "n": args.n, "aux_weight": args.aux_weight,
                       "warmup_steps": args.warmup_steps,
-                      "readout": args.readout, "subpos": args.subpos,
+                      "readout": args.readout, "subpos": args.subpos, "bind": args.bind,
                       "gen_subpos": args.gen_subpos,
                       "subslots": args.subslots, "given_slot": args.given_slot,
+                      "given_span": args.given_span,
                       "overrides": overrides,
                       "final": curve[-1], "accuracy_by_position":
                       [round(float(a), 3) for a in by_pos], "curve": curve}))
