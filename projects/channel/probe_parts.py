@@ -100,13 +100,26 @@ def generate_with_code(module, tokens, mask, slot_mask, inputs, offsets, span):
     return logits
 
 
+def restrict_attention(allow):
+    """ANDs allow: bool[T, T] into every call of the decoder's `attention_mask` on a row of T
+    positions (process-wide); calls on rows of another length are left alone."""
+    from clara_jax.model import decoder
+
+    allow = jnp.asarray(allow)
+    plain = decoder.attention_mask
+
+    def given(key_valid, q_start, num_queries):
+        mask = plain(key_valid, q_start, num_queries)
+        return mask & allow[None] if mask.shape[1:] == allow.shape else mask
+
+    decoder.attention_mask = given
+
+
 def give_slots(batch, rate: int, compressor_len: int):
     """Restricts the generator's attention (every call of the decoder's `attention_mask` on a
     prompt of the copy rows' length) so that the input predicting document token i sees latent
     slot (i + 2) // R and no other slot. Every copy row has the same layout, so one [T, T]
     mask serves all; the compressor's pass has another length and is left alone."""
-    from clara_jax.model import decoder
-
     slots = np.asarray(batch["slot_mask"])
     pos = np.asarray(batch["doc_pos"])
     assert (slots == slots[:1]).all() and (pos == pos[:1]).all(), "rows differ in layout"
@@ -117,14 +130,7 @@ def give_slots(batch, rate: int, compressor_len: int):
     for i, q in enumerate(pos[0]):
         allow[q, slot_at] = False
         allow[q, slot_at[(i + 2) // rate]] = True
-    allow = jnp.asarray(allow)
-    plain = decoder.attention_mask
-
-    def given(key_valid, q_start, num_queries):
-        mask = plain(key_valid, q_start, num_queries)
-        return mask & allow[None] if mask.shape[1:] == allow.shape else mask
-
-    decoder.attention_mask = given
+    restrict_attention(allow)
 
 
 def give_spans(doc_len: int, m: int, rate: int):
@@ -132,21 +138,12 @@ def give_spans(doc_len: int, m: int, rate: int):
     doc_len + M positions, the 'append' layout) so that memory token j sees its own span of
     the framed document, positions j*R .. j*R+R-1, and itself; the document tokens keep their
     causal view. The generator's prompt has another length and is left alone."""
-    from clara_jax.model import decoder
-
     allow = np.ones((doc_len + m, doc_len + m), bool)
     for j in range(m):
         allow[doc_len + j, :] = False
         allow[doc_len + j, j * rate:(j + 1) * rate] = True
         allow[doc_len + j, doc_len + j] = True
-    allow = jnp.asarray(allow)
-    plain = decoder.attention_mask
-
-    def given(key_valid, q_start, num_queries):
-        mask = plain(key_valid, q_start, num_queries)
-        return mask & allow[None] if mask.shape[1:] == allow.shape else mask
-
-    decoder.attention_mask = given
+    restrict_attention(allow)
 
 
 def main():
