@@ -154,16 +154,20 @@ def copy_config(config, n: int):
     return finalize(config)
 
 
-def fit_span_head(cfg: ModelConfig, params, seed: int):
-    """`params` with the span head `cfg` asks for: a fresh one (as `init_params` draws it) when
-    the start has none of cfg's rate (it was made for another rate, or without one), none when
-    cfg has none."""
+def fit_rate_params(cfg: ModelConfig, params, seed: int):
+    """`params` with the per-rate parameters `cfg` asks for (the span head, the chunk write): a
+    fresh one (as `init_params` draws it) where the start has none of cfg's rate (it was made
+    for another rate, or without one), none where cfg has none."""
     params = dict(params)
-    want = (cfg.span_head_rate, cfg.latent_width, cfg.vocab_size)
-    if not cfg.span_head_rate:
-        params.pop("span_head", None)
-    elif "span_head" not in params or params["span_head"].shape != want:
-        params["span_head"] = init_params(cfg, jax.random.key(seed))["span_head"]
+    wants = {"span_head": (cfg.span_head_rate, cfg.latent_width, cfg.vocab_size),
+             "chunk_write": (cfg.chunk_write_rate, cfg.dim, cfg.latent_width)}
+    fresh = None
+    for name, want in wants.items():
+        if not want[0]:
+            params.pop(name, None)
+        elif name not in params or params[name].shape != want:
+            fresh = fresh or init_params(cfg, jax.random.key(seed))
+            params[name] = fresh[name]
     return params
 
 
@@ -180,7 +184,7 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
     held = copy_batch(tok, alphabet[rng.integers(0, ALPHABET, (HELDOUT, n))], m, td)
     held_pos = doc_positions(held, n)
     held = jax.tree.map(jnp.asarray, held)
-    params = fit_span_head(cfg, params, seed)
+    params = fit_rate_params(cfg, params, seed)
     state = create_state(config, jax.tree.map(jnp.copy, params), stage=1, seed=seed)
     step = jax.jit(make_train_step(config, cfg, 1, params), donate_argnums=(0,))
     evaluate = make_eval(cfg)

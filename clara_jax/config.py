@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
     # parameters (a fixed permutation per r against the token embeddings), which did not open
     # the channel at 18 tokens a latent (projects/channel/README.md, sixth session).
     m.span_head = False
+    # A linear write beside the memory tokens: latent j also gets the final hidden states of
+    # the j-th data.compression_rate tokens of the document, concatenated in order, times a
+    # learned kernel (params "chunk_write", float32[R, D, L], zero at init, so training starts
+    # from the published write). Off: the latents are the memory tokens' states alone.
+    m.chunk_write = False
     m.scan_layers = False
     m.remat = "none"
     m.dtype = "float32"  # compute dtype; trainable params stay float32 (master weights)
@@ -335,6 +340,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _validate_model(c.model)
     _validate_lora(c.model.lora)
     _validate_data(c.data)
+    # The chunk write's kernel has data.compression_rate blocks: a query (encoded like a
+    # document) cut into M chunks must not make longer ones than a document does.
+    if c.model.chunk_write and c.data.question_max_len > c.data.doc_max_len:
+        _fail("data.question_max_len", c.data.question_max_len,
+              f"must be <= data.doc_max_len={c.data.doc_max_len} with model.chunk_write")
     _validate_train(c)
     _validate_mesh(c)
 

@@ -103,10 +103,10 @@ def test_a_start_gets_the_span_head_of_each_length(channel, tiny_cfg):
 
     plain = init_params(tiny_cfg, jax.random.key(0))
     at3 = dataclasses.replace(tiny_cfg, span_head_rate=3)
-    with_head = channel.fit_span_head(at3, plain, 0)
+    with_head = channel.fit_rate_params(at3, plain, 0)
     assert with_head["span_head"].shape == (3, tiny_cfg.latent_width, tiny_cfg.vocab_size)
     assert with_head["latent_up"] is plain["latent_up"] and "span_head" not in plain
-    at5 = channel.fit_span_head(dataclasses.replace(tiny_cfg, span_head_rate=5), with_head, 0)
+    at5 = channel.fit_rate_params(dataclasses.replace(tiny_cfg, span_head_rate=5), with_head, 0)
     assert at5["span_head"].shape[0] == 5
-    assert channel.fit_span_head(at3, with_head, 1)["span_head"] is with_head["span_head"]
-    assert "span_head" not in channel.fit_span_head(tiny_cfg, with_head, 0)
+    assert channel.fit_rate_params(at3, with_head, 1)["span_head"] is with_head["span_head"]
+    assert "span_head" not in channel.fit_rate_params(tiny_cfg, with_head, 0)

@@ -532,3 +532,48 @@ def test_kv_cache_with_spread_latent_positions(tiny_cfg, tiny_params):
         out, cache = decode(cfg, p, toks[:, i:i + 1], cache=cache, adapter="generator")
         outs.append(out)
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_chunk_write_starts_as_the_published_write_and_reads_each_chunk_in_order(tiny_cfg):
+    from clara_jax.model.clara import CLaRa
+
+    m, r = tiny_cfg.num_memory_tokens, 8
+    cfg = dataclasses.replace(tiny_cfg, chunk_write_rate=r)
+    params = init_params(cfg, jax.random.key(0))
+    assert params["chunk_write"].shape == (r, cfg.dim, cfg.latent_width)
+    assert not np.any(params["chunk_write"])
+    plain = {k: v for k, v in params.items() if k != "chunk_write"}
+    assert count_params(params)["memory"] - count_params(plain)["memory"] == (
+        r * cfg.dim * cfg.latent_width)
+    t = m * r
+    toks, mask = _tokens(cfg, 2, t), jnp.ones((2, t), bool)
+    np.testing.assert_array_equal(compress(cfg, params, toks, mask),
+                                  compress(tiny_cfg, plain, toks, mask))
+
+    # The write itself: chunk j's states, padding zeroed, concatenated in order times the
+    # kernel; a shorter input (a query) makes shorter chunks and uses the first blocks.
+    kernel = jax.random.normal(jax.random.key(1), params["chunk_write"].shape)
+    params = {**params, "chunk_write": kernel}
+    for length in (t, t - 5, 2 * m - 1):
+        h = jax.random.normal(jax.random.key(2), (2, length, cfg.dim))
+        valid = jnp.arange(length)[None] < jnp.array([[length], [length - 3]])
+        got = CLaRa(cfg).apply({"params": params}, h, valid, method=CLaRa.chunk_latents)
+        rr = -(-length // m)
+        hz = np.zeros((2, m * rr, cfg.dim), np.float32)
+        hz[:, :length] = np.where(np.asarray(valid)[..., None], np.asarray(h), 0)
+        want = hz.reshape(2, m, rr * cfg.dim) @ np.asarray(kernel[:rr]).reshape(rr * cfg.dim, -1)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="model.chunk_write: 33 positions make chunks of 9"):
+        CLaRa(cfg).apply({"params": params}, jnp.zeros((1, t + 1, cfg.dim)),
+                         jnp.ones((1, t + 1), bool), method=CLaRa.chunk_latents)
+
+    # End to end: what the write adds to latent j comes from chunk j and the text before it
+    # (the causal compressor), never from a later chunk.
+    def added(tokens):
+        return (compress(cfg, params, tokens, mask)
+                - compress(cfg, {**params, "chunk_write": 0 * kernel}, tokens, mask))
+
+    later = toks.at[:, t - 1].set((toks[:, t - 1] + 1) % cfg.vocab_size)
+    before, after = added(toks), added(later)
+    np.testing.assert_allclose(before[:, :-1], after[:, :-1], atol=1e-5)
+    assert not np.allclose(before[:, -1], after[:, -1], atol=1e-3)

@@ -152,13 +152,13 @@ def generate_logits(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, 
 def param_group(path) -> str:
     """Which part of the model a parameter belongs to, from its tree path:
     'base' (the pretrained decoder), 'adapter:<name>', 'memory' (memory embeddings, the
-    down-projection to latents and the span head: the compressor side) or 'latent_up' (the
+    down-projection to latents, the span head and the chunk write: the compressor side) or 'latent_up' (the
     generator side)."""
     keys = path_keys(path)
     leaf = keys[-1]
     if leaf.startswith("lora_"):
         return "adapter:" + leaf[len("lora_"):].rsplit("_", 1)[0]
-    if keys[0] in ("memory_embeddings", "latent_down", "span_head"):
+    if keys[0] in ("memory_embeddings", "latent_down", "span_head", "chunk_write"):
         return "memory"
     if keys[0] == "latent_up":
         return "latent_up"

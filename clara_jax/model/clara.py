@@ -6,6 +6,8 @@
   chunk, `memory_layout='spread'`); the latents are the final hidden states at those M
   positions, projected to width L when L < D. With `model.span_code` > 0, each input token's
   embedding first gets that times a fixed code of its sub-position (`span_position_code`).
+  With `model.chunk_write`, latent j also gets a learned linear map of the final hidden states
+  of the j-th chunk of the document, in order (`chunk_latents`).
 - `encode_query(tokens)`: the same under the `query` adapter.
 - `generate(tokens, slot_mask, latents)`: the generator's prompt with K·M latent slots; the
   input embeddings at the slots (in order) are replaced by the K documents' latents, projected
@@ -113,6 +115,13 @@ class CLaRa(nn.Module):
                     lambda key, shape, dtype: jax.random.normal(key, shape, dtype) * width ** -0.5,
                     (None, sh.LATENT, sh.VOCAB)),
                 (cfg.span_head_rate, width, cfg.vocab_size), jnp.float32)
+        if cfg.chunk_write_rate:
+            # Zero at init: training starts from the published write (memory tokens alone).
+            self.chunk_write = self.param(
+                "chunk_write",
+                nn.with_logical_partitioning(nn.initializers.zeros,
+                                             (None, sh.EMBED, sh.LATENT)),
+                (cfg.chunk_write_rate, cfg.dim, cfg.latent_width), jnp.float32)
 
     def compress(self, tokens, mask, adapter: str = "compressor", deterministic: bool = True,
                  with_means: bool = False):
@@ -155,6 +164,8 @@ class CLaRa(nn.Module):
             hidden = hidden[:, np.argsort(order)]  # back to documents first, then memory
         memory_hidden = hidden[:, t:]
         latents = self.latent_down(memory_hidden) if cfg.projects_latents else memory_hidden
+        if cfg.chunk_write_rate:
+            latents = latents + self.chunk_latents(hidden[:, :t], mask)
         if not with_means:
             return latents
         h32 = hidden[:, :t].astype(jnp.float32)
@@ -162,6 +173,27 @@ class CLaRa(nn.Module):
         doc_mean = jnp.sum(h32 * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
         mem_mean = jnp.mean(memory_hidden.astype(jnp.float32), axis=1)
         return latents, doc_mean, mem_mean
+
+    def chunk_latents(self, doc_hidden, mask):
+        """The linear write (model.chunk_write): doc_hidden float[B, T, D] (final hidden
+        states), mask bool[B, T] -> float[B, M, L]: the j-th of M equal chunks of the T
+        positions (R' = ceil(T / M) <= R tokens, padding zeroed), its states concatenated in
+        order and projected by the [R, D, L] kernel's first R' blocks.
+
+        Attention gathers a span's values into a sum whose order the heads must learn to keep;
+        here each sub-position has its own block, so the write is ordered from the first step.
+        """
+        b, t, d = doc_hidden.shape
+        m = self.cfg.num_memory_tokens
+        r = -(-t // m)
+        if r > self.cfg.chunk_write_rate:
+            raise ValueError(f"model.chunk_write: {t} positions make chunks of {r} tokens for "
+                             f"{m} latents, more than the kernel's R = "
+                             f"{self.cfg.chunk_write_rate} (data.compression_rate)")
+        h = jnp.where(mask[..., None], doc_hidden, 0).astype(self.cfg.compute_dtype)
+        h = jnp.pad(h, ((0, 0), (0, m * r - t), (0, 0))).reshape(b, m, r, d)
+        kernel = self.chunk_write[:r].astype(self.cfg.compute_dtype)
+        return jnp.einsum("bmrd,rdl->bml", h, kernel)
 
     def encode_query(self, tokens, mask, deterministic: bool = True):
         """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""

@@ -29,6 +29,9 @@ class ModelConfig:
     # R of the learned span read-out head (model.span_head: one L -> V map per sub-position,
     # a training signal for the compressor only); 0: none, the read-out has no parameters.
     span_head_rate: int = 0
+    # R of the linear chunk write (model.chunk_write: latent j += the j-th R tokens' final
+    # states, concatenated, times a learned [R, D, L] kernel); 0: off, the published write.
+    chunk_write_rate: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
@@ -87,6 +90,7 @@ class ModelConfig:
             span_code=float(m.span_code),
             span_code_period=int(config.data.compression_rate) if m.span_code else 1,
             span_head_rate=int(config.data.compression_rate) if m.span_head else 0,
+            chunk_write_rate=int(config.data.compression_rate) if m.chunk_write else 0,
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
             tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
             remat=m.remat, dtype=m.dtype, base_dtype=m.base_dtype, init_std=float(m.init_std),
@@ -102,8 +106,8 @@ class ModelConfig:
         follows model.span_code alone."""
         if field == "latent_span":
             return f"model.latent_positions={'spread' if value > 1 else 'packed'!r}"
-        if field == "span_head_rate":
-            return f"model.span_head={bool(value)}"
+        if field in ("span_head_rate", "chunk_write_rate"):
+            return f"model.{field[:-len('_rate')]}={bool(value)}"
         if field == "span_code_period":  # follows model.span_code, at data.compression_rate
             return f"data.compression_rate={value}" if value > 1 else ""
         return f"model.{field}={value!r}"
