@@ -12,7 +12,9 @@
   loop matches the benchmark's curve); with `--aux_weight W`, plus W times the `encoder`
   mode's read-out loss, so that the compressor has a signal of its own before the generator
   reads anything; with `--warmup_steps K`, the first K steps train the `encoder` mode's loss
-  alone (a reconstruction warm-up of the compressor), then the joint loss.
+  alone (a reconstruction warm-up of the compressor), then the joint loss; with `--copy`,
+  the generator's output is mixed with a copy path over the read-out's decoded
+  (slot, sub-position) pairs (`copy_mix`).
 
 Same data (random documents over a 200-token alphabet), widths (configs/demo.py), optimizer
 (the config's clip + AdamW, flat lr after 100 warm-up steps), batch and held-out set as the
@@ -48,6 +50,7 @@ from clara_jax.model import (  # noqa: E402
     latent_span_logits,
 )
 from clara_jax.model.clara import CLaRa, span_position_code  # noqa: E402
+from clara_jax.model.layers import apply_rope  # noqa: E402
 from clara_jax.train.optimizer import make_base_tx  # noqa: E402
 
 
@@ -98,6 +101,46 @@ def generate_with_code(module, tokens, mask, slot_mask, inputs, offsets, span):
     logits, _, _ = module.decoder(tokens, mask, inject, slot_mask, adapter="generator",
                                   inject_span=span, input_offsets=offsets)
     return logits
+
+
+def generate_hidden(module, tokens, mask, slot_mask, latents):
+    """CLaRa.generate (no cache, K = 1) -> (logits float32[B, T, V], final hidden float[B, T, D],
+    RoPE positions int32[B, T]) for the copy path."""
+    cfg = module.cfg
+    inputs = module.as_inputs(latents)  # [B, M, D]
+    index = jnp.clip(jnp.cumsum(slot_mask, axis=1) - 1, 0, inputs.shape[1] - 1)
+    inject = jnp.take_along_axis(inputs, index[..., None], axis=1)
+    logits, hidden, _ = module.decoder(tokens, mask, inject, slot_mask, adapter="generator",
+                                       inject_span=cfg.latent_span)
+    width = jnp.where(slot_mask & mask, cfg.latent_span, mask.astype(jnp.int32))
+    positions = jnp.cumsum(width, axis=1) - width  # as the decoder counts them
+    return logits, hidden, positions
+
+
+def copy_mix(cp, logits, hidden, positions, slot_mask, latent_inputs, span_logits, theta):
+    """A copy path over the latents, as pointer-generator networks copy from their source.
+
+    Key (j, r) = latent j's generator input times Wk plus a learned code of sub-position r,
+    rotated to the RoPE position its text would have (slot j's position + r); the query is the
+    generator's final state times Wq at its own position; the copy distribution is the
+    attention-weighted mix of the read-out's softmax over the M x R keys, and a learned gate
+    mixes it with the generator's own. logits: [B, T, V]; hidden: [B, T, D]; positions,
+    slot_mask: [B, T]; latent_inputs: [B, M, D]; span_logits: [B, M, R, V] -> log-probs
+    float32[B, T, V]."""
+    b, m, r, v = span_logits.shape
+    slot_pos = jnp.take_along_axis(positions, jnp.argsort(~slot_mask, axis=1, stable=True)[:, :m],
+                                   axis=1)  # [B, M]
+    key_pos = (slot_pos[:, :, None] + jnp.arange(r)[None, None]).reshape(b, m * r)
+    keys = (jnp.einsum("bmd,dk->bmk", latent_inputs, cp["wk"])[:, :, None]
+            + cp["sub"][None, None]).reshape(b, m * r, 1, -1)
+    queries = jnp.einsum("btd,dk->btk", hidden.astype(jnp.float32), cp["wq"])[:, :, None]
+    keys = apply_rope(keys, key_pos, theta)[:, :, 0]
+    queries = apply_rope(queries, positions, theta)[:, :, 0]
+    att = jax.nn.softmax(jnp.einsum("btk,bsk->bts", queries, keys) / keys.shape[-1] ** 0.5, -1)
+    copy = jnp.einsum("bts,bsv->btv", att, jax.nn.softmax(span_logits.reshape(b, m * r, v), -1))
+    gate = jax.nn.sigmoid(hidden.astype(jnp.float32) @ cp["wg"] + cp["bg"])  # [B, T, 1]
+    mixed = (1 - gate) * jax.nn.softmax(logits, -1) + gate * copy
+    return jnp.log(mixed + 1e-9)
 
 
 def restrict_attention(allow):
@@ -182,6 +225,9 @@ def main():
     p.add_argument("--given_span", action="store_true", help="memory token j attends to "
                    "its own span of the framed document (and itself) alone in the compressor "
                    "pass, so it need not confine its attention itself")
+    p.add_argument("--copy", type=int, default=0, help="joint: mix the generator's output with "
+                   "a copy path over the read-out's decoded (slot, sub-position) pairs, its "
+                   "keys and queries this wide (0: off)")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     overrides = ["train.lambda_retrieval=0", "train.train_base=true", *channel.COPY_OVERRIDES,
@@ -199,6 +245,12 @@ def main():
     trainable = {"model": params,
                  "readout": jax.random.normal(key, (rate, lw, cfg.vocab_size)) * lw ** -0.5}
     oracle = jax.random.normal(jax.random.fold_in(key, 1), (rate, cfg.vocab_size, lw))
+    if args.copy:
+        ck = jax.random.split(jax.random.fold_in(key, 3), 3)
+        trainable["copy"] = {"wq": jax.random.normal(ck[0], (cfg.dim, args.copy)) * cfg.dim ** -0.5,
+                             "wk": jax.random.normal(ck[1], (cfg.dim, args.copy)) * cfg.dim ** -0.5,
+                             "sub": jax.random.normal(ck[2], (rate, args.copy)),
+                             "wg": jnp.zeros((cfg.dim, 1)), "bg": jnp.zeros((1,))}
     if args.subslots > 1:
         trainable["subslot_up"] = jax.random.normal(
             jax.random.fold_in(key, 2), (args.subslots, lw, cfg.dim)) * lw ** -0.5
@@ -251,6 +303,15 @@ def main():
             return CLaRa(cfg).apply({"params": tr["model"]}, batch["tokens"], batch["mask"],
                                     batch["slot_mask"], inputs, offsets, span,
                                     method=generate_with_code)
+        if args.copy:
+            model = CLaRa(cfg)
+            logits, hidden, positions = model.apply(
+                {"params": tr["model"]}, batch["tokens"], batch["mask"], batch["slot_mask"], lat,
+                method=generate_hidden)
+            inputs = model.apply({"params": tr["model"]}, lat, method="as_inputs")
+            span = jnp.einsum("bml,rlv->bmrv", lat, tr["readout"])
+            return copy_mix(tr["copy"], logits, hidden, positions, batch["slot_mask"], inputs,
+                            span, cfg.rope_theta)
         logits, _ = generate_logits(cfg, tr["model"], batch["tokens"], batch["mask"],
                                     batch["slot_mask"], lat[:, None])
         return logits
@@ -326,7 +387,7 @@ def main():
                       "readout": args.readout, "subpos": args.subpos, "bind": args.bind,
                       "gen_subpos": args.gen_subpos,
                       "subslots": args.subslots, "given_slot": args.given_slot,
-                      "given_span": args.given_span,
+                      "given_span": args.given_span, "copy": args.copy,
                       "overrides": overrides,
                       "final": curve[-1], "accuracy_by_position":
                       [round(float(a), 3) for a in by_pos], "curve": curve}))
