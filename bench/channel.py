@@ -42,6 +42,7 @@ from clara_jax.data import prompts  # noqa: E402
 from clara_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from clara_jax.model import (  # noqa: E402
     ModelConfig,
+    abstract_params,
     compress,
     generate_logits,
     init_params,
@@ -154,18 +155,22 @@ def copy_config(config, n: int):
     return finalize(config)
 
 
+# Parameters that exist only under some options, some of a shape set by the rate.
+OPTIONAL_PARAMS = ("span_head", "chunk_write", "copy_query", "copy_key", "copy_subpos",
+                   "copy_gate", "copy_gate_bias")
+
+
 def fit_rate_params(cfg: ModelConfig, params, seed: int):
-    """`params` with the per-rate parameters `cfg` asks for (the span head, the chunk write): a
-    fresh one (as `init_params` draws it) where the start has none of cfg's rate (it was made
-    for another rate, or without one), none where cfg has none."""
+    """`params` with the optional parameters `cfg` asks for (the span head, the chunk write, the
+    copy path): fresh ones (as `init_params` draws them) where the start has none of cfg's
+    shape (it was made for another rate, or without them), none where cfg has none."""
     params = dict(params)
-    wants = {"span_head": (cfg.span_head_rate, cfg.latent_width, cfg.vocab_size),
-             "chunk_write": (cfg.chunk_write_rate, cfg.dim, cfg.latent_width)}
+    shapes = abstract_params(cfg)
     fresh = None
-    for name, want in wants.items():
-        if not want[0]:
+    for name in OPTIONAL_PARAMS:
+        if name not in shapes:
             params.pop(name, None)
-        elif name not in params or params[name].shape != want:
+        elif name not in params or params[name].shape != shapes[name].shape:
             fresh = fresh or init_params(cfg, jax.random.key(seed))
             params[name] = fresh[name]
     return params

@@ -86,6 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
     # learned kernel (params "chunk_write", float32[R, D, L], zero at init, so training starts
     # from the published write). Off: the latents are the memory tokens' states alone.
     m.chunk_write = False
+    # The generator's copy path (params "copy_*", the generator side): its output distribution
+    # is mixed, by a learned gate, with attention over the K·M·R (latent, sub-position) pairs
+    # whose values are model.span_head's read-outs, as pointer-generator networks copy from
+    # their source; decoding keeps the pairs' keys and read-outs in the KV cache. Needs
+    # model.span_head. Off: the generator reads the latents through its layers alone.
+    m.latent_copy = False
     m.scan_layers = False
     m.remat = "none"
     m.dtype = "float32"  # compute dtype; trainable params stay float32 (master weights)
@@ -225,6 +231,9 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
         _fail("model.latent_positions", m.latent_positions, f"must be one of {LATENT_POSITIONS}")
     if not m.span_code >= 0:  # also refuses NaN
         _fail("model.span_code", m.span_code, "must be >= 0 (0: off)")
+    if m.latent_copy and not m.span_head:
+        _fail("model.latent_copy", m.latent_copy,
+              "needs model.span_head=True (its read-outs are what the copy path copies)")
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"must be one of {DTYPES}")
     if m.base_dtype not in DTYPES:

@@ -577,3 +577,28 @@ def test_chunk_write_starts_as_the_published_write_and_reads_each_chunk_in_order
     before, after = added(toks), added(later)
     np.testing.assert_allclose(before[:, :-1], after[:, :-1], atol=1e-5)
     assert not np.allclose(before[:, -1], after[:, -1], atol=1e-3)
+
+
+def test_copy_path_mixes_the_span_read_outs_into_normalised_log_probs(tiny_cfg):
+    m, r = tiny_cfg.num_memory_tokens, 8
+    cfg = dataclasses.replace(tiny_cfg, span_head_rate=r, latent_span=r, latent_copy=True)
+    params = init_params(cfg, jax.random.key(0))
+    assert count_params(params)["latent_up"] - count_params(
+        {k: v for k, v in params.items() if not k.startswith("copy_")})["latent_up"] == (
+        2 * cfg.dim * cfg.head_dim + r * cfg.head_dim + cfg.dim + 1)
+    lat = compress(cfg, params, _tokens(cfg, 2, m * r), jnp.ones((2, m * r), bool))[:, None]
+    t = m + 6
+    toks, mask = _tokens(cfg, 2, t, seed=4), jnp.ones((2, t), bool)
+    slot = jnp.broadcast_to(jnp.arange(t) < m, (2, t))
+    logp, _ = generate_logits(cfg, params, toks, mask, slot, lat)
+    np.testing.assert_allclose(jax.nn.logsumexp(logp, axis=-1), 0.0, atol=1e-4)
+    # Gate open and queries zeroed: the output is the plain mean of the M x R read-outs.
+    from clara_jax.model.clara import CLaRa
+
+    wide = {**params, "copy_gate_bias": jnp.full((1,), 40.0),
+            "copy_query": jnp.zeros_like(params["copy_query"])}
+    logp, _ = generate_logits(cfg, wide, toks, mask, slot, lat)
+    reads = jax.nn.softmax(CLaRa(cfg).apply({"params": params}, lat[:, 0],
+                                            method=CLaRa.span_logits), axis=-1)
+    want = reads.reshape(2, m * r, -1).mean(1)[:, None]
+    np.testing.assert_allclose(np.exp(logp), np.broadcast_to(want, logp.shape), atol=1e-6)

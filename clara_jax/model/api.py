@@ -152,15 +152,15 @@ def generate_logits(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, 
 def param_group(path) -> str:
     """Which part of the model a parameter belongs to, from its tree path:
     'base' (the pretrained decoder), 'adapter:<name>', 'memory' (memory embeddings, the
-    down-projection to latents, the span head and the chunk write: the compressor side) or 'latent_up' (the
-    generator side)."""
+    down-projection to latents, the span head and the chunk write: the compressor side) or
+    'latent_up' (the generator side: the up-projection and the copy path's weights)."""
     keys = path_keys(path)
     leaf = keys[-1]
     if leaf.startswith("lora_"):
         return "adapter:" + leaf[len("lora_"):].rsplit("_", 1)[0]
     if keys[0] in ("memory_embeddings", "latent_down", "span_head", "chunk_write"):
         return "memory"
-    if keys[0] == "latent_up":
+    if keys[0] == "latent_up" or keys[0].startswith("copy_"):
         return "latent_up"
     return "base"
 

@@ -15,8 +15,10 @@
   the compression rate with `model.latent_positions='spread'`, so that a latent sits where the
   text it stands for would).
 - `span_logits(latents)`: with `model.span_head`, a learned read-out of each latent's span
-  (one L -> V map per sub-position), a stage-1/2 training signal for the compressor that
-  nothing reads at inference.
+  (one L -> V map per sub-position), a stage-1/2 training signal for the compressor, and
+  with `model.latent_copy` what the generator's copy path copies (`copy_memory`,
+  `copy_mix`): the generator's output then mixes its own distribution with attention over
+  the K·M·R (latent, sub-position) read-outs, kept in the KV cache for decoding.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from flax import linen as nn
 
 from clara_jax.model import sharding as sh
 from clara_jax.model.config import ModelConfig
-from clara_jax.model.decoder import Decoder
+from clara_jax.model.decoder import Decoder, rope_positions
+from clara_jax.model.layers import apply_rope
 
 
 def memory_order(t: int, m: int, layout: str) -> np.ndarray:
@@ -115,6 +118,21 @@ class CLaRa(nn.Module):
                     lambda key, shape, dtype: jax.random.normal(key, shape, dtype) * width ** -0.5,
                     (None, sh.LATENT, sh.VOCAB)),
                 (cfg.span_head_rate, width, cfg.vocab_size), jnp.float32)
+        if cfg.latent_copy:
+            def param(name, shape, names, init):
+                return self.param(name, nn.with_logical_partitioning(init, names), shape,
+                                  jnp.float32)
+
+            h = cfg.head_dim
+            self.copy_query = param("copy_query", (cfg.dim, h), (sh.EMBED, None),
+                                    nn.initializers.lecun_normal())
+            self.copy_key = param("copy_key", (cfg.dim, h), (sh.EMBED, None),
+                                  nn.initializers.lecun_normal())
+            self.copy_subpos = param("copy_subpos", (cfg.span_head_rate, h), (None, None),
+                                     nn.initializers.normal(1.0))
+            self.copy_gate = param("copy_gate", (cfg.dim, 1), (sh.EMBED, None),
+                                   nn.initializers.zeros)
+            self.copy_gate_bias = param("copy_gate_bias", (1,), (None,), nn.initializers.zeros)
         if cfg.chunk_write_rate:
             # Zero at init: training starts from the published write (memory tokens alone).
             self.chunk_write = self.param(
@@ -213,11 +231,63 @@ class CLaRa(nn.Module):
         flat = self.as_inputs(latents).reshape(b, -1, cfg.dim)  # [B, K*M, D]
         index = jnp.clip(jnp.cumsum(slot_mask, axis=1) - 1, 0, flat.shape[1] - 1)
         inject = jnp.take_along_axis(flat, index[..., None], axis=1)
-        logits, _, new_cache = self.decoder(tokens, mask, inject, slot_mask, cache=cache,
-                                            adapter="generator", deterministic=deterministic,
-                                            last_logits_only=last_logits_only,
-                                            inject_span=cfg.latent_span)
+        logits, hidden, new_cache = self.decoder(tokens, mask, inject, slot_mask, cache=cache,
+                                                 adapter="generator",
+                                                 deterministic=deterministic,
+                                                 last_logits_only=last_logits_only,
+                                                 inject_span=cfg.latent_span)
+        if not cfg.latent_copy:
+            return logits, new_cache
+        seen = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
+        positions, _ = rope_positions(mask, seen, slot_mask, cfg.latent_span)
+        first_slots = jnp.argsort(~slot_mask, axis=1, stable=True)[:, :flat.shape[1]]
+        memory = self.copy_memory(latents, jnp.take_along_axis(positions, first_slots, axis=1))
+        return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
+
+    def _with_copy(self, logits, hidden, positions, memory, new_cache, last_logits_only):
+        if last_logits_only:
+            hidden, positions = hidden[:, -1:], positions[:, -1:]
+        logits = self.copy_mix(logits, hidden, positions, *memory)
+        if new_cache is not None:  # decoding steps read the memory from the cache
+            new_cache = {**new_cache, "copy_keys": memory[0], "copy_probs": memory[1]}
         return logits, new_cache
+
+    def copy_memory(self, latents, slot_positions):
+        """What the copy path attends over (model.latent_copy): latents float[B, K, M, L];
+        slot_positions int32[B, K·M] (each slot's RoPE position in the prompt) ->
+        (keys float32[B, S, H], probs float32[B, S, V]) for the S = K·M·R (latent, sub-position)
+        pairs: key = the latent's generator input times `copy_key` plus a learned code of r,
+        rotated to where the r-th token of its text would sit; probs = the span read-out's
+        softmax (`span_logits`)."""
+        cfg = self.cfg
+        b, k, m, _ = latents.shape
+        r = cfg.span_head_rate
+        inputs = self.as_inputs(latents).reshape(b, k * m, cfg.dim).astype(jnp.float32)
+        keys = (inputs @ self.copy_key)[:, :, None] + self.copy_subpos[None, None]
+        offset = (jnp.arange(r, dtype=jnp.int32) * cfg.latent_span) // r
+        positions = (slot_positions[:, :, None] + offset).reshape(b, k * m * r)
+        keys = apply_rope(keys.reshape(b, k * m * r, 1, -1), positions, cfg.rope_theta)[:, :, 0]
+        probs = jax.nn.softmax(self.span_logits(latents.reshape(b, k * m, -1)), axis=-1)
+        return keys, probs.reshape(b, k * m * r, -1)
+
+    def copy_mix(self, logits, hidden, positions, keys, probs):
+        """The generator's output with the copy path: logits float32[B, T, V]; hidden
+        float[B, T, D] (its final states); positions int32[B, T]; keys, probs from
+        `copy_memory` -> log-probabilities float32[B, T, V]: (1 - g) softmax(logits) + g times
+        the attention-weighted read-outs, g = sigmoid of a learned gate on the state.
+
+        Reading sub-position r of one latent needs its own map per r inside the generator,
+        which it did not learn in 1,000 steps at 17 tokens a latent; the span read-out already
+        is those maps, so the generator only has to learn where to point
+        (docs/design.md, "The latent channel")."""
+        h32 = hidden.astype(jnp.float32)
+        query = apply_rope((h32 @ self.copy_query)[:, :, None], positions,
+                           self.cfg.rope_theta)[:, :, 0]
+        weights = jax.nn.softmax(jnp.einsum("bth,bsh->bts", query, keys)
+                                 / np.sqrt(keys.shape[-1]), axis=-1)
+        copied = jnp.einsum("bts,bsv->btv", weights, probs)
+        gate = jax.nn.sigmoid(h32 @ self.copy_gate + self.copy_gate_bias)  # [B, T, 1]
+        return jnp.log((1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied + 1e-9)
 
     def as_inputs(self, latents):
         """latents float[..., M, L] -> the generator's input embeddings float[..., M, D]
@@ -233,15 +303,24 @@ class CLaRa(nn.Module):
     def decode(self, tokens, mask=None, cache=None, adapter: str | None = None,
                deterministic: bool = True, last_logits_only: bool = False):
         """The plain decoder. tokens: int32[B, T] -> (logits float32[B, T, V], cache)
-        (logits of the last position only, [B, 1, V], with `last_logits_only`)."""
-        logits, _, new_cache = self.decoder(tokens, mask, cache=cache, adapter=adapter,
-                                            deterministic=deterministic,
-                                            last_logits_only=last_logits_only)
-        return logits, new_cache
+        (logits of the last position only, [B, 1, V], with `last_logits_only`); after a latent
+        prompt whose cache holds the copy memory (model.latent_copy), the generator's
+        log-probabilities with the copy path."""
+        logits, hidden, new_cache = self.decoder(tokens, mask, cache=cache, adapter=adapter,
+                                                 deterministic=deterministic,
+                                                 last_logits_only=last_logits_only)
+        if cache is None or "copy_keys" not in cache:
+            return logits, new_cache
+        # A decoding step after a latent prompt (generate) put the copy memory in the cache.
+        mask = jnp.ones(tokens.shape, bool) if mask is None else mask
+        positions, _ = rope_positions(mask, cache["next_position"])
+        return self._with_copy(logits, hidden, positions,
+                               (cache["copy_keys"], cache["copy_probs"]), new_cache,
+                               last_logits_only)
 
     def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):
         """Touches every parameter (used by init)."""
         latents = self.compress(doc_tokens, doc_mask)
-        if self.cfg.span_head_rate:
+        if self.cfg.span_head_rate and not self.cfg.latent_copy:  # generate touches it then
             self.span_logits(latents)
         return self.generate(tokens, mask, slot_mask, latents[:, None])

@@ -32,6 +32,8 @@ class ModelConfig:
     # R of the linear chunk write (model.chunk_write: latent j += the j-th R tokens' final
     # states, concatenated, times a learned [R, D, L] kernel); 0: off, the published write.
     chunk_write_rate: int = 0
+    # The generator's copy path over the span read-outs (model.latent_copy; needs span_head).
+    latent_copy: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
@@ -91,6 +93,7 @@ class ModelConfig:
             span_code_period=int(config.data.compression_rate) if m.span_code else 1,
             span_head_rate=int(config.data.compression_rate) if m.span_head else 0,
             chunk_write_rate=int(config.data.compression_rate) if m.chunk_write else 0,
+            latent_copy=bool(m.latent_copy),
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
             tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
             remat=m.remat, dtype=m.dtype, base_dtype=m.base_dtype, init_std=float(m.init_std),

@@ -81,6 +81,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
             "next_position": jnp.zeros((batch,), jnp.int32)}
 
 
+def rope_positions(mask, seen, inject_mask=None, inject_span: int = 1):
+    """The RoPE positions the decoder gives a row: mask bool[B, T]; seen int32[B] (positions
+    a cache already holds); inject_mask bool[B, T] marks positions taking `inject_span` each ->
+    (positions int32[B, T], ends int32[B, T]: the count after each position)."""
+    width = mask.astype(jnp.int32)
+    if inject_span != 1 and inject_mask is not None:
+        width = jnp.where(inject_mask & mask, inject_span, width)
+    ends = jnp.cumsum(width, axis=1, dtype=jnp.int32)
+    return jnp.maximum(seen[:, None] + ends - width, 0), ends
+
+
 class Decoder(nn.Module):
     """tokens: int32[B, T]; mask: bool[B, T] (False = padding);
     inject: float[B, T, D] replaces the token embedding where inject_mask: bool[B, T] is True;
@@ -124,12 +135,9 @@ class Decoder(nn.Module):
             seen = cache["next_position"]
             write_index = cache["index"]
             key_valid = lax.dynamic_update_slice(cache["valid"], mask, (0, write_index))
-        width = mask.astype(jnp.int32)
-        if inject_span != 1 and inject_mask is not None:
-            width = jnp.where(inject_mask & mask, inject_span, width)
-        ends = jnp.cumsum(width, axis=1, dtype=jnp.int32)
+        counted, ends = rope_positions(mask, seen, inject_mask, inject_span)
         if positions is None:
-            positions = jnp.maximum(seen[:, None] + ends - width, 0)
+            positions = counted
         attn_mask = attention_mask(key_valid, write_index, t)
         if not causal:  # every valid token sees every other (no cache)
             attn_mask = jnp.broadcast_to(key_valid[:, None, :], attn_mask.shape)
