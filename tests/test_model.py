@@ -602,3 +602,11 @@ def test_copy_path_mixes_the_span_read_outs_into_normalised_log_probs(tiny_cfg):
                                             method=CLaRa.span_logits), axis=-1)
     want = reads.reshape(2, m * r, -1).mean(1)[:, None]
     np.testing.assert_allclose(np.exp(logp), np.broadcast_to(want, logp.shape), atol=1e-6)
+    # A row without slots (a text row) copies nothing: the generator's own distribution.
+    text = slot.at[1].set(False)
+    logp, _ = generate_logits(cfg, params, toks, mask, text, lat)
+    plain = {k: v for k, v in params.items() if not k.startswith("copy_")}
+    own, _ = generate_logits(dataclasses.replace(cfg, latent_copy=False), plain, toks, mask,
+                             text, lat)
+    np.testing.assert_allclose(logp[1], jax.nn.log_softmax(own[1]), atol=1e-4)
+    assert not np.allclose(logp[0], jax.nn.log_softmax(own[0]), atol=1e-3)

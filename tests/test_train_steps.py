@@ -185,3 +185,28 @@ def test_text_rows_mixed_with_latent_rows(tiny_config, tiny_cfg, stage):
         state, m = step(state, batch, rng_for_step(state.rng, 0))
         assert float(m["align"]) == 0.0 and np.isfinite(float(m["loss"]))
         assert float(m["nonfinite"]) == 0.0
+
+
+def test_chunk_write_and_copy_path_train_in_stage_1(tiny_config):
+    # model.chunk_write (the compressor side) and model.latent_copy (the generator side) train
+    # with the stage-1 loss, which their outputs lower on a fixed batch.
+    config = _overfit_config(tiny_config, span_weight=1.0)
+    config.model.span_head = True
+    config.model.chunk_write = True
+    config.model.latent_copy = True
+    config.model.latent_positions = "spread"
+    cfg = ModelConfig.from_config(config)
+    params = init_params(cfg, jax.random.key(0))
+    groups = {param_group(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        {k: v for k, v in params.items() if k.startswith("copy_") or k == "chunk_write"})}
+    assert groups == {"latent_up", "memory"}
+    config, state, step = _setup(config, cfg, 1, params)
+    batch = next(SyntheticLoader(config, 1, fixed=True))
+    before = jax.tree.map(np.asarray, state.params)
+    losses = []
+    for i in range(4):
+        state, m = step(state, batch, rng_for_step(state.rng, i))
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    for name in ("chunk_write", "copy_query", "copy_key", "copy_subpos", "copy_gate"):
+        assert not np.array_equal(before[name], np.asarray(state.params[name])), name

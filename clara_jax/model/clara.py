@@ -242,6 +242,9 @@ class CLaRa(nn.Module):
         positions, _ = rope_positions(mask, seen, slot_mask, cfg.latent_span)
         first_slots = jnp.argsort(~slot_mask, axis=1, stable=True)[:, :flat.shape[1]]
         memory = self.copy_memory(latents, jnp.take_along_axis(positions, first_slots, axis=1))
+        # A row without slots (a text row of data.text_share, batch padding) reads no latents,
+        # so it copies nothing from them either.
+        memory = (*memory, jnp.any(slot_mask, axis=1).astype(jnp.float32))
         return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
 
     def _with_copy(self, logits, hidden, positions, memory, new_cache, last_logits_only):
@@ -249,7 +252,8 @@ class CLaRa(nn.Module):
             hidden, positions = hidden[:, -1:], positions[:, -1:]
         logits = self.copy_mix(logits, hidden, positions, *memory)
         if new_cache is not None:  # decoding steps read the memory from the cache
-            new_cache = {**new_cache, "copy_keys": memory[0], "copy_probs": memory[1]}
+            new_cache = {**new_cache, "copy_keys": memory[0], "copy_probs": memory[1],
+                         "copy_rows": memory[2]}
         return logits, new_cache
 
     def copy_memory(self, latents, slot_positions):
@@ -270,11 +274,12 @@ class CLaRa(nn.Module):
         probs = jax.nn.softmax(self.span_logits(latents.reshape(b, k * m, -1)), axis=-1)
         return keys, probs.reshape(b, k * m * r, -1)
 
-    def copy_mix(self, logits, hidden, positions, keys, probs):
+    def copy_mix(self, logits, hidden, positions, keys, probs, rows):
         """The generator's output with the copy path: logits float32[B, T, V]; hidden
         float[B, T, D] (its final states); positions int32[B, T]; keys, probs from
-        `copy_memory` -> log-probabilities float32[B, T, V]: (1 - g) softmax(logits) + g times
-        the attention-weighted read-outs, g = sigmoid of a learned gate on the state.
+        `copy_memory`; rows float32[B] (1 where the row's prompt has latent slots, else 0) ->
+        log-probabilities float32[B, T, V]: (1 - g) softmax(logits) + g times the attention-
+        weighted read-outs, g = rows times the sigmoid of a learned gate on the state.
 
         Reading sub-position r of one latent needs its own map per r inside the generator,
         which it did not learn in 1,000 steps at 17 tokens a latent; the span read-out already
@@ -286,7 +291,7 @@ class CLaRa(nn.Module):
         weights = jax.nn.softmax(jnp.einsum("bth,bsh->bts", query, keys)
                                  / np.sqrt(keys.shape[-1]), axis=-1)
         copied = jnp.einsum("bts,bsv->btv", weights, probs)
-        gate = jax.nn.sigmoid(h32 @ self.copy_gate + self.copy_gate_bias)  # [B, T, 1]
+        gate = jax.nn.sigmoid(h32 @ self.copy_gate + self.copy_gate_bias) * rows[:, None, None]
         return jnp.log((1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied + 1e-9)
 
     def as_inputs(self, latents):
@@ -315,7 +320,8 @@ class CLaRa(nn.Module):
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask
         positions, _ = rope_positions(mask, cache["next_position"])
         return self._with_copy(logits, hidden, positions,
-                               (cache["copy_keys"], cache["copy_probs"]), new_cache,
+                               (cache["copy_keys"], cache["copy_probs"], cache["copy_rows"]),
+                               new_cache,
                                last_logits_only)
 
     def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):
