@@ -349,11 +349,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _validate_model(c.model)
     _validate_lora(c.model.lora)
     _validate_data(c.data)
-    # The chunk write's kernel has data.compression_rate blocks: a query (encoded like a
-    # document) cut into M chunks must not make longer ones than a document does.
-    if c.model.chunk_write and c.data.question_max_len > c.data.doc_max_len:
-        _fail("data.question_max_len", c.data.question_max_len,
-              f"must be <= data.doc_max_len={c.data.doc_max_len} with model.chunk_write")
     _validate_train(c)
     _validate_mesh(c)
 

@@ -54,8 +54,6 @@ def _bad(mutate) -> str:
     (lambda c: setattr(c.model, "remat", "some"), "config.model.remat='some'"),
     (lambda c: setattr(c.model, "span_code", -0.02), "config.model.span_code=-0.02"),
     (lambda c: setattr(c.model, "latent_copy", True), "config.model.latent_copy=True"),
-    (lambda c: (setattr(c.model, "chunk_write", True), setattr(c.data, "question_max_len", 300)),
-     "config.data.question_max_len=300"),
     (lambda c: setattr(c.model, "dtype", "float16"), "config.model.dtype='float16'"),
     (lambda c: setattr(c.model.lora, "targets", ("q", "qkv")), "config.model.lora.targets"),
     (lambda c: setattr(c.model.lora, "adapters", ("compressor",)), "config.model.lora.adapters"),

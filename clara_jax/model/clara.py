@@ -194,24 +194,20 @@ class CLaRa(nn.Module):
 
     def chunk_latents(self, doc_hidden, mask):
         """The linear write (model.chunk_write): doc_hidden float[B, T, D] (final hidden
-        states), mask bool[B, T] -> float[B, M, L]: the j-th of M equal chunks of the T
-        positions (R' = ceil(T / M) <= R tokens, padding zeroed), its states concatenated in
-        order and projected by the [R, D, L] kernel's first R' blocks.
+        states), mask bool[B, T] -> float[B, M, L]: latent j gets positions j·R .. j·R + R - 1
+        (the tokens the span read-out names for it), their states concatenated in order times
+        the [R, D, L] kernel; padding and positions past M·R (a query longer than a
+        document) add nothing, and reach the latents through the memory tokens alone.
 
         Attention gathers a span's values into a sum whose order the heads must learn to keep;
         here each sub-position has its own block, so the write is ordered from the first step.
         """
         b, t, d = doc_hidden.shape
-        m = self.cfg.num_memory_tokens
-        r = -(-t // m)
-        if r > self.cfg.chunk_write_rate:
-            raise ValueError(f"model.chunk_write: {t} positions make chunks of {r} tokens for "
-                             f"{m} latents, more than the kernel's R = "
-                             f"{self.cfg.chunk_write_rate} (data.compression_rate)")
+        m, r = self.cfg.num_memory_tokens, self.cfg.chunk_write_rate
         h = jnp.where(mask[..., None], doc_hidden, 0).astype(self.cfg.compute_dtype)
-        h = jnp.pad(h, ((0, 0), (0, m * r - t), (0, 0))).reshape(b, m, r, d)
-        kernel = self.chunk_write[:r].astype(self.cfg.compute_dtype)
-        return jnp.einsum("bmrd,rdl->bml", h, kernel)
+        h = jnp.pad(h, ((0, 0), (0, max(m * r - t, 0)), (0, 0)))[:, :m * r]
+        kernel = self.chunk_write.astype(self.cfg.compute_dtype)
+        return jnp.einsum("bmrd,rdl->bml", h.reshape(b, m, r, d), kernel)
 
     def encode_query(self, tokens, mask, deterministic: bool = True):
         """tokens: int32[B, T]; mask: bool[B, T] -> query latents float[B, M, L]."""
