@@ -237,20 +237,22 @@ class CLaRa(nn.Module):
         seen = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
         positions, _ = rope_positions(mask, seen, slot_mask, cfg.latent_span)
         first_slots = jnp.argsort(~slot_mask, axis=1, stable=True)[:, :flat.shape[1]]
-        memory = self.copy_memory(latents, jnp.take_along_axis(positions, first_slots, axis=1))
+        keys, probs = self.copy_memory(latents,
+                                       jnp.take_along_axis(positions, first_slots, axis=1))
         # A row without slots (a text row of data.text_share, batch padding) reads no latents,
         # so it copies nothing from them either.
-        memory = (*memory, jnp.any(slot_mask, axis=1).astype(jnp.float32))
+        memory = {"copy_keys": keys, "copy_probs": probs,
+                  "copy_rows": jnp.any(slot_mask, axis=1).astype(jnp.float32)}
         return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
 
     def _with_copy(self, logits, hidden, positions, memory, new_cache, last_logits_only):
+        """copy_mix under memory = {copy_keys, copy_probs, copy_rows}, which decoding steps
+        then read from the cache."""
         if last_logits_only:
             hidden, positions = hidden[:, -1:], positions[:, -1:]
-        logits = self.copy_mix(logits, hidden, positions, *memory)
-        if new_cache is not None:  # decoding steps read the memory from the cache
-            new_cache = {**new_cache, "copy_keys": memory[0], "copy_probs": memory[1],
-                         "copy_rows": memory[2]}
-        return logits, new_cache
+        logits = self.copy_mix(logits, hidden, positions, memory["copy_keys"],
+                               memory["copy_probs"], memory["copy_rows"])
+        return logits, None if new_cache is None else {**new_cache, **memory}
 
     def copy_memory(self, latents, slot_positions):
         """What the copy path attends over (model.latent_copy): latents float[B, K, M, L];
@@ -315,10 +317,8 @@ class CLaRa(nn.Module):
         # A decoding step after a latent prompt (generate) put the copy memory in the cache.
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask
         positions, _ = rope_positions(mask, cache["next_position"])
-        return self._with_copy(logits, hidden, positions,
-                               (cache["copy_keys"], cache["copy_probs"], cache["copy_rows"]),
-                               new_cache,
-                               last_logits_only)
+        memory = {k: cache[k] for k in ("copy_keys", "copy_probs", "copy_rows")}
+        return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
 
     def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):
         """Touches every parameter (used by init)."""

@@ -50,6 +50,7 @@ from clara_jax.model import (  # noqa: E402
     latent_span_logits,
 )
 from clara_jax.model.clara import CLaRa, span_position_code  # noqa: E402
+from clara_jax.model.decoder import rope_positions  # noqa: E402
 from clara_jax.model.layers import apply_rope  # noqa: E402
 from clara_jax.train.optimizer import make_base_tx  # noqa: E402
 
@@ -112,8 +113,8 @@ def generate_hidden(module, tokens, mask, slot_mask, latents):
     inject = jnp.take_along_axis(inputs, index[..., None], axis=1)
     logits, hidden, _ = module.decoder(tokens, mask, inject, slot_mask, adapter="generator",
                                        inject_span=cfg.latent_span)
-    width = jnp.where(slot_mask & mask, cfg.latent_span, mask.astype(jnp.int32))
-    positions = jnp.cumsum(width, axis=1) - width  # as the decoder counts them
+    positions, _ = rope_positions(mask, jnp.zeros(mask.shape[:1], jnp.int32), slot_mask,
+                                  cfg.latent_span)
     return logits, hidden, positions
 
 
