@@ -42,8 +42,8 @@ from clara_jax.data import prompts  # noqa: E402
 from clara_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from clara_jax.model import (  # noqa: E402
     ModelConfig,
-    abstract_params,
     compress,
+    fit_optional_params,
     generate_logits,
     init_params,
     latent_span_logits,
@@ -155,27 +155,6 @@ def copy_config(config, n: int):
     return finalize(config)
 
 
-# Parameters that exist only under some options, some of a shape set by the rate.
-OPTIONAL_PARAMS = ("span_head", "chunk_write", "copy_query", "copy_key", "copy_subpos",
-                   "copy_gate", "copy_gate_bias")
-
-
-def fit_rate_params(cfg: ModelConfig, params, seed: int):
-    """`params` with the optional parameters `cfg` asks for (the span head, the chunk write, the
-    copy path): fresh ones (as `init_params` draws them) where the start has none of cfg's
-    shape (it was made for another rate, or without them), none where cfg has none."""
-    params = dict(params)
-    shapes = abstract_params(cfg)
-    fresh = None
-    for name in OPTIONAL_PARAMS:
-        if name not in shapes:
-            params.pop(name, None)
-        elif name not in params or params[name].shape != shapes[name].shape:
-            fresh = fresh or init_params(cfg, jax.random.key(seed))
-            params[name] = fresh[name]
-    return params
-
-
 def run_length(config, params, tok, n: int, minutes: float, eval_every: int, seed: int,
                max_steps: int | None = None) -> dict:
     """Trains the copy task for documents of n tokens from `params` until 90% held-out token
@@ -189,7 +168,7 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
     held = copy_batch(tok, alphabet[rng.integers(0, ALPHABET, (HELDOUT, n))], m, td)
     held_pos = doc_positions(held, n)
     held = jax.tree.map(jnp.asarray, held)
-    params = fit_rate_params(cfg, params, seed)
+    params = fit_optional_params(cfg, params, seed)
     state = create_state(config, jax.tree.map(jnp.copy, params), stage=1, seed=seed)
     step = jax.jit(make_train_step(config, cfg, 1, params), donate_argnums=(0,))
     evaluate = make_eval(cfg)

@@ -90,27 +90,3 @@ def test_cli_refuses_a_memory_token_override_that_finalize_would_replace():
     assert proc.returncode == 2 and proc.stdout == ""
     last = proc.stderr.strip().splitlines()[-1]
     assert "M is derived; set it with --set data.doc_max_len=" in last
-
-
-def test_a_start_gets_the_span_head_and_chunk_write_of_each_length(channel, tiny_cfg):
-    # Each length has its own rate, so a start made at another rate (or without a head)
-    # gets a fresh head (and chunk write) of the run's shape, and a run without one drops it.
-    import dataclasses
-
-    import jax
-
-    from clara_jax.model import init_params
-
-    plain = init_params(tiny_cfg, jax.random.key(0))
-    at3 = dataclasses.replace(tiny_cfg, span_head_rate=3)
-    with_head = channel.fit_rate_params(at3, plain, 0)
-    assert with_head["span_head"].shape == (3, tiny_cfg.latent_width, tiny_cfg.vocab_size)
-    assert with_head["latent_up"] is plain["latent_up"] and "span_head" not in plain
-    at5 = channel.fit_rate_params(dataclasses.replace(tiny_cfg, span_head_rate=5), with_head, 0)
-    assert at5["span_head"].shape[0] == 5
-    assert channel.fit_rate_params(at3, with_head, 1)["span_head"] is with_head["span_head"]
-    assert "span_head" not in channel.fit_rate_params(tiny_cfg, with_head, 0)
-    written = channel.fit_rate_params(dataclasses.replace(at3, chunk_write_rate=3), with_head, 0)
-    assert written["chunk_write"].shape == (3, tiny_cfg.dim, tiny_cfg.latent_width)
-    assert written["span_head"] is with_head["span_head"]
-    assert "chunk_write" not in channel.fit_rate_params(at3, written, 0)

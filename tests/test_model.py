@@ -607,3 +607,27 @@ def test_copy_path_mixes_the_span_read_outs_into_normalised_log_probs(tiny_cfg):
                              text, lat)
     np.testing.assert_allclose(logp[1], jax.nn.log_softmax(own[1]), atol=1e-4)
     assert not np.allclose(logp[0], jax.nn.log_softmax(own[0]), atol=1e-3)
+
+
+def test_a_start_gets_the_optional_params_of_the_run_s_shape(tiny_cfg):
+    # A start made at another rate (bench/channel.py: each length has its own) or without a
+    # head gets a fresh head (and chunk write) of the run's shape; a run without one drops it.
+    import dataclasses
+
+    import jax
+
+    from clara_jax.model import fit_optional_params, init_params
+
+    plain = init_params(tiny_cfg, jax.random.key(0))
+    at3 = dataclasses.replace(tiny_cfg, span_head_rate=3)
+    with_head = fit_optional_params(at3, plain, 0)
+    assert with_head["span_head"].shape == (3, tiny_cfg.latent_width, tiny_cfg.vocab_size)
+    assert with_head["latent_up"] is plain["latent_up"] and "span_head" not in plain
+    at5 = fit_optional_params(dataclasses.replace(tiny_cfg, span_head_rate=5), with_head, 0)
+    assert at5["span_head"].shape[0] == 5
+    assert fit_optional_params(at3, with_head, 1)["span_head"] is with_head["span_head"]
+    assert "span_head" not in fit_optional_params(tiny_cfg, with_head, 0)
+    written = fit_optional_params(dataclasses.replace(at3, chunk_write_rate=3), with_head, 0)
+    assert written["chunk_write"].shape == (3, tiny_cfg.dim, tiny_cfg.latent_width)
+    assert written["span_head"] is with_head["span_head"]
+    assert "chunk_write" not in fit_optional_params(at3, written, 0)

@@ -7,6 +7,7 @@ from clara_jax.model.api import (
     count_params,
     decode,
     encode_query,
+    fit_optional_params,
     forward_logits,
     generate_logits,
     init_params,
@@ -21,8 +22,7 @@ from clara_jax.model.decoder import Decoder, init_cache
 
 __all__ = [
     "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress", "compress_docs",
-    "count_params", "decode",
-    "encode_query", "forward_logits", "generate_logits", "init_cache", "init_params",
-    "latent_span_logits", "logical_specs", "param_group",
-    "param_shardings",
+    "count_params", "decode", "encode_query", "fit_optional_params", "forward_logits",
+    "generate_logits", "init_cache", "init_params", "latent_span_logits", "logical_specs",
+    "param_group", "param_shardings",
 ]

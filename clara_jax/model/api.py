@@ -76,6 +76,28 @@ def init_params(cfg: ModelConfig, rng):
     return _init_params_jit(cfg, rng)
 
 
+# Parameters that exist only under some options, some of a shape set by the rate.
+OPTIONAL_PARAMS = ("span_head", "chunk_write", "copy_query", "copy_key", "copy_subpos",
+                   "copy_gate", "copy_gate_bias")
+
+
+def fit_optional_params(cfg: ModelConfig, params, seed: int):
+    """`params` with the optional parameters `cfg` asks for (the span head, the chunk write, the
+    copy path): fresh ones (as `init_params` draws them) where `params` has none of cfg's
+    shape (made for another rate, or without them), none where cfg has none. Lets a start made
+    without an option (or for another rate) begin a run that has it."""
+    params = dict(params)
+    shapes = abstract_params(cfg)
+    fresh = None
+    for name in OPTIONAL_PARAMS:
+        if name not in shapes:
+            params.pop(name, None)
+        elif name not in params or params[name].shape != shapes[name].shape:
+            fresh = fresh or init_params(cfg, jax.random.key(seed))
+            params[name] = fresh[name]
+    return params
+
+
 def _apply(cfg, params, method, *args, rng=None, **kwargs):
     rngs = None if rng is None else {"dropout": rng}
     return CLaRa(cfg).apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)

@@ -55,8 +55,9 @@ from clara_jax.data import world
 from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.fileio import atomic_write_json
-from clara_jax.model import ModelConfig, compress_docs, generate_logits
+from clara_jax.model import ModelConfig, compress_docs, fit_optional_params, generate_logits
 from clara_jax.model import init_params as init_params_of
+from clara_jax.model.api import OPTIONAL_PARAMS
 
 FIRST_SEED = 1000
 EVAL_SEED = 999
@@ -147,9 +148,13 @@ def quantize_file(src, dst) -> dict:
 
 def load_params(path, cfg: ModelConfig) -> dict:
     """The tree `init_params(cfg)` has, filled from a `save_params` file; every leaf must be
-    there with its shape, or a ValueError names the first that is not."""
+    there with its shape, or a ValueError names the first that is not, except the optional
+    ones (`OPTIONAL_PARAMS`: span head, chunk write, copy path), drawn fresh when the file has
+    none, so that a start made without an option begins a run with it."""
+    flat = param_store.load_safetensors(path)
     like = jax.eval_shape(lambda: init_params_of(cfg, jax.random.key(0)))
-    return param_store.unflatten_like(param_store.load_safetensors(path), like, path)
+    like = {k: v for k, v in like.items() if k not in OPTIONAL_PARAMS or k in flat}
+    return fit_optional_params(cfg, param_store.unflatten_like(flat, like, path), seed=0)
 
 
 def find_pretrained(path) -> Path:

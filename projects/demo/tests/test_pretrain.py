@@ -123,6 +123,23 @@ def test_load_params_names_the_tensor_that_does_not_fit(pretrained, tiny_config,
         pretrain.find_pretrained(tmp_path)
 
 
+def test_a_start_without_the_copy_path_begins_a_run_with_it(pretrained, tiny_config):
+    # model.chunk_write / latent_copy are off in the start: their params are drawn fresh, every
+    # other tensor is the start's.
+    out, _ = pretrained
+    plain = param_store.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE,
+                                                     ModelConfig.from_config(tiny_config)))
+    config = tiny_config.copy_and_resolve_references()
+    config.model.span_head = config.model.chunk_write = config.model.latent_copy = True
+    cfg = ModelConfig.from_config(config)
+    got = param_store.flatten(pretrain.load_params(out / pretrain.PARAMS_FILE, cfg))
+    assert set(got) - set(plain) == {"span_head", "chunk_write", "copy_query", "copy_key",
+                                     "copy_subpos", "copy_gate", "copy_gate_bias"}
+    for k in plain:
+        np.testing.assert_array_equal(got[k], plain[k], err_msg=k)
+    assert not np.any(got["chunk_write"])  # zero-init: the start's latents unchanged
+
+
 def test_stage_examples_are_every_question_and_paraphrase_of_the_world():
     w = world.make_world(pretrain.FIRST_SEED, "small", "train")
     rows = world.world_rows(w)["stage1.jsonl"]
