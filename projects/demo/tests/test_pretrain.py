@@ -211,3 +211,40 @@ def test_the_shipped_start_is_small_int8():
     src = pretrain.find_pretrained("projects/demo/start") / pretrain.PARAMS_FILE
     assert src.stat().st_size < 5 * 2 ** 20
     assert load_file(str(src))["decoder/embedding"].dtype == np.int8
+
+
+def test_answer_readout_probe_finds_answers_and_scores_them(pretrained, tiny_config, tiny_cfg):
+    from projects.demo.probe_answer_readout import (
+        answer_positions,
+        readout_guesses,
+        score_guesses,
+    )
+
+    assert answer_positions(np.array([5, 1, 2, 3, 1, 2]), np.array([1, 2])).tolist() == [1, 2]
+    assert answer_positions(np.array([5, 1, 3]), np.array([1, 2])) is None
+    out, _ = pretrained
+    tok = load_tokenizer(out / pretrain.TOKENIZER_DIR)
+    c = pretrain.pretrain_config(tiny_config, 8, 1e-3, 0.0, 1)
+    batches = pretrain.eval_batches(tok, {1: pretrain.featurizer_fields(tok, c, 1)}, 8, n=16)[1]
+    params = pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg)
+    got = score_guesses(readout_guesses(tiny_cfg, params, batches), batches)
+    assert got["rows"] == 16 and 0 < got["answers_found"] <= 16
+    for k in ("token_accuracy", "answer_token_accuracy", "answers_whole"):
+        assert 0.0 <= got[k] <= 1.0, (k, got)
+    # Guessing the documents themselves scores 1 everywhere; spoiling the answers' tokens alone
+    # scores them 0 and leaves the rest right.
+    docs = [np.asarray(b["doc_tokens"][:, 0]) for b in batches]
+    assert score_guesses(docs, batches) == {**got, "token_accuracy": 1.0,
+                                            "answer_token_accuracy": 1.0, "answers_whole": 1.0}
+    spoiled = []
+    for d, b in zip(docs, batches, strict=True):
+        d = d.copy()
+        for i in range(len(d)):
+            answer = np.asarray(b["targets"][i])[np.asarray(b["loss_mask"][i])][:-1]
+            where = answer_positions(d[i][np.asarray(b["doc_mask"][i, 0])], answer)
+            if where is not None:
+                d[i, where] = -1
+        spoiled.append(d)
+    bad = score_guesses(spoiled, batches)
+    assert bad["answer_token_accuracy"] == 0.0 and bad["answers_whole"] == 0.0
+    assert 0.5 < bad["token_accuracy"] < 1.0

@@ -1,0 +1,97 @@
+"""Are a question's answer tokens written in its document's latents? The span read-out
+(`model.latent_span_logits`: the span head with `model.span_head`, else the fixed permuted
+read-out of the span loss) of the pretraining evaluation world's stage-1 QA documents
+(projects.demo.pretrain.eval_batches, never trained on), scored at every document token and at
+the document positions that hold the answer (its token sequence found in the document).
+
+`python -m projects.demo.probe_answer_readout --config=configs/demo.py --params=P.safetensors
+[--config.model.span_head=true ...]` prints one JSON line: token accuracy over all document
+tokens, over the answer's tokens, and the share of answers read out whole. The copy path
+(`model.latent_copy`) can copy only what this read-out gives.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from clara_jax.commands.common import check_config_args, define_config_flag, load_config
+
+define_config_flag()
+flags.DEFINE_string("params", None, "A params.safetensors (projects.demo.pretrain's output).")
+flags.DEFINE_string("tokenizer", "projects/demo/start/tokenizer", "The model's tokenizer.")
+
+
+def answer_positions(doc: np.ndarray, answer: np.ndarray) -> np.ndarray | None:
+    """Where the token sequence `answer` int[A] first occurs in `doc` int[Td]: int[A], or
+    None when it does not occur (the answer is worded otherwise in the document)."""
+    a = len(answer)
+    for i in range(len(doc) - a + 1):
+        if np.array_equal(doc[i:i + a], answer):
+            return np.arange(i, i + a)
+    return None
+
+
+def score_guesses(guesses: list[np.ndarray], batches) -> dict:
+    """{token_accuracy, answer_token_accuracy, answers_whole, answers_found, rows}: guesses
+    int[B, Td] per stage-1 batch (doc_tokens int32[B, 1, Td], targets/loss_mask [B, T]) of
+    each document token."""
+    right = valid = ans_right = ans_total = whole = found = rows = 0
+    for got, b in zip(guesses, batches, strict=True):
+        docs, mask = np.asarray(b["doc_tokens"][:, 0]), np.asarray(b["doc_mask"][:, 0])
+        hit = (got == docs) & mask
+        right, valid = right + int(hit.sum()), valid + int(mask.sum())
+        for i in range(len(docs)):
+            rows += 1
+            answer = np.asarray(b["targets"][i])[np.asarray(b["loss_mask"][i])]
+            where = answer_positions(docs[i][mask[i]], answer[:-1])  # the last is the end token
+            if where is None or len(where) == 0:
+                continue
+            found += 1
+            ans_right += int(hit[i, where].sum())
+            ans_total += len(where)
+            whole += int(hit[i, where].all())
+    return {"token_accuracy": round(right / max(valid, 1), 4),
+            "answer_token_accuracy": round(ans_right / max(ans_total, 1), 4),
+            "answers_whole": round(whole / max(found, 1), 4),
+            "answers_found": found, "rows": rows}
+
+
+def readout_guesses(cfg, params, batches) -> list[np.ndarray]:
+    """The span read-out's argmax int[B, Td] of each stage-1 batch's documents."""
+    import jax
+
+    from clara_jax.model import compress_docs, latent_span_logits
+
+    @jax.jit
+    def guess(params, doc_tokens, doc_mask):
+        latents = compress_docs(cfg, params, doc_tokens, doc_mask)[:, 0]
+        rate = doc_tokens.shape[-1] // cfg.num_memory_tokens
+        logits = latent_span_logits(cfg, params, latents, rate)
+        return logits.reshape(logits.shape[0], -1, logits.shape[-1]).argmax(-1)
+
+    return [np.asarray(guess(params, b["doc_tokens"], b["doc_mask"])) for b in batches]
+
+
+def main(argv) -> None:
+    del argv
+    from clara_jax.data.tokenizer import load_tokenizer
+    from clara_jax.model import ModelConfig
+    from projects.demo import pretrain
+
+    config = load_config()
+    cfg = ModelConfig.from_config(config)
+    tok = load_tokenizer(flags.FLAGS.tokenizer)
+    c = pretrain.pretrain_config(config, 32, 1e-3, 0.0, 1)
+    batches = pretrain.eval_batches(tok, {1: pretrain.featurizer_fields(tok, c, 1)}, 32)[1]
+    params = pretrain.load_params(flags.FLAGS.params, cfg)
+    scores = score_guesses(readout_guesses(cfg, params, batches), batches)
+    print(json.dumps({"params": flags.FLAGS.params, **scores}))
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = check_config_args(sys.argv[1:])
+    app.run(main)
