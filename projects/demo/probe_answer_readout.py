@@ -20,10 +20,6 @@ from absl import app, flags
 
 from clara_jax.commands.common import check_config_args, define_config_flag, load_config
 
-define_config_flag()
-flags.DEFINE_string("params", None, "A params.safetensors (projects.demo.pretrain's output).")
-flags.DEFINE_string("tokenizer", "projects/demo/start/tokenizer", "The model's tokenizer.")
-
 
 def answer_positions(doc: np.ndarray, answer: np.ndarray) -> np.ndarray | None:
     """Where the token sequence `answer` int[A] first occurs in `doc` int[Td]: int[A], or
@@ -47,7 +43,9 @@ def score_guesses(guesses: list[np.ndarray], batches) -> dict:
         for i in range(len(docs)):
             rows += 1
             answer = np.asarray(b["targets"][i])[np.asarray(b["loss_mask"][i])]
-            where = answer_positions(docs[i][mask[i]], answer[:-1])  # the last is the end token
+            # The answer without its end token; documents are right-padded, so positions in
+            # the valid tokens are positions in the row.
+            where = answer_positions(docs[i][mask[i]], answer[:-1])
             if where is None or len(where) == 0:
                 continue
             found += 1
@@ -93,5 +91,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # Flags only when run: the tests import this module beside commands with flags of these names.
+    define_config_flag()
+    flags.DEFINE_string("params", None, "A params.safetensors (projects.demo.pretrain's output).")
+    flags.DEFINE_string("tokenizer", "projects/demo/start/tokenizer", "The model's tokenizer.")
     sys.argv[1:] = check_config_args(sys.argv[1:])
     app.run(main)
