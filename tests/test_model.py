@@ -623,6 +623,8 @@ def test_a_start_gets_the_optional_params_of_the_run_s_shape(tiny_cfg):
     with_head = fit_optional_params(at3, plain, 0)
     assert with_head["span_head"].shape == (3, tiny_cfg.latent_width, tiny_cfg.vocab_size)
     assert with_head["latent_up"] is plain["latent_up"] and "span_head" not in plain
+    np.testing.assert_array_equal(with_head["span_head"],
+                                  init_params(at3, jax.random.key(0))["span_head"])
     at5 = fit_optional_params(dataclasses.replace(tiny_cfg, span_head_rate=5), with_head, 0)
     assert at5["span_head"].shape[0] == 5
     assert fit_optional_params(at3, with_head, 1)["span_head"] is with_head["span_head"]

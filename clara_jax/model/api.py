@@ -88,13 +88,18 @@ def fit_optional_params(cfg: ModelConfig, params, seed: int):
     without an option (or for another rate) begin a run that has it."""
     params = dict(params)
     shapes = abstract_params(cfg)
-    fresh = None
+    missing = []
     for name in OPTIONAL_PARAMS:
         if name not in shapes:
             params.pop(name, None)
         elif name not in params or params[name].shape != shapes[name].shape:
-            fresh = fresh or init_params(cfg, jax.random.key(seed))
-            params[name] = fresh[name]
+            missing.append(name)
+    if missing:
+        # Only the missing ones leave the compiled init, so XLA computes nothing else: no
+        # second copy of a 7B base to draw a span head.
+        draw = jax.jit(lambda key: {n: _init_params(cfg, key)[n] for n in missing},
+                       compiler_options=INIT_COMPILER_OPTIONS)
+        params.update(draw(jax.random.key(seed)))
     return params
 
 
