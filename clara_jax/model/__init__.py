@@ -1,6 +1,7 @@
 """Decoder, LoRA adapters and the CLaRa module, with a functional API over them."""
 
 from clara_jax.model.api import (
+    OPTIONAL_PARAMS,
     abstract_params,
     compress,
     compress_docs,
@@ -21,8 +22,8 @@ from clara_jax.model.config import ModelConfig
 from clara_jax.model.decoder import Decoder, init_cache
 
 __all__ = [
-    "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress", "compress_docs",
-    "count_params", "decode", "encode_query", "fit_optional_params", "forward_logits",
-    "generate_logits", "init_cache", "init_params", "latent_span_logits", "logical_specs",
-    "param_group", "param_shardings",
+    "OPTIONAL_PARAMS", "CLaRa", "Decoder", "ModelConfig", "abstract_params", "compress",
+    "compress_docs", "count_params", "decode", "encode_query", "fit_optional_params",
+    "forward_logits", "generate_logits", "init_cache", "init_params", "latent_span_logits",
+    "logical_specs", "param_group", "param_shardings",
 ]

@@ -55,9 +55,14 @@ from clara_jax.data import world
 from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.fileio import atomic_write_json
-from clara_jax.model import ModelConfig, compress_docs, fit_optional_params, generate_logits
+from clara_jax.model import (
+    OPTIONAL_PARAMS,
+    ModelConfig,
+    compress_docs,
+    fit_optional_params,
+    generate_logits,
+)
 from clara_jax.model import init_params as init_params_of
-from clara_jax.model.api import OPTIONAL_PARAMS
 
 FIRST_SEED = 1000
 EVAL_SEED = 999
