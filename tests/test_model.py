@@ -19,6 +19,7 @@ from clara_jax.model import (
     count_params,
     decode,
     encode_query,
+    fit_optional_params,
     forward_logits,
     generate_logits,
     init_cache,
@@ -612,12 +613,6 @@ def test_copy_path_mixes_the_span_read_outs_into_normalised_log_probs(tiny_cfg):
 def test_a_start_gets_the_optional_params_of_the_run_s_shape(tiny_cfg):
     # A start made at another rate (bench/channel.py: each length has its own) or without a
     # head gets a fresh head (and chunk write) of the run's shape; a run without one drops it.
-    import dataclasses
-
-    import jax
-
-    from clara_jax.model import fit_optional_params, init_params
-
     plain = init_params(tiny_cfg, jax.random.key(0))
     at3 = dataclasses.replace(tiny_cfg, span_head_rate=3)
     with_head = fit_optional_params(at3, plain, 0)

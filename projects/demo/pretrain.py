@@ -58,6 +58,7 @@ from clara_jax.fileio import atomic_write_json
 from clara_jax.model import (
     OPTIONAL_PARAMS,
     ModelConfig,
+    abstract_params,
     compress_docs,
     fit_optional_params,
     generate_logits,
@@ -157,8 +158,7 @@ def load_params(path, cfg: ModelConfig) -> dict:
     ones (`OPTIONAL_PARAMS`: span head, chunk write, copy path), drawn fresh when the file has
     none, so that a start made without an option begins a run with it."""
     flat = param_store.load_safetensors(path)
-    like = jax.eval_shape(lambda: init_params_of(cfg, jax.random.key(0)))
-    like = {k: v for k, v in like.items() if k not in OPTIONAL_PARAMS or k in flat}
+    like = {k: v for k, v in abstract_params(cfg).items() if k not in OPTIONAL_PARAMS or k in flat}
     return fit_optional_params(cfg, param_store.unflatten_like(flat, like, path), seed=0)
 
 
