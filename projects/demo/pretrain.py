@@ -157,9 +157,40 @@ def load_params(path, cfg: ModelConfig) -> dict:
     there with its shape, or a ValueError names the first that is not, except the optional
     ones (`OPTIONAL_PARAMS`: span head, chunk write, copy path), drawn fresh when the file has
     none, so that a start made without an option begins a run with it."""
-    flat = param_store.load_safetensors(path)
+    flat = widen_latents(param_store.load_safetensors(path), cfg)
     like = {k: v for k, v in abstract_params(cfg).items() if k not in OPTIONAL_PARAMS or k in flat}
     return fit_optional_params(cfg, param_store.unflatten_like(flat, like, path), seed=0)
+
+
+def widen_latents(flat: dict, cfg: ModelConfig, seed: int = 0) -> dict:
+    """A flat params dict made with latents narrower than cfg's (latent_down kernel [D, L0],
+    L0 < L) widened to L, the function unchanged: the new latent dimensions are written zero
+    (latent_down's new columns and bias), so the latent_up rows that read them (drawn like
+    lecun_normal) add nothing until training moves them; span head and chunk-write slices of
+    the new dimensions are zero. Lets a start made at L0 continue at a wider L (the 16x
+    channel needed L = 192 where the start has 64, projects/demo/README.md)."""
+    kernel = flat.get("latent_down/kernel")
+    width = cfg.latent_width
+    if kernel is None or kernel.shape[1] >= width:
+        return flat
+    old = kernel.shape[1]
+    out = dict(flat)
+
+    def pad(name, axis):
+        if name in out:
+            a = out[name]
+            shape = list(a.shape)
+            shape[axis] = width - old
+            out[name] = np.concatenate([a, np.zeros(shape, a.dtype)], axis=axis)
+
+    pad("latent_down/kernel", 1)
+    pad("latent_down/bias", 0)
+    pad("span_head", 1)
+    pad("chunk_write", 2)
+    up = out["latent_up/kernel"]
+    fresh = np.random.default_rng(seed).normal(size=(width - old, up.shape[1])) / np.sqrt(width)
+    out["latent_up/kernel"] = np.concatenate([up, fresh.astype(up.dtype)], axis=0)
+    return out
 
 
 def find_pretrained(path) -> Path:

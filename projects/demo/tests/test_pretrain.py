@@ -140,6 +140,34 @@ def test_a_start_without_the_copy_path_begins_a_run_with_it(pretrained, tiny_con
     assert not np.any(got["chunk_write"])  # zero-init: the start's latents unchanged
 
 
+def test_a_start_widened_to_more_latent_dims_compresses_and_generates_the_same(pretrained,
+                                                                               tiny_config):
+    from clara_jax.model import compress, generate_logits
+
+    out, _ = pretrained
+    narrow_cfg = ModelConfig.from_config(tiny_config)
+    config = tiny_config.copy_and_resolve_references()
+    config.model.latent_dim = narrow_cfg.latent_width + 16
+    wide_cfg = ModelConfig.from_config(config)
+    narrow = pretrain.load_params(out / pretrain.PARAMS_FILE, narrow_cfg)
+    wide = pretrain.load_params(out / pretrain.PARAMS_FILE, wide_cfg)
+    assert wide["latent_up"]["kernel"].shape[0] == wide_cfg.latent_width
+    rng = np.random.default_rng(0)
+    m = narrow_cfg.num_memory_tokens
+    doc = rng.integers(3, narrow_cfg.vocab_size, (2, 12)).astype(np.int32)
+    doc_mask = np.ones(doc.shape, bool)
+    small, big = (np.asarray(compress(c, p, doc, doc_mask))
+                  for c, p in ((narrow_cfg, narrow), (wide_cfg, wide)))
+    np.testing.assert_allclose(big[..., :narrow_cfg.latent_width], small, atol=1e-5)
+    assert not np.any(big[..., narrow_cfg.latent_width:])
+    prompt = rng.integers(3, narrow_cfg.vocab_size, (2, m + 5)).astype(np.int32)
+    slots = np.broadcast_to(np.arange(m + 5) < m, prompt.shape)
+    logits = [np.asarray(generate_logits(c, p, prompt, np.ones(prompt.shape, bool), slots,
+                                         lat[:, None])[0])
+              for c, p, lat in ((narrow_cfg, narrow, small), (wide_cfg, wide, big))]
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)
+
+
 def test_stage_examples_are_every_question_and_paraphrase_of_the_world():
     w = world.make_world(pretrain.FIRST_SEED, "small", "train")
     rows = world.world_rows(w)["stage1.jsonl"]
