@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import sys
@@ -62,6 +63,38 @@ def tiny_params(tiny_cfg):
     from clara_jax.model import init_params
 
     return init_params(tiny_cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_start(tmp_path_factory, tiny_config):
+    """A real 2-step pretraining run of the tiny model (`projects.demo.pretrain`, batch 4, one
+    world worker), made once per suite run and shared by every pytest-xdist worker:
+    (directory with tok/, the world tokenizer, and out/, the run's outputs; the run's summary
+    as out/pretrain.json holds it). The demo, the quality bench and the pretraining tests
+    start from it; the first worker to ask builds it under a lock while the other waits, so
+    the suite pays for one run, not one per file. Read-only: a test that changes it copies it.
+    `TINY_START_ARGS` are its arguments."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above every worker's own
+    root = root / "tiny_start"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "out" / "pretrain.json").exists():
+            from clara_jax.data import prepare
+            from projects.demo import pretrain
+
+            shutil.rmtree(root, ignore_errors=True)  # a half-made one from a failed build
+            prepare.world_tokenizer(tiny_config, 0, "small").save(root / "tok")
+            pretrain.pretrain(tiny_config, root / "tok", root / "out", log=lambda _: None,
+                              **TINY_START_ARGS)
+    return root, json.loads((root / "out" / "pretrain.json").read_text())
+
+
+TINY_START_ARGS = dict(seconds=1e9, batch_size=4, workers=1, eval_every_s=1e9, size="small",
+                       max_steps=2)
 
 
 def one_device_target(config, cfg):

@@ -18,31 +18,26 @@ def _in_unit(v) -> bool:
     return v is not None and 0.0 <= v <= 1.0
 
 
-def test_quality_bench_writes_both_tables(tmp_path, tiny_config):
-    # A pretrained start of the tiny model: its rate (8x) starts from it, 16x from the warm-up.
-    from clara_jax.data import prepare
-    from projects.demo import pretrain
-
-    prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
-    pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1e9,
-                      batch_size=4, workers=1, eval_every_s=1e9, size="small", max_steps=2,
-                      log=lambda _: None)
+def test_quality_bench_writes_both_tables(tmp_path, tiny_start):
+    # The pretrained start of the tiny model: its rate (8x) starts from it, 16x from the
+    # warm-up.
+    pt = tiny_start[0] / "out"
     work = tmp_path / "work"
     cmd = [sys.executable, "bench/quality.py", "--config=configs/tiny.py",
            f"--workdir={work}", "--rates=8,16", "--baseline_rate=8", "--steps=2,2,2",
            "--questions=8", "--warmup_steps=3", "--set=demo.eval_batch_size=4",
            "--set=train.log_every=1",
-           f"--set=demo.pretrained={tmp_path / 'pt'}", "--progress=false"]
+           f"--set=demo.pretrained={pt}", "--progress=false"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last == json.loads((work / "quality.json").read_text())
-    assert last["starts"] == {"8": f"pretrained {tmp_path / 'pt'}", "16": "3-step warm-up"}
+    assert last["starts"] == {"8": f"pretrained {pt}", "16": "3-step warm-up"}
     assert json.loads((work / "rate16" / "warmup" / "warmup.json").read_text())["steps"] == 3
     assert not (work / "rate8" / "warmup").exists()
     assert (work / "data" / "m4" / "tokenizer" / "tokenizer.model").read_bytes() == (
-        tmp_path / "pt" / "tokenizer" / "tokenizer.model").read_bytes()
+        pt / "tokenizer" / "tokenizer.model").read_bytes()
     assert [r["row"] for r in last["rows"]] == list(ROWS)
     for r in last["rows"]:
         assert r["questions"] == 8

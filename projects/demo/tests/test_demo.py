@@ -5,6 +5,7 @@ outputs, not answer quality."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -18,19 +19,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_runs_every_step_from_a_pretrained_model_and_writes_the_report(tmp_path,
-                                                                          tiny_config):
+                                                                          tiny_config,
+                                                                          tiny_start):
     """demo.pretrained, as `make demo` runs: the data is built with the pretrained tokenizer
     and stage 1 starts from its params; then three stages, the index, three modes and the
     report; a re-run reuses every step; a workdir built with another tokenizer is refused.
     (The warm-up start, for rates without a pretrained model, runs in
     tests/test_quality_bench.py.)"""
     from clara_jax.data import prepare
-    from projects.demo import pretrain
 
-    prepare.world_tokenizer(tiny_config, 0, "small").save(tmp_path / "tok")
-    pretrain.pretrain(tiny_config, tmp_path / "tok", tmp_path / "pt", seconds=1e9,
-                      batch_size=4, workers=1, eval_every_s=1e9, size="small", max_steps=2,
-                      log=lambda _: None)
+    # A copy: the last part of this test replaces the start's tokenizer.
+    shutil.copytree(tiny_start[0] / "out", tmp_path / "pt")
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "projects.demo.run", "--config=projects/demo/config.py:tiny",
            f"--workdir={work}", "--progress=false", "--config.demo.stage_steps=(2,2,2)",

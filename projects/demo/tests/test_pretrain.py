@@ -16,28 +16,24 @@ from clara_jax.data.tokenizer import load_tokenizer
 from clara_jax.model import ModelConfig, init_params
 from clara_jax.train import checkpoint as ckpt
 from projects.demo import pretrain
-from tests.conftest import REPO, one_device_target
+from tests.conftest import REPO, TINY_START_ARGS, one_device_target
 
 
 @pytest.fixture(scope="module")
-def pretrained(tiny_config, tmp_path_factory):
-    """A short real pretraining run of the tiny model: (directory, summary)."""
-    root = tmp_path_factory.mktemp("pretrain")
-    prepare.world_tokenizer(tiny_config, 0, "small").save(root / "tok")
-    summary = pretrain.pretrain(tiny_config, root / "tok", root / "out", seconds=3.0,
-                                batch_size=8, workers=1, eval_every_s=1e9, size="small",
-                                log=lambda _: None)
+def pretrained(tiny_start):
+    """The suite's short real pretraining run of the tiny model (tests/conftest.py):
+    (its output directory, its summary as pretrain.json holds it)."""
+    root, summary = tiny_start
     return root / "out", summary
 
 
 def test_pretrain_trains_on_fresh_worlds_and_writes_its_outputs(pretrained, tiny_config, tiny_cfg):
     out, summary = pretrained
-    assert summary["steps"] >= 2 and summary["steps"] % 2 == 0
-    assert summary["stage_steps"] == {1: summary["steps"] // 2, 2: summary["steps"] // 2}
-    assert summary["examples"] == 8 * summary["steps"]
+    assert summary["steps"] == TINY_START_ARGS["max_steps"] == 2
+    assert summary["stage_steps"] == {"1": 1, "2": 1}
+    assert summary["examples"] == TINY_START_ARGS["batch_size"] * summary["steps"]
     assert summary["worlds"]["first_seed"] == pretrain.FIRST_SEED
     assert summary["worlds"]["count"] >= 1
-    assert json.loads((out / "pretrain.json").read_text())["steps"] == summary["steps"]
     last = summary["last"]
     for stage in (1, 2):
         for k in ("ce_right", "ce_other", "exact_right", "exact_other"):
