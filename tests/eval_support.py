@@ -86,12 +86,17 @@ def build_corpus_index(out: Path, corpus: Path, config, cfg, params, tok, limit=
                        scann=False, batch_size=64)
 
 
-def clara(*args, launcher=None, timeout=300):
-    """Runs `clara ARGS` (optionally under a launcher command list) on the CPU."""
+def clara(*args, launcher=None, timeout=300, cwd=REPO):
+    """Runs `clara ARGS` from `cwd` (the repository): in this process (a subprocess costs seconds of
+    imports and start-up per call), or under a launcher command list (processes of a
+    multi-process run) on the CPU. Returns a CompletedProcess either way."""
+    if launcher is None:
+        code, out, err = clara_in_process(*args, cwd=cwd)
+        return subprocess.CompletedProcess(["clara", *map(str, args)], code, out, err)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "clara_jax.cli", *args]
-    return subprocess.run((launcher or []) + cmd, capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(launcher + cmd, capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd)
 
 
 def clara_in_process(*args, cwd=None) -> tuple[int, str, str]:
@@ -109,6 +114,8 @@ def clara_in_process(*args, cwd=None) -> tuple[int, str, str]:
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)  # what the interpreter does at exit
     finally:
         os.chdir(old)
     return code, out.getvalue(), err.getvalue()

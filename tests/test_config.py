@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from clara_jax.config import ConfigError, base_config, finalize, saved_config
 from configs import demo, mistral_7b, tiny
+from tests import eval_support as es
 from tests.conftest import REPO
 
 
@@ -86,8 +85,10 @@ def test_divisibility_message_names_both_fields():
 
 
 def _clara(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "clara_jax.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, check=check, timeout=300)
+    res = es.clara(*args)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def test_cli_override_recomputes_memory_tokens_and_counts_mistral_params():

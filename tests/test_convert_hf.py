@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 from clara_jax.convert import bundle, hf
 from clara_jax.model import ModelConfig, forward_logits, param_group
+from tests import eval_support as es
 from tests.conftest import xla_flags
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
@@ -454,10 +455,7 @@ def test_mistral_7b_config_matches_the_checkpoint():
 
 
 def _clara(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "clara_jax.cli", "convert", *map(str, args),
-                           "--noprogress"], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
+    return es.clara("convert", *args, "--noprogress")
 
 
 def test_cli_from_hf_to_hf_round_trip(tmp_path):

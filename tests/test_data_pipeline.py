@@ -13,6 +13,7 @@ import pytest
 
 from clara_jax.data import featurize, formats, pipeline, prompts, tfds_build
 from clara_jax.data.formats import DataError
+from tests import eval_support as es
 from tests.world_support import single_process_loader
 
 from .conftest import REPO, SHARED
@@ -244,8 +245,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
 
 
 def _clara(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "clara_jax.cli", "data", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
+    return es.clara("data", *args, cwd=cwd)
 
 
 def test_cli_world_build_check(tmp_path):

@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import pytest
+
+from tests.eval_support import clara_in_process
 
 
 def _checkpoint(config, params, workdir):
@@ -24,10 +27,17 @@ def _checkpoint(config, params, workdir):
     manager.close()
 
 
-def _clara(*args, ok=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "clara_jax.cli", "index", *args],
-                       capture_output=True, text=True, env=env, timeout=300)
+class _Run(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _clara(*args, ok=True, command="index"):
+    """`clara index ARGS` (or another command) in this process: a subprocess would pay
+    seconds of imports and start-up per call (the 2-process build test below runs the real
+    entry point)."""
+    p = _Run(*clara_in_process(command, *args))
     if ok:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -82,12 +92,9 @@ def test_build_info_search_delete(setup):
     live = LatentIndex.open(root / "idx").live_ids()
     doc = next(i.rpartition("#")[0] for i in live if i.endswith("#1"))
     chunks = [i for i in live if i.rpartition("#")[0] == doc]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "clara_jax.cli", "inspect",
-                        f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}", *common,
-                        f"--doc={doc}", "--max_new_tokens=2", "--neighbors=1",
-                        "--backend=exact"], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = _clara(f"--checkpoint={root / 'run'}", f"--index={root / 'idx'}", *common,
+               f"--doc={doc}", "--max_new_tokens=2", "--neighbors=1", "--backend=exact",
+               command="inspect")
     assert [json.loads(x)["id"] for x in p.stdout.splitlines()] == chunks
     again = json.loads(_clara("delete", f"--index={root / 'idx'}", f"--ids={doc}").stdout)
     assert len(chunks) >= 2 and again["num_docs"] == after["num_docs"] - len(chunks)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from clara_jax.index import build_index, model_identity, open_index
 from clara_jax.index.corpus import make_tokenize
 from clara_jax.infer.generation import Generator
 from clara_jax.infer.rag import RagPipeline, RagSettings
+from tests import eval_support as es
 
 NUM_DOCS = 10
 
@@ -164,9 +162,7 @@ def test_settings_and_retrieval_errors(pipeline, world_data):
 
 
 def _run(args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "clara_jax.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return es.clara(*args, cwd=cwd)
 
 
 def test_clara_ask_and_inspect_commands(tmp_path, tiny_config, tiny_params, tok, index_dir,
