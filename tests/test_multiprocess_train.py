@@ -42,6 +42,7 @@ def _one_process(workdir, data_dir, steps, devices=4):
     out = subprocess.run(_train_args(workdir, data_dir, steps), cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
 
 
 def _losses(workdir):
@@ -149,6 +150,13 @@ def test_sigterm_to_one_or_both_processes_saves_the_same_step_on_both(tmp_path, 
     first = _stop_at_the_same_step(procs, tmp_path / "logs1", work, signal_to=[1],
                                    after_rows=2)
     assert first in _saved_steps(work) and max(_saved_steps(work)) == first
+    # What `clara train` reports and writes on the way.
+    log = (tmp_path / "logs1" / "process_0.log").read_text()
+    assert "compiled stage-1 step" in log and "per device: params" in log
+    assert (work / "tb").is_dir()
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["stage"] == 1 and rows[0]["tokens_per_s"] > 0
+    assert {"step", "loss", "ce", "mse", "tokens_per_s"} <= set(rows[0])
 
     # Resumed by both, then both signalled 0.5 s apart (process 0 first): one save, one step.
     procs = _start_two(work, data_dir, tmp_path / "logs2", forever)
@@ -166,7 +174,10 @@ def test_sigterm_to_one_or_both_processes_saves_the_same_step_on_both(tmp_path, 
         tmp_path / "logs3")
     assert third > second and max(_saved_steps(work)) == third
 
-    # One process continues from the agreed step.
-    _one_process(work, data_dir, third + 1, devices=1)
+    # One process continues from the agreed step, with a nearer end, and finishes there.
+    out = _one_process(work, data_dir, third + 1, devices=1)
+    assert f"resumed from {work / 'checkpoints' / str(third)}" in out.stdout
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    assert final["status"] == "done" and final["step"] == third + 1
     assert max(_saved_steps(work)) == third + 1
     assert sorted(_losses(work)) == list(range(1, third + 2))

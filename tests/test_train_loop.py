@@ -1,16 +1,15 @@
-"""The training loop and `clara train`: a run killed after a checkpoint, or stopped by SIGTERM,
-resumes to exactly the uninterrupted run's losses; a non-finite loss stops naming the last
-good checkpoint (or is skipped); the CLI trains on the bundled world; a 2x2x2 mesh follows
-one device and checkpoints move between meshes."""
+"""The training loop: a run killed after a checkpoint, or stopped by SIGTERM, resumes to
+exactly the uninterrupted run's losses; a non-finite loss stops naming the last good
+checkpoint (or is skipped); a 2x2x2 mesh follows one device and checkpoints move between
+meshes. (`clara train` on a prepared world, stopped by SIGTERM and resumed, runs in
+tests/test_multiprocess_train.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -62,10 +61,12 @@ def test_kill_and_sigterm_resume_exactly(env, tmp_path):
 
 
 def test_nonfinite_loss_stops_or_skips(env, tmp_path):
-    res = _run(env, tmp_path / "stop", 1, 9, "--nan_at=6", expect_rc=1)
+    # 12 steps, as the resume test runs: train.steps shapes the learning-rate schedule, so the
+    # same count reuses that test's compiled step from the persistent cache.
+    res = _run(env, tmp_path / "stop", 1, 12, "--nan_at=6", expect_rc=1)
     assert "non-finite loss or gradient at step 7" in res.stderr
     assert f"last good checkpoint: {tmp_path / 'stop' / 'checkpoints' / '5'}" in res.stderr
-    _run(env, tmp_path / "skip", 1, 9, "--nan_at=6", "--nan_policy=skip")
+    _run(env, tmp_path / "skip", 1, 12, "--nan_at=6", "--nan_policy=skip")
     rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().split("\n")
             if x]
     assert rows[6]["step"] == 7 and rows[6]["loss"] is None and rows[6]["nonfinite"] == 1.0
@@ -99,46 +100,3 @@ def test_mesh_2x2x2_follows_one_device_and_checkpoints_move(env):
     assert abs(out["eval_loss_8"] - out["eval_loss_1"]) < 1e-5, out
     assert out["restored_mesh_sizes"] == [1] and out["data_state"] == {"index": 4}
     assert out["roundtrip_8_1_8_equal"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_config):
-    from clara_jax.data import prepare
-
-    out = tmp_path_factory.mktemp("world")
-    prepare.prepare_world(out, tiny_config, seed=0, size="small")
-    return out
-
-
-def test_clara_train_cli_on_world_sigterm_and_resume(env, world, tmp_path):
-    work = tmp_path / "run"
-    cmd = [PY, "-m", "clara_jax.cli", "train", "--config=configs/tiny.py", f"--workdir={work}",
-           f"--data_dir={world}", "--config.train.steps=100000", "--config.train.log_every=1",
-           "--config.train.checkpoint_every=1000", "--progress=false"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = work / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-4000:]
-    assert "compiled stage-1 step" in out and "per device: params" in out
-    final = json.loads(out.strip().splitlines()[-1])
-    assert final["status"] == "preempted"
-    saved = final["step"]
-    assert (work / "checkpoints" / str(saved)).is_dir()
-    assert (work / "tb").is_dir()
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert rows[0]["stage"] == 1 and rows[0]["tokens_per_s"] > 0
-    assert {"step", "loss", "ce", "mse", "tokens_per_s"} <= set(rows[0])
-    # The same command with a nearer end resumes from that checkpoint and finishes.
-    cmd[7] = f"--config.train.steps={saved + 2}"
-    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert f"resumed from {work / 'checkpoints' / str(saved)}" in res.stdout
-    assert json.loads(res.stdout.strip().splitlines()[-1])["step"] == saved + 2
