@@ -7,12 +7,11 @@ import json
 import os
 import subprocess
 import sys
-from typing import NamedTuple
 
 import jax
 import pytest
 
-from tests.eval_support import clara_in_process
+from tests import eval_support as es
 
 
 def _checkpoint(config, params, workdir):
@@ -27,17 +26,10 @@ def _checkpoint(config, params, workdir):
     manager.close()
 
 
-class _Run(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 def _clara(*args, ok=True, command="index"):
-    """`clara index ARGS` (or another command) in this process: a subprocess would pay
-    seconds of imports and start-up per call (the 2-process build test below runs the real
-    entry point)."""
-    p = _Run(*clara_in_process(command, *args))
+    """`clara index ARGS` (or another command) in this process (tests/eval_support.clara);
+    the 2-process build test below runs the real entry point."""
+    p = es.clara(command, *args)
     if ok:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
