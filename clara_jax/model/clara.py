@@ -283,14 +283,22 @@ class CLaRa(nn.Module):
         which it did not learn in 1,000 steps at 17 tokens a latent; the span read-out already
         is those maps, so the generator only has to learn where to point
         (docs/design.md, "The latent channel")."""
+        weights, gate = self.copy_pointer(hidden, positions, keys)
+        copied = jnp.einsum("bts,bsv->btv", weights, probs)
+        gate = gate * rows[:, None, None]
+        return jnp.log((1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied + 1e-9)
+
+    def copy_pointer(self, hidden, positions, keys):
+        """Where the copy path points and how much it copies: hidden float[B, T, D];
+        positions int32[B, T]; keys float32[B, S, H] from `copy_memory` -> (attention
+        weights float32[B, T, S] over the (latent, sub-position) pairs, gate float32[B, T, 1]
+        before a row without slots zeroes it)."""
         h32 = hidden.astype(jnp.float32)
         query = apply_rope((h32 @ self.copy_query)[:, :, None], positions,
                            self.cfg.rope_theta)[:, :, 0]
         weights = jax.nn.softmax(jnp.einsum("bth,bsh->bts", query, keys)
                                  / np.sqrt(keys.shape[-1]), axis=-1)
-        copied = jnp.einsum("bts,bsv->btv", weights, probs)
-        gate = jax.nn.sigmoid(h32 @ self.copy_gate + self.copy_gate_bias) * rows[:, None, None]
-        return jnp.log((1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied + 1e-9)
+        return weights, jax.nn.sigmoid(h32 @ self.copy_gate + self.copy_gate_bias)
 
     def as_inputs(self, latents):
         """latents float[..., M, L] -> the generator's input embeddings float[..., M, D]

@@ -7,7 +7,8 @@ the document positions that hold the answer (its token sequence found in the doc
 `python -m projects.demo.probe_answer_readout --config=configs/demo.py --params=P.safetensors
 [--config.model.span_head=true ...]` prints one JSON line: token accuracy over all document
 tokens, over the answer's tokens, and the share of answers read out whole. The copy path
-(`model.latent_copy`) can copy only what this read-out gives.
+(`model.latent_copy`) can copy only what this read-out gives; with it on, the line also
+holds `copy_path`: where its pointer looks at the answer tokens (`pointer_stats`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,62 @@ def readout_guesses(cfg, params, batches) -> list[np.ndarray]:
     return [np.asarray(guess(params, b["doc_tokens"], b["doc_mask"])) for b in batches]
 
 
+def pointer_stats(cfg, params, batches) -> dict:
+    """The copy path at the answer tokens (model.latent_copy), teacher-forced on the same
+    stage-1 rows with their own documents' latents: the mean gate; the share of answer tokens
+    some (latent, sub-position) source's read-out argmax equals (`source_exists`); the
+    pointer's attention mass on such sources, there; and the target's probability under the
+    copied distribution, the generator's own softmax and their mix (what training sees)."""
+    import jax
+    import jax.numpy as jnp
+
+    from clara_jax.model import compress_docs
+    from clara_jax.model.clara import CLaRa
+    from clara_jax.model.decoder import Decoder, rope_positions
+
+    model = CLaRa(cfg)
+
+    @jax.jit
+    def stats(params, batch):
+        latents = compress_docs(cfg, params, batch["doc_tokens"], batch["doc_mask"])
+        variables = {"params": params}
+        _, captured = model.apply(
+            variables, batch["tokens"], batch["mask"], batch["slot_mask"], latents,
+            method=CLaRa.generate, capture_intermediates=lambda m, _: isinstance(m, Decoder))
+        logits, hidden, _ = captured["intermediates"]["decoder"]["__call__"][0]
+        positions, _ = rope_positions(batch["mask"], jnp.zeros((latents.shape[0],), jnp.int32),
+                                      batch["slot_mask"], cfg.latent_span)
+        k_m = latents.shape[1] * latents.shape[2]  # K·M slots, as generate takes them
+        slots = jnp.argsort(~batch["slot_mask"], axis=1, stable=True)[:, :k_m]
+        keys, probs = model.apply(variables, latents,
+                                  jnp.take_along_axis(positions, slots, axis=1),
+                                  method=CLaRa.copy_memory)
+        weights, gate = model.apply(variables, hidden, positions, keys,
+                                    method=CLaRa.copy_pointer)
+        target = batch["targets"][..., None]
+        is_source = probs.argmax(-1)[:, None, :] == target  # [B, T, S]
+        copied = jnp.take_along_axis(jnp.einsum("bts,bsv->btv", weights, probs), target,
+                                     -1)[..., 0]
+        own = jnp.take_along_axis(jax.nn.softmax(logits, -1), target, -1)[..., 0]
+        g = gate[..., 0]
+        return {"gate": g, "source_exists": is_source.any(-1),
+                "pointer_mass": jnp.sum(weights * is_source, -1), "p_copied": copied,
+                "p_generator": own, "p_mixed": (1 - g) * own + g * copied}
+
+    sums, n, mass_there = {}, 0, 0.0
+    for batch in batches:
+        out = jax.tree.map(np.asarray, stats(params, batch))
+        at = np.asarray(batch["loss_mask"])
+        n += int(at.sum())
+        mass_there += float(out["pointer_mass"][at & out["source_exists"]].sum())
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v[at].sum())
+    means = {k: round(v / max(n, 1), 4) for k, v in sums.items() if k != "pointer_mass"}
+    return {"answer_tokens": n, **means,
+            "pointer_mass_where_a_source_exists": round(
+                mass_there / max(sums["source_exists"], 1), 4)}
+
+
 def main(argv) -> None:
     del argv
     from clara_jax.data.tokenizer import load_tokenizer
@@ -87,6 +144,8 @@ def main(argv) -> None:
     batches = pretrain.eval_batches(tok, {1: pretrain.featurizer_fields(tok, c, 1)}, 32)[1]
     params = pretrain.load_params(flags.FLAGS.params, cfg)
     scores = score_guesses(readout_guesses(cfg, params, batches), batches)
+    if cfg.latent_copy:
+        scores["copy_path"] = pointer_stats(cfg, params, batches)
     print(json.dumps({"params": flags.FLAGS.params, **scores}))
 
 

@@ -272,3 +272,36 @@ def test_answer_readout_probe_finds_answers_and_scores_them(pretrained, tiny_con
     bad = score_guesses(spoiled, batches)
     assert bad["answer_token_accuracy"] == 0.0 and bad["answers_whole"] == 0.0
     assert 0.5 < bad["token_accuracy"] < 1.0
+
+
+def test_pointer_stats_rebuild_the_copy_path_of_the_forward(pretrained, tiny_config):
+    """With the gate forced shut or open, the probe's mixed probability of each answer token
+    is the generator forward's own (`generate_logits`, which mixes in the copy path)."""
+    import jax.numpy as jnp
+
+    from clara_jax.model import compress_docs, generate_logits
+    from projects.demo.probe_answer_readout import pointer_stats
+
+    out, _ = pretrained
+    config = tiny_config.copy_and_resolve_references()
+    config.model.span_head = config.model.latent_copy = True
+    cfg = ModelConfig.from_config(config)
+    tok = load_tokenizer(out / pretrain.TOKENIZER_DIR)
+    c = pretrain.pretrain_config(config, 8, 1e-3, 0.0, 1)
+    batches = pretrain.eval_batches(tok, {1: pretrain.featurizer_fields(tok, c, 1)}, 8, n=16)[1]
+    params = pretrain.load_params(out / pretrain.PARAMS_FILE, cfg)
+    for bias, share in ((-30.0, "p_generator"), (30.0, "p_copied")):
+        p = dict(params, copy_gate_bias=jnp.full((1,), bias))
+        got = pointer_stats(cfg, p, batches)
+        assert got["answer_tokens"] > 0 and 0.0 <= got["source_exists"] <= 1.0
+        assert 0.0 <= got["pointer_mass_where_a_source_exists"] <= 1.0
+        assert got["gate"] == (0.0 if bias < 0 else 1.0)
+        probs = []
+        for b in batches:
+            latents = compress_docs(cfg, p, b["doc_tokens"], b["doc_mask"])
+            logp, _ = generate_logits(cfg, p, b["tokens"], b["mask"], b["slot_mask"], latents)
+            at = np.take_along_axis(np.asarray(logp), np.asarray(b["targets"])[..., None], -1)
+            probs.append(np.exp(at[..., 0])[np.asarray(b["loss_mask"])])
+        want = float(np.mean(np.concatenate(probs)))
+        assert abs(got["p_mixed"] - want) < 2e-4, (bias, got, want)
+        assert abs(got[share] - want) < 2e-4, (bias, got, want)
