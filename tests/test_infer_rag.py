@@ -161,10 +161,6 @@ def test_settings_and_retrieval_errors(pipeline, world_data):
         pipeline.retrieve(questions[:1], NUM_DOCS + 1)
 
 
-def _run(args, cwd):
-    return es.clara(*args, cwd=cwd)
-
-
 def test_clara_ask_and_inspect_commands(tmp_path, tiny_config, tiny_params, tok, index_dir,
                                         world_data, pipeline):
     from clara_jax.train import checkpoint as ckpt
@@ -184,8 +180,8 @@ def test_clara_ask_and_inspect_commands(tmp_path, tiny_config, tiny_params, tok,
                              for i, q in enumerate(questions[:3])))
     out = tmp_path / "answers.jsonl"
     common = [f"--checkpoint={tmp_path / 'run'}", f"--index={index_dir}", "--backend=exact"]
-    r = _run(["ask", *common, f"--file={qfile}", f"--out={out}", "--show_docs",
-              "--num_docs=2", "--max_new_tokens=6", "--noprogress"], tmp_path)
+    r = es.clara("ask", *common, f"--file={qfile}", f"--out={out}", "--show_docs",
+                 "--num_docs=2", "--max_new_tokens=6", "--noprogress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     expect, _ = pipeline.answer(questions[:3])
@@ -196,13 +192,13 @@ def test_clara_ask_and_inspect_commands(tmp_path, tiny_config, tiny_params, tok,
         assert all(d["text"] for d in row["docs"])
     assert json.loads(r.stderr.strip().splitlines()[-1])["questions"] == 3
 
-    r = _run(["inspect", *common, f"--doc={docs[0][0]}", "--max_new_tokens=4",
-              "--neighbors=3"], tmp_path)
+    r = es.clara("inspect", *common, f"--doc={docs[0][0]}", "--max_new_tokens=4",
+                 "--neighbors=3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["id"] == docs[0][0] and len(got["neighbors"]) == 3
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok?"}\n{"q": 1}\n')
-    r = _run(["ask", *common, f"--file={bad}"], tmp_path)
+    r = es.clara("ask", *common, f"--file={bad}", cwd=tmp_path)
     assert r.returncode == 2 and f"{bad}:2: field 'question'" in r.stderr

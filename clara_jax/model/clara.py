@@ -236,9 +236,7 @@ class CLaRa(nn.Module):
             return logits, new_cache
         seen = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
         positions, _ = rope_positions(mask, seen, slot_mask, cfg.latent_span)
-        first_slots = jnp.argsort(~slot_mask, axis=1, stable=True)[:, :flat.shape[1]]
-        keys, probs = self.copy_memory(latents,
-                                       jnp.take_along_axis(positions, first_slots, axis=1))
+        keys, probs = self.copy_memory(latents, positions, slot_mask)
         # A row without slots (a text row of data.text_share, batch padding) reads no latents,
         # so it copies nothing from them either.
         memory = {"copy_keys": keys, "copy_probs": probs,
@@ -254,16 +252,18 @@ class CLaRa(nn.Module):
                                memory["copy_probs"], memory["copy_rows"])
         return logits, None if new_cache is None else {**new_cache, **memory}
 
-    def copy_memory(self, latents, slot_positions):
+    def copy_memory(self, latents, positions, slot_mask):
         """What the copy path attends over (model.latent_copy): latents float[B, K, M, L];
-        slot_positions int32[B, K·M] (each slot's RoPE position in the prompt) ->
-        (keys float32[B, S, H], probs float32[B, S, V]) for the S = K·M·R (latent, sub-position)
-        pairs: key = the latent's generator input times `copy_key` plus a learned code of r,
-        rotated to where the r-th token of its text would sit; probs = the span read-out's
-        softmax (`span_logits`)."""
+        positions int32[B, T] (the prompt's RoPE positions) and slot_mask bool[B, T] (its K·M
+        latent slots, in order) -> (keys float32[B, S, H], probs float32[B, S, V]) for the
+        S = K·M·R (latent, sub-position) pairs: key = the latent's generator input times
+        `copy_key` plus a learned code of r, rotated to where the r-th token of its text would
+        sit; probs = the span read-out's softmax (`span_logits`)."""
         cfg = self.cfg
         b, k, m, _ = latents.shape
         r = cfg.span_head_rate
+        first_slots = jnp.argsort(~slot_mask, axis=1, stable=True)[:, :k * m]
+        slot_positions = jnp.take_along_axis(positions, first_slots, axis=1)  # [B, K·M]
         inputs = self.as_inputs(latents).reshape(b, k * m, cfg.dim).astype(jnp.float32)
         keys = (inputs @ self.copy_key)[:, :, None] + self.copy_subpos[None, None]
         offset = (jnp.arange(r, dtype=jnp.int32) * cfg.latent_span) // r

@@ -100,10 +100,7 @@ def pointer_stats(cfg, params, batches) -> dict:
         logits, hidden, _ = captured["intermediates"]["decoder"]["__call__"][0]
         positions, _ = rope_positions(batch["mask"], jnp.zeros((latents.shape[0],), jnp.int32),
                                       batch["slot_mask"], cfg.latent_span)
-        k_m = latents.shape[1] * latents.shape[2]  # K·M slots, as generate takes them
-        slots = jnp.argsort(~batch["slot_mask"], axis=1, stable=True)[:, :k_m]
-        keys, probs = model.apply(variables, latents,
-                                  jnp.take_along_axis(positions, slots, axis=1),
+        keys, probs = model.apply(variables, latents, positions, batch["slot_mask"],
                                   method=CLaRa.copy_memory)
         weights, gate = model.apply(variables, hidden, positions, keys,
                                     method=CLaRa.copy_pointer)

@@ -237,6 +237,13 @@ def test_the_shipped_start_is_small_int8():
     assert load_file(str(src))["decoder/embedding"].dtype == np.int8
 
 
+def _probe_batches(out, config) -> list[dict]:
+    """16 stage-1 rows of the evaluation world, in batches of 8, as the probe reads them."""
+    tok = load_tokenizer(out / pretrain.TOKENIZER_DIR)
+    c = pretrain.pretrain_config(config, 8, 1e-3, 0.0, 1)
+    return pretrain.eval_batches(tok, {1: pretrain.featurizer_fields(tok, c, 1)}, 8, n=16)[1]
+
+
 def test_answer_readout_probe_finds_answers_and_scores_them(pretrained, tiny_config, tiny_cfg):
     from projects.demo.probe_answer_readout import (
         answer_positions,
@@ -247,9 +254,7 @@ def test_answer_readout_probe_finds_answers_and_scores_them(pretrained, tiny_con
     assert answer_positions(np.array([5, 1, 2, 3, 1, 2]), np.array([1, 2])).tolist() == [1, 2]
     assert answer_positions(np.array([5, 1, 3]), np.array([1, 2])) is None
     out, _ = pretrained
-    tok = load_tokenizer(out / pretrain.TOKENIZER_DIR)
-    c = pretrain.pretrain_config(tiny_config, 8, 1e-3, 0.0, 1)
-    batches = pretrain.eval_batches(tok, {1: pretrain.featurizer_fields(tok, c, 1)}, 8, n=16)[1]
+    batches = _probe_batches(out, tiny_config)
     params = pretrain.load_params(out / pretrain.PARAMS_FILE, tiny_cfg)
     got = score_guesses(readout_guesses(tiny_cfg, params, batches), batches)
     assert got["rows"] == 16 and 0 < got["answers_found"] <= 16
@@ -286,9 +291,7 @@ def test_pointer_stats_rebuild_the_copy_path_of_the_forward(pretrained, tiny_con
     config = tiny_config.copy_and_resolve_references()
     config.model.span_head = config.model.latent_copy = True
     cfg = ModelConfig.from_config(config)
-    tok = load_tokenizer(out / pretrain.TOKENIZER_DIR)
-    c = pretrain.pretrain_config(config, 8, 1e-3, 0.0, 1)
-    batches = pretrain.eval_batches(tok, {1: pretrain.featurizer_fields(tok, c, 1)}, 8, n=16)[1]
+    batches = _probe_batches(out, config)
     params = pretrain.load_params(out / pretrain.PARAMS_FILE, cfg)
     for bias, share in ((-30.0, "p_generator"), (30.0, "p_copied")):
         p = dict(params, copy_gate_bias=jnp.full((1,), bias))
