@@ -161,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
     # and model.span_head write before the generator reads; needs train.span_weight > 0).
     # Without it, and without the read-out kept after, the generator's loss erased the write.
     c.train.span_warmup_steps = 0
+    # Stages 1-2, model.latent_copy: weight of the copy path's own answer CE (its pointer's
+    # read-out distribution before the gate, on rows that read latents). The gate shuts
+    # while the pointer does not point, and a shut gate passes the pointer no gradient.
+    c.train.pointer_weight = 0.0
     c.train.tau = 0.02  # stage 3: differentiable top-k temperature on cosine scores
     c.train.lambda_align = 0.0  # stage 3: weight of the retrieval-alignment loss
     c.train.align_tau = 1.0  # stage 3: temperature of the generator-utility target
@@ -301,7 +305,7 @@ def _validate_train(c: ml_collections.ConfigDict) -> None:
         if not 0.0 <= t[field] < 1.0:
             _fail(f"train.{field}", t[field], "must be in [0, 1)")
     for field in ("weight_decay", "grad_clip", "mse_weight", "lambda_align", "lambda_infonce",
-                  "lambda_retrieval", "span_weight"):
+                  "lambda_retrieval", "span_weight", "pointer_weight"):
         if t[field] < 0:
             _fail(f"train.{field}", t[field], "must be >= 0")
     for field in ("tau", "align_tau"):
@@ -321,6 +325,9 @@ def _validate_train(c: ml_collections.ConfigDict) -> None:
     if t.span_warmup_steps and not t.span_weight > 0:
         _fail("train.span_warmup_steps", t.span_warmup_steps,
               "needs train.span_weight > 0 (the warm-up trains the span read-out loss alone)")
+    if t.pointer_weight and not c.model.latent_copy:
+        _fail("train.pointer_weight", t.pointer_weight,
+              "needs model.latent_copy=True (it trains the copy path's pointer)")
     if t.eval_every < 0:
         _fail("train.eval_every", t.eval_every, "must be >= 0 (0 disables evaluation)")
     if t.train_base and t.stage == 3:

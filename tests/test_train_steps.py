@@ -16,6 +16,7 @@ from clara_jax.train.state import create_state, init_query_adapter, state_shardi
 from clara_jax.train.steps import (
     batch_fields,
     compile_train_step,
+    make_loss_fn,
     make_train_step,
     rng_for_step,
 )
@@ -210,3 +211,31 @@ def test_chunk_write_and_copy_path_train_in_stage_1(tiny_config):
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
     for name in ("chunk_write", "copy_query", "copy_key", "copy_subpos", "copy_gate"):
         assert not np.array_equal(before[name], np.asarray(state.params[name])), name
+
+
+def test_pointer_loss_reaches_the_pointer_through_a_shut_gate(tiny_config):
+    # train.pointer_weight: the copy path's own answer CE. With the gate open it is the answer
+    # CE itself; with the gate shut the answer CE passes the pointer no gradient, the pointer
+    # loss does.
+    config = _overfit_config(tiny_config, span_weight=1.0)
+    config.model.span_head = True
+    config.model.latent_copy = True
+    cfg = ModelConfig.from_config(config)
+    params = init_params(cfg, jax.random.key(0))
+    batch = {k: jnp.asarray(v) for k, v in next(SyntheticLoader(config, 1, fixed=True)).items()}
+
+    def loss_and_grad(weight, gate_bias):
+        c = config.copy_and_resolve_references()
+        c.train.pointer_weight = weight
+        p = dict(params, copy_gate_bias=jnp.full_like(params["copy_gate_bias"], gate_bias))
+        loss_fn = make_loss_fn(c, cfg, 1)
+        return jax.jit(jax.value_and_grad(lambda q: loss_fn(dict(p, copy_query=q), batch,
+                                                             None), has_aux=True)
+                       )(p["copy_query"])
+
+    (_, m), _ = loss_and_grad(1.0, 30.0)
+    np.testing.assert_allclose(float(m["pointer"]), float(m["ce"]), rtol=1e-4)
+    (_, m), shut = loss_and_grad(0.0, -30.0)
+    assert "pointer" not in m and float(jnp.abs(shut).max()) < 1e-9
+    (_, m), pointed = loss_and_grad(1.0, -30.0)
+    assert np.isfinite(float(m["pointer"])) and float(jnp.abs(pointed).max()) > 1e-4

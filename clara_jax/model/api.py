@@ -169,11 +169,14 @@ def encode_query(cfg: ModelConfig, params, tokens, mask, rng=None):
 
 
 def generate_logits(cfg: ModelConfig, params, tokens, mask, slot_mask, latents, cache=None,
-                    rng=None, last_logits_only=False):
+                    rng=None, last_logits_only=False, with_copied=False):
     """tokens, mask, slot_mask: [B, T]; latents: float[B, K, M, L]
-    -> (logits float32[B, T, V] (or [B, 1, V] with `last_logits_only`), new cache or None)."""
+    -> (logits float32[B, T, V] (or [B, 1, V] with `last_logits_only`), new cache or None),
+    plus the copy path's own log-distribution float32[B, T, V] with `with_copied`
+    (model.latent_copy)."""
     return _apply(cfg, params, CLaRa.generate, tokens, mask, slot_mask, latents, cache,
-                  deterministic=rng is None, last_logits_only=last_logits_only, rng=rng)
+                  deterministic=rng is None, last_logits_only=last_logits_only,
+                  with_copied=with_copied, rng=rng)
 
 
 def param_group(path) -> str:

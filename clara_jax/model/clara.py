@@ -214,13 +214,15 @@ class CLaRa(nn.Module):
         return self.compress(tokens, mask, adapter="query", deterministic=deterministic)
 
     def generate(self, tokens, mask, slot_mask, latents, cache=None, deterministic: bool = True,
-                 last_logits_only: bool = False):
+                 last_logits_only: bool = False, with_copied: bool = False):
         """The generator forward with documents given as latents.
 
         tokens: int32[B, T]; mask: bool[B, T]; slot_mask: bool[B, T] with K·M True positions
         per row (fewer when a cache holds earlier slots); latents: float[B, K, M, L].
         Returns (logits float32[B, T, V] (or [B, 1, V], the last position, with
-        `last_logits_only`), new cache or None).
+        `last_logits_only`), new cache or None); with `with_copied` (model.latent_copy) also
+        the copy path's own log-distribution float32[B, T, V] before the gate mixes it in
+        (what train.pointer_weight trains).
         """
         cfg = self.cfg
         b = latents.shape[0]
@@ -233,6 +235,8 @@ class CLaRa(nn.Module):
                                                  last_logits_only=last_logits_only,
                                                  inject_span=cfg.latent_span)
         if not cfg.latent_copy:
+            if with_copied:
+                raise ValueError("with_copied needs model.latent_copy=True")
             return logits, new_cache
         seen = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
         positions, _ = rope_positions(mask, seen, slot_mask, cfg.latent_span)
@@ -241,16 +245,17 @@ class CLaRa(nn.Module):
         # so it copies nothing from them either.
         memory = {"copy_keys": keys, "copy_probs": probs,
                   "copy_rows": jnp.any(slot_mask, axis=1).astype(jnp.float32)}
-        return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
+        out = self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
+        return out if with_copied else out[:2]
 
     def _with_copy(self, logits, hidden, positions, memory, new_cache, last_logits_only):
         """copy_mix under memory = {copy_keys, copy_probs, copy_rows}, which decoding steps
-        then read from the cache."""
+        then read from the cache -> (mixed log-probs, new cache, copied log-probs)."""
         if last_logits_only:
             hidden, positions = hidden[:, -1:], positions[:, -1:]
-        logits = self.copy_mix(logits, hidden, positions, memory["copy_keys"],
-                               memory["copy_probs"], memory["copy_rows"])
-        return logits, None if new_cache is None else {**new_cache, **memory}
+        mixed, copied = self.copy_mix(logits, hidden, positions, memory["copy_keys"],
+                                      memory["copy_probs"], memory["copy_rows"])
+        return mixed, None if new_cache is None else {**new_cache, **memory}, copied
 
     def copy_memory(self, latents, positions, slot_mask):
         """What the copy path attends over (model.latent_copy): latents float[B, K, M, L];
@@ -276,8 +281,9 @@ class CLaRa(nn.Module):
         """The generator's output with the copy path: logits float32[B, T, V]; hidden
         float[B, T, D] (its final states); positions int32[B, T]; keys, probs from
         `copy_memory`; rows float32[B] (1 where the row's prompt has latent slots, else 0) ->
-        log-probabilities float32[B, T, V]: (1 - g) softmax(logits) + g times the attention-
-        weighted read-outs, g = rows times the sigmoid of a learned gate on the state.
+        (mixed, copied) log-probabilities float32[B, T, V]: copied = the attention-weighted
+        read-outs, mixed = (1 - g) softmax(logits) + g copied, g = rows times the sigmoid of a
+        learned gate on the state.
 
         Reading sub-position r of one latent needs its own map per r inside the generator,
         which it did not learn in 1,000 steps at 17 tokens a latent; the span read-out already
@@ -286,7 +292,8 @@ class CLaRa(nn.Module):
         weights, gate = self.copy_pointer(hidden, positions, keys)
         copied = jnp.einsum("bts,bsv->btv", weights, probs)
         gate = gate * rows[:, None, None]
-        return jnp.log((1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied + 1e-9)
+        mixed = (1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied
+        return jnp.log(mixed + 1e-9), jnp.log(copied + 1e-9)
 
     def copy_pointer(self, hidden, positions, keys):
         """Where the copy path points and how much it copies: hidden float[B, T, D];
@@ -326,7 +333,8 @@ class CLaRa(nn.Module):
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask
         positions, _ = rope_positions(mask, cache["next_position"])
         memory = {k: cache[k] for k in ("copy_keys", "copy_probs", "copy_rows")}
-        return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
+        return self._with_copy(logits, hidden, positions, memory, new_cache,
+                               last_logits_only)[:2]
 
     def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):
         """Touches every parameter (used by init)."""

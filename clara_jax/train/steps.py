@@ -84,6 +84,18 @@ def _gen_ce(cfg, params, batch, latents, rng):
     return losses.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
+def _gen_and_pointer_ce(cfg, params, batch, latents, rng):
+    """(answer CE, target tokens, the copy path's own answer CE on the rows with latent
+    slots) from one generator forward (train.pointer_weight)."""
+    logits, _, copied = generate_logits(cfg, params, batch["tokens"], batch["mask"],
+                                        batch["slot_mask"], latents, rng=rng, with_copied=True)
+    ce, n = losses.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    latent_rows = jnp.any(batch["slot_mask"], axis=1, keepdims=True)
+    pointer, _ = losses.token_cross_entropy(copied, batch["targets"],
+                                            batch["loss_mask"] & latent_rows)
+    return ce, n, pointer
+
+
 def _rngs(rng, n: int) -> list:
     """n dropout keys, or n Nones for evaluation."""
     return [None] * n if rng is None else list(jax.random.split(rng, n))
@@ -125,10 +137,16 @@ def _stage12_loss(config: ml_collections.ConfigDict, cfg: ModelConfig, params, b
     flat, doc_mean, mem_mean = compress(cfg, params, doc_tokens, doc_mask, rng=r_doc,
                                         with_means=True)
     latents = flat.reshape(b, kd, *flat.shape[1:])
-    ce, n = _gen_ce(cfg, params, batch, latents, r_gen)
+    if float(t.pointer_weight) > 0:
+        ce, n, pointer = _gen_and_pointer_ce(cfg, params, batch, latents, r_gen)
+    else:
+        ce, n = _gen_ce(cfg, params, batch, latents, r_gen)
     mse = losses.mse_alignment(doc_mean, mem_mean, jnp.any(doc_mask, axis=-1))
     loss = ce + float(t.mse_weight) * mse
     metrics = {"loss": loss, "ce": ce, "mse": mse, "target_tokens": n}
+    if float(t.pointer_weight) > 0:
+        loss = loss + float(t.pointer_weight) * pointer
+        metrics.update(loss=loss, pointer=pointer)
     if float(t.span_weight) > 0:
         span = _span_loss(cfg, params, flat, doc_tokens, doc_mask)
         loss = loss + float(t.span_weight) * span
