@@ -216,7 +216,7 @@ def test_chunk_write_and_copy_path_train_in_stage_1(tiny_config):
 def test_pointer_loss_reaches_the_pointer_through_a_shut_gate(tiny_config):
     # train.pointer_weight: the copy path's own answer CE. With the gate open it is the answer
     # CE itself; with the gate shut the answer CE passes the pointer no gradient, the pointer
-    # loss does.
+    # loss does, and it leaves the span read-outs it points at to the span loss.
     config = _overfit_config(tiny_config, span_weight=1.0)
     config.model.span_head = True
     config.model.latent_copy = True
@@ -224,18 +224,21 @@ def test_pointer_loss_reaches_the_pointer_through_a_shut_gate(tiny_config):
     params = init_params(cfg, jax.random.key(0))
     batch = {k: jnp.asarray(v) for k, v in next(SyntheticLoader(config, 1, fixed=True)).items()}
 
-    def loss_and_grad(weight, gate_bias):
+    def loss_and_grads(weight, gate_bias):
         c = config.copy_and_resolve_references()
         c.train.pointer_weight = weight
         p = dict(params, copy_gate_bias=jnp.full_like(params["copy_gate_bias"], gate_bias))
         loss_fn = make_loss_fn(c, cfg, 1)
-        return jax.jit(jax.value_and_grad(lambda q: loss_fn(dict(p, copy_query=q), batch,
-                                                             None), has_aux=True)
-                       )(p["copy_query"])
+        names = ("copy_query", "span_head")
+        return jax.jit(jax.value_and_grad(
+            lambda sub: loss_fn({**p, **sub}, batch, None), has_aux=True))(
+                {k: p[k] for k in names})
 
-    (_, m), _ = loss_and_grad(1.0, 30.0)
+    (_, m), _ = loss_and_grads(1.0, 30.0)
     np.testing.assert_allclose(float(m["pointer"]), float(m["ce"]), rtol=1e-4)
-    (_, m), shut = loss_and_grad(0.0, -30.0)
-    assert "pointer" not in m and float(jnp.abs(shut).max()) < 1e-9
-    (_, m), pointed = loss_and_grad(1.0, -30.0)
-    assert np.isfinite(float(m["pointer"])) and float(jnp.abs(pointed).max()) > 1e-4
+    (_, m), shut = loss_and_grads(0.0, -30.0)
+    assert "pointer" not in m and float(jnp.abs(shut["copy_query"]).max()) < 1e-9
+    (_, m), pointed = loss_and_grads(1.0, -30.0)
+    assert np.isfinite(float(m["pointer"]))
+    assert float(jnp.abs(pointed["copy_query"]).max()) > 1e-4
+    np.testing.assert_allclose(pointed["span_head"], shut["span_head"], atol=1e-7)

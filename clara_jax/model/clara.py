@@ -221,8 +221,8 @@ class CLaRa(nn.Module):
         per row (fewer when a cache holds earlier slots); latents: float[B, K, M, L].
         Returns (logits float32[B, T, V] (or [B, 1, V], the last position, with
         `last_logits_only`), new cache or None); with `with_copied` (model.latent_copy) also
-        the copy path's own log-distribution float32[B, T, V] before the gate mixes it in
-        (what train.pointer_weight trains).
+        the copy path's own log-distribution float32[B, T, V] before the gate mixes it in, its
+        read-outs held constant (what train.pointer_weight trains: the pointer).
         """
         cfg = self.cfg
         b = latents.shape[0]
@@ -283,7 +283,8 @@ class CLaRa(nn.Module):
         `copy_memory`; rows float32[B] (1 where the row's prompt has latent slots, else 0) ->
         (mixed, copied) log-probabilities float32[B, T, V]: copied = the attention-weighted
         read-outs, mixed = (1 - g) softmax(logits) + g copied, g = rows times the sigmoid of a
-        learned gate on the state.
+        learned gate on the state; the returned copied one holds the read-outs constant
+        (its gradient reaches the pointer only).
 
         Reading sub-position r of one latent needs its own map per r inside the generator,
         which it did not learn in 1,000 steps at 17 tokens a latent; the span read-out already
@@ -293,7 +294,10 @@ class CLaRa(nn.Module):
         copied = jnp.einsum("bts,bsv->btv", weights, probs)
         gate = gate * rows[:, None, None]
         mixed = (1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied
-        return jnp.log(mixed + 1e-9), jnp.log(copied + 1e-9)
+        # The pointer's own loss must not rewrite the read-outs (the span loss writes them):
+        # through them it halved the answer tokens read out (projects/demo/README.md, arm E).
+        pointed = jnp.einsum("bts,bsv->btv", weights, jax.lax.stop_gradient(probs))
+        return jnp.log(mixed + 1e-9), jnp.log(pointed + 1e-9)
 
     def copy_pointer(self, hidden, positions, keys):
         """Where the copy path points and how much it copies: hidden float[B, T, D];

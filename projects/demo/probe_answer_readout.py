@@ -80,7 +80,10 @@ def pointer_stats(cfg, params, batches) -> dict:
     stage-1 rows with their own documents' latents: the mean gate; the share of answer tokens
     some (latent, sub-position) source's read-out argmax equals (`source_exists`); the
     pointer's attention mass on such sources, there; and the target's probability under the
-    copied distribution, the generator's own softmax and their mix (what training sees)."""
+    copied distribution, the generator's own softmax and their mix (what training sees); and
+    the copy path's ceiling on these latents: the target's probability at its best source (a
+    pointer that put all its mass there), the share of answer tokens where that beats the
+    generator, and the mix under that pointer and a gate that picks the better of the two."""
     import jax
     import jax.numpy as jnp
 
@@ -110,9 +113,15 @@ def pointer_stats(cfg, params, batches) -> dict:
                                      -1)[..., 0]
         own = jnp.take_along_axis(jax.nn.softmax(logits, -1), target, -1)[..., 0]
         g = gate[..., 0]
+        at_target = jnp.take_along_axis(
+            probs, jnp.broadcast_to(batch["targets"][:, None], probs.shape[:2] + target.shape[1:2]),
+            -1)  # [B, S, T]: p_s(target_t)
+        best = at_target.max(1)
         return {"gate": g, "source_exists": is_source.any(-1),
                 "pointer_mass": jnp.sum(weights * is_source, -1), "p_copied": copied,
-                "p_generator": own, "p_mixed": (1 - g) * own + g * copied}
+                "p_generator": own, "p_mixed": (1 - g) * own + g * copied,
+                "p_best_source": best, "best_source_beats_generator": best > own,
+                "p_oracle_mix": jnp.maximum(best, own)}
 
     sums, n, mass_there = {}, 0, 0.0
     for batch in batches:

@@ -281,10 +281,12 @@ def test_answer_readout_probe_finds_answers_and_scores_them(pretrained, tiny_con
 
 def test_pointer_stats_rebuild_the_copy_path_of_the_forward(pretrained, tiny_config):
     """With the gate forced shut or open, the probe's mixed probability of each answer token
-    is the generator forward's own (`generate_logits`, which mixes in the copy path)."""
+    is the generator forward's own (`generate_logits`, which mixes in the copy path), and
+    its ceiling is the best span read-out's (`latent_span_logits`)."""
+    import jax
     import jax.numpy as jnp
 
-    from clara_jax.model import compress_docs, generate_logits
+    from clara_jax.model import compress_docs, generate_logits, latent_span_logits
     from projects.demo.probe_answer_readout import pointer_stats
 
     out, _ = pretrained
@@ -308,3 +310,14 @@ def test_pointer_stats_rebuild_the_copy_path_of_the_forward(pretrained, tiny_con
         want = float(np.mean(np.concatenate(probs)))
         assert abs(got["p_mixed"] - want) < 2e-4, (bias, got, want)
         assert abs(got[share] - want) < 2e-4, (bias, got, want)
+    # The ceiling: the target's best probability over every latent's span read-outs.
+    best = []
+    for b in batches:
+        latents = compress_docs(cfg, params, b["doc_tokens"], b["doc_mask"])
+        read = jax.nn.softmax(latent_span_logits(cfg, params, latents[:, 0], cfg.span_head_rate))
+        read = np.asarray(read).reshape(read.shape[0], -1, read.shape[-1])  # [B, S, V]
+        at = np.take_along_axis(read, np.asarray(b["targets"])[:, None, :], -1).max(1)
+        best.append(at[np.asarray(b["loss_mask"])])
+    assert abs(got["p_best_source"] - float(np.mean(np.concatenate(best)))) < 2e-4, got
+    assert got["p_copied"] <= got["p_best_source"] <= got["p_oracle_mix"]
+    assert got["p_generator"] <= got["p_oracle_mix"]
