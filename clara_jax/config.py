@@ -92,6 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
     # their source; decoding keeps the pairs' keys and read-outs in the KV cache. Needs
     # model.span_head. Off: the generator reads the latents through its layers alone.
     m.latent_copy = False
+    # The copy path's pointer also matches by content (params "copy_content_query",
+    # "copy_content_key"): each pair's key gains, in dimensions RoPE leaves alone, its
+    # read-out's expected output embedding, so the pointer can pick a sub-position by the
+    # token it reads. Without it a latent's sub-positions differ only by a learned code of r.
+    # Needs model.latent_copy.
+    m.copy_content = False
     m.scan_layers = False
     m.remat = "none"
     m.dtype = "float32"  # compute dtype; trainable params stay float32 (master weights)
@@ -235,6 +241,9 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
         _fail("model.latent_positions", m.latent_positions, f"must be one of {LATENT_POSITIONS}")
     if not m.span_code >= 0:  # also refuses NaN
         _fail("model.span_code", m.span_code, "must be >= 0 (0: off)")
+    if m.copy_content and not m.latent_copy:
+        _fail("model.copy_content", m.copy_content,
+              "needs model.latent_copy=True (it is a part of the copy path's pointer)")
     if m.latent_copy and not m.span_head:
         _fail("model.latent_copy", m.latent_copy,
               "needs model.span_head=True (its read-outs are what the copy path copies)")

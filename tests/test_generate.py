@@ -293,14 +293,20 @@ def test_generation_on_an_8_device_mesh_matches_one_device(tmp_path):
     assert r.returncode == 0 and "MESH_OK" in r.stdout, r.stderr[-3000:]
 
 
-def test_copy_path_decodes_from_the_cache_as_full_recomputation_does(tiny_cfg):
+@pytest.mark.parametrize("content", [False, True])
+def test_copy_path_decodes_from_the_cache_as_full_recomputation_does(tiny_cfg, content):
     # model.latent_copy: the prefill puts the copy memory (keys and read-outs of every
-    # latent's sub-positions) in the cache, and each decoding step mixes it in again.
+    # latent's sub-positions) in the cache, and each decoding step mixes it in again;
+    # model.copy_content's key half rides in the same cached keys.
     from clara_jax.model import init_params
 
-    cfg = dataclasses.replace(tiny_cfg, span_head_rate=8, latent_span=8, latent_copy=True)
+    cfg = dataclasses.replace(tiny_cfg, span_head_rate=8, latent_span=8, latent_copy=True,
+                              copy_content=content)
     params = init_params(cfg, jax.random.key(3))
     params = {**params, "copy_gate_bias": jnp.full((1,), 1.0)}
+    if content:  # zero at init; a drawn one makes the content term count
+        params["copy_content_key"] = jax.random.normal(
+            jax.random.key(4), params["copy_content_key"].shape)
     prompts, slots, lat = _latent_prompts(cfg, params, [4, 9, 1])
     kw = dict(eos_id=-1, max_new_tokens=10)
     cached = G.Generator(cfg, params, **kw)(prompts, slots=slots, latents=lat)

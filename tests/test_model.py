@@ -610,6 +610,32 @@ def test_copy_path_mixes_the_span_read_outs_into_normalised_log_probs(tiny_cfg):
     assert not np.allclose(logp[0], jax.nn.log_softmax(own[0]), atol=1e-3)
 
 
+def test_copy_content_starts_as_the_copy_path_without_it(tiny_cfg):
+    # model.copy_content's key side is zero at init, so a start without it (arm D of
+    # projects/demo/README.md) keeps its function when the run turns it on; a trained key
+    # side moves the pointer.
+    m, r = tiny_cfg.num_memory_tokens, 8
+    cfg = dataclasses.replace(tiny_cfg, span_head_rate=r, latent_span=r, latent_copy=True,
+                              copy_content=True)
+    params = fit_optional_params(
+        cfg, {**init_params(dataclasses.replace(cfg, copy_content=False), jax.random.key(0)),
+              "copy_gate_bias": jnp.full((1,), 2.0)}, 0)
+    plain = {k: v for k, v in params.items() if not k.startswith("copy_content")}
+    lat = compress(cfg, params, _tokens(cfg, 2, m * r), jnp.ones((2, m * r), bool))[:, None]
+    t = m + 6
+    toks, mask = _tokens(cfg, 2, t, seed=4), jnp.ones((2, t), bool)
+    slot = jnp.broadcast_to(jnp.arange(t) < m, (2, t))
+    with_content, _ = generate_logits(cfg, params, toks, mask, slot, lat)
+    without, _ = generate_logits(dataclasses.replace(cfg, copy_content=False), plain, toks, mask,
+                                 slot, lat)
+    np.testing.assert_allclose(with_content, without, atol=1e-5)
+    trained = {**params, "copy_content_key": jax.random.normal(
+        jax.random.key(1), params["copy_content_key"].shape)}
+    moved, _ = generate_logits(cfg, trained, toks, mask, slot, lat)
+    np.testing.assert_allclose(jax.nn.logsumexp(moved, axis=-1), 0.0, atol=1e-4)
+    assert not np.allclose(moved, without, atol=1e-3)
+
+
 def test_a_start_gets_the_optional_params_of_the_run_s_shape(tiny_cfg):
     # A start made at another rate (bench/channel.py: each length has its own) or without a
     # head gets a fresh head (and chunk write) of the run's shape; a run without one drops it.

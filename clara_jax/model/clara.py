@@ -133,6 +133,12 @@ class CLaRa(nn.Module):
             self.copy_gate = param("copy_gate", (cfg.dim, 1), (sh.EMBED, None),
                                    nn.initializers.zeros)
             self.copy_gate_bias = param("copy_gate_bias", (1,), (None,), nn.initializers.zeros)
+            if cfg.copy_content:
+                # The key side from zero: the content term starts at 0, the pointer as without.
+                self.copy_content_query = param("copy_content_query", (cfg.dim, h),
+                                                (sh.EMBED, None), nn.initializers.lecun_normal())
+                self.copy_content_key = param("copy_content_key", (cfg.dim, h),
+                                              (sh.EMBED, None), nn.initializers.zeros)
         if cfg.chunk_write_rate:
             # Zero at init: training starts from the published write (memory tokens alone).
             self.chunk_write = self.param(
@@ -260,7 +266,9 @@ class CLaRa(nn.Module):
     def copy_memory(self, latents, positions, slot_mask):
         """What the copy path attends over (model.latent_copy): latents float[B, K, M, L];
         positions int32[B, T] (the prompt's RoPE positions) and slot_mask bool[B, T] (its K·M
-        latent slots, in order) -> (keys float32[B, S, H], probs float32[B, S, V]) for the
+        latent slots, in order) -> (keys float32[B, S, H] (2H with model.copy_content: the
+        read-out's expected output embedding times `copy_content_key`, not rotated, after),
+        probs float32[B, S, V]) for the
         S = K·M·R (latent, sub-position) pairs: key = the latent's generator input times
         `copy_key` plus a learned code of r, rotated to where the r-th token of its text would
         sit; probs = the span read-out's softmax (`span_logits`)."""
@@ -275,7 +283,11 @@ class CLaRa(nn.Module):
         positions = (slot_positions[:, :, None] + offset).reshape(b, k * m * r)
         keys = apply_rope(keys.reshape(b, k * m * r, 1, -1), positions, cfg.rope_theta)[:, :, 0]
         probs = jax.nn.softmax(self.span_logits(latents.reshape(b, k * m, -1)), axis=-1)
-        return keys, probs.reshape(b, k * m * r, -1)
+        probs = probs.reshape(b, k * m * r, -1)
+        if cfg.copy_content:
+            embeds = jnp.einsum("bsv,dv->bsd", probs, self.output_embedding())
+            keys = jnp.concatenate([keys, embeds @ self.copy_content_key], axis=-1)
+        return keys, probs
 
     def copy_mix(self, logits, hidden, positions, keys, probs, rows):
         """The generator's output with the copy path: logits float32[B, T, V]; hidden
@@ -307,9 +319,17 @@ class CLaRa(nn.Module):
         h32 = hidden.astype(jnp.float32)
         query = apply_rope((h32 @ self.copy_query)[:, :, None], positions,
                            self.cfg.rope_theta)[:, :, 0]
+        if self.cfg.copy_content:
+            query = jnp.concatenate([query, h32 @ self.copy_content_query], axis=-1)
         weights = jax.nn.softmax(jnp.einsum("bth,bsh->bts", query, keys)
-                                 / np.sqrt(keys.shape[-1]), axis=-1)
+                                 / np.sqrt(self.cfg.head_dim), axis=-1)
         return weights, jax.nn.sigmoid(h32 @ self.copy_gate + self.copy_gate_bias)
+
+    def output_embedding(self):
+        """The decoder's output embedding float32[D, V] (its token embedding when tied)."""
+        p = self.decoder.variables["params"]
+        w = p["embedding"].T if self.cfg.tie_embeddings else p["unembed"]
+        return nn.unbox(w).astype(jnp.float32)  # boxed (logically partitioned) during init
 
     def as_inputs(self, latents):
         """latents float[..., M, L] -> the generator's input embeddings float[..., M, D]

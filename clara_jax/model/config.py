@@ -34,6 +34,8 @@ class ModelConfig:
     chunk_write_rate: int = 0
     # The generator's copy path over the span read-outs (model.latent_copy; needs span_head).
     latent_copy: bool = False
+    # The pointer's content term (model.copy_content).
+    copy_content: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
@@ -93,7 +95,7 @@ class ModelConfig:
             span_code_period=int(config.data.compression_rate) if m.span_code else 1,
             span_head_rate=int(config.data.compression_rate) if m.span_head else 0,
             chunk_write_rate=int(config.data.compression_rate) if m.chunk_write else 0,
-            latent_copy=bool(m.latent_copy),
+            latent_copy=bool(m.latent_copy), copy_content=bool(m.copy_content),
             rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps), qkv_bias=m.qkv_bias,
             tie_embeddings=m.tie_embeddings, max_len=m.max_len, scan_layers=m.scan_layers,
             remat=m.remat, dtype=m.dtype, base_dtype=m.base_dtype, init_std=float(m.init_std),

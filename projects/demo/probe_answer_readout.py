@@ -75,6 +75,26 @@ def readout_guesses(cfg, params, batches) -> list[np.ndarray]:
     return [np.asarray(guess(params, b["doc_tokens"], b["doc_mask"])) for b in batches]
 
 
+def generator_states(cfg, params, batch):
+    """A stage-1 batch teacher-forced through the generator (traceable) -> (latents
+    float[B, 1, M, L], the decoder's logits float32[B, T, V] before the copy path, its final
+    states float[B, T, D], the prompt's RoPE positions int32[B, T])."""
+    import jax.numpy as jnp
+
+    from clara_jax.model import compress_docs
+    from clara_jax.model.clara import CLaRa
+    from clara_jax.model.decoder import Decoder, rope_positions
+
+    latents = compress_docs(cfg, params, batch["doc_tokens"], batch["doc_mask"])
+    _, captured = CLaRa(cfg).apply(
+        {"params": params}, batch["tokens"], batch["mask"], batch["slot_mask"], latents,
+        method=CLaRa.generate, capture_intermediates=lambda m, _: isinstance(m, Decoder))
+    logits, hidden, _ = captured["intermediates"]["decoder"]["__call__"][0]
+    positions, _ = rope_positions(batch["mask"], jnp.zeros((latents.shape[0],), jnp.int32),
+                                  batch["slot_mask"], cfg.latent_span)
+    return latents, logits, hidden, positions
+
+
 def pointer_stats(cfg, params, batches) -> dict:
     """The copy path at the answer tokens (model.latent_copy), teacher-forced on the same
     stage-1 rows with their own documents' latents: the mean gate; the share of answer tokens
@@ -87,22 +107,14 @@ def pointer_stats(cfg, params, batches) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from clara_jax.model import compress_docs
     from clara_jax.model.clara import CLaRa
-    from clara_jax.model.decoder import Decoder, rope_positions
 
     model = CLaRa(cfg)
 
     @jax.jit
     def stats(params, batch):
-        latents = compress_docs(cfg, params, batch["doc_tokens"], batch["doc_mask"])
+        latents, logits, hidden, positions = generator_states(cfg, params, batch)
         variables = {"params": params}
-        _, captured = model.apply(
-            variables, batch["tokens"], batch["mask"], batch["slot_mask"], latents,
-            method=CLaRa.generate, capture_intermediates=lambda m, _: isinstance(m, Decoder))
-        logits, hidden, _ = captured["intermediates"]["decoder"]["__call__"][0]
-        positions, _ = rope_positions(batch["mask"], jnp.zeros((latents.shape[0],), jnp.int32),
-                                      batch["slot_mask"], cfg.latent_span)
         keys, probs = model.apply(variables, latents, positions, batch["slot_mask"],
                                   method=CLaRa.copy_memory)
         weights, gate = model.apply(variables, hidden, positions, keys,
