@@ -34,7 +34,8 @@ TRAIN_SEED = 9500  # a world no pretraining run of projects/demo/README.md used
 def frozen_inputs(cfg, params, batches) -> list[dict]:
     """What the pointer and the gate see, per stage-1 batch (held while they train): latents
     [B, 1, M, L], final states [B, T, D], positions int32[B, T], slot_mask, the generator's
-    p(target) float32[B, T], each source's p_s(target) float32[B, S, T], loss_mask."""
+    p(target) float32[B, T], each source's p_s(target) float32[B, S, T], each source's
+    expected output embedding float32[B, S, D] (`run`'s content term), loss_mask."""
     import jax
     import jax.numpy as jnp
 
@@ -52,9 +53,10 @@ def frozen_inputs(cfg, params, batches) -> list[dict]:
         own = jnp.take_along_axis(jax.nn.softmax(logits, -1), t[..., None], -1)[..., 0]
         # Each source's expected output embedding: what its read-out token would be to a
         # query that speaks the generator's language (the content keys' values).
-        embeds = jnp.einsum("bsv,dv->bsd", probs, params["decoder"]["unembed"].astype(probs.dtype))
-        return {"source_embeds": embeds,"latents": latents, "hidden": hidden, "positions": positions,
+        out_embed = CLaRa(cfg).apply({"params": params}, method=CLaRa.output_embedding)
+        return {"latents": latents, "hidden": hidden, "positions": positions,
                 "slot_mask": batch["slot_mask"], "p_generator": own, "p_sources": at,
+                "source_embeds": jnp.einsum("bsv,dv->bsd", probs, out_embed),
                 "loss_mask": batch["loss_mask"]}
 
     return [one(params, b) for b in batches]
@@ -153,7 +155,8 @@ def run(cfg, params, train_batches, eval_batches, steps: int, loss: str,
         trainable, state, value = step(trainable, state, train_in[i % len(train_in)])
         values.append(float(value))
     jax.block_until_ready(trainable)
-    return {"loss": loss, "content_keys": content_keys, "steps": steps, "train_batches": len(train_in),
+    return {"loss": loss, "content_keys": content_keys, "steps": steps,
+            "train_batches": len(train_in),
             "first_loss": round(float(np.mean(values[:10])), 4) if values else None,
             "last_loss": round(float(np.mean(values[-10:])), 4) if values else None,
             "before": before, "after": summarize(measure, trainable, eval_in),
