@@ -266,12 +266,12 @@ class CLaRa(nn.Module):
     def copy_memory(self, latents, positions, slot_mask):
         """What the copy path attends over (model.latent_copy): latents float[B, K, M, L];
         positions int32[B, T] (the prompt's RoPE positions) and slot_mask bool[B, T] (its K·M
-        latent slots, in order) -> (keys float32[B, S, H] (2H with model.copy_content: the
-        read-out's expected output embedding times `copy_content_key`, not rotated, after),
-        probs float32[B, S, V]) for the
+        latent slots, in order) -> (keys float32[B, S, H], probs float32[B, S, V]) for the
         S = K·M·R (latent, sub-position) pairs: key = the latent's generator input times
         `copy_key` plus a learned code of r, rotated to where the r-th token of its text would
-        sit; probs = the span read-out's softmax (`span_logits`)."""
+        sit; probs = the span read-out's softmax (`span_logits`). With model.copy_content the
+        keys are [B, S, 2H]: after those H, unrotated, the read-out's expected output
+        embedding times `copy_content_key`."""
         cfg = self.cfg
         b, k, m, _ = latents.shape
         r = cfg.span_head_rate
@@ -307,7 +307,8 @@ class CLaRa(nn.Module):
         gate = gate * rows[:, None, None]
         mixed = (1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied
         # The pointer's own loss must not rewrite the read-outs (the span loss writes them):
-        # through them it halved the answer tokens read out (projects/demo/README.md, arm E).
+        # through them it cut the answer tokens read out from 0.49 to 0.23 (arm E of
+        # projects/demo/README.md; held, arm F: 0.38).
         pointed = jnp.einsum("bts,bsv->btv", weights, jax.lax.stop_gradient(probs))
         return jnp.log(mixed + 1e-9), jnp.log(pointed + 1e-9)
 
