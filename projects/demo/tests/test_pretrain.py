@@ -279,6 +279,16 @@ def test_answer_readout_probe_finds_answers_and_scores_them(pretrained, tiny_con
     assert 0.5 < bad["token_accuracy"] < 1.0
 
 
+def _copy_path_start(pretrained, tiny_config):
+    """(cfg, probe batches, params) of the tiny start with the copy path drawn onto it."""
+    out, _ = pretrained
+    config = tiny_config.copy_and_resolve_references()
+    config.model.span_head = config.model.latent_copy = True
+    cfg = ModelConfig.from_config(config)
+    return (cfg, _probe_batches(out, config),
+            pretrain.load_params(out / pretrain.PARAMS_FILE, cfg))
+
+
 def test_pointer_stats_rebuild_the_copy_path_of_the_forward(pretrained, tiny_config):
     """With the gate forced shut or open, the probe's mixed probability of each answer token
     is the generator forward's own (`generate_logits`, which mixes in the copy path), and
@@ -289,12 +299,7 @@ def test_pointer_stats_rebuild_the_copy_path_of_the_forward(pretrained, tiny_con
     from clara_jax.model import compress_docs, generate_logits, latent_span_logits
     from projects.demo.probe_answer_readout import pointer_stats
 
-    out, _ = pretrained
-    config = tiny_config.copy_and_resolve_references()
-    config.model.span_head = config.model.latent_copy = True
-    cfg = ModelConfig.from_config(config)
-    batches = _probe_batches(out, config)
-    params = pretrain.load_params(out / pretrain.PARAMS_FILE, cfg)
+    cfg, batches, params = _copy_path_start(pretrained, tiny_config)
     for bias, share in ((-30.0, "p_generator"), (30.0, "p_copied")):
         p = dict(params, copy_gate_bias=jnp.full((1,), bias))
         got = pointer_stats(cfg, p, batches)
@@ -325,17 +330,11 @@ def test_pointer_stats_rebuild_the_copy_path_of_the_forward(pretrained, tiny_con
 
 def test_pointer_isolation_trains_the_pointer_alone(pretrained, tiny_config):
     """The isolated pointer starts where the probe measures it and, trained on the hard
-    target with the content term, moves its mass toward the best source; nothing but the
-    pointer and the gate changes."""
+    target with the content term, moves its mass toward the best source."""
     from projects.demo.pointer_isolation import run
     from projects.demo.probe_answer_readout import pointer_stats
 
-    out, _ = pretrained
-    config = tiny_config.copy_and_resolve_references()
-    config.model.span_head = config.model.latent_copy = True
-    cfg = ModelConfig.from_config(config)
-    batches = _probe_batches(out, config)
-    params = pretrain.load_params(out / pretrain.PARAMS_FILE, cfg)
+    cfg, batches, params = _copy_path_start(pretrained, tiny_config)
     got = run(cfg, params, batches, batches, steps=60, loss="hard", learning_rate=3e-2,
               content_keys=True)
     probe = pointer_stats(cfg, params, batches)
