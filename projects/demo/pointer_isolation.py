@@ -9,6 +9,9 @@ the gate (`copy_gate`, `copy_gate_bias`) on the mixed answer CE with the copies 
   soft: -log sum_s w_s p_s(target), train.pointer_weight's loss;
   hard: -log w_best, best = argmax_s p_s(target), the source a right pointer would pick.
 
+With `model.copy_content` its content term (`copy_content_query`, `copy_content_key`, drawn
+fresh when the params lack them) trains with the pointer.
+
 `python -m projects.demo.pointer_isolation --config=configs/demo.py --params=P.safetensors
 [--config.model.span_head=true ...] [--steps 400] [--loss soft|hard]` prints one JSON line:
 the probe's `pointer_stats` on the evaluation world (seed 999, never trained on) before and
@@ -26,7 +29,8 @@ from absl import app, flags
 
 from clara_jax.commands.common import check_config_args, define_config_flag, load_config
 
-POINTER_PARAMS = ("copy_query", "copy_key", "copy_subpos")
+POINTER_PARAMS = ("copy_query", "copy_key", "copy_subpos", "copy_content_query",
+                  "copy_content_key")
 GATE_PARAMS = ("copy_gate", "copy_gate_bias")
 TRAIN_SEED = 9500  # a world no pretraining run of projects/demo/README.md used
 
@@ -34,8 +38,7 @@ TRAIN_SEED = 9500  # a world no pretraining run of projects/demo/README.md used
 def frozen_inputs(cfg, params, batches) -> list[dict]:
     """What the pointer and the gate see, per stage-1 batch (held while they train): latents
     [B, 1, M, L], final states [B, T, D], positions int32[B, T], slot_mask, the generator's
-    p(target) float32[B, T], each source's p_s(target) float32[B, S, T], each source's
-    expected output embedding float32[B, S, D] (`run`'s content term), loss_mask."""
+    p(target) float32[B, T], each source's p_s(target) float32[B, S, T], loss_mask."""
     import jax
     import jax.numpy as jnp
 
@@ -51,12 +54,8 @@ def frozen_inputs(cfg, params, batches) -> list[dict]:
         at = jnp.take_along_axis(probs, jnp.broadcast_to(t[:, None], probs.shape[:2] + t.shape[1:]),
                                  -1)
         own = jnp.take_along_axis(jax.nn.softmax(logits, -1), t[..., None], -1)[..., 0]
-        # Each source's expected output embedding: what its read-out token would be to a
-        # query that speaks the generator's language (the content keys' values).
-        out_embed = CLaRa(cfg).apply({"params": params}, method=CLaRa.output_embedding)
         return {"latents": latents, "hidden": hidden, "positions": positions,
                 "slot_mask": batch["slot_mask"], "p_generator": own, "p_sources": at,
-                "source_embeds": jnp.einsum("bsv,dv->bsd", probs, out_embed),
                 "loss_mask": batch["loss_mask"]}
 
     return [one(params, b) for b in batches]
@@ -81,12 +80,6 @@ def make_step(cfg, params, loss: str, learning_rate: float):
                               method=CLaRa.copy_memory)
         weights, gate = model.apply(p, x["hidden"], x["positions"], keys,
                                     method=CLaRa.copy_pointer)
-        if "content_query" in trainable:
-            # softmax(log w + c) = softmax(scores + c): the model's scores plus a content term.
-            q = x["hidden"].astype(jnp.float32) @ trainable["content_query"]
-            k = x["source_embeds"] @ trainable["content_key"]
-            c = jnp.einsum("bth,bsh->bts", q, k) / np.sqrt(q.shape[-1])
-            weights = jax.nn.softmax(jnp.log(weights + 1e-30) + c, axis=-1)
         copied = jnp.einsum("bts,bst->bt", weights, x["p_sources"])
         best = jnp.take_along_axis(weights, jnp.argmax(x["p_sources"], 1)[..., None], -1)[..., 0]
         return weights, gate[..., 0], copied, best
@@ -129,24 +122,15 @@ def summarize(measure, trainable, inputs) -> dict:
 
 
 def run(cfg, params, train_batches, eval_batches, steps: int, loss: str,
-        learning_rate: float = 3e-3, content_keys: bool = False) -> dict:
+        learning_rate: float = 3e-3) -> dict:
     """Trains the pointer and gate for `steps` over `train_batches` (cycled) -> {before, after}
-    summaries on `eval_batches`, the loss's first and last values and the seconds taken.
-    `content_keys`: the pointer's scores also get a content term, (state @ Qc) . (source's
-    expected output embedding @ Kc), Qc and Kc float32[D, H] trained with it (Kc from zero,
-    so the term starts at 0): the model's keys of one latent differ between its sub-positions
-    only by a learned code of r, never by the token each reads out."""
+    summaries on `eval_batches`, the loss's first and last values and the seconds taken."""
     import jax
-    import jax.numpy as jnp
 
     start = time.perf_counter()
     train_in = frozen_inputs(cfg, params, train_batches)
     eval_in = frozen_inputs(cfg, params, eval_batches)
-    trainable = {k: params[k] for k in POINTER_PARAMS + GATE_PARAMS}
-    if content_keys:
-        d, h = params["copy_query"].shape
-        trainable["content_query"] = jax.random.normal(jax.random.key(0), (d, h)) / np.sqrt(d)
-        trainable["content_key"] = jnp.zeros((d, h), jnp.float32)
+    trainable = {k: params[k] for k in POINTER_PARAMS + GATE_PARAMS if k in params}
     frozen = {k: v for k, v in params.items() if k not in trainable}
     init, step, measure = make_step(cfg, frozen, loss, learning_rate)
     before = summarize(measure, trainable, eval_in)
@@ -155,7 +139,7 @@ def run(cfg, params, train_batches, eval_batches, steps: int, loss: str,
         trainable, state, value = step(trainable, state, train_in[i % len(train_in)])
         values.append(float(value))
     jax.block_until_ready(trainable)
-    return {"loss": loss, "content_keys": content_keys, "steps": steps,
+    return {"loss": loss, "copy_content": cfg.copy_content, "steps": steps,
             "train_batches": len(train_in),
             "first_loss": round(float(np.mean(values[:10])), 4) if values else None,
             "last_loss": round(float(np.mean(values[-10:])), 4) if values else None,
@@ -193,8 +177,7 @@ def main(argv) -> None:
     evals = pretrain.eval_batches(tok, {1: fields}, 32)[1]
     params = pretrain.load_params(f.params, cfg)
     print(json.dumps({"params": f.params, "learning_rate": f.learning_rate,
-                      **run(cfg, params, train, evals, f.steps, f.loss, f.learning_rate,
-                            f.content_keys)}))
+                      **run(cfg, params, train, evals, f.steps, f.loss, f.learning_rate)}))
 
 
 if __name__ == "__main__":
@@ -204,7 +187,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("tokenizer", "projects/demo/start/tokenizer", "The model's tokenizer.")
     flags.DEFINE_integer("steps", 400, "Pointer and gate steps.")
     flags.DEFINE_integer("train_batches", 64, "Batches of 32 QA rows of the training world.")
-    flags.DEFINE_bool("content_keys", False, "Add the content term to the pointer (run()).")
     flags.DEFINE_float("learning_rate", 3e-3, "Adam's learning rate.")
     flags.DEFINE_enum("loss", "soft", ["soft", "hard"], "The pointer's loss (module doc).")
     sys.argv[1:] = check_config_args(sys.argv[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -13,7 +14,7 @@ from clara_jax.config import load_config_file
 from clara_jax.data import prepare, prompts, world
 from clara_jax.data.featurize import Featurizer
 from clara_jax.data.tokenizer import load_tokenizer
-from clara_jax.model import ModelConfig, init_params
+from clara_jax.model import ModelConfig, fit_optional_params, init_params
 from clara_jax.train import checkpoint as ckpt
 from projects.demo import pretrain
 from tests.conftest import REPO, TINY_START_ARGS, one_device_target
@@ -335,8 +336,9 @@ def test_pointer_isolation_trains_the_pointer_alone(pretrained, tiny_config):
     from projects.demo.probe_answer_readout import pointer_stats
 
     cfg, batches, params = _copy_path_start(pretrained, tiny_config)
-    got = run(cfg, params, batches, batches, steps=60, loss="hard", learning_rate=3e-2,
-              content_keys=True)
+    content = dataclasses.replace(cfg, copy_content=True)
+    got = run(content, fit_optional_params(content, params, 0), batches, batches, steps=60,
+              loss="hard", learning_rate=3e-2)
     probe = pointer_stats(cfg, params, batches)
     for k in ("gate", "p_copied", "p_generator", "p_best_source", "p_mixed", "p_oracle_mix"):
         assert abs(got["before"][k] - probe[k]) < 2e-4, (k, got["before"], probe)
