@@ -43,7 +43,7 @@ def frozen_inputs(cfg, params, batches) -> list[dict]:
     import jax.numpy as jnp
 
     from clara_jax.model.clara import CLaRa
-    from projects.demo.probe_answer_readout import generator_states
+    from projects.demo.probe_answer_readout import generator_states, sources_at_targets
 
     @jax.jit
     def one(params, batch):
@@ -51,11 +51,10 @@ def frozen_inputs(cfg, params, batches) -> list[dict]:
         _, probs = CLaRa(cfg).apply({"params": params}, latents, positions, batch["slot_mask"],
                                     method=CLaRa.copy_memory)
         t = batch["targets"]
-        at = jnp.take_along_axis(probs, jnp.broadcast_to(t[:, None], probs.shape[:2] + t.shape[1:]),
-                                 -1)
         own = jnp.take_along_axis(jax.nn.softmax(logits, -1), t[..., None], -1)[..., 0]
         return {"latents": latents, "hidden": hidden, "positions": positions,
-                "slot_mask": batch["slot_mask"], "p_generator": own, "p_sources": at,
+                "slot_mask": batch["slot_mask"], "p_generator": own,
+                "p_sources": sources_at_targets(probs, t),
                 "loss_mask": batch["loss_mask"]}
 
     return [one(params, b) for b in batches]

@@ -95,6 +95,15 @@ def generator_states(cfg, params, batch):
     return latents, logits, hidden, positions
 
 
+def sources_at_targets(probs, targets):
+    """Each source's read-out probability of each target: probs float32[B, S, V], targets
+    int32[B, T] -> float32[B, S, T] (traceable)."""
+    import jax.numpy as jnp
+
+    index = jnp.broadcast_to(targets[:, None], probs.shape[:2] + targets.shape[1:])
+    return jnp.take_along_axis(probs, index, -1)
+
+
 def pointer_stats(cfg, params, batches) -> dict:
     """The copy path at the answer tokens (model.latent_copy), teacher-forced on the same
     stage-1 rows with their own documents' latents: the mean gate; the share of answer tokens
@@ -125,10 +134,7 @@ def pointer_stats(cfg, params, batches) -> dict:
                                      -1)[..., 0]
         own = jnp.take_along_axis(jax.nn.softmax(logits, -1), target, -1)[..., 0]
         g = gate[..., 0]
-        at_target = jnp.take_along_axis(
-            probs, jnp.broadcast_to(batch["targets"][:, None], probs.shape[:2] + target.shape[1:2]),
-            -1)  # [B, S, T]: p_s(target_t)
-        best = at_target.max(1)
+        best = sources_at_targets(probs, batch["targets"]).max(1)
         return {"gate": g, "source_exists": is_source.any(-1),
                 "pointer_mass": jnp.sum(weights * is_source, -1), "p_copied": copied,
                 "p_generator": own, "p_mixed": (1 - g) * own + g * copied,
