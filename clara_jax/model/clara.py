@@ -251,17 +251,20 @@ class CLaRa(nn.Module):
         # so it copies nothing from them either.
         memory = {"copy_keys": keys, "copy_probs": probs,
                   "copy_rows": jnp.any(slot_mask, axis=1).astype(jnp.float32)}
-        out = self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
-        return out if with_copied else out[:2]
+        return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only,
+                               with_copied)
 
-    def _with_copy(self, logits, hidden, positions, memory, new_cache, last_logits_only):
+    def _with_copy(self, logits, hidden, positions, memory, new_cache, last_logits_only,
+                   with_copied: bool = False):
         """copy_mix under memory = {copy_keys, copy_probs, copy_rows}, which decoding steps
-        then read from the cache -> (mixed log-probs, new cache, copied log-probs)."""
+        then read from the cache -> (mixed log-probs, new cache), plus copy_mix's copied
+        log-probs with `with_copied`."""
         if last_logits_only:
             hidden, positions = hidden[:, -1:], positions[:, -1:]
-        mixed, copied = self.copy_mix(logits, hidden, positions, memory["copy_keys"],
-                                      memory["copy_probs"], memory["copy_rows"])
-        return mixed, None if new_cache is None else {**new_cache, **memory}, copied
+        out = self.copy_mix(logits, hidden, positions, memory["copy_keys"],
+                            memory["copy_probs"], memory["copy_rows"], with_copied)
+        cache = None if new_cache is None else {**new_cache, **memory}
+        return (out[0], cache, out[1]) if with_copied else (out, cache)
 
     def copy_memory(self, latents, positions, slot_mask):
         """What the copy path attends over (model.latent_copy): latents float[B, K, M, L];
@@ -289,14 +292,14 @@ class CLaRa(nn.Module):
             keys = jnp.concatenate([keys, embeds @ self.copy_content_key], axis=-1)
         return keys, probs
 
-    def copy_mix(self, logits, hidden, positions, keys, probs, rows):
+    def copy_mix(self, logits, hidden, positions, keys, probs, rows, with_copied: bool = False):
         """The generator's output with the copy path: logits float32[B, T, V]; hidden
         float[B, T, D] (its final states); positions int32[B, T]; keys, probs from
         `copy_memory`; rows float32[B] (1 where the row's prompt has latent slots, else 0) ->
-        (mixed, copied) log-probabilities float32[B, T, V]: copied = the attention-weighted
-        read-outs, mixed = (1 - g) softmax(logits) + g copied, g = rows times the sigmoid of a
-        learned gate on the state; the returned copied one holds the read-outs constant
-        (its gradient reaches the pointer only).
+        mixed log-probabilities float32[B, T, V], (1 - g) softmax(logits) + g copied: copied =
+        the attention-weighted read-outs, g = rows times the sigmoid of a learned gate on the
+        state. With `with_copied`, (mixed, copied's log) where copied holds the read-outs
+        constant (its gradient reaches the pointer only).
 
         Reading sub-position r of one latent needs its own map per r inside the generator,
         which it did not learn in 1,000 steps at 17 tokens a latent; the span read-out already
@@ -305,12 +308,14 @@ class CLaRa(nn.Module):
         weights, gate = self.copy_pointer(hidden, positions, keys)
         copied = jnp.einsum("bts,bsv->btv", weights, probs)
         gate = gate * rows[:, None, None]
-        mixed = (1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied
+        mixed = jnp.log((1 - gate) * jax.nn.softmax(logits, axis=-1) + gate * copied + 1e-9)
+        if not with_copied:
+            return mixed
         # The pointer's own loss must not rewrite the read-outs (the span loss writes them):
         # through them it cut the answer tokens read out from 0.49 to 0.23 (arm E of
         # projects/demo/README.md; held, arm F: 0.38).
         pointed = jnp.einsum("bts,bsv->btv", weights, jax.lax.stop_gradient(probs))
-        return jnp.log(mixed + 1e-9), jnp.log(pointed + 1e-9)
+        return mixed, jnp.log(pointed + 1e-9)
 
     def copy_pointer(self, hidden, positions, keys):
         """Where the copy path points and how much it copies: hidden float[B, T, D];
@@ -358,8 +363,7 @@ class CLaRa(nn.Module):
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask
         positions, _ = rope_positions(mask, cache["next_position"])
         memory = {k: cache[k] for k in ("copy_keys", "copy_probs", "copy_rows")}
-        return self._with_copy(logits, hidden, positions, memory, new_cache,
-                               last_logits_only)[:2]
+        return self._with_copy(logits, hidden, positions, memory, new_cache, last_logits_only)
 
     def __call__(self, doc_tokens, doc_mask, tokens, mask, slot_mask):
         """Touches every parameter (used by init)."""

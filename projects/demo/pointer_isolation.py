@@ -61,9 +61,9 @@ def frozen_inputs(cfg, params, batches) -> list[dict]:
 
 
 def make_step(cfg, params, loss: str, learning_rate: float):
-    """(init(trainable) -> opt state, step(trainable, opt, inputs) -> (trainable, opt,
-    metrics), measure(trainable, inputs) -> per-token arrays) over trainable = the pointer's
-    and the gate's params."""
+    """(init(trainable) -> opt state, step(trainable, opt, inputs) -> (trainable, opt, loss),
+    measure(trainable, inputs) -> per-token arrays) over trainable = the pointer's and the
+    gate's params."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -81,10 +81,10 @@ def make_step(cfg, params, loss: str, learning_rate: float):
                                     method=CLaRa.copy_pointer)
         copied = jnp.einsum("bts,bst->bt", weights, x["p_sources"])
         best = jnp.take_along_axis(weights, jnp.argmax(x["p_sources"], 1)[..., None], -1)[..., 0]
-        return weights, gate[..., 0], copied, best
+        return gate[..., 0], copied, best
 
     def loss_fn(trainable, x):
-        _, g, copied, best = forward(trainable, x)
+        g, copied, best = forward(trainable, x)
         pointer = -jnp.log((best if loss == "hard" else copied) + 1e-9)
         # The gate learns how far to trust copies it cannot change.
         mixed = -jnp.log((1 - g) * x["p_generator"] + g * jax.lax.stop_gradient(copied) + 1e-9)
@@ -99,7 +99,7 @@ def make_step(cfg, params, loss: str, learning_rate: float):
 
     @jax.jit
     def measure(trainable, x):
-        _, g, copied, best = forward(trainable, x)
+        g, copied, best = forward(trainable, x)
         top = x["p_sources"].max(1)
         return {"gate": g, "p_copied": copied, "mass_at_best_source": best,
                 "p_best_source": top, "p_generator": x["p_generator"],
@@ -150,9 +150,6 @@ def run(cfg, params, train_batches, eval_batches, steps: int, loss: str,
 
 def main(argv) -> None:
     del argv
-    import jax.numpy as jnp
-
-    from clara_jax.data.featurize import Featurizer
     from clara_jax.data.tokenizer import load_tokenizer
     from clara_jax.data.world import make_world
     from clara_jax.model import ModelConfig
@@ -166,13 +163,8 @@ def main(argv) -> None:
     tok = load_tokenizer(f.tokenizer)
     fields = pretrain.featurizer_fields(tok, pretrain.pretrain_config(config, 32, 1e-3, 0.0, 1),
                                         1)
-    feat = Featurizer(tok=tok, **fields)
-    exs = [e for e in pretrain.stage_examples(make_world(TRAIN_SEED, "medium", "train"), 1)
-           if e["data_type"] == "qa"]
-    arrays = {k: v.astype(np.int32) if v.dtype == np.int16 else v
-              for k, v in pretrain._stack([feat(e) for e in exs]).items()}
-    train = [{k: jnp.asarray(v[i:i + 32]) for k, v in arrays.items()}
-             for i in range(0, len(exs) - 31, 32)][:f.train_batches]
+    train = pretrain.qa_batches(tok, {1: fields}, make_world(TRAIN_SEED, "medium", "train"),
+                                32)[1][:f.train_batches]
     evals = pretrain.eval_batches(tok, {1: fields}, 32)[1]
     params = pretrain.load_params(f.params, cfg)
     print(json.dumps({"params": f.params, "learning_rate": f.learning_rate,

@@ -256,12 +256,19 @@ def eval_batches(tok, fields: dict[int, dict], batch_size: int, n: int = EVAL_EX
                  ) -> dict[int, list[dict]]:
     """Fixed evaluation batches per stage from the evaluation world: stage 1 its QA pairs only
     (paraphrases name the subject first, which any latents of the document give away)."""
-    w = world.make_world(EVAL_SEED, "small", "train")
+    return qa_batches(tok, fields, world.make_world(EVAL_SEED, "small", "train"), batch_size, n)
+
+
+def qa_batches(tok, fields: dict[int, dict], w: world.World, batch_size: int,
+               n: int | None = None) -> dict[int, list[dict]]:
+    """Full batches per stage of world `w`'s QA examples (no stage-1 paraphrases): a fixed
+    random `n` of them (seed 0), or all in the world's order."""
     out = {}
     for stage, f in fields.items():
         feat = Featurizer(tok=tok, **f)
         exs = [e for e in stage_examples(w, stage) if e.get("data_type", "qa") == "qa"]
-        exs = [exs[i] for i in np.random.default_rng(0).permutation(len(exs))[:n]]
+        if n is not None:
+            exs = [exs[i] for i in np.random.default_rng(0).permutation(len(exs))[:n]]
         arrays = _stack([feat(e) for e in exs])
         out[stage] = [{k: jnp.asarray(v[i:i + batch_size]) for k, v in arrays.items()}
                       for i in range(0, len(exs) - batch_size + 1, batch_size)]
