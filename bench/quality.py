@@ -130,19 +130,41 @@ def latent_usage():
     return module
 
 
-# The start of rates whose M differs from the pretrained model's: the demo's former
+# The start of rates that have no pretrained start of their own: the demo's former
 # language-model warm-up (projects.demo.warmup).
 FALLBACK_WARMUP_STEPS = 150
 
 
+def rate_start(pretrained: str, rate: int) -> str | None:
+    """The directory of the start made for `rate` beside `pretrained` (`{pretrained}_{rate}x`,
+    e.g. projects/demo/start_4x: the start re-rated by projects.demo.rerate, then pretrained
+    at that rate), or None when there is none."""
+    from projects.demo.pretrain import find_pretrained
+
+    try:
+        return str(find_pretrained(f"{pretrained.rstrip('/')}_{int(rate)}x"))
+    except FileNotFoundError:
+        return None
+
+
 def rate_config(config, rate: int, warmup_steps: int = FALLBACK_WARMUP_STEPS):
     """`config` at data.compression_rate=rate, finalized again so that M is recomputed. The
-    pretrained start (demo.pretrained) has the memory tokens of the config's own rate; other
-    rates start from the language-model warm-up instead."""
+    pretrained start (demo.pretrained) has the memory tokens of the config's own rate; another
+    rate starts from its own start (`rate_start`; model.vocab_size grown to its tokenizer's when
+    that has more ids) or, without one, from the language-model warm-up."""
+    from clara_jax.data.tokenizer import load_tokenizer
+    from projects.demo.pretrain import TOKENIZER_DIR
+
     c = copy.deepcopy(config)
     if c.demo.pretrained and int(rate) != int(c.data.compression_rate):
-        c.demo.pretrained = ""
-        c.demo.warmup_steps = int(warmup_steps)
+        own = rate_start(str(c.demo.pretrained), rate)
+        if own is None:
+            c.demo.pretrained = ""
+            c.demo.warmup_steps = int(warmup_steps)
+        else:
+            c.demo.pretrained = own
+            vocab = load_tokenizer(Path(own) / TOKENIZER_DIR).vocab_size
+            c.model.vocab_size = max(int(c.model.vocab_size), vocab)
     c.data.compression_rate = int(rate)
     try:
         return finalize(c)

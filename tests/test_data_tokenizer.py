@@ -108,6 +108,31 @@ def test_imported_checkpoint_tokenizer(name, tmp_path):
     assert back.encode("<SEP>hello<MEM1>world<ENC>") == ids
 
 
+@pytest.mark.parametrize("m", [1, 2, 7])
+def test_a_sentencepiece_model_re_rated_to_other_m_keeps_every_text_id(m, sp, corpus,
+                                                                        tmp_path):
+    rated = sp.with_memory_tokens(m)
+    assert rated.num_memory_tokens == m
+    assert rated.mem_ids[:min(m, M)] == sp.mem_ids[:min(m, M)]
+    # More memory tokens are appended after the vocabulary; fewer leave the ids in place.
+    assert rated.vocab_size == sp.vocab_size + max(m - M, 0)
+    assert rated.mem_ids[M:] == list(range(sp.vocab_size, rated.vocab_size))
+    for name in ("pad_id", "bos_id", "eos_id", "enc_id", "sep_id"):
+        assert getattr(rated, name) == getattr(sp, name)
+    text = "\n".join(corpus[:20]) + "\nBackground: x\nQuestion: y\nAnswer: z"
+    assert rated.encode(text) == sp.encode(text)
+    assert rated.decode(sp.encode(corpus[0])) == sp.decode(sp.encode(corpus[0]))
+    # The new memory symbols are never split; dropped ones are never produced.
+    for i in rated.mem_ids:
+        assert rated.encode(rated.decode([i], skip_special=False)) == [i]
+    dropped = set(sp.mem_ids[m:])
+    assert not dropped & set(rated.encode(text + "".join(f"<MEM{i}>" for i in range(M))))
+    back = load_tokenizer(rated.save(tmp_path / "tok"))
+    assert back.mem_ids == rated.mem_ids and back.vocab_size == rated.vocab_size
+    with pytest.raises(TokenizerError, match="positive"):
+        sp.with_memory_tokens(0)
+
+
 def test_load_errors_name_the_file(tmp_path, sp):
     with pytest.raises(TokenizerError, match="clara_tokenizer.json: no such file"):
         load_tokenizer(tmp_path)

@@ -1,11 +1,14 @@
 """bench/quality.py end to end on the tiny config: two compression rates, two steps per stage,
-eight held-out questions. Checks the plumbing and the report (tables, JSON, files), not
-answer quality (two steps learn nothing). About 2 minutes on a 2-core CPU, mostly compiling
-the seven training steps (three stages per rate plus the InfoNCE stage 3)."""
+eight held-out questions, each rate from its own start. Checks the plumbing and the report
+(tables, JSON, files), not answer quality (two steps learn nothing). About 2 minutes on a 2-core
+CPU, mostly compiling the seven training steps (three stages per rate plus the InfoNCE stage 3).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -18,10 +21,41 @@ def _in_unit(v) -> bool:
     return v is not None and 0.0 <= v <= 1.0
 
 
-def test_quality_bench_writes_both_tables(tmp_path, tiny_start):
-    # The pretrained start of the tiny model: its rate (8x) starts from it, 16x from the
-    # warm-up.
-    pt = tiny_start[0] / "out"
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_rate_without_a_start_of_its_own_starts_from_the_warm_up(tmp_path, tiny_start,
+                                                                    tiny_config):
+    from projects.demo import rerate
+    from projects.demo.config import with_demo
+
+    quality = _quality()
+    pt = tmp_path / "start"
+    shutil.copytree(tiny_start[0] / "out", pt)
+    config = with_demo(tiny_config.copy_and_resolve_references())
+    config.demo.pretrained = str(pt)
+    alone = quality.rate_config(config, 4, warmup_steps=7)
+    assert (alone.demo.pretrained, alone.demo.warmup_steps) == ("", 7)
+    assert alone.model.num_memory_tokens == 8
+    info = rerate.rerate(pt, 4, int(config.data.doc_max_len), tmp_path / "start_4x")
+    own = quality.rate_config(config, 4, warmup_steps=7)
+    assert own.demo.pretrained == str(tmp_path / "start_4x")
+    assert own.model.vocab_size == max(int(config.model.vocab_size), info["vocab_size"])
+    assert quality.rate_config(config, 8).demo.pretrained == str(pt)
+
+
+def test_quality_bench_writes_both_tables(tmp_path, tiny_start, tiny_config):
+    # The pretrained start of the tiny model serves its rate (8x); 16x starts from the start
+    # re-rated to it (projects.demo.rerate), found beside it as START_16x.
+    from projects.demo import rerate
+
+    pt = tmp_path / "start"
+    shutil.copytree(tiny_start[0] / "out", pt)
+    rerate.rerate(pt, 16, int(tiny_config.data.doc_max_len), tmp_path / "start_16x")
     work = tmp_path / "work"
     cmd = [sys.executable, "bench/quality.py", "--config=configs/tiny.py",
            f"--workdir={work}", "--rates=8,16", "--baseline_rate=8", "--steps=2,2,2",
@@ -33,11 +67,11 @@ def test_quality_bench_writes_both_tables(tmp_path, tiny_start):
 
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last == json.loads((work / "quality.json").read_text())
-    assert last["starts"] == {"8": f"pretrained {pt}", "16": "3-step warm-up"}
-    assert json.loads((work / "rate16" / "warmup" / "warmup.json").read_text())["steps"] == 3
-    assert not (work / "rate8" / "warmup").exists()
-    assert (work / "data" / "m4" / "tokenizer" / "tokenizer.model").read_bytes() == (
-        pt / "tokenizer" / "tokenizer.model").read_bytes()
+    assert last["starts"] == {"8": f"pretrained {pt}", "16": f"pretrained {pt}_16x"}
+    assert not (work / "rate8" / "warmup").exists() and not (work / "rate16" / "warmup").exists()
+    for m, start in (("m4", pt), ("m2", tmp_path / "start_16x")):
+        assert (work / "data" / m / "tokenizer" / "tokenizer.model").read_bytes() == (
+            start / "tokenizer" / "tokenizer.model").read_bytes()
     assert [r["row"] for r in last["rows"]] == list(ROWS)
     for r in last["rows"]:
         assert r["questions"] == 8

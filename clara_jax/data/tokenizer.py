@@ -168,6 +168,30 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"trained {tok.vocab_size} pieces > vocab_size={vocab_size}")
         return tok
 
+    def with_memory_tokens(self, m: int) -> SentencePieceTokenizer:
+        """This model serving M = `m` memory tokens, every other id unchanged, so that text
+        encodes exactly as before and a model trained with this tokenizer keeps its rows.
+
+        More than now: `<MEM{M}>`.. are appended as user-defined symbols (ids from vocab_size
+        on: the model's vocabulary must grow by m - M rows). Fewer: the extra `<MEM i>` are
+        renamed `<UNUSED_MEM i>` and marked unused (never produced by encoding), so that ids
+        do not shift.
+        """
+        from sentencepiece import sentencepiece_model_pb2
+
+        if m <= 0:
+            raise TokenizerError(f"num_memory_tokens must be positive, got {m}")
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._proto)
+        kind = sentencepiece_model_pb2.ModelProto.SentencePiece
+        for i in self.mem_ids[m:]:
+            piece = proto.pieces[i]
+            piece.piece = "<UNUSED_" + piece.piece[1:]
+            piece.type = kind.UNUSED
+        for j in range(self.num_memory_tokens, m):
+            proto.pieces.add(piece=mem_token(j), score=0.0, type=kind.USER_DEFINED)
+        return SentencePieceTokenizer(proto.SerializeToString())
+
     def __getstate__(self):  # for grain worker processes: rebuild from the model bytes
         return {"proto": self._proto}
 
