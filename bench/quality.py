@@ -6,7 +6,8 @@
 
 What it measures, all on the held-out world (questions and documents never seen in training):
   * for each compression rate r (data.compression_rate; M = doc_max_len / r memory tokens):
-    stages 1 -> 2 -> 3 trained from scratch (WORKDIR/rate{r}/stage{1,2,3}), the held-out ScaNN
+    stages 1 -> 2 -> 3 trained from the rate's start (WORKDIR/rate{r}/stage{1,2,3}; Starts
+    below), the held-out ScaNN
     index built with the stage-3 checkpoint's compressor, and latent RAG evaluated on
     `--questions` held-out questions: EM / F1 overall, on single-hop and on two-hop questions
     (`hops` = number of gold documents), Recall@5, ms per answer;
@@ -23,6 +24,13 @@ What it measures, all on the held-out world (questions and documents never seen 
     Stage 3 freezes the compressor, so all three share the stage-2 compressor's document
     latents; each index is opened with its model's identity (compressor checksum) and is only
     rebuilt when that identity differs.
+
+Starts. A pretrained start serves one M (its tokenizer reserves M memory symbols, its params
+hold M memory embeddings). The config's own rate starts from demo.pretrained (the demo's
+projects/demo/start, 16x); rate r from `{demo.pretrained}_{r}x` when that directory exists
+(projects/demo/start_4x and start_64x: the 16x start re-rated by projects.demo.rerate, then
+pretrained at r; model.vocab_size grows to its tokenizer's); else from the language-model
+warm-up (`--warmup_steps`). quality.json["starts"] names each rate's.
 
 Data. The prepared data depends on M: the SentencePiece tokenizer reserves one symbol per
 memory token (so its learned pieces, and the corpus chunking done with it, change with M), and
@@ -317,8 +325,8 @@ def main(argv=None) -> dict:
                     help="default: config.demo.world_size (TRAIN/HELDOUT sizes allowed)")
     ap.add_argument("--baseline_rate", type=int, default=16)
     ap.add_argument("--warmup_steps", type=int, default=FALLBACK_WARMUP_STEPS,
-                    help="language-model warm-up steps of the rates the pretrained start "
-                         "does not serve")
+                    help="language-model warm-up steps of the rates without a start of "
+                         "their own")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, repeatable, e.g. train.batch_size=32")
     ap.add_argument("--progress", choices=("true", "false"), default="true")
