@@ -107,13 +107,11 @@ flags.DEFINE_string("out", None, "Output directory.")
 def main(argv) -> None:
     del argv
     fl = flags.FLAGS
-    for name in ("start", "rate", "out"):
-        if fl[name].value is None:
-            raise flags.IllegalFlagValueError(f"--{name} is required")
     info = rerate(fl.start, fl.rate, int(load_config().data.doc_max_len), fl.out)
     print(info)
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["start", "rate", "out"])
     sys.argv[1:] = check_config_args(sys.argv[1:])
     app.run(main)

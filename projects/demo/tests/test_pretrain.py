@@ -230,12 +230,39 @@ def test_int8_params_load_close_to_the_float_ones(pretrained, tiny_cfg, tmp_path
             np.testing.assert_array_equal(small[k], full[k])
 
 
-def test_the_shipped_start_is_small_int8():
+@pytest.mark.parametrize("name", ["start", "start_4x", "start_64x"])
+def test_the_shipped_starts_are_small_int8(name):
     from safetensors.numpy import load_file
 
-    src = pretrain.find_pretrained("projects/demo/start") / pretrain.PARAMS_FILE
+    src = pretrain.find_pretrained(f"projects/demo/{name}") / pretrain.PARAMS_FILE
     assert src.stat().st_size < 5 * 2 ** 20
     assert load_file(str(src))["decoder/embedding"].dtype == np.int8
+
+
+@pytest.mark.parametrize("rate", [4, 64])
+def test_the_shipped_starts_of_other_rates_fit_the_demo_config_there(rate):
+    # Re-rated from the 16x start (projects.demo.rerate), then pretrained at their rate.
+    from clara_jax.config import finalize
+    from clara_jax.data.tokenizer import check_tokenizer_fits
+
+    config = load_config_file(str(REPO / "configs" / "demo.py"))
+    src = pretrain.find_pretrained(f"{config.demo.pretrained}_{rate}x")
+    tok = load_tokenizer(src / pretrain.TOKENIZER_DIR)
+    config.data.compression_rate = rate
+    config.model.vocab_size = max(int(config.model.vocab_size), tok.vocab_size)
+    config = finalize(config)
+    check_tokenizer_fits(tok, config)
+    params = pretrain.load_params(src / pretrain.PARAMS_FILE, ModelConfig.from_config(config))
+    assert params["memory_embeddings"].shape == (128 // rate, config.model.dim)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    # Text encodes as with the 16x start's tokenizer: the demo's data means the same ids.
+    base = load_tokenizer(pretrain.find_pretrained(config.demo.pretrained)
+                          / pretrain.TOKENIZER_DIR)
+    text = "What is the hobby of Tiagrum Kaigias? The Golden Winter first appeared in 1812."
+    assert tok.encode(text) == base.encode(text)
+    record = json.loads((src / "pretrain.json").read_text())
+    assert record["rerate"]["rate"] == rate
+    assert record["runs"][-1]["steps"] > 0
 
 
 def _probe_batches(out, config) -> list[dict]:
