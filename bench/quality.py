@@ -51,10 +51,10 @@ in absolute terms) gives per-step ratios to 16x of 1.65 / 1.32 (stage 2 / stage 
 M), three indexes and six evaluations of 400 questions (tens of ms per answer): about 45-50
 minutes in all on an idle machine. On a CPU shared with other jobs, expect up to 2-2.5x that.
 
-Measured: `--steps 400,100,50` (the README's table) took 2,477 s on this 2-core CPU with
-nothing else running (training 840 / 637 / 722 s at 4x / 16x / 64x, including the 4x and 64x
-warm-ups, plus 138 s for the InfoNCE stage 3; data 15 s per M; indexes and evaluations under 2
-min). Re-running on a finished workdir re-evaluates only: 119 s.
+Measured: `--steps 400,100,50` (the README's table, every rate from its own start) took
+1,907 s on this 2-core CPU with nothing else running (training 622 / 549 / 514 s at 4x / 16x /
+64x, plus 109 s for the InfoNCE stage 3; data 11-13 s per M; indexes and evaluations under 2
+min). Re-running on a finished workdir re-evaluates only: about 2 minutes.
 
 Reproduce:  .venv/bin/python bench/quality.py --workdir runs/quality --steps 400,100,50
 """
