@@ -98,12 +98,6 @@ def rerate(start, rate: int, doc_max_len: int, out) -> dict:
     return info
 
 
-define_config_flag()
-flags.DEFINE_string("start", None, "Pretrained directory to re-rate.")
-flags.DEFINE_integer("rate", None, "The new data.compression_rate.")
-flags.DEFINE_string("out", None, "Output directory.")
-
-
 def main(argv) -> None:
     del argv
     fl = flags.FLAGS
@@ -112,6 +106,12 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # Flags only when run: the library's commands, imported beside this module in one process
+    # (the test suite), define --out too.
+    define_config_flag()
+    flags.DEFINE_string("start", None, "Pretrained directory to re-rate.")
+    flags.DEFINE_integer("rate", None, "The new data.compression_rate.")
+    flags.DEFINE_string("out", None, "Output directory.")
     flags.mark_flags_as_required(["start", "rate", "out"])
     sys.argv[1:] = check_config_args(sys.argv[1:])
     app.run(main)

@@ -91,3 +91,12 @@ def test_a_re_rated_start_pretrains_at_its_rate(tiny_start, tiny_config, tmp_pat
     assert load_tokenizer(out / pretrain.TOKENIZER_DIR).num_memory_tokens == 8
     params = pretrain.load_params(out / pretrain.PARAMS_FILE, ModelConfig.from_config(config))
     assert params["memory_embeddings"].shape[0] == 8
+
+
+def test_importing_rerate_defines_no_flags_the_commands_define():
+    # The suite imports it in-process beside the `clara` commands (which define --out).
+    code = "import projects.demo.rerate, clara_jax.commands.eval"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
