@@ -13,14 +13,16 @@ in float32, OUT/tokenizer/, plus OUT/rerate.json), for M' = data.doc_max_len // 
     token j sits at the end of the j-th of M equal spans, `spread_memory_positions`), so each
     new slot starts as the old slot that read the same stretch of text;
   * rows of new ids (M' > M: the appended `<MEM i>`, never an input or a target, since memory
-    tokens are injected embeddings) = the rows of the last old memory symbol, which training
-    has already pushed away from every prediction;
+    tokens are injected embeddings) = the rows of the last old memory symbol, a symbol that
+    pretraining has likewise never seen as an input or a target;
   * the options shaped by the rate (span head, chunk write, the copy path's sub-position codes)
     are dropped: `load_params` draws them fresh when a config asks for them.
 
 Every other weight is kept. The result is a start to continue pretraining from at the new rate
 (`python -m projects.demo.run_pretrain --init_params=OUT/params.safetensors
---tokenizer=OUT/tokenizer --config.data.compression_rate=R`), not a model for the rate yet.
+--tokenizer=OUT/tokenizer --config.data.compression_rate=R`, plus
+`--config.model.vocab_size=V` when the tokenizer grew past the config's vocabulary: V is
+rerate.json's vocab_size), not a model for the rate yet.
 """
 
 from __future__ import annotations
