@@ -99,4 +99,3 @@ def test_importing_rerate_defines_no_flags_the_commands_define():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-
