@@ -160,10 +160,10 @@ def rate_config(config, rate: int, warmup_steps: int = FALLBACK_WARMUP_STEPS):
     pretrained start (demo.pretrained) has the memory tokens of the config's own rate; another
     rate starts from its own start (`rate_start`; model.vocab_size grown to its tokenizer's when
     that has more ids) or, without one, from the language-model warm-up."""
-    from clara_jax.data.tokenizer import load_tokenizer
-    from projects.demo.pretrain import TOKENIZER_DIR
+    from projects.demo.rerate import config_at_rate
 
     c = copy.deepcopy(config)
+    own = None
     if c.demo.pretrained and int(rate) != int(c.data.compression_rate):
         own = rate_start(str(c.demo.pretrained), rate)
         if own is None:
@@ -171,10 +171,10 @@ def rate_config(config, rate: int, warmup_steps: int = FALLBACK_WARMUP_STEPS):
             c.demo.warmup_steps = int(warmup_steps)
         else:
             c.demo.pretrained = own
-            vocab = load_tokenizer(Path(own) / TOKENIZER_DIR).vocab_size
-            c.model.vocab_size = max(int(c.model.vocab_size), vocab)
-    c.data.compression_rate = int(rate)
     try:
+        if own is not None:
+            return config_at_rate(c, rate, own)
+        c.data.compression_rate = int(rate)
         return finalize(c)
     except ValueError as e:
         raise SystemExit(f"--rates: {e}") from None

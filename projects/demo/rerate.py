@@ -27,6 +27,7 @@ rerate.json's vocab_size), not a model for the rate yet.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ from absl import app, flags
 
 from clara_jax import param_store
 from clara_jax.commands.common import check_config_args, define_config_flag, load_config
+from clara_jax.config import finalize
 from clara_jax.data.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 from clara_jax.fileio import atomic_write_json
 from projects.demo.pretrain import PARAMS_FILE, TOKENIZER_DIR, find_pretrained
@@ -98,6 +100,17 @@ def rerate(start, rate: int, doc_max_len: int, out) -> dict:
             "dropped": sorted(k for k in RATE_SHAPED if k in old)}
     atomic_write_json(out / "rerate.json", info)
     return info
+
+
+def config_at_rate(config, rate: int, start):
+    """`config` at data.compression_rate=`rate` for the pretrained directory `start` made for
+    it: model.vocab_size grown to its tokenizer's when that has more ids (appended memory
+    symbols), finalized again so that M is recomputed."""
+    c = copy.deepcopy(config)
+    c.data.compression_rate = int(rate)
+    vocab = load_tokenizer(find_pretrained(start) / TOKENIZER_DIR).vocab_size
+    c.model.vocab_size = max(int(c.model.vocab_size), vocab)
+    return finalize(c)
 
 
 def main(argv) -> None:

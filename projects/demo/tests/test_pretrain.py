@@ -242,15 +242,13 @@ def test_the_shipped_starts_are_small_int8(name):
 @pytest.mark.parametrize("rate", [4, 64])
 def test_the_shipped_starts_of_other_rates_fit_the_demo_config_there(rate):
     # Re-rated from the 16x start (projects.demo.rerate), then pretrained at their rate.
-    from clara_jax.config import finalize
     from clara_jax.data.tokenizer import check_tokenizer_fits
+    from projects.demo.rerate import config_at_rate
 
     config = load_config_file(str(REPO / "configs" / "demo.py"))
     src = pretrain.find_pretrained(f"{config.demo.pretrained}_{rate}x")
     tok = load_tokenizer(src / pretrain.TOKENIZER_DIR)
-    config.data.compression_rate = rate
-    config.model.vocab_size = max(int(config.model.vocab_size), tok.vocab_size)
-    config = finalize(config)
+    config = config_at_rate(config, rate, src)
     check_tokenizer_fits(tok, config)
     params = pretrain.load_params(src / pretrain.PARAMS_FILE, ModelConfig.from_config(config))
     assert params["memory_embeddings"].shape == (128 // rate, config.model.dim)

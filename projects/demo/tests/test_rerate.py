@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 
 from clara_jax import param_store
-from clara_jax.config import finalize
 from clara_jax.data.tokenizer import check_tokenizer_fits, load_tokenizer
 from clara_jax.model import ModelConfig, compress, forward_logits
 from projects.demo import pretrain, rerate
 from tests.conftest import REPO, TINY_START_ARGS
-
-
-def rate_config(tiny_config, rate: int, vocab: int):
-    c = tiny_config.copy_and_resolve_references()
-    c.data.compression_rate = rate
-    c.model.vocab_size = max(int(c.model.vocab_size), vocab)
-    return finalize(c)
 
 
 def _rerated(tiny_start, tiny_config, rate, out):
@@ -46,7 +38,7 @@ def test_a_re_rated_start_keeps_every_weight_but_its_memory_tokens(rate, tiny_st
     m = int(tiny_config.data.doc_max_len) // rate
     assert (info["num_memory_tokens_from"], info["num_memory_tokens"]) == (4, m)
     assert tok.num_memory_tokens == m
-    config = rate_config(tiny_config, rate, tok.vocab_size)
+    config = rerate.config_at_rate(tiny_config, rate, tmp_path / "r")
     check_tokenizer_fits(tok, config)
     cfg, old_cfg = ModelConfig.from_config(config), ModelConfig.from_config(tiny_config)
     params = pretrain.load_params(tmp_path / "r" / pretrain.PARAMS_FILE, cfg)
@@ -80,7 +72,7 @@ def test_a_re_rated_start_keeps_every_weight_but_its_memory_tokens(rate, tiny_st
 def test_a_re_rated_start_pretrains_at_its_rate(tiny_start, tiny_config, tmp_path):
     rerate.rerate(tiny_start[0] / "out", 4, int(tiny_config.data.doc_max_len), tmp_path / "r")
     tok_dir = tmp_path / "r" / pretrain.TOKENIZER_DIR
-    config = rate_config(tiny_config, 4, load_tokenizer(tok_dir).vocab_size)
+    config = rerate.config_at_rate(tiny_config, 4, tmp_path / "r")
     summary = pretrain.pretrain(config, tok_dir, tmp_path / "out", log=lambda _: None,
                                 init_params=tmp_path / "r" / pretrain.PARAMS_FILE,
                                 **{**TINY_START_ARGS, "first_seed": 5000})
