@@ -620,7 +620,8 @@ def test_copy_content_starts_as_the_copy_path_without_it(tiny_cfg):
     params = fit_optional_params(
         cfg, {**init_params(dataclasses.replace(cfg, copy_content=False), jax.random.key(0)),
               "copy_gate_bias": jnp.full((1,), 2.0)}, 0)
-    plain = {k: v for k, v in params.items() if not k.startswith("copy_content")}
+    plain = {k: v for k, v in params.items()
+             if not k.startswith(("copy_content", "copy_previous"))}
     lat = compress(cfg, params, _tokens(cfg, 2, m * r), jnp.ones((2, m * r), bool))[:, None]
     t = m + 6
     toks, mask = _tokens(cfg, 2, t, seed=4), jnp.ones((2, t), bool)
@@ -634,6 +635,36 @@ def test_copy_content_starts_as_the_copy_path_without_it(tiny_cfg):
     moved, _ = generate_logits(cfg, trained, toks, mask, slot, lat)
     np.testing.assert_allclose(jax.nn.logsumexp(moved, axis=-1), 0.0, atol=1e-4)
     assert not np.allclose(moved, without, atol=1e-3)
+
+
+def test_copy_content_keys_hold_the_token_before_each_pair_in_its_document(tiny_cfg):
+    # copy_previous_key: pair s's content key gains the read-out of pair s-1 of the same
+    # document (an induction match: the last answer token's state finds the pair after it);
+    # a document's first pair has none before it.
+    from clara_jax.model.clara import CLaRa
+
+    m, r, k = tiny_cfg.num_memory_tokens, 8, 2
+    cfg = dataclasses.replace(tiny_cfg, span_head_rate=r, latent_span=r, latent_copy=True,
+                              copy_content=True)
+    params = init_params(cfg, jax.random.key(0))
+    assert not np.any(params["copy_previous_key"])
+    params = {**params, "copy_previous_key": jax.random.normal(
+        jax.random.key(3), params["copy_previous_key"].shape)}
+    lat = compress(cfg, params, _tokens(cfg, 2 * k, m * r),
+                   jnp.ones((2 * k, m * r), bool)).reshape(2, k, m, -1)
+    t = k * m + 4
+    positions = jnp.broadcast_to(jnp.arange(t), (2, t))
+    slot = jnp.broadcast_to(jnp.arange(t) < k * m, (2, t))
+    model = CLaRa(cfg)
+    keys, probs = model.apply({"params": params}, lat, positions, slot,
+                              method=CLaRa.copy_memory)
+    embed = np.asarray(model.apply({"params": params}, method=CLaRa.output_embedding))
+    expected = np.einsum("bsv,dv->bsd", np.asarray(probs), embed)
+    before = np.zeros_like(expected).reshape(2, k, m * r, -1)
+    before[:, :, 1:] = expected.reshape(2, k, m * r, -1)[:, :, :-1]
+    want = before.reshape(expected.shape) @ np.asarray(params["copy_previous_key"])
+    np.testing.assert_allclose(keys[..., cfg.head_dim:], want, rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(keys[:, [0, m * r], cfg.head_dim:]) == 0)
 
 
 def test_a_start_gets_the_optional_params_of_the_run_s_shape(tiny_cfg):

@@ -78,7 +78,8 @@ def init_params(cfg: ModelConfig, rng):
 
 # Parameters that exist only under some options, some of a shape set by the rate.
 OPTIONAL_PARAMS = ("span_head", "chunk_write", "copy_query", "copy_key", "copy_subpos",
-                   "copy_gate", "copy_gate_bias", "copy_content_query", "copy_content_key")
+                   "copy_gate", "copy_gate_bias", "copy_content_query", "copy_content_key",
+                   "copy_previous_key")
 
 
 def fit_optional_params(cfg: ModelConfig, params, seed: int):

@@ -139,6 +139,8 @@ class CLaRa(nn.Module):
                                                 (sh.EMBED, None), nn.initializers.lecun_normal())
                 self.copy_content_key = param("copy_content_key", (cfg.dim, h),
                                               (sh.EMBED, None), nn.initializers.zeros)
+                self.copy_previous_key = param("copy_previous_key", (cfg.dim, h),
+                                               (sh.EMBED, None), nn.initializers.zeros)
         if cfg.chunk_write_rate:
             # Zero at init: training starts from the published write (memory tokens alone).
             self.chunk_write = self.param(
@@ -289,7 +291,13 @@ class CLaRa(nn.Module):
         probs = probs.reshape(b, k * m * r, -1)
         if cfg.copy_content:
             embeds = jnp.einsum("bsv,dv->bsd", probs, self.output_embedding())
-            keys = jnp.concatenate([keys, embeds @ self.copy_content_key], axis=-1)
+            # The token before each pair, in its document's order (none before a document's
+            # first pair): an induction match, where the state of the last answer token
+            # finds the pair that follows it in the document.
+            before = jnp.pad(embeds.reshape(b, k, m * r, -1)[:, :, :-1],
+                             ((0, 0), (0, 0), (1, 0), (0, 0))).reshape(embeds.shape)
+            keys = jnp.concatenate([keys, embeds @ self.copy_content_key
+                                    + before @ self.copy_previous_key], axis=-1)
         return keys, probs
 
     def copy_mix(self, logits, hidden, positions, keys, probs, rows, with_copied: bool = False):

@@ -30,7 +30,7 @@ from absl import app, flags
 from clara_jax.commands.common import check_config_args, define_config_flag, load_config
 
 POINTER_PARAMS = ("copy_query", "copy_key", "copy_subpos", "copy_content_query",
-                  "copy_content_key")
+                  "copy_content_key", "copy_previous_key")
 GATE_PARAMS = ("copy_gate", "copy_gate_bias")
 TRAIN_SEED = 9500  # a world no pretraining run of projects/demo/README.md used
 
