@@ -1,6 +1,6 @@
 """The latent channel on its own: can the generator copy a random document out of its latents?
 
-    .venv/bin/python bench/channel.py [--config configs/demo.py] [--start random|shipped|DIR]
+    .venv/bin/python bench/channel.py [--config configs/demo.py:16x] [--start random|shipped|DIR]
         [--lengths 8,32,128] [--minutes 15] [--set train.mse_weight=0 ...]
 
 Each document is N tokens drawn uniformly from a 200-token alphabet of the tokenizer's ordinary
@@ -53,7 +53,7 @@ from clara_jax.train.steps import make_train_step  # noqa: E402
 
 ALPHABET = 200
 HELDOUT = 256
-SHIPPED = "projects/demo/start"
+SHIPPED = "projects/demo/start_16x"
 TARGETS = (0.5, 0.9)
 # No questions in the copy task and every weight trains (as in the demo's stages 1-2); the
 # learning rate warms up over 100 steps and then stays flat, since the run has no fixed length
@@ -214,7 +214,7 @@ def run_length(config, params, tok, n: int, minutes: float, eval_every: int, see
 
 def start_params(config, start: str, seed: int):
     """(params, tokenizer) for `--start`: random init with the shipped start's tokenizer, or
-    a pretrained directory's params (`shipped` = the demo's)."""
+    a pretrained directory's params (`shipped` = the demo's 16x start, projects/demo/start_16x)."""
     from projects.demo.pretrain import PARAMS_FILE, TOKENIZER_DIR, find_pretrained, load_params
 
     cfg = ModelConfig.from_config(config)
@@ -227,7 +227,8 @@ def start_params(config, start: str, seed: int):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs/demo.py"))
+    # M = 8 (16x), the channel the targets name; configs/demo.py itself runs at 4x.
+    p.add_argument("--config", default=str(REPO / "configs/demo.py") + ":16x")
     p.add_argument("--start", default="random", help="random, shipped or a pretrained DIR")
     p.add_argument("--lengths", default="8,32,128")
     p.add_argument("--minutes", type=float, default=15.0, help="time budget per length")

@@ -27,10 +27,12 @@ What it measures, all on the held-out world (questions and documents never seen 
 
 Starts. A pretrained start serves one M (its tokenizer reserves M memory symbols, its params
 hold M memory embeddings). The config's own rate starts from demo.pretrained (the demo's
-projects/demo/start, 16x); rate r from `{demo.pretrained}_{r}x` when that directory exists
-(projects/demo/start_4x and start_64x: the 16x start re-rated by projects.demo.rerate, then
-pretrained at r; model.vocab_size grows to its tokenizer's); else from the language-model
-warm-up (`--warmup_steps`). quality.json["starts"] names each rate's.
+projects/demo/start, 4x with the copy path); rate r from `{demo.pretrained}_{r}x` when that
+directory exists (projects/demo/start_16x, the start the 4x one was re-rated from, and
+start_64x, it re-rated by projects.demo.rerate and pretrained at 64x), with model.vocab_size
+its embedding rows and the model options it was made without (the copy path) off
+(`projects.demo.rerate.config_at_rate`); else from the language-model warm-up
+(`--warmup_steps`). quality.json["starts"] names each rate's.
 
 Data. The prepared data depends on M: the SentencePiece tokenizer reserves one symbol per
 memory token (so its learned pieces, and the corpus chunking done with it, change with M), and
@@ -145,7 +147,7 @@ FALLBACK_WARMUP_STEPS = 150
 
 def rate_start(pretrained: str, rate: int) -> str | None:
     """The directory of the start made for `rate` beside `pretrained` (`{pretrained}_{rate}x`,
-    e.g. projects/demo/start_4x: the start re-rated by projects.demo.rerate, then pretrained
+    e.g. projects/demo/start_64x: a start re-rated by projects.demo.rerate, then pretrained
     at that rate), or None when there is none."""
     from projects.demo.pretrain import find_pretrained
 
@@ -158,8 +160,9 @@ def rate_start(pretrained: str, rate: int) -> str | None:
 def rate_config(config, rate: int, warmup_steps: int = FALLBACK_WARMUP_STEPS):
     """`config` at data.compression_rate=rate, finalized again so that M is recomputed. The
     pretrained start (demo.pretrained) has the memory tokens of the config's own rate; another
-    rate starts from its own start (`rate_start`; model.vocab_size grown to its tokenizer's when
-    that has more ids) or, without one, from the language-model warm-up."""
+    rate starts from its own start (`rate_start`, run as `config_at_rate` says: its vocabulary,
+    without the options it was made without) or, without one, from the language-model
+    warm-up."""
     from projects.demo.rerate import config_at_rate
 
     c = copy.deepcopy(config)

@@ -95,7 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The copy path's pointer also matches by content (params "copy_content_query",
     # "copy_content_key"): each pair's key gains, in dimensions RoPE leaves alone, its
     # read-out's expected output embedding, so the pointer can pick a sub-position by the
-    # token it reads. Without it a latent's sub-positions differ only by a learned code of r.
+    # token it reads, and that of the pair before it ("copy_previous_key"), so the last answer
+    # token finds the pair after it. Without it a latent's sub-positions differ only by a
+    # learned code of r.
     # Needs model.latent_copy.
     m.copy_content = False
     m.scan_layers = False

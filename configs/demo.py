@@ -35,10 +35,13 @@ def demo_section() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = ""):
+    """The demo's config; `configs/demo.py:16x` the same at 16x without the copy path."""
     c = base_config()
     c.demo = demo_section()
     m = c.model
-    m.vocab_size = 2048
+    # The world's 2,016 text pieces and 32 memory symbols, plus the 24 memory symbols the start
+    # appended when it was re-rated from 16x (projects/demo/rerate.py).
+    m.vocab_size = 2072
     # Widths that keep XLA:CPU's matmuls busy: at D=192, H=32, F=512 (4 layers) the step spent
     # half its time outside the matmuls (bench/train_step.py: flops_utilization 0.52 against
     # 0.66 here), for the same demo scores and wall time.
@@ -54,7 +57,10 @@ def get_config(arg: str = ""):
     m.lora.alpha = 16.0
     m.lora.dropout = 0.0
     c.data.doc_max_len = 128
-    c.data.compression_rate = 16
+    # 4x: 32 latents a document. At 16x the span read-out held a tenth of the answers whole
+    # and the copy path had nothing to copy; at 4x it holds 0.4-0.6 of them and the copy path
+    # answers years, numbers and attributes (projects/demo/README.md, "The copy path at 4x").
+    c.data.compression_rate = 4
     c.data.chunk_overlap = 16
     c.data.question_max_len = 48
     c.data.answer_max_len = 16
@@ -77,6 +83,15 @@ def get_config(arg: str = ""):
     # compressor a signal before the generator reads anything (projects/channel/README.md).
     c.model.latent_positions = "spread"
     c.train.span_weight = 1.0
+    # The generator copies answer tokens out of the latents' span read-outs (pointer-generator
+    # style, the pointer matching by position, token and the token before), the read-outs
+    # written by a learned head and a linear write beside the memory tokens; the pointer has
+    # its own loss while the gate is shut (projects/demo/README.md, "The copy path at 4x").
+    c.model.span_head = True
+    c.model.chunk_write = True
+    c.model.latent_copy = True
+    c.model.copy_content = True
+    c.train.pointer_weight = 1.0
     c.demo.swap_answers = 1.0
     # A quarter of the stage-2/3 examples give the documents as text, so that the evaluation's
     # text-RAG baseline reads a generator that has read text (issue 22).
@@ -84,13 +99,21 @@ def get_config(arg: str = ""):
     # A medium train world (1,990 documents) for a retriever that generalises (held-out
     # Recall@5 0.89 against 0.43 with the small one), evaluated on the small held-out world.
     c.demo.world_size = "medium/small"
-    # Stage 1 starts from a model pretrained on 177 generated worlds (none of them the demo's),
+    # Stage 1 starts from a model pretrained on generated worlds (none of them the demo's),
     # projects/demo/start (projects/demo/README.md, "The pretrained start"); from
     # scratch, even with a language-model warm-up, the generator learnt the train world by
     # heart and never read its latents.
     c.demo.pretrained = "projects/demo/start"
     c.demo.stage_steps = (120, 60, 30)
     c.demo.stage_lr = (1e-3, 5e-4, 1e-4)
-    if arg:
-        raise ValueError(f"configs/demo.py takes no argument, got {arg!r}")
+    if arg == "16x":
+        # The demo as projects/demo/start_16x was made: 8 latents a document, no copy path
+        # (bench/channel.py's M = 8 measurements run on it).
+        c.data.compression_rate = 16
+        m.vocab_size = 2048
+        m.span_head = m.chunk_write = m.latent_copy = m.copy_content = False
+        c.train.pointer_weight = 0.0
+        c.demo.pretrained = "projects/demo/start_16x"
+    elif arg:
+        raise ValueError(f"configs/demo.py takes no argument but '16x', got {arg!r}")
     return finalize(c)

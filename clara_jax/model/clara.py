@@ -276,7 +276,8 @@ class CLaRa(nn.Module):
         `copy_key` plus a learned code of r, rotated to where the r-th token of its text would
         sit; probs = the span read-out's softmax (`span_logits`). With model.copy_content the
         keys are [B, S, 2H]: after those H, unrotated, the read-out's expected output
-        embedding times `copy_content_key`."""
+        embedding times `copy_content_key` plus the previous pair's (in its document) times
+        `copy_previous_key`."""
         cfg = self.cfg
         b, k, m, _ = latents.shape
         r = cfg.span_head_rate

@@ -102,14 +102,31 @@ def rerate(start, rate: int, doc_max_len: int, out) -> dict:
     return info
 
 
+# Model options a start may have been made without, each with the param that says it was
+# made with it.
+OPTION_PARAMS = (("span_head", "span_head"), ("chunk_write", "chunk_write"),
+                 ("latent_copy", "copy_query"), ("copy_content", "copy_content_key"))
+
+
 def config_at_rate(config, rate: int, start):
     """`config` at data.compression_rate=`rate` for the pretrained directory `start` made for
-    it: model.vocab_size grown to its tokenizer's when that has more ids (appended memory
-    symbols), finalized again so that M is recomputed."""
+    it, finalized again so that M is recomputed: model.vocab_size = the start's embedding rows
+    (its tokenizer's ids, appended memory symbols included), and the options of OPTION_PARAMS
+    that the start was made without turned off (with them train.pointer_weight), so that a
+    start without the copy path (projects/demo/start_16x) runs as it was pretrained rather
+    than with fresh draws of those parts."""
+    from safetensors import safe_open
+
     c = copy.deepcopy(config)
     c.data.compression_rate = int(rate)
-    vocab = load_tokenizer(find_pretrained(start) / TOKENIZER_DIR).vocab_size
-    c.model.vocab_size = max(int(c.model.vocab_size), vocab)
+    with safe_open(str(find_pretrained(start) / PARAMS_FILE), "np") as f:
+        names = set(f.keys())
+        c.model.vocab_size = int(f.get_slice("decoder/embedding").get_shape()[0])
+    for option, param in OPTION_PARAMS:
+        if param not in names:
+            c.model[option] = False
+    if not c.model.latent_copy:
+        c.train.pointer_weight = 0.0
     return finalize(c)
 
 

@@ -200,16 +200,23 @@ def test_the_shipped_demo_start_fits_the_demo_config():
     src = pretrain.find_pretrained(config.demo.pretrained)
     params = pretrain.load_params(src / pretrain.PARAMS_FILE, ModelConfig.from_config(config))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
-    # Its tokenizer is the one the demo's own world would train, so the data the demo builds
-    # means the same ids either way.
+    # Its tokenizer is the one the demo's own world trains at 16x (the rate its lineage began
+    # at, projects/demo/start_16x), re-rated to the demo's M: the data the demo builds means
+    # the same ids either way.
+    from projects.demo.rerate import config_at_rate
+
     shipped = load_tokenizer(src / pretrain.TOKENIZER_DIR)
-    trained = prepare.world_tokenizer(config, int(config.demo.world_seed),
-                                      str(config.demo.world_size))
+    at_16x = config_at_rate(config, 16, pretrain.find_pretrained(f"{config.demo.pretrained}_16x"))
+    trained = prepare.world_tokenizer(at_16x, int(config.demo.world_seed),
+                                      str(config.demo.world_size)).with_memory_tokens(
+        config.model.num_memory_tokens)
     text = "What is the hobby of Tiagrum Kaigias? The Golden Winter first appeared in 1812."
     assert shipped.encode(text) == trained.encode(text)
     assert shipped.vocab_size == trained.vocab_size
-    runs = json.loads((src / "pretrain.json").read_text())["runs"]
-    assert sum(r["steps"] for r in runs) > 10_000
+    record = json.loads((src / "pretrain.json").read_text())
+    assert record["rerate"]["start"] == "projects/demo/start_16x"
+    assert record["lineage_steps"] > 10_000 and all(r["steps"] > 0 for r in record["runs"])
+    assert [r["command"].count("latent_copy=true") for r in record["runs"]][-1] == 1
 
 
 def test_int8_params_load_close_to_the_float_ones(pretrained, tiny_cfg, tmp_path):
@@ -230,7 +237,7 @@ def test_int8_params_load_close_to_the_float_ones(pretrained, tiny_cfg, tmp_path
             np.testing.assert_array_equal(small[k], full[k])
 
 
-@pytest.mark.parametrize("name", ["start", "start_4x", "start_64x"])
+@pytest.mark.parametrize("name", ["start", "start_16x", "start_64x"])
 def test_the_shipped_starts_are_small_int8(name):
     from safetensors.numpy import load_file
 
@@ -239,9 +246,10 @@ def test_the_shipped_starts_are_small_int8(name):
     assert load_file(str(src))["decoder/embedding"].dtype == np.int8
 
 
-@pytest.mark.parametrize("rate", [4, 64])
+@pytest.mark.parametrize("rate", [16, 64])
 def test_the_shipped_starts_of_other_rates_fit_the_demo_config_there(rate):
-    # Re-rated from the 16x start (projects.demo.rerate), then pretrained at their rate.
+    # The 16x start the demo's lineage began with, and it re-rated to 64x (projects.demo.rerate)
+    # then pretrained there; both made without the copy path, so they run without it.
     from clara_jax.data.tokenizer import check_tokenizer_fits
     from projects.demo.rerate import config_at_rate
 
@@ -250,8 +258,10 @@ def test_the_shipped_starts_of_other_rates_fit_the_demo_config_there(rate):
     tok = load_tokenizer(src / pretrain.TOKENIZER_DIR)
     config = config_at_rate(config, rate, src)
     check_tokenizer_fits(tok, config)
+    assert not (config.model.span_head or config.model.latent_copy or config.train.pointer_weight)
     params = pretrain.load_params(src / pretrain.PARAMS_FILE, ModelConfig.from_config(config))
     assert params["memory_embeddings"].shape == (128 // rate, config.model.dim)
+    assert "copy_query" not in params
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
     # Text encodes as with the 16x start's tokenizer: the demo's data means the same ids.
     base = load_tokenizer(pretrain.find_pretrained(config.demo.pretrained)
@@ -259,7 +269,7 @@ def test_the_shipped_starts_of_other_rates_fit_the_demo_config_there(rate):
     text = "What is the hobby of Tiagrum Kaigias? The Golden Winter first appeared in 1812."
     assert tok.encode(text) == base.encode(text)
     record = json.loads((src / "pretrain.json").read_text())
-    assert record["rerate"]["rate"] == rate
+    assert record.get("rerate", {"rate": 16})["rate"] == rate
     assert record["runs"][-1]["steps"] > 0
 
 
