@@ -39,8 +39,8 @@ def get_config(arg: str = ""):
     c = base_config()
     c.demo = demo_section()
     m = c.model
-    # The world's 2,016 text pieces and 32 memory symbols, plus the 24 memory symbols the start
-    # appended when it was re-rated from 16x (projects/demo/rerate.py).
+    # The 16x tokenizer's 2,048 ids (8 of them memory symbols) and the 24 memory symbols
+    # appended when the start was re-rated to 4x's 32 (projects/demo/rerate.py).
     m.vocab_size = 2072
     # Widths that keep XLA:CPU's matmuls busy: at D=192, H=32, F=512 (4 layers) the step spent
     # half its time outside the matmuls (bench/train_step.py: flops_utilization 0.52 against
@@ -58,8 +58,9 @@ def get_config(arg: str = ""):
     m.lora.dropout = 0.0
     c.data.doc_max_len = 128
     # 4x: 32 latents a document. At 16x the span read-out held a tenth of the answers whole
-    # and the copy path had nothing to copy; at 4x it holds 0.4-0.6 of them and the copy path
-    # answers years, numbers and attributes (projects/demo/README.md, "The copy path at 4x").
+    # and the copy path had nothing to copy; at 4x the start's read-out holds 0.89 of them and
+    # the copy path answers years, counts and some names (projects/demo/README.md, "The copy
+    # path at 4x").
     c.data.compression_rate = 4
     c.data.chunk_overlap = 16
     c.data.question_max_len = 48
