@@ -201,12 +201,10 @@ def test_the_shipped_demo_start_fits_the_demo_config():
     params = pretrain.load_params(src / pretrain.PARAMS_FILE, ModelConfig.from_config(config))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
     # Its tokenizer is the one the demo's own world trains at 16x (the rate its lineage began
-    # at, projects/demo/start_16x), re-rated to the demo's M: the data the demo builds means
-    # the same ids either way.
-    from projects.demo.rerate import config_at_rate
-
+    # at, configs/demo.py:16x), re-rated to the demo's M: the data the demo builds means the
+    # same ids either way.
     shipped = load_tokenizer(src / pretrain.TOKENIZER_DIR)
-    at_16x = config_at_rate(config, 16, pretrain.find_pretrained(f"{config.demo.pretrained}_16x"))
+    at_16x = load_config_file(str(REPO / "configs" / "demo.py") + ":16x")
     trained = prepare.world_tokenizer(at_16x, int(config.demo.world_seed),
                                       str(config.demo.world_size)).with_memory_tokens(
         config.model.num_memory_tokens)
